@@ -154,6 +154,8 @@ pub struct RunReport {
     pub trials: BTreeMap<RequestId, TrialRecord>,
     /// Every operation, in order.
     pub operations: Vec<Operation>,
+    /// Every event fed to the searcher, in order.
+    pub events: Vec<SearchEvent>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,8 +186,10 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
     let mut queue: VecDeque<Operation> = searcher.initial_operations().into();
     let mut events = 0usize;
     let mut last_reported: Option<RequestId> = None;
+    let mut event_log = Vec::new();
     let mut feed = |searcher: &mut Searcher, ev: SearchEvent, queue: &mut VecDeque<Operation>| -> Result<(), SearchError> {
         events += 1;
+        event_log.push(ev.clone());
         if events > EVENTS_MAX {
             return Err(SearchError::Snapshot(format!("simulation exceeded {EVENTS_MAX} events")));
         }
@@ -304,6 +308,7 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
         preview: Preview { unit: budget.map(|b| b.time_metric), counts },
         trials: trials.into_iter().map(|(id, t)| (id, t.record)).collect(),
         operations: log,
+        events: event_log,
     })
 }
 
