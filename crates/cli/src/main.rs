@@ -1,1 +1,170 @@
-fn main() {}
+//! `resolute`: the command-line interface.
+//!
+//! Exit codes: 0 success, 1 user error (bad config, bad arguments).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use resolute_search::simulate::{plan, run, Preview, SyntheticCurves};
+use resolute_search::{make_brackets, make_rungs, Searcher};
+use resolute_types::config::{self, ConfigErrors, ExperimentConfig, Loaded, SearchMethod};
+
+/// Resolute: a masterless training platform for deep-learning experiments.
+#[derive(Parser)]
+#[command(name = "resolute", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with experiment configs (Determined's YAML format).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show how many trials a search creates and how long each trains.
+    PreviewSearch(PreviewArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config; print it normalized (defaults filled, overrides applied).
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The experiment config (YAML).
+    file: PathBuf,
+    /// Override a field: `--config searcher.max_trials=20` (value parsed as YAML).
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print JSON instead of YAML.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PreviewArgs {
+    /// The experiment config (YAML).
+    file: PathBuf,
+    /// Override a field: `--config searcher.max_trials=20`.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print one JSON object mapping each stop length to its trial count.
+    #[arg(long)]
+    json: bool,
+    /// Run the searcher against synthetic learning curves even where Determined's
+    /// analytic plan exists (async_halving, adaptive_asha, random, grid, single).
+    #[arg(long)]
+    simulate: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config { command: ConfigCommand::Check(args) } => config_check(&args),
+        Command::PreviewSearch(args) => preview_search(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads a config, printing warnings; on errors prints them and returns `None`.
+fn load(file: &std::path::Path, overrides: &[String]) -> Option<ExperimentConfig> {
+    match config::load(file, overrides) {
+        Ok(Loaded { config, warnings }) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            Some(config)
+        }
+        Err(ConfigErrors { errors, warnings }) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            None
+        }
+    }
+}
+
+fn config_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let Some(config) = load(&args.file, &args.overrides) else {
+        return Ok(ExitCode::from(1));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&config).context("rendering the config")?);
+    } else {
+        print!("{}", config::to_yaml(&config));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn preview_search(args: &PreviewArgs) -> anyhow::Result<ExitCode> {
+    let Some(config) = load(&args.file, &args.overrides) else {
+        return Ok(ExitCode::from(1));
+    };
+    let seed = u64::from(config.reproducibility.experiment_seed.unwrap_or(0));
+    let analytic = if args.simulate { None } else { plan(&config.searcher, &config.hyperparameters) };
+    let (preview, how) = match analytic {
+        Some(p) => (p, "planned as Determined's preview-search does"),
+        None => (simulated(&config, seed)?, "simulated against synthetic learning curves"),
+    };
+    if args.json {
+        let object: serde_json::Map<String, serde_json::Value> =
+            preview.to_json().into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect();
+        println!("{}", serde_json::Value::Object(object));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Using search configuration:");
+    print!("{}", indent(&config::to_yaml(&config.searcher)));
+    println!("This search will create a total of {} trials ({how}):", preview.total());
+    let unit = preview.unit.clone().unwrap_or_else(|| "training length".to_string());
+    let header = format!("Training Time ({unit})");
+    println!("{:>6} | {header}", "Trials");
+    println!("{}-+-{}", "-".repeat(6), "-".repeat(header.len()));
+    for (length, count) in &preview.counts {
+        let length = length.map_or("the training code's full length".to_string(), |l| l.to_string());
+        println!("{count:>6} | {length}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn simulated(config: &ExperimentConfig, seed: u64) -> anyhow::Result<Preview> {
+    let method = &config.searcher.method;
+    let max_time = method.budget().map_or(1, |b| b.max_time);
+    // Stopping-based ASHA decides at rung boundaries, so trials must validate there.
+    let period = match method {
+        SearchMethod::AsyncHalving { num_rungs, divisor, budget, .. } => {
+            make_rungs(*num_rungs, *divisor, budget.max_time).first().copied()
+        }
+        SearchMethod::AdaptiveAsha { max_trials, mode, divisor, max_rungs, bracket_rungs, max_concurrent_trials, budget } => {
+            make_brackets(*max_trials, budget.max_time, *divisor, *max_rungs, *mode, bracket_rungs, *max_concurrent_trials)
+                .iter()
+                .filter_map(|b| make_rungs(b.num_rungs, *divisor, budget.max_time).first().copied())
+                .min()
+        }
+        _ => None,
+    };
+    let mut searcher = Searcher::new(&config.searcher, &config.hyperparameters, seed);
+    let mut curves = SyntheticCurves { seed, tau: (max_time as f64 / 10.0).max(1.0) };
+    let report = run(&mut searcher, &mut curves, period).context("simulating the search")?;
+    Ok(report.preview)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}

@@ -181,6 +181,14 @@ impl<'a> Fields<'a> {
 /// The closest of `candidates` to `word`, if it is close enough to be a typo.
 pub fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let limit = (word.chars().count() / 3).max(2);
+    // `searcher_extra` or `hyperparams`: one name extends or shortens the other.
+    let affix = candidates
+        .iter()
+        .filter(|c| c.len() >= 4 && word.len() >= 4 && (word.starts_with(**c) || c.starts_with(word)))
+        .max_by_key(|c| c.len());
+    if let Some(c) = affix {
+        return Some(c);
+    }
     candidates
         .iter()
         .map(|c| (levenshtein(word, c), *c))

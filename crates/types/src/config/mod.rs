@@ -168,13 +168,22 @@ pub enum CheckpointPolicy {
     None,
 }
 
-/// A training length in Determined's legacy units.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A training length in Determined's legacy units, written `{batches: 100}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Length {
     /// `batches`, `records` or `epochs`.
     pub unit: String,
     /// How many.
     pub units: u64,
+}
+
+impl Serialize for Length {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(&self.unit, &self.units)?;
+        map.end()
+    }
 }
 
 /// The `environment` section (only what applies to local processes).
