@@ -68,7 +68,9 @@ struct PreviewArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Config { command: ConfigCommand::Check(args) } => config_check(&args),
+        Command::Config {
+            command: ConfigCommand::Check(args),
+        } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
     };
     match result {
@@ -106,7 +108,10 @@ fn config_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&config).context("rendering the config")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config).context("rendering the config")?
+        );
     } else {
         print!("{}", config::to_yaml(&config));
     }
@@ -118,26 +123,44 @@ fn preview_search(args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     let seed = u64::from(config.reproducibility.experiment_seed.unwrap_or(0));
-    let analytic = if args.simulate { None } else { plan(&config.searcher, &config.hyperparameters) };
+    let analytic = if args.simulate {
+        None
+    } else {
+        plan(&config.searcher, &config.hyperparameters)
+    };
     let (preview, how) = match analytic {
         Some(p) => (p, "planned as Determined's preview-search does"),
-        None => (simulated(&config, seed)?, "simulated against synthetic learning curves"),
+        None => (
+            simulated(&config, seed)?,
+            "simulated against synthetic learning curves",
+        ),
     };
     if args.json {
-        let object: serde_json::Map<String, serde_json::Value> =
-            preview.to_json().into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect();
+        let object: serde_json::Map<String, serde_json::Value> = preview
+            .to_json()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::from(v)))
+            .collect();
         println!("{}", serde_json::Value::Object(object));
         return Ok(ExitCode::SUCCESS);
     }
     println!("Using search configuration:");
     print!("{}", indent(&config::to_yaml(&config.searcher)));
-    println!("This search will create a total of {} trials ({how}):", preview.total());
-    let unit = preview.unit.clone().unwrap_or_else(|| "training length".to_string());
+    println!(
+        "This search will create a total of {} trials ({how}):",
+        preview.total()
+    );
+    let unit = preview
+        .unit
+        .clone()
+        .unwrap_or_else(|| "training length".to_string());
     let header = format!("Training Time ({unit})");
     println!("{:>6} | {header}", "Trials");
     println!("{}-+-{}", "-".repeat(6), "-".repeat(header.len()));
     for (length, count) in &preview.counts {
-        let length = length.map_or("the training code's full length".to_string(), |l| l.to_string());
+        let length = length.map_or("the training code's full length".to_string(), |l| {
+            l.to_string()
+        });
         println!("{count:>6} | {length}");
     }
     Ok(ExitCode::SUCCESS)
@@ -148,19 +171,45 @@ fn simulated(config: &ExperimentConfig, seed: u64) -> anyhow::Result<Preview> {
     let max_time = method.budget().map_or(1, |b| b.max_time);
     // Stopping-based ASHA decides at rung boundaries, so trials must validate there.
     let period = match method {
-        SearchMethod::AsyncHalving { num_rungs, divisor, budget, .. } => {
-            make_rungs(*num_rungs, *divisor, budget.max_time).first().copied()
-        }
-        SearchMethod::AdaptiveAsha { max_trials, mode, divisor, max_rungs, bracket_rungs, max_concurrent_trials, budget } => {
-            make_brackets(*max_trials, budget.max_time, *divisor, *max_rungs, *mode, bracket_rungs, *max_concurrent_trials)
-                .iter()
-                .filter_map(|b| make_rungs(b.num_rungs, *divisor, budget.max_time).first().copied())
-                .min()
-        }
+        SearchMethod::AsyncHalving {
+            num_rungs,
+            divisor,
+            budget,
+            ..
+        } => make_rungs(*num_rungs, *divisor, budget.max_time)
+            .first()
+            .copied(),
+        SearchMethod::AdaptiveAsha {
+            max_trials,
+            mode,
+            divisor,
+            max_rungs,
+            bracket_rungs,
+            max_concurrent_trials,
+            budget,
+        } => make_brackets(
+            *max_trials,
+            budget.max_time,
+            *divisor,
+            *max_rungs,
+            *mode,
+            bracket_rungs,
+            *max_concurrent_trials,
+        )
+        .iter()
+        .filter_map(|b| {
+            make_rungs(b.num_rungs, *divisor, budget.max_time)
+                .first()
+                .copied()
+        })
+        .min(),
         _ => None,
     };
     let mut searcher = Searcher::new(&config.searcher, &config.hyperparameters, seed);
-    let mut curves = SyntheticCurves { seed, tau: (max_time as f64 / 10.0).max(1.0) };
+    let mut curves = SyntheticCurves {
+        seed,
+        tau: (max_time as f64 / 10.0).max(1.0),
+    };
     let report = run(&mut searcher, &mut curves, period).context("simulating the search")?;
     Ok(report.preview)
 }

@@ -26,11 +26,15 @@ pub struct Bracket {
 /// Splits `max_trials` so that each bracket gets a roughly equal training budget:
 /// weight `divisor^(r-1)/r`, `max(int(w/Σw × max_trials), 1)`, remainder to the first.
 pub fn bracket_max_trials(max_trials: u32, divisor: f64, bracket_rungs: &[u32]) -> Vec<u32> {
-    let weights: Vec<f64> =
-        bracket_rungs.iter().map(|&r| divisor.powi(r as i32 - 1) / f64::from(r)).collect();
+    let weights: Vec<f64> = bracket_rungs
+        .iter()
+        .map(|&r| divisor.powi(r as i32 - 1) / f64::from(r))
+        .collect();
     let total: f64 = weights.iter().sum();
-    let mut trials: Vec<u32> =
-        weights.iter().map(|w| ((w / total * f64::from(max_trials)) as u32).max(1)).collect();
+    let mut trials: Vec<u32> = weights
+        .iter()
+        .map(|w| ((w / total * f64::from(max_trials)) as u32).max(1))
+        .collect();
     let allocated: u32 = trials.iter().sum();
     if let Some(first) = trials.first_mut() {
         *first += max_trials.saturating_sub(allocated);
@@ -40,7 +44,11 @@ pub fn bracket_max_trials(max_trials: u32, divisor: f64, bracket_rungs: &[u32]) 
 
 /// Splits `max_concurrent_trials` evenly (at least one each, remainder to the first
 /// brackets); with 0, each bracket gets `max(trials of the last bracket, divisor)`.
-pub fn bracket_max_concurrent_trials(max_concurrent_trials: u32, divisor: f64, max_trials: &[u32]) -> Vec<u32> {
+pub fn bracket_max_concurrent_trials(
+    max_concurrent_trials: u32,
+    divisor: f64,
+    max_trials: &[u32],
+) -> Vec<u32> {
     let n = max_trials.len() as u32;
     if n == 0 {
         return Vec::new();
@@ -83,11 +91,13 @@ pub fn make_brackets(
     rungs
         .iter()
         .zip(trials.iter().zip(&concurrency))
-        .map(|(&num_rungs, (&max_trials, &max_concurrent_trials))| Bracket {
-            num_rungs,
-            max_trials,
-            max_concurrent_trials,
-        })
+        .map(
+            |(&num_rungs, (&max_trials, &max_concurrent_trials))| Bracket {
+                num_rungs,
+                max_trials,
+                max_concurrent_trials,
+            },
+        )
         .collect()
 }
 
@@ -103,7 +113,15 @@ impl AdaptiveSearch {
         AdaptiveSearch {
             brackets: brackets
                 .iter()
-                .map(|b| HalvingSearch::new(b.num_rungs, b.max_trials, divisor, b.max_concurrent_trials, max_time))
+                .map(|b| {
+                    HalvingSearch::new(
+                        b.num_rungs,
+                        b.max_trials,
+                        divisor,
+                        b.max_concurrent_trials,
+                        max_time,
+                    )
+                })
                 .collect(),
             trial_table: BTreeMap::new(),
         }
@@ -118,7 +136,10 @@ impl AdaptiveSearch {
     }
 
     fn bracket_of(&self, id: RequestId) -> Result<usize, SearchError> {
-        self.trial_table.get(&id).copied().ok_or(SearchError::UnknownTrial(id))
+        self.trial_table
+            .get(&id)
+            .copied()
+            .ok_or(SearchError::UnknownTrial(id))
     }
 
     pub fn initial(&mut self, ctx: &mut Ctx<'_>) -> Vec<Operation> {
@@ -147,12 +168,18 @@ impl AdaptiveSearch {
         time_metric: &str,
     ) -> Result<Vec<Operation>, SearchError> {
         let b = self.bracket_of(id)?;
-        let ops = self.brackets[b].validated(ctx, id, metrics, metric, smaller_is_better, time_metric)?;
+        let ops =
+            self.brackets[b].validated(ctx, id, metrics, metric, smaller_is_better, time_metric)?;
         self.mark(b, &ops);
         Ok(ops)
     }
 
-    pub fn exited_early(&mut self, ctx: &mut Ctx<'_>, id: RequestId, reason: ExitedReason) -> Result<Vec<Operation>, SearchError> {
+    pub fn exited_early(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+        reason: ExitedReason,
+    ) -> Result<Vec<Operation>, SearchError> {
         let b = self.bracket_of(id)?;
         let ops = self.brackets[b].exited_early(ctx, id, reason);
         self.mark(b, &ops);

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use resolute_types::Value;
 
 use crate::halving::make_rungs;
-use crate::{read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC};
+use crate::{
+    read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Status {
@@ -55,7 +57,13 @@ pub struct AshaSearch {
 }
 
 impl AshaSearch {
-    pub fn new(num_rungs: u32, max_trials: u32, divisor: f64, max_concurrent_trials: u32, max_time: u64) -> Self {
+    pub fn new(
+        num_rungs: u32,
+        max_trials: u32,
+        divisor: f64,
+        max_concurrent_trials: u32,
+        max_time: u64,
+    ) -> Self {
         let lengths = make_rungs(num_rungs, divisor, max_time);
         let concurrency = if max_concurrent_trials > 0 {
             max_concurrent_trials
@@ -92,7 +100,12 @@ impl AshaSearch {
         if !self.no_more_trials() {
             return finals;
         }
-        let lowest_running = self.trials.values().filter(|t| t.status == Status::Running).map(|t| t.rung).min();
+        let lowest_running = self
+            .trials
+            .values()
+            .filter(|t| t.status == Status::Running)
+            .map(|t| t.rung)
+            .min();
         for k in 0..self.rungs.len() {
             let quiet = lowest_running.is_none_or(|r| r > k);
             let below_done = k == 0 || (finals[k - 1] && self.promotable_in(k - 1, true).is_none());
@@ -112,13 +125,18 @@ impl AshaSearch {
         if allow == 0 && rung_final {
             allow = 1;
         }
-        rung.iter().take(allow).find(|e| !e.promoted && self.status(e.id) == Some(Status::Paused)).map(|e| e.id)
+        rung.iter()
+            .take(allow)
+            .find(|e| !e.promoted && self.status(e.id) == Some(Status::Paused))
+            .map(|e| e.id)
     }
 
     /// The best promotion available, looking from the top rung down.
     fn next_promotion(&self) -> Option<(RequestId, usize)> {
         let finals = self.finals();
-        (0..self.rungs.len()).rev().find_map(|k| self.promotable_in(k, finals[k]).map(|id| (id, k)))
+        (0..self.rungs.len())
+            .rev()
+            .find_map(|k| self.promotable_in(k, finals[k]).map(|id| (id, k)))
     }
 
     fn status(&self, id: RequestId) -> Option<Status> {
@@ -141,12 +159,24 @@ impl AshaSearch {
         while self.running < self.max_concurrent_trials {
             if let Some((id, k)) = self.next_promotion() {
                 self.promote(id, k);
-                ops.push(Operation::Resume { request_id: id, length: self.lengths[k + 1] });
+                ops.push(Operation::Resume {
+                    request_id: id,
+                    length: self.lengths[k + 1],
+                });
             } else if !self.no_more_trials() {
                 let (id, op) = ctx.create();
                 ops.push(op);
-                ops.push(Operation::RunUntil { request_id: id, length: self.lengths[0] });
-                self.trials.insert(id, Trial { rung: 0, status: Status::Running });
+                ops.push(Operation::RunUntil {
+                    request_id: id,
+                    length: self.lengths[0],
+                });
+                self.trials.insert(
+                    id,
+                    Trial {
+                        rung: 0,
+                        status: Status::Running,
+                    },
+                );
                 self.valid_created += 1;
                 self.running += 1;
             } else {
@@ -173,7 +203,14 @@ impl AshaSearch {
     fn record(&mut self, k: usize, id: RequestId, metric: f64) {
         let rung = &mut self.rungs[k];
         let index = rung.partition_point(|e| e.metric <= metric);
-        rung.insert(index, Entry { id, metric, promoted: false });
+        rung.insert(
+            index,
+            Entry {
+                id,
+                metric,
+                promoted: false,
+            },
+        );
     }
 
     pub fn validated(
@@ -185,7 +222,11 @@ impl AshaSearch {
         smaller_is_better: bool,
         time_metric: &str,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self.trials.get(&id).cloned().ok_or(SearchError::UnknownTrial(id))?;
+        let trial = self
+            .trials
+            .get(&id)
+            .cloned()
+            .ok_or(SearchError::UnknownTrial(id))?;
         let time = read_time(metrics, time_metric)?;
         let value = read_metric(metrics, metric, smaller_is_better)?;
         // Intermediate validations (before the rung's length) and reports from a
@@ -206,7 +247,10 @@ impl AshaSearch {
             if self.promotable_in(k, rung_final) == Some(id) {
                 // Promoted on arrival: keep training without a pause.
                 self.promote(id, k);
-                ops.push(Operation::RunUntil { request_id: id, length: self.lengths[k + 1] });
+                ops.push(Operation::RunUntil {
+                    request_id: id,
+                    length: self.lengths[k + 1],
+                });
             } else {
                 ops.push(Operation::Pause { request_id: id });
             }
@@ -221,8 +265,17 @@ impl AshaSearch {
         }
     }
 
-    pub fn exited_early(&mut self, ctx: &mut Ctx<'_>, id: RequestId, reason: ExitedReason) -> Result<Vec<Operation>, SearchError> {
-        let trial = self.trials.get(&id).cloned().ok_or(SearchError::UnknownTrial(id))?;
+    pub fn exited_early(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+        reason: ExitedReason,
+    ) -> Result<Vec<Operation>, SearchError> {
+        let trial = self
+            .trials
+            .get(&id)
+            .cloned()
+            .ok_or(SearchError::UnknownTrial(id))?;
         if trial.status == Status::Done {
             return Ok(Vec::new());
         }
@@ -245,9 +298,15 @@ impl AshaSearch {
     }
 
     /// A trial closed; if it was still expected to report, treat it as errored.
-    pub fn exited(&mut self, ctx: &mut Ctx<'_>, id: RequestId) -> Result<Vec<Operation>, SearchError> {
+    pub fn exited(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+    ) -> Result<Vec<Operation>, SearchError> {
         match self.status(id) {
-            Some(Status::Running | Status::Paused) => self.exited_early(ctx, id, ExitedReason::Errored),
+            Some(Status::Running | Status::Paused) => {
+                self.exited_early(ctx, id, ExitedReason::Errored)
+            }
             Some(Status::Done) => Ok(Vec::new()),
             None => Err(SearchError::UnknownTrial(id)),
         }
@@ -255,7 +314,11 @@ impl AshaSearch {
 
     pub fn progress(&self) -> f64 {
         let seen = self.rungs[0].len() as f64;
-        let done = self.trials.values().filter(|t| t.status == Status::Done).count() as f64;
+        let done = self
+            .trials
+            .values()
+            .filter(|t| t.status == Status::Done)
+            .count() as f64;
         (0.5 * seen / f64::from(self.max_trials) + 0.5 * done / f64::from(self.max_trials)).min(1.0)
     }
 }

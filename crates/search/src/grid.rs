@@ -26,7 +26,13 @@ impl GridSearch {
     pub fn new(space: &Hyperparameters, max_concurrent_trials: u32, length: Option<u64>) -> Self {
         let remaining: VecDeque<Value> = sample::grid(space).into();
         let total = remaining.len() as u64;
-        GridSearch { max_concurrent_trials, length, remaining, pending_trials: 0, total }
+        GridSearch {
+            max_concurrent_trials,
+            length,
+            remaining,
+            pending_trials: 0,
+            total,
+        }
     }
 
     fn create_next(&mut self, ctx: &mut Ctx<'_>, ops: &mut Vec<Operation>) {

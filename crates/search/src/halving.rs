@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use resolute_types::Value;
 
-use crate::{read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC};
+use crate::{
+    read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC,
+};
 
 /// Rung lengths: `max(floor(max_time / divisor^(num_rungs - i - 1)), 1)`.
 pub fn make_rungs(num_rungs: u32, divisor: f64, max_time: u64) -> Vec<u64> {
@@ -56,10 +58,19 @@ pub struct HalvingSearch {
 }
 
 impl HalvingSearch {
-    pub fn new(num_rungs: u32, max_trials: u32, divisor: f64, max_concurrent_trials: u32, max_time: u64) -> Self {
+    pub fn new(
+        num_rungs: u32,
+        max_trials: u32,
+        divisor: f64,
+        max_concurrent_trials: u32,
+        max_time: u64,
+    ) -> Self {
         let rungs = make_rungs(num_rungs, divisor, max_time)
             .into_iter()
-            .map(|units_needed| Rung { units_needed, metrics: Vec::new() })
+            .map(|units_needed| Rung {
+                units_needed,
+                metrics: Vec::new(),
+            })
             .collect();
         HalvingSearch {
             max_trials,
@@ -77,7 +88,10 @@ impl HalvingSearch {
     fn create(&self, ctx: &mut Ctx<'_>, ops: &mut Vec<Operation>) {
         let (id, op) = ctx.create();
         ops.push(op);
-        ops.push(Operation::RunUntil { request_id: id, length: self.max_time });
+        ops.push(Operation::RunUntil {
+            request_id: id,
+            length: self.max_time,
+        });
     }
 
     pub fn initial(&mut self, ctx: &mut Ctx<'_>) -> Vec<Operation> {
@@ -100,7 +114,9 @@ impl HalvingSearch {
     }
 
     fn live_trials(&self) -> usize {
-        self.trial_rungs.len().saturating_sub(self.invalid_trials as usize)
+        self.trial_rungs
+            .len()
+            .saturating_sub(self.invalid_trials as usize)
     }
 
     pub fn validated(
@@ -144,7 +160,12 @@ impl HalvingSearch {
         Vec::new()
     }
 
-    pub fn exited_early(&mut self, ctx: &mut Ctx<'_>, id: RequestId, reason: ExitedReason) -> Vec<Operation> {
+    pub fn exited_early(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+        reason: ExitedReason,
+    ) -> Vec<Operation> {
         self.early_exit_trials.insert(id);
         let mut ops = Vec::new();
         let current = self.trial_rungs.get(&id).copied().unwrap_or(0);

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use resolute_types::Value;
 
 use crate::halving::make_rungs;
-use crate::{floor_log, read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError};
+use crate::{
+    floor_log, read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError,
+};
 
 /// The shape of one Hyperband bracket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +36,10 @@ pub fn hyperband_brackets(max_time: u64, divisor: f64, max_rungs: u32) -> Vec<Hy
         .rev()
         .map(|s| {
             let n = (f64::from(s_max + 1) / f64::from(s + 1) * divisor.powi(s as i32)).ceil();
-            HyperbandBracket { num_trials: n as u32, rung_lengths: make_rungs(s + 1, divisor, max_time) }
+            HyperbandBracket {
+                num_trials: n as u32,
+                rung_lengths: make_rungs(s + 1, divisor, max_time),
+            }
         })
         .collect()
 }
@@ -82,7 +87,12 @@ impl HyperbandSearch {
                 let rungs = b.rung_lengths.len();
                 let mut expected = vec![0; rungs];
                 expected[0] = b.num_trials;
-                BracketState { lengths: b.rung_lengths, to_create: b.num_trials, expected, results: vec![Vec::new(); rungs] }
+                BracketState {
+                    lengths: b.rung_lengths,
+                    to_create: b.num_trials,
+                    expected,
+                    results: vec![Vec::new(); rungs],
+                }
             })
             .collect();
         HyperbandSearch {
@@ -111,14 +121,27 @@ impl HyperbandSearch {
             if let Some((id, length)) = self.resumes.pop_front() {
                 self.set_status(id, Status::Running);
                 self.running += 1;
-                ops.push(Operation::Resume { request_id: id, length });
+                ops.push(Operation::Resume {
+                    request_id: id,
+                    length,
+                });
             } else if let Some(b) = self.brackets.iter().position(|b| b.to_create > 0) {
                 let (id, op) = ctx.create();
                 let bracket = &mut self.brackets[b];
                 bracket.to_create -= 1;
                 ops.push(op);
-                ops.push(Operation::RunUntil { request_id: id, length: bracket.lengths[0] });
-                self.trials.insert(id, Trial { bracket: b, rung: 0, status: Status::Running });
+                ops.push(Operation::RunUntil {
+                    request_id: id,
+                    length: bracket.lengths[0],
+                });
+                self.trials.insert(
+                    id,
+                    Trial {
+                        bracket: b,
+                        rung: 0,
+                        status: Status::Running,
+                    },
+                );
                 self.running += 1;
             } else {
                 break;
@@ -141,10 +164,16 @@ impl HyperbandSearch {
         smaller_is_better: bool,
         time_metric: &str,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self.trials.get(&id).cloned().ok_or(SearchError::UnknownTrial(id))?;
+        let trial = self
+            .trials
+            .get(&id)
+            .cloned()
+            .ok_or(SearchError::UnknownTrial(id))?;
         let time = read_time(metrics, time_metric)?;
         let value = read_metric(metrics, metric, smaller_is_better)?;
-        if trial.status != Status::Running || time < self.brackets[trial.bracket].lengths[trial.rung] {
+        if trial.status != Status::Running
+            || time < self.brackets[trial.bracket].lengths[trial.rung]
+        {
             return Ok(Vec::new());
         }
         self.running -= 1;
@@ -166,16 +195,26 @@ impl HyperbandSearch {
     /// Decides rung `k` of bracket `b` if all its results are in. `reporter` is the
     /// trial whose report completed it (it is still running, not yet paused).
     /// Returns whether the reporter got its operation.
-    fn decide(&mut self, b: usize, k: usize, reporter: Option<RequestId>, ops: &mut Vec<Operation>) -> bool {
+    fn decide(
+        &mut self,
+        b: usize,
+        k: usize,
+        reporter: Option<RequestId>,
+        ops: &mut Vec<Operation>,
+    ) -> bool {
         let bracket = &self.brackets[b];
         let expected = bracket.expected[k] as usize;
         if bracket.results[k].len() < expected || expected == 0 || k + 1 >= bracket.lengths.len() {
             return false;
         }
-        let mut ranked: Vec<(f64, RequestId)> =
-            bracket.results[k].iter().filter_map(|(id, m)| m.map(|m| (m, *id))).collect();
+        let mut ranked: Vec<(f64, RequestId)> = bracket.results[k]
+            .iter()
+            .filter_map(|(id, m)| m.map(|m| (m, *id)))
+            .collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let keep = ((expected as f64 / self.divisor) as usize).max(1).min(ranked.len());
+        let keep = ((expected as f64 / self.divisor) as usize)
+            .max(1)
+            .min(ranked.len());
         let next_length = bracket.lengths[k + 1];
         self.brackets[b].expected[k + 1] = keep as u32;
         let mut handled = false;
@@ -188,7 +227,10 @@ impl HyperbandSearch {
                 if is_reporter {
                     self.set_status(*id, Status::Running);
                     self.running += 1;
-                    ops.push(Operation::RunUntil { request_id: *id, length: next_length });
+                    ops.push(Operation::RunUntil {
+                        request_id: *id,
+                        length: next_length,
+                    });
                 } else {
                     self.resumes.push_back((*id, next_length));
                 }
@@ -205,8 +247,17 @@ impl HyperbandSearch {
         handled
     }
 
-    pub fn exited_early(&mut self, ctx: &mut Ctx<'_>, id: RequestId, reason: ExitedReason) -> Result<Vec<Operation>, SearchError> {
-        let trial = self.trials.get(&id).cloned().ok_or(SearchError::UnknownTrial(id))?;
+    pub fn exited_early(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+        reason: ExitedReason,
+    ) -> Result<Vec<Operation>, SearchError> {
+        let trial = self
+            .trials
+            .get(&id)
+            .cloned()
+            .ok_or(SearchError::UnknownTrial(id))?;
         let mut ops = Vec::new();
         if trial.status == Status::Done {
             return Ok(ops);
@@ -229,9 +280,15 @@ impl HyperbandSearch {
         Ok(ops)
     }
 
-    pub fn exited(&mut self, ctx: &mut Ctx<'_>, id: RequestId) -> Result<Vec<Operation>, SearchError> {
+    pub fn exited(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+    ) -> Result<Vec<Operation>, SearchError> {
         match self.trials.get(&id).map(|t| t.status) {
-            Some(Status::Running | Status::Paused) => self.exited_early(ctx, id, ExitedReason::Errored),
+            Some(Status::Running | Status::Paused) => {
+                self.exited_early(ctx, id, ExitedReason::Errored)
+            }
             Some(Status::Done) => Ok(Vec::new()),
             None => Err(SearchError::UnknownTrial(id)),
         }
@@ -239,7 +296,11 @@ impl HyperbandSearch {
 
     pub fn progress(&self) -> f64 {
         let total: u32 = self.brackets.iter().map(|b| b.expected[0]).sum();
-        let done = self.trials.values().filter(|t| t.status == Status::Done).count() as f64;
+        let done = self
+            .trials
+            .values()
+            .filter(|t| t.status == Status::Done)
+            .count() as f64;
         (done / f64::from(total.max(1))).min(1.0)
     }
 }

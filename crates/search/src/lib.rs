@@ -174,16 +174,26 @@ pub(crate) fn read_metric(
     metric: &str,
     smaller_is_better: bool,
 ) -> Result<f64, SearchError> {
-    let value = metrics.get(metric).and_then(Value::as_f64).ok_or_else(|| SearchError::Metric {
-        metric: metric.to_string(),
-        metrics: Value::Map(metrics.clone()).to_string(),
-    })?;
+    let value = metrics
+        .get(metric)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| SearchError::Metric {
+            metric: metric.to_string(),
+            metrics: Value::Map(metrics.clone()).to_string(),
+        })?;
     let signed = if smaller_is_better { value } else { -value };
-    Ok(if signed.is_nan() { f64::INFINITY } else { signed })
+    Ok(if signed.is_nan() {
+        f64::INFINITY
+    } else {
+        signed
+    })
 }
 
 /// Reads the time metric (training progress) as whole units.
-pub(crate) fn read_time(metrics: &BTreeMap<String, Value>, time_metric: &str) -> Result<u64, SearchError> {
+pub(crate) fn read_time(
+    metrics: &BTreeMap<String, Value>,
+    time_metric: &str,
+) -> Result<u64, SearchError> {
     metrics
         .get(time_metric)
         .and_then(Value::as_f64)
@@ -228,11 +238,23 @@ impl Ctx<'_> {
     }
 
     /// A new trial with the given hyperparameters.
-    pub fn create_with(&mut self, hparams: Value, warm_start: Option<RequestId>) -> (RequestId, Operation) {
+    pub fn create_with(
+        &mut self,
+        hparams: Value,
+        warm_start: Option<RequestId>,
+    ) -> (RequestId, Operation) {
         *self.next_id += 1;
         let request_id = RequestId(*self.next_id);
         let trial_seed = self.rng.trial_seed();
-        (request_id, Operation::Create { request_id, hparams, trial_seed, warm_start })
+        (
+            request_id,
+            Operation::Create {
+                request_id,
+                hparams,
+                trial_seed,
+                warm_start,
+            },
+        )
     }
 }
 

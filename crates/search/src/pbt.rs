@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use resolute_types::Value;
 
-use crate::{read_metric, read_time, sample, Ctx, Operation, RequestId, SearchError, EXITED_METRIC};
+use crate::{
+    read_metric, read_time, sample, Ctx, Operation, RequestId, SearchError, EXITED_METRIC,
+};
 
 /// State of a PBT search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,7 +66,8 @@ impl PbtSearch {
     }
 
     fn target(&self) -> u64 {
-        self.length_per_round.saturating_mul(u64::from(self.round) + 1)
+        self.length_per_round
+            .saturating_mul(u64::from(self.round) + 1)
     }
 
     pub fn initial(&mut self, ctx: &mut Ctx<'_>) -> Vec<Operation> {
@@ -75,7 +78,10 @@ impl PbtSearch {
                 self.params.insert(id, hparams.clone());
             }
             ops.push(op);
-            ops.push(Operation::RunUntil { request_id: id, length: self.target() });
+            ops.push(Operation::RunUntil {
+                request_id: id,
+                length: self.target(),
+            });
             self.population.push(id);
         }
         ops
@@ -95,7 +101,8 @@ impl PbtSearch {
         }
         let time = read_time(metrics, time_metric)?;
         let value = read_metric(metrics, metric, smaller_is_better)?;
-        let expected = !self.finished && self.population.contains(&id) && !self.exited.contains(&id);
+        let expected =
+            !self.finished && self.population.contains(&id) && !self.exited.contains(&id);
         if !expected || self.results.contains_key(&id) || time < self.target() {
             return Ok(Vec::new());
         }
@@ -112,7 +119,12 @@ impl PbtSearch {
 
     /// Ends the round (and any following round in which no live trial is left to
     /// report). `reporter` is the trial whose report ended it: it is running, not paused.
-    fn end_rounds(&mut self, ctx: &mut Ctx<'_>, reporter: Option<RequestId>, ops: &mut Vec<Operation>) {
+    fn end_rounds(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        reporter: Option<RequestId>,
+        ops: &mut Vec<Operation>,
+    ) {
         while !self.finished && self.results.len() >= self.population.len() {
             self.round += 1;
             if self.round >= self.num_rounds {
@@ -128,8 +140,14 @@ impl PbtSearch {
         }
     }
 
-    fn exploit_and_explore(&mut self, ctx: &mut Ctx<'_>, reporter: Option<RequestId>, ops: &mut Vec<Operation>) {
-        let mut ranked: Vec<(f64, RequestId)> = self.results.iter().map(|(id, m)| (*m, *id)).collect();
+    fn exploit_and_explore(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        reporter: Option<RequestId>,
+        ops: &mut Vec<Operation>,
+    ) {
+        let mut ranked: Vec<(f64, RequestId)> =
+            self.results.iter().map(|(id, m)| (*m, *id)).collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let truncate = (self.truncate_fraction * f64::from(self.population_size)) as usize;
         let truncate = truncate.min(ranked.len() / 2);
@@ -141,9 +159,15 @@ impl PbtSearch {
             if self.exited.contains(id) {
                 next_results.insert(*id, EXITED_METRIC);
             } else if self.paused.remove(id) {
-                ops.push(Operation::Resume { request_id: *id, length: target });
+                ops.push(Operation::Resume {
+                    request_id: *id,
+                    length: target,
+                });
             } else if reporter == Some(*id) {
-                ops.push(Operation::RunUntil { request_id: *id, length: target });
+                ops.push(Operation::RunUntil {
+                    request_id: *id,
+                    length: target,
+                });
             }
             next_population.push(*id);
         }
@@ -159,18 +183,31 @@ impl PbtSearch {
                 continue;
             }
             let old = self.params.get(parent).cloned().unwrap_or(Value::Null);
-            let new = sample::explore(ctx.space, &old, self.resample_probability, self.perturb_factor, ctx.rng);
+            let new = sample::explore(
+                ctx.space,
+                &old,
+                self.resample_probability,
+                self.perturb_factor,
+                ctx.rng,
+            );
             let (id, op) = ctx.create_with(new.clone(), Some(*parent));
             self.params.insert(id, new);
             ops.push(op);
-            ops.push(Operation::RunUntil { request_id: id, length: target });
+            ops.push(Operation::RunUntil {
+                request_id: id,
+                length: target,
+            });
             next_population.push(id);
         }
         self.population = next_population;
         self.results = next_results;
     }
 
-    pub fn exited_early(&mut self, ctx: &mut Ctx<'_>, id: RequestId) -> Result<Vec<Operation>, SearchError> {
+    pub fn exited_early(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+    ) -> Result<Vec<Operation>, SearchError> {
         if !self.params.contains_key(&id) {
             return Err(SearchError::UnknownTrial(id));
         }
@@ -185,7 +222,11 @@ impl PbtSearch {
     }
 
     /// A trial closed; a population member that never reported counts as errored.
-    pub fn exited(&mut self, ctx: &mut Ctx<'_>, id: RequestId) -> Result<Vec<Operation>, SearchError> {
+    pub fn exited(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: RequestId,
+    ) -> Result<Vec<Operation>, SearchError> {
         if self.finished || !self.population.contains(&id) || self.exited.contains(&id) {
             return Ok(Vec::new());
         }
@@ -200,4 +241,3 @@ impl PbtSearch {
         ((f64::from(self.round) + per_round) / f64::from(self.num_rounds)).min(1.0)
     }
 }
-

@@ -18,8 +18,20 @@ pub struct RandomSearch {
 }
 
 impl RandomSearch {
-    pub fn new(max_trials: u32, max_concurrent_trials: u32, length: Option<u64>, single: bool) -> Self {
-        RandomSearch { max_trials, max_concurrent_trials, length, single, created_trials: 0, pending_trials: 0 }
+    pub fn new(
+        max_trials: u32,
+        max_concurrent_trials: u32,
+        length: Option<u64>,
+        single: bool,
+    ) -> Self {
+        RandomSearch {
+            max_trials,
+            max_concurrent_trials,
+            length,
+            single,
+            created_trials: 0,
+            pending_trials: 0,
+        }
     }
 
     fn create(&mut self, ctx: &mut Ctx<'_>, ops: &mut Vec<Operation>) {

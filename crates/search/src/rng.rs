@@ -28,19 +28,28 @@ pub struct RngState {
 impl ExperimentRng {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
-        ExperimentRng { seed, rng: ChaCha8Rng::seed_from_u64(seed) }
+        ExperimentRng {
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// The state to snapshot.
     pub fn state(&self) -> RngState {
-        RngState { seed: self.seed, word_pos: self.rng.get_word_pos() }
+        RngState {
+            seed: self.seed,
+            word_pos: self.rng.get_word_pos(),
+        }
     }
 
     /// Restores a snapshot exactly.
     pub fn from_state(state: RngState) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(state.seed);
         rng.set_word_pos(state.word_pos);
-        ExperimentRng { seed: state.seed, rng }
+        ExperimentRng {
+            seed: state.seed,
+            rng,
+        }
     }
 
     /// A uniform float in `[0, 1)` with 53 bits of precision.

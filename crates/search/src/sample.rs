@@ -12,7 +12,12 @@ use crate::rng::ExperimentRng;
 
 /// Draws one value for every hyperparameter.
 pub fn sample_all(space: &Hyperparameters, rng: &mut ExperimentRng) -> Value {
-    Value::Map(space.iter().map(|(k, hp)| (k.clone(), sample_one(hp, rng))).collect())
+    Value::Map(
+        space
+            .iter()
+            .map(|(k, hp)| (k.clone(), sample_one(hp, rng)))
+            .collect(),
+    )
 }
 
 fn sample_one(hp: &Hyperparameter, rng: &mut ExperimentRng) -> Value {
@@ -23,10 +28,15 @@ fn sample_one(hp: &Hyperparameter, rng: &mut ExperimentRng) -> Value {
             let span = (maxval - minval + 1) as u64;
             Value::Int(minval + rng.below(span) as i64)
         }
-        Hyperparameter::Double { minval, maxval, .. } => Value::Float(rng.uniform(*minval, *maxval)),
-        Hyperparameter::Log { minval, maxval, base, .. } => {
-            Value::Float(base.powf(rng.uniform(*minval, *maxval)))
+        Hyperparameter::Double { minval, maxval, .. } => {
+            Value::Float(rng.uniform(*minval, *maxval))
         }
+        Hyperparameter::Log {
+            minval,
+            maxval,
+            base,
+            ..
+        } => Value::Float(base.powf(rng.uniform(*minval, *maxval))),
         Hyperparameter::Categorical { vals } => vals[rng.below(vals.len() as u64) as usize].clone(),
         Hyperparameter::Nested(inner) => sample_all(inner, rng),
     }
@@ -71,7 +81,11 @@ pub fn grid(space: &Hyperparameters) -> Vec<Value> {
 fn grid_axes(route: Vec<String>, hp: &Hyperparameter, axes: &mut Vec<Axis>) {
     let values = match hp {
         Hyperparameter::Const { val } => vec![val.clone()],
-        Hyperparameter::Int { minval, maxval, count } => {
+        Hyperparameter::Int {
+            minval,
+            maxval,
+            count,
+        } => {
             let span = (maxval - minval + 1) as u64;
             let count = count.unwrap_or(1).min(span);
             if count == 1 {
@@ -79,16 +93,27 @@ fn grid_axes(route: Vec<String>, hp: &Hyperparameter, axes: &mut Vec<Axis>) {
             } else {
                 (0..count)
                     .map(|i| {
-                        let step = (i as i128 * (maxval - minval) as i128) as f64 / (count - 1) as f64;
+                        let step =
+                            (i as i128 * (maxval - minval) as i128) as f64 / (count - 1) as f64;
                         Value::Int((*minval as f64 + step).round() as i64)
                     })
                     .collect()
             }
         }
-        Hyperparameter::Double { minval, maxval, count } => {
-            linspace(*minval, *maxval, count.unwrap_or(1)).into_iter().map(Value::Float).collect()
-        }
-        Hyperparameter::Log { minval, maxval, base, count } => linspace(*minval, *maxval, count.unwrap_or(1))
+        Hyperparameter::Double {
+            minval,
+            maxval,
+            count,
+        } => linspace(*minval, *maxval, count.unwrap_or(1))
+            .into_iter()
+            .map(Value::Float)
+            .collect(),
+        Hyperparameter::Log {
+            minval,
+            maxval,
+            base,
+            count,
+        } => linspace(*minval, *maxval, count.unwrap_or(1))
             .into_iter()
             .map(|e| Value::Float(base.powf(e)))
             .collect(),
@@ -114,7 +139,9 @@ fn linspace(lo: f64, hi: f64, count: u64) -> Vec<f64> {
     if count <= 1 {
         return vec![(lo + hi) / 2.0];
     }
-    (0..count).map(|i| lo + i as f64 * (hi - lo) / (count - 1) as f64).collect()
+    (0..count)
+        .map(|i| lo + i as f64 * (hi - lo) / (count - 1) as f64)
+        .collect()
 }
 
 fn insert_at(point: &mut Value, route: &[String], value: Value) {
@@ -125,7 +152,9 @@ fn insert_at(point: &mut Value, route: &[String], value: Value) {
             map.insert(last.clone(), value);
         }
         [first, rest @ ..] => {
-            let child = map.entry(first.clone()).or_insert_with(|| Value::Map(BTreeMap::new()));
+            let child = map
+                .entry(first.clone())
+                .or_insert_with(|| Value::Map(BTreeMap::new()));
             insert_at(child, rest, value);
         }
     }
@@ -152,7 +181,11 @@ pub fn explore(
             sample_one(hp, rng)
         } else {
             let decrease = rng.unit() < 0.5;
-            let factor = if decrease { 1.0 - perturb_factor } else { 1.0 + perturb_factor };
+            let factor = if decrease {
+                1.0 - perturb_factor
+            } else {
+                1.0 + perturb_factor
+            };
             perturb(hp, prev, factor, decrease)
         };
         out.insert(name.clone(), value);
@@ -164,14 +197,26 @@ fn perturb(hp: &Hyperparameter, prev: Value, factor: f64, decrease: bool) -> Val
     match (hp, &prev) {
         (Hyperparameter::Int { minval, maxval, .. }, Value::Int(v)) => {
             let scaled = *v as f64 * factor;
-            let rounded = if decrease { scaled.floor() } else { scaled.ceil() };
+            let rounded = if decrease {
+                scaled.floor()
+            } else {
+                scaled.ceil()
+            };
             Value::Int((rounded as i64).clamp(*minval, *maxval))
         }
         (Hyperparameter::Double { minval, maxval, .. }, v) => match v.as_f64() {
             Some(x) => Value::Float((x * factor).clamp(*minval, *maxval)),
             None => prev,
         },
-        (Hyperparameter::Log { minval, maxval, base, .. }, v) => match v.as_f64() {
+        (
+            Hyperparameter::Log {
+                minval,
+                maxval,
+                base,
+                ..
+            },
+            v,
+        ) => match v.as_f64() {
             Some(x) => Value::Float((x * factor).clamp(base.powf(*minval), base.powf(*maxval))),
             None => prev,
         },

@@ -83,7 +83,11 @@ impl Searcher {
 
     /// The trials to create when the experiment starts. Call once.
     pub fn initial_operations(&mut self) -> Vec<Operation> {
-        let mut ctx = Ctx { space: &self.space, rng: &mut self.rng, next_id: &mut self.next_id };
+        let mut ctx = Ctx {
+            space: &self.space,
+            rng: &mut self.rng,
+            next_id: &mut self.next_id,
+        };
         let ops = match &mut self.method {
             Method::Random(m) => m.initial(&mut ctx),
             Method::Grid(m) => m.initial(&mut ctx),
@@ -116,15 +120,34 @@ impl Searcher {
             SearchEvent::TrialCreated { .. } => self.trial_created(id),
             SearchEvent::ValidationCompleted { metrics, .. } => {
                 let (metric, smaller) = (self.config.metric.clone(), self.config.smaller_is_better);
-                let time_metric = self.config.method.budget().map(|b| b.time_metric).unwrap_or_default();
-                let mut ctx = Ctx { space: &self.space, rng: &mut self.rng, next_id: &mut self.next_id };
+                let time_metric = self
+                    .config
+                    .method
+                    .budget()
+                    .map(|b| b.time_metric)
+                    .unwrap_or_default();
+                let mut ctx = Ctx {
+                    space: &self.space,
+                    rng: &mut self.rng,
+                    next_id: &mut self.next_id,
+                };
                 let ops = match &mut self.method {
                     Method::Random(_) | Method::Grid(_) => Vec::new(),
-                    Method::Halving(m) => m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?,
-                    Method::Adaptive(m) => m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?,
-                    Method::Asha(m) => m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?,
-                    Method::Hyperband(m) => m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?,
-                    Method::Pbt(m) => m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?,
+                    Method::Halving(m) => {
+                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
+                    }
+                    Method::Adaptive(m) => {
+                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
+                    }
+                    Method::Asha(m) => {
+                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
+                    }
+                    Method::Hyperband(m) => {
+                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
+                    }
+                    Method::Pbt(m) => {
+                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
+                    }
                 };
                 Ok(self.record(ops))
             }
@@ -150,7 +173,11 @@ impl Searcher {
         Ok(Vec::new())
     }
 
-    fn trial_exited_early(&mut self, id: RequestId, reason: ExitedReason) -> Result<Vec<Operation>, SearchError> {
+    fn trial_exited_early(
+        &mut self,
+        id: RequestId,
+        reason: ExitedReason,
+    ) -> Result<Vec<Operation>, SearchError> {
         if self.common.exits.contains(&id) {
             // Each rank of a multi-slot trial may report the same early exit.
             return Ok(Vec::new());
@@ -166,7 +193,11 @@ impl Searcher {
                 self.common.failures.insert(id);
             }
         }
-        let mut ctx = Ctx { space: &self.space, rng: &mut self.rng, next_id: &mut self.next_id };
+        let mut ctx = Ctx {
+            space: &self.space,
+            rng: &mut self.rng,
+            next_id: &mut self.next_id,
+        };
         let ops = match &mut self.method {
             Method::Random(m) => m.exited_early(reason),
             Method::Grid(_) => Vec::new(),
@@ -184,7 +215,11 @@ impl Searcher {
 
     fn trial_exited(&mut self, id: RequestId) -> Result<Vec<Operation>, SearchError> {
         self.common.closed.insert(id);
-        let mut ctx = Ctx { space: &self.space, rng: &mut self.rng, next_id: &mut self.next_id };
+        let mut ctx = Ctx {
+            space: &self.space,
+            rng: &mut self.rng,
+            next_id: &mut self.next_id,
+        };
         let ops = match &mut self.method {
             Method::Random(m) => m.exited(&mut ctx),
             Method::Grid(m) => m.exited(&mut ctx),
@@ -219,7 +254,10 @@ impl Searcher {
     }
 
     fn record(&mut self, ops: Vec<Operation>) -> Vec<Operation> {
-        let creates = ops.iter().filter(|op| matches!(op, Operation::Create { .. })).count();
+        let creates = ops
+            .iter()
+            .filter(|op| matches!(op, Operation::Create { .. }))
+            .count();
         self.common.trials_requested += creates as u32;
         ops
     }
@@ -258,7 +296,13 @@ impl Searcher {
                     .common
                     .progress
                     .iter()
-                    .map(|(id, p)| if self.common.closed.contains(id) { 1.0 } else { *p })
+                    .map(|(id, p)| {
+                        if self.common.closed.contains(id) {
+                            1.0
+                        } else {
+                            *p
+                        }
+                    })
                     .sum();
                 sum / total.max(1) as f64
             }
@@ -293,7 +337,10 @@ impl Searcher {
     ) -> Result<Self, SearchError> {
         let fresh = new_method(&config.method, space);
         if std::mem::discriminant(&fresh) != std::mem::discriminant(&snapshot.method) {
-            return Err(SearchError::Snapshot(format!("the config's searcher is {}", config.method.name())));
+            return Err(SearchError::Snapshot(format!(
+                "the config's searcher is {}",
+                config.method.name()
+            )));
         }
         Ok(Searcher {
             config: config.clone(),
@@ -310,16 +357,42 @@ fn new_method(method: &SearchMethod, space: &Hyperparameters) -> Method {
     let length = method.budget().map(|b| b.max_time);
     match method {
         SearchMethod::Single { .. } => Method::Random(RandomSearch::new(1, 1, length, true)),
-        SearchMethod::Random { max_trials, max_concurrent_trials, .. } => {
-            Method::Random(RandomSearch::new(*max_trials, *max_concurrent_trials, length, false))
-        }
-        SearchMethod::Grid { max_concurrent_trials, .. } => {
-            Method::Grid(GridSearch::new(space, *max_concurrent_trials, length))
-        }
-        SearchMethod::AsyncHalving { num_rungs, max_trials, divisor, max_concurrent_trials, budget } => {
-            Method::Halving(HalvingSearch::new(*num_rungs, *max_trials, *divisor, *max_concurrent_trials, budget.max_time))
-        }
-        SearchMethod::AdaptiveAsha { max_trials, mode, divisor, max_rungs, bracket_rungs, max_concurrent_trials, budget } => {
+        SearchMethod::Random {
+            max_trials,
+            max_concurrent_trials,
+            ..
+        } => Method::Random(RandomSearch::new(
+            *max_trials,
+            *max_concurrent_trials,
+            length,
+            false,
+        )),
+        SearchMethod::Grid {
+            max_concurrent_trials,
+            ..
+        } => Method::Grid(GridSearch::new(space, *max_concurrent_trials, length)),
+        SearchMethod::AsyncHalving {
+            num_rungs,
+            max_trials,
+            divisor,
+            max_concurrent_trials,
+            budget,
+        } => Method::Halving(HalvingSearch::new(
+            *num_rungs,
+            *max_trials,
+            *divisor,
+            *max_concurrent_trials,
+            budget.max_time,
+        )),
+        SearchMethod::AdaptiveAsha {
+            max_trials,
+            mode,
+            divisor,
+            max_rungs,
+            bracket_rungs,
+            max_concurrent_trials,
+            budget,
+        } => {
             let brackets = make_brackets(
                 *max_trials,
                 budget.max_time,
@@ -331,21 +404,44 @@ fn new_method(method: &SearchMethod, space: &Hyperparameters) -> Method {
             );
             Method::Adaptive(AdaptiveSearch::new(&brackets, *divisor, budget.max_time))
         }
-        SearchMethod::Asha { num_rungs, max_trials, divisor, max_concurrent_trials, budget } => {
-            Method::Asha(AshaSearch::new(*num_rungs, *max_trials, *divisor, *max_concurrent_trials, budget.max_time))
-        }
-        SearchMethod::Hyperband { max_rungs, divisor, max_concurrent_trials, budget } => {
-            Method::Hyperband(HyperbandSearch::new(budget.max_time, *divisor, *max_rungs, *max_concurrent_trials))
-        }
-        SearchMethod::Pbt { population_size, num_rounds, length_per_round, replace_function, explore_function, .. } => {
-            Method::Pbt(PbtSearch::new(
-                *population_size,
-                *num_rounds,
-                *length_per_round,
-                replace_function.truncate_fraction,
-                explore_function.resample_probability,
-                explore_function.perturb_factor,
-            ))
-        }
+        SearchMethod::Asha {
+            num_rungs,
+            max_trials,
+            divisor,
+            max_concurrent_trials,
+            budget,
+        } => Method::Asha(AshaSearch::new(
+            *num_rungs,
+            *max_trials,
+            *divisor,
+            *max_concurrent_trials,
+            budget.max_time,
+        )),
+        SearchMethod::Hyperband {
+            max_rungs,
+            divisor,
+            max_concurrent_trials,
+            budget,
+        } => Method::Hyperband(HyperbandSearch::new(
+            budget.max_time,
+            *divisor,
+            *max_rungs,
+            *max_concurrent_trials,
+        )),
+        SearchMethod::Pbt {
+            population_size,
+            num_rounds,
+            length_per_round,
+            replace_function,
+            explore_function,
+            ..
+        } => Method::Pbt(PbtSearch::new(
+            *population_size,
+            *num_rounds,
+            *length_per_round,
+            replace_function.truncate_fraction,
+            explore_function.resample_probability,
+            explore_function.perturb_factor,
+        )),
     }
 }

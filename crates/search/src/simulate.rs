@@ -69,28 +69,73 @@ pub fn plan(config: &SearcherConfig, space: &Hyperparameters) -> Option<Preview>
         SearchMethod::Grid { .. } => {
             counts.insert(full, sample::grid(space).len());
         }
-        SearchMethod::AsyncHalving { num_rungs, max_trials, divisor, budget, .. } => {
-            halving_plan(*num_rungs, *max_trials, *divisor, budget.max_time, &mut counts);
+        SearchMethod::AsyncHalving {
+            num_rungs,
+            max_trials,
+            divisor,
+            budget,
+            ..
+        } => {
+            halving_plan(
+                *num_rungs,
+                *max_trials,
+                *divisor,
+                budget.max_time,
+                &mut counts,
+            );
         }
-        SearchMethod::AdaptiveAsha { max_trials, mode, divisor, max_rungs, bracket_rungs, max_concurrent_trials, budget } => {
-            let brackets =
-                make_brackets(*max_trials, budget.max_time, *divisor, *max_rungs, *mode, bracket_rungs, *max_concurrent_trials);
+        SearchMethod::AdaptiveAsha {
+            max_trials,
+            mode,
+            divisor,
+            max_rungs,
+            bracket_rungs,
+            max_concurrent_trials,
+            budget,
+        } => {
+            let brackets = make_brackets(
+                *max_trials,
+                budget.max_time,
+                *divisor,
+                *max_rungs,
+                *mode,
+                bracket_rungs,
+                *max_concurrent_trials,
+            );
             for b in brackets {
-                halving_plan(b.num_rungs, b.max_trials, *divisor, budget.max_time, &mut counts);
+                halving_plan(
+                    b.num_rungs,
+                    b.max_trials,
+                    *divisor,
+                    budget.max_time,
+                    &mut counts,
+                );
             }
         }
-        SearchMethod::Asha { .. } | SearchMethod::Hyperband { .. } | SearchMethod::Pbt { .. } => return None,
+        SearchMethod::Asha { .. } | SearchMethod::Hyperband { .. } | SearchMethod::Pbt { .. } => {
+            return None
+        }
     }
     counts.retain(|_, n| *n > 0);
     Some(Preview { unit, counts })
 }
 
-fn halving_plan(num_rungs: u32, max_trials: u32, divisor: f64, max_time: u64, counts: &mut BTreeMap<Option<u64>, usize>) {
+fn halving_plan(
+    num_rungs: u32,
+    max_trials: u32,
+    divisor: f64,
+    max_time: u64,
+    counts: &mut BTreeMap<Option<u64>, usize>,
+) {
     let rungs = make_rungs(num_rungs, divisor, max_time);
     let mut in_rung = max_trials as usize;
     for (i, length) in rungs.iter().enumerate() {
         let continued = ((in_rung as f64 / divisor) as usize).max(1);
-        let stopped = if i + 1 == rungs.len() { in_rung } else { in_rung - continued.min(in_rung) };
+        let stopped = if i + 1 == rungs.len() {
+            in_rung
+        } else {
+            in_rung - continued.min(in_rung)
+        };
         *counts.entry(Some(*length)).or_default() += stopped;
         in_rung = continued.min(in_rung);
     }
@@ -114,7 +159,9 @@ pub struct SyntheticCurves {
 
 impl MetricSource for SyntheticCurves {
     fn metric(&mut self, id: RequestId, _hparams: &Value, time: u64) -> f64 {
-        let quality = (splitmix64(self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 11) as f64 / (1u64 << 53) as f64;
+        let quality = (splitmix64(self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 11)
+            as f64
+            / (1u64 << 53) as f64;
         quality + 2.0 / (1.0 + time as f64 / self.tau.max(1.0))
     }
 }
@@ -176,22 +223,34 @@ struct SimTrial {
 /// Drives `searcher` until it shuts down. Running trials advance in lockstep (the
 /// least-advanced first, ties by id) and report every `period` units and at their
 /// target. Stopped trials close at once.
-pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Option<u64>) -> Result<RunReport, SearchError> {
+pub fn run(
+    searcher: &mut Searcher,
+    source: &mut dyn MetricSource,
+    period: Option<u64>,
+) -> Result<RunReport, SearchError> {
     let metric = searcher.config().metric.clone();
     let smaller = searcher.config().smaller_is_better;
     let budget = searcher.config().method.budget();
-    let time_metric = budget.as_ref().map(|b| b.time_metric.clone()).unwrap_or_else(|| "batches".to_string());
+    let time_metric = budget
+        .as_ref()
+        .map(|b| b.time_metric.clone())
+        .unwrap_or_else(|| "batches".to_string());
     let mut trials: BTreeMap<RequestId, SimTrial> = BTreeMap::new();
     let mut log = Vec::new();
     let mut queue: VecDeque<Operation> = searcher.initial_operations().into();
     let mut events = 0usize;
     let mut last_reported: Option<RequestId> = None;
     let mut event_log = Vec::new();
-    let mut feed = |searcher: &mut Searcher, ev: SearchEvent, queue: &mut VecDeque<Operation>| -> Result<(), SearchError> {
+    let mut feed = |searcher: &mut Searcher,
+                    ev: SearchEvent,
+                    queue: &mut VecDeque<Operation>|
+     -> Result<(), SearchError> {
         events += 1;
         event_log.push(ev.clone());
         if events > EVENTS_MAX {
-            return Err(SearchError::Snapshot(format!("simulation exceeded {EVENTS_MAX} events")));
+            return Err(SearchError::Snapshot(format!(
+                "simulation exceeded {EVENTS_MAX} events"
+            )));
         }
         queue.extend(searcher.handle(&ev)?);
         Ok(())
@@ -201,8 +260,15 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
         while let Some(op) = queue.pop_front() {
             log.push(op.clone());
             match op {
-                Operation::Create { request_id, hparams, warm_start, .. } => {
-                    let start = warm_start.and_then(|p| trials.get(&p)).map_or(0, |p| p.time);
+                Operation::Create {
+                    request_id,
+                    hparams,
+                    warm_start,
+                    ..
+                } => {
+                    let start = warm_start
+                        .and_then(|p| trials.get(&p))
+                        .map_or(0, |p| p.time);
                     trials.insert(
                         request_id,
                         SimTrial {
@@ -220,9 +286,14 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
                             status: SimStatus::Running,
                         },
                     );
-                    feed(searcher, SearchEvent::TrialCreated { request_id }, &mut queue)?;
+                    feed(
+                        searcher,
+                        SearchEvent::TrialCreated { request_id },
+                        &mut queue,
+                    )?;
                 }
-                Operation::RunUntil { request_id, length } | Operation::Resume { request_id, length } => {
+                Operation::RunUntil { request_id, length }
+                | Operation::Resume { request_id, length } => {
                     if let Some(t) = trials.get_mut(&request_id) {
                         if t.status != SimStatus::Closed && t.status != SimStatus::Stopping {
                             t.status = SimStatus::Running;
@@ -253,19 +324,31 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
         // A trial that reached its target (and was given no new one) finishes.
         if let Some(id) = last_reported.take() {
             if let Some(t) = trials.get_mut(&id) {
-                if t.status == SimStatus::Running && t.target.is_some_and(|target| t.time >= target) {
+                if t.status == SimStatus::Running && t.target.is_some_and(|target| t.time >= target)
+                {
                     t.status = SimStatus::Closed;
                     t.record.stopped_at = Some(t.time);
-                    feed(searcher, SearchEvent::TrialExited { request_id: id }, &mut queue)?;
+                    feed(
+                        searcher,
+                        SearchEvent::TrialExited { request_id: id },
+                        &mut queue,
+                    )?;
                     continue;
                 }
             }
         }
         // A stopped trial checkpoints and exits.
-        if let Some((&id, t)) = trials.iter_mut().find(|(_, t)| t.status == SimStatus::Stopping) {
+        if let Some((&id, t)) = trials
+            .iter_mut()
+            .find(|(_, t)| t.status == SimStatus::Stopping)
+        {
             t.status = SimStatus::Closed;
             t.record.stopped_at = Some(t.time).filter(|_| budget.is_some());
-            feed(searcher, SearchEvent::TrialExited { request_id: id }, &mut queue)?;
+            feed(
+                searcher,
+                SearchEvent::TrialExited { request_id: id },
+                &mut queue,
+            )?;
             continue;
         }
         // Advance the least-advanced running trial to its next report.
@@ -284,28 +367,60 @@ pub fn run(searcher: &mut Searcher, source: &mut dyn MetricSource, period: Optio
             t.record.reports.push((1, value));
             t.status = SimStatus::Closed;
             let metrics = report(&metric, value, None);
-            feed(searcher, SearchEvent::ValidationCompleted { request_id: id, metrics }, &mut queue)?;
-            feed(searcher, SearchEvent::TrialExited { request_id: id }, &mut queue)?;
+            feed(
+                searcher,
+                SearchEvent::ValidationCompleted {
+                    request_id: id,
+                    metrics,
+                },
+                &mut queue,
+            )?;
+            feed(
+                searcher,
+                SearchEvent::TrialExited { request_id: id },
+                &mut queue,
+            )?;
             continue;
         };
-        let step = period.filter(|p| *p > 0).map_or(target, |p| (t.time / p + 1) * p);
+        let step = period
+            .filter(|p| *p > 0)
+            .map_or(target, |p| (t.time / p + 1) * p);
         t.time = step.min(target).max(t.time);
         let value = source.metric(id, &t.record.hparams, t.time);
         t.record.reports.push((t.time, value));
-        let metrics = report(&metric, if smaller { value } else { -value }, Some((&time_metric, t.time)));
-        feed(searcher, SearchEvent::ValidationCompleted { request_id: id, metrics }, &mut queue)?;
+        let metrics = report(
+            &metric,
+            if smaller { value } else { -value },
+            Some((&time_metric, t.time)),
+        );
+        feed(
+            searcher,
+            SearchEvent::ValidationCompleted {
+                request_id: id,
+                metrics,
+            },
+            &mut queue,
+        )?;
         last_reported = Some(id);
     }
-    let stalled = trials.values().filter(|t| t.status == SimStatus::Paused).count();
+    let stalled = trials
+        .values()
+        .filter(|t| t.status == SimStatus::Paused)
+        .count();
     if !searcher.is_shut_down() && stalled > 0 {
-        return Err(SearchError::Snapshot(format!("search stalled with {stalled} paused trials")));
+        return Err(SearchError::Snapshot(format!(
+            "search stalled with {stalled} paused trials"
+        )));
     }
     let mut counts = BTreeMap::new();
     for t in trials.values() {
         *counts.entry(t.record.stopped_at).or_default() += 1;
     }
     Ok(RunReport {
-        preview: Preview { unit: budget.map(|b| b.time_metric), counts },
+        preview: Preview {
+            unit: budget.map(|b| b.time_metric),
+            counts,
+        },
         trials: trials.into_iter().map(|(id, t)| (id, t.record)).collect(),
         operations: log,
         events: event_log,

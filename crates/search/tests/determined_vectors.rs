@@ -6,7 +6,8 @@ mod common;
 use common::{config, searcher, TestRunner};
 use resolute_search::simulate::plan;
 use resolute_search::{
-    bracket_max_concurrent_trials, bracket_max_trials, make_brackets, make_rungs, sample, Bracket, Operation,
+    bracket_max_concurrent_trials, bracket_max_trials, make_brackets, make_rungs, sample, Bracket,
+    Operation,
 };
 use resolute_types::config::AdaptiveMode;
 use resolute_types::Value;
@@ -20,7 +21,11 @@ fn rung_lengths() {
         (3, 900, 3.0, &[100, 300, 900]),
     ];
     for (num_rungs, max_time, divisor, want) in cases {
-        assert_eq!(make_rungs(*num_rungs, *divisor, *max_time), *want, "({num_rungs}, {max_time}, {divisor})");
+        assert_eq!(
+            make_rungs(*num_rungs, *divisor, *max_time),
+            *want,
+            "({num_rungs}, {max_time}, {divisor})"
+        );
     }
 }
 
@@ -64,14 +69,24 @@ fn adaptive_bracket_concurrency() {
 
 #[test]
 fn adaptive_brackets() {
-    let b = |num_rungs, max_trials, max_concurrent_trials| Bracket { num_rungs, max_trials, max_concurrent_trials };
-    assert_eq!(make_brackets(10, 100, 4.0, 5, AdaptiveMode::Standard, &[], 2), vec![b(2, 7, 1), b(1, 3, 1)]);
+    let b = |num_rungs, max_trials, max_concurrent_trials| Bracket {
+        num_rungs,
+        max_trials,
+        max_concurrent_trials,
+    };
+    assert_eq!(
+        make_brackets(10, 100, 4.0, 5, AdaptiveMode::Standard, &[], 2),
+        vec![b(2, 7, 1), b(1, 3, 1)]
+    );
     assert_eq!(
         make_brackets(10, 1000, 3.0, 5, AdaptiveMode::Conservative, &[], 5),
         vec![b(3, 7, 2), b(2, 2, 2), b(1, 1, 1)]
     );
     // Exact powers: log(1000)/log(10) is 2.9999999999999996 in floating point.
-    assert_eq!(make_brackets(1000, 1000, 10.0, 10, AdaptiveMode::Aggressive, &[], 0)[0].num_rungs, 4);
+    assert_eq!(
+        make_brackets(1000, 1000, 10.0, 10, AdaptiveMode::Aggressive, &[], 0)[0].num_rungs,
+        4
+    );
 }
 
 #[test]
@@ -94,7 +109,15 @@ searcher: {name: adaptive_asha, metric: loss, max_trials: 9, max_rungs: 5, divis
 }
 
 fn ints(points: &[Value], key: &str) -> Vec<i64> {
-    points.iter().map(|p| p.as_map().and_then(|m| m.get(key)).and_then(Value::as_i64).expect("int")).collect()
+    points
+        .iter()
+        .map(|p| {
+            p.as_map()
+                .and_then(|m| m.get(key))
+                .and_then(Value::as_i64)
+                .expect("int")
+        })
+        .collect()
 }
 
 #[test]
@@ -113,7 +136,10 @@ searcher: {name: grid, metric: loss}",
 #[test]
 fn grid_int_counts() {
     let c = config("hyperparameters: {x: {type: int, minval: -4, maxval: -2, count: 3}}\nsearcher: {name: grid, metric: l}");
-    assert_eq!(ints(&sample::grid(&c.hyperparameters), "x"), vec![-4, -3, -2]);
+    assert_eq!(
+        ints(&sample::grid(&c.hyperparameters), "x"),
+        vec![-4, -3, -2]
+    );
     // Count is clamped to the number of integers; count 1 is the rounded midpoint.
     let c = config("hyperparameters: {x: {type: int, minval: 1, maxval: 3, count: 10}}\nsearcher: {name: grid, metric: l}");
     assert_eq!(ints(&sample::grid(&c.hyperparameters), "x"), vec![1, 2, 3]);
@@ -136,12 +162,20 @@ searcher: {name: grid, metric: loss, max_concurrent_trials: 2}",
     let points = sample::grid(&c.hyperparameters);
     assert_eq!(points.len(), 2 * 4 * 2 * 2);
     let first = points[0].to_string();
-    assert_eq!(first, r#"{"c":5,"cat":"a","lr":0.0001,"opt":{"beta":0.5,"deeper":{"empty":{},"m":1}}}"#);
+    assert_eq!(
+        first,
+        r#"{"c":5,"cat":"a","lr":0.0001,"opt":{"beta":0.5,"deeper":{"empty":{},"m":1}}}"#
+    );
     // The grid searcher runs every point, two at a time.
     let yaml = "hyperparameters: {a: {type: int, minval: 0, maxval: 10, count: 4}}
 searcher: {name: grid, metric: loss, max_concurrent_trials: 2}";
     let ops = searcher(yaml).initial_operations();
-    assert_eq!(ops.iter().filter(|o| matches!(o, Operation::Create { .. })).count(), 2);
+    assert_eq!(
+        ops.iter()
+            .filter(|o| matches!(o, Operation::Create { .. }))
+            .count(),
+        2
+    );
     let mut s = searcher(yaml);
     let report = resolute_search::simulate::run(&mut s, &mut curves(), None).expect("runs");
     assert_eq!(report.trials.len(), 4);
@@ -163,7 +197,11 @@ searcher: {name: random, metric: loss, max_trials: 4, max_concurrent_trials: 2}"
         let m = t.hparams.as_map().expect("map");
         let x = m["x"].as_i64().expect("int");
         let y = m["y"].as_f64().expect("float");
-        assert!((0..=10).contains(&x) && (0.0..10.0).contains(&y), "{}", t.hparams);
+        assert!(
+            (0..=10).contains(&x) && (0.0..10.0).contains(&y),
+            "{}",
+            t.hparams
+        );
     }
     let mut s = searcher("hyperparameters: {x: 1}\nsearcher: {name: single, metric: loss}");
     let report = resolute_search::simulate::run(&mut s, &mut curves(), None).expect("runs");
@@ -185,7 +223,10 @@ searcher: {name: random, metric: loss, max_trials: 5}",
         let mut r1 = resolute_search::rng::ExperimentRng::new(seed);
         let mut r2 = resolute_search::rng::ExperimentRng::new(seed);
         for _ in 0..5 {
-            assert_eq!(sample::sample_all(&c.hyperparameters, &mut r1), sample::sample_all(&c.hyperparameters, &mut r2));
+            assert_eq!(
+                sample::sample_all(&c.hyperparameters, &mut r1),
+                sample::sample_all(&c.hyperparameters, &mut r2)
+            );
         }
         assert_eq!(r1.state(), r2.state());
     }
@@ -199,7 +240,14 @@ searcher: {name: adaptive_asha, metric: loss, max_trials: 10, max_rungs: 10, div
            max_time: 900, time_metric: batches, max_concurrent_trials: 5, mode: standard}",
     );
     let p = plan(&c.searcher, &c.hyperparameters).expect("plan");
-    assert_eq!(p.to_json(), vec![("100".to_string(), 5), ("300".to_string(), 3), ("900".to_string(), 2)]);
+    assert_eq!(
+        p.to_json(),
+        vec![
+            ("100".to_string(), 5),
+            ("300".to_string(), 3),
+            ("900".to_string(), 2)
+        ]
+    );
     let c = config(
         "hyperparameters: {a: {type: int, minval: 0, maxval: 10, count: 4}}
 searcher: {name: grid, metric: loss, max_concurrent_trials: 2}",

@@ -21,7 +21,12 @@ impl MetricSource for Table {
 }
 
 fn counts(report: &RunReport) -> Vec<(Option<u64>, usize)> {
-    report.preview.counts.iter().map(|(k, v)| (*k, *v)).collect()
+    report
+        .preview
+        .counts
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .collect()
 }
 
 #[test]
@@ -35,14 +40,27 @@ searcher: {name: asha, metric: loss, num_rungs: 3, max_trials: 9, divisor: 3,
     let report = run(&mut s, &mut table, None).expect("runs");
     // Worked by hand in the searcher's docs: T4 (best) reaches 9; T2 and T6 stop at
     // 3; the other six stop at rung 0.
-    assert_eq!(counts(&report), vec![(Some(1), 6), (Some(3), 2), (Some(9), 1)]);
+    assert_eq!(
+        counts(&report),
+        vec![(Some(1), 6), (Some(3), 2), (Some(9), 1)]
+    );
     assert_eq!(report.trials[&RequestId(4)].stopped_at, Some(9));
     for t in report.trials.values() {
-        assert!(t.max_target.unwrap_or(0) <= 9, "no trial runs past max_time");
-        assert!(matches!(t.stopped_at, Some(1 | 3 | 9)), "stopped only at rung boundaries: {t:?}");
+        assert!(
+            t.max_target.unwrap_or(0) <= 9,
+            "no trial runs past max_time"
+        );
+        assert!(
+            matches!(t.stopped_at, Some(1 | 3 | 9)),
+            "stopped only at rung boundaries: {t:?}"
+        );
     }
     // Promotions resume from a checkpoint; nothing is created beyond max_trials.
-    let resumes = report.operations.iter().filter(|o| matches!(o, Operation::Resume { .. })).count();
+    let resumes = report
+        .operations
+        .iter()
+        .filter(|o| matches!(o, Operation::Resume { .. }))
+        .count();
     assert!(resumes >= 2, "paused trials were resumed: {resumes}");
     assert_eq!(report.trials.len(), 9);
 }
@@ -57,7 +75,10 @@ searcher: {name: asha, metric: loss, num_rungs: 4, max_trials: 40, divisor: 3,
         );
         let report = run(&mut s, &mut SyntheticCurves { seed, tau: 30.0 }, None).expect("runs");
         assert_eq!(report.trials.len(), 40);
-        assert!(report.preview.counts.get(&Some(270)).copied().unwrap_or(0) >= 1, "someone reaches the top");
+        assert!(
+            report.preview.counts.get(&Some(270)).copied().unwrap_or(0) >= 1,
+            "someone reaches the top"
+        );
         for t in report.trials.values() {
             assert!(matches!(t.stopped_at, Some(10 | 30 | 90 | 270)), "{t:?}");
             // Each trial's reports are exactly its rung boundaries, in order.
@@ -69,10 +90,15 @@ searcher: {name: asha, metric: loss, num_rungs: 4, max_trials: 40, divisor: 3,
 
 #[test]
 fn hyperband_bracket_layout() {
-    let layout: Vec<(u32, u64)> =
-        hyperband_brackets(81, 3.0, 5).iter().map(|b| (b.num_trials, b.rung_lengths[0])).collect();
+    let layout: Vec<(u32, u64)> = hyperband_brackets(81, 3.0, 5)
+        .iter()
+        .map(|b| (b.num_trials, b.rung_lengths[0]))
+        .collect();
     assert_eq!(layout, vec![(81, 1), (34, 3), (15, 9), (8, 27), (5, 81)]);
-    assert_eq!(hyperband_brackets(81, 3.0, 5)[0].rung_lengths, vec![1, 3, 9, 27, 81]);
+    assert_eq!(
+        hyperband_brackets(81, 3.0, 5)[0].rung_lengths,
+        vec![1, 3, 9, 27, 81]
+    );
     // max_rungs caps the number of brackets.
     assert_eq!(hyperband_brackets(81, 3.0, 2).len(), 2);
 }
@@ -90,7 +116,11 @@ searcher: {name: hyperband, metric: loss, max_rungs: 5, divisor: 3, max_time: 81
     for b in hyperband_brackets(81, 3.0, 5) {
         let mut n = b.num_trials as usize;
         for (i, len) in b.rung_lengths.iter().enumerate() {
-            let keep = if i + 1 == b.rung_lengths.len() { 0 } else { (n / 3).max(1) };
+            let keep = if i + 1 == b.rung_lengths.len() {
+                0
+            } else {
+                (n / 3).max(1)
+            };
             *want.entry(Some(*len)).or_default() += n - keep;
             n = keep;
         }
@@ -118,38 +148,72 @@ searcher:
 fn pbt_exploits_the_best_checkpoints_and_perturbs_within_bounds() {
     let mut s = searcher(PBT);
     let report = run(&mut s, &mut SyntheticCurves { seed: 9, tau: 50.0 }, None).expect("runs");
-    assert_eq!(report.trials.len(), 10 + 2 * 3, "two copies in each of the three exploit steps");
+    assert_eq!(
+        report.trials.len(),
+        10 + 2 * 3,
+        "two copies in each of the three exploit steps"
+    );
     for child in report.trials.values() {
-        let Some(parent_id) = child.warm_start else { continue };
+        let Some(parent_id) = child.warm_start else {
+            continue;
+        };
         let parent = &report.trials[&parent_id];
         // The parent was among the best two of the round it was copied at.
-        let round_time = parent.reports.iter().map(|r| r.0).filter(|t| *t < child.reports[0].0).max().expect("parent reported");
+        let round_time = parent
+            .reports
+            .iter()
+            .map(|r| r.0)
+            .filter(|t| *t < child.reports[0].0)
+            .max()
+            .expect("parent reported");
         let mut ranked: Vec<(f64, RequestId)> = report
             .trials
             .values()
-            .filter_map(|t| t.reports.iter().find(|r| r.0 == round_time).map(|r| (r.1, t.id)))
+            .filter_map(|t| {
+                t.reports
+                    .iter()
+                    .find(|r| r.0 == round_time)
+                    .map(|r| (r.1, t.id))
+            })
             .collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        assert!(ranked[..2].iter().any(|(_, id)| *id == parent_id), "parent {parent_id} not in the top two at {round_time}");
+        assert!(
+            ranked[..2].iter().any(|(_, id)| *id == parent_id),
+            "parent {parent_id} not in the top two at {round_time}"
+        );
         // It continues from the parent's checkpoint: its first report is one round later.
         assert_eq!(child.reports[0].0, round_time + 100);
         // Exploration: with resample_probability 0, every value is perturbed by ±20%.
-        let (p, c) = (parent.hparams.as_map().expect("map"), child.hparams.as_map().expect("map"));
+        let (p, c) = (
+            parent.hparams.as_map().expect("map"),
+            child.hparams.as_map().expect("map"),
+        );
         let (plr, clr) = (p["lr"].as_f64().expect("lr"), c["lr"].as_f64().expect("lr"));
         let options = [(plr * 0.8).clamp(0.001, 0.1), (plr * 1.2).clamp(0.001, 0.1)];
         assert!(options.contains(&clr), "lr {clr} from {plr}");
-        let (pl, cl) = (p["layers"].as_i64().expect("int"), c["layers"].as_i64().expect("int"));
-        let options = [((pl as f64 * 0.8).floor() as i64).clamp(1, 8), ((pl as f64 * 1.2).ceil() as i64).clamp(1, 8)];
+        let (pl, cl) = (
+            p["layers"].as_i64().expect("int"),
+            c["layers"].as_i64().expect("int"),
+        );
+        let options = [
+            ((pl as f64 * 0.8).floor() as i64).clamp(1, 8),
+            ((pl as f64 * 1.2).ceil() as i64).clamp(1, 8),
+        ];
         assert!(options.contains(&cl), "layers {cl} from {pl}");
         assert_eq!(p["act"], c["act"], "categoricals are kept unless resampled");
     }
     // Nobody trains past num_rounds × length_per_round.
-    assert!(report.trials.values().all(|t| t.reports.iter().all(|r| r.0 <= 400)));
+    assert!(report
+        .trials
+        .values()
+        .all(|t| t.reports.iter().all(|r| r.0 <= 400)));
 }
 
 #[test]
 fn pbt_resampling_stays_in_bounds() {
-    let yaml = PBT.replace("resample_probability: 0.0", "resample_probability: 0.5").replace("perturb_factor: 0.2", "perturb_factor: 0.9");
+    let yaml = PBT
+        .replace("resample_probability: 0.0", "resample_probability: 0.5")
+        .replace("perturb_factor: 0.2", "perturb_factor: 0.9");
     let mut s = searcher(&yaml);
     let report = run(&mut s, &mut SyntheticCurves { seed: 4, tau: 50.0 }, None).expect("runs");
     for t in report.trials.values() {
@@ -185,10 +249,19 @@ fn snapshot_restores_exactly_mid_search() {
     for yaml in EVERY_SEARCHER.map(full) {
         let c = config(&yaml);
         let period = Some(10);
-        let reference = run(&mut Searcher::new(&c.searcher, &c.hyperparameters, 7), &mut SyntheticCurves { seed: 2, tau: 20.0 }, period)
-            .expect("runs");
+        let reference = run(
+            &mut Searcher::new(&c.searcher, &c.hyperparameters, 7),
+            &mut SyntheticCurves { seed: 2, tau: 20.0 },
+            period,
+        )
+        .expect("runs");
         let events = &reference.events;
-        for cut in [0, events.len() / 3, events.len() / 2, events.len().saturating_sub(1)] {
+        for cut in [
+            0,
+            events.len() / 3,
+            events.len() / 2,
+            events.len().saturating_sub(1),
+        ] {
             let mut original = Searcher::new(&c.searcher, &c.hyperparameters, 7);
             let mut ops = original.initial_operations();
             for ev in &events[..cut] {
@@ -197,15 +270,30 @@ fn snapshot_restores_exactly_mid_search() {
             let bytes = resolute_types::codec::encode(&original.snapshot()).expect("encode");
             let snapshot: SearcherSnapshot = resolute_types::codec::decode(&bytes).expect("decode");
             assert_eq!(snapshot, original.snapshot());
-            let mut restored = Searcher::restore(&c.searcher, &c.hyperparameters, snapshot).expect("restore");
+            let mut restored =
+                Searcher::restore(&c.searcher, &c.hyperparameters, snapshot).expect("restore");
             for ev in &events[cut..] {
                 let a = original.handle(ev).expect("event");
                 let b = restored.handle(ev).expect("event");
-                assert_eq!(a, b, "{} diverged after restoring at event {cut}", c.searcher.method.name());
+                assert_eq!(
+                    a,
+                    b,
+                    "{} diverged after restoring at event {cut}",
+                    c.searcher.method.name()
+                );
                 ops.extend(a);
             }
-            assert_eq!(ops, reference.operations, "{}: replay differs from the run", c.searcher.method.name());
-            assert!(restored.is_shut_down(), "{} shut down", c.searcher.method.name());
+            assert_eq!(
+                ops,
+                reference.operations,
+                "{}: replay differs from the run",
+                c.searcher.method.name()
+            );
+            assert!(
+                restored.is_shut_down(),
+                "{} shut down",
+                c.searcher.method.name()
+            );
         }
     }
 }
@@ -215,13 +303,22 @@ fn same_seed_same_search_different_seed_different_trials() {
     for yaml in EVERY_SEARCHER.map(full) {
         let c = config(&yaml);
         let go = |seed| {
-            run(&mut Searcher::new(&c.searcher, &c.hyperparameters, seed), &mut SyntheticCurves { seed: 5, tau: 20.0 }, Some(10))
-                .expect("runs")
+            run(
+                &mut Searcher::new(&c.searcher, &c.hyperparameters, seed),
+                &mut SyntheticCurves { seed: 5, tau: 20.0 },
+                Some(10),
+            )
+            .expect("runs")
         };
         let (a, b) = (go(1), go(1));
         assert_eq!(a.operations, b.operations);
         if !matches!(c.searcher.method.name(), "grid" | "single") {
-            assert_ne!(a.operations, go(2).operations, "{}", c.searcher.method.name());
+            assert_ne!(
+                a.operations,
+                go(2).operations,
+                "{}",
+                c.searcher.method.name()
+            );
         }
     }
 }
@@ -238,17 +335,37 @@ fn early_exits_are_replaced_and_the_search_ends() {
         // Every trial fails: alternate invalid hyperparameters and errors.
         while !s.is_shut_down() {
             steps += 1;
-            assert!(steps < 10_000, "{} never shut down", c.searcher.method.name());
+            assert!(
+                steps < 10_000,
+                "{} never shut down",
+                c.searcher.method.name()
+            );
             while let Some(op) = queue.pop_front() {
                 if let Operation::Create { request_id, .. } = op {
-                    queue.extend(s.handle(&SearchEvent::TrialCreated { request_id }).expect("created"));
+                    queue.extend(
+                        s.handle(&SearchEvent::TrialCreated { request_id })
+                            .expect("created"),
+                    );
                     live.push(request_id);
                 }
             }
             let Some(id) = live.pop() else { break };
-            let reason = if id.0 % 2 == 0 && id.0 < 6 { ExitedReason::InvalidHp } else { ExitedReason::Errored };
-            queue.extend(s.handle(&SearchEvent::TrialExitedEarly { request_id: id, reason }).expect("early exit"));
-            queue.extend(s.handle(&SearchEvent::TrialExited { request_id: id }).expect("exit"));
+            let reason = if id.0 % 2 == 0 && id.0 < 6 {
+                ExitedReason::InvalidHp
+            } else {
+                ExitedReason::Errored
+            };
+            queue.extend(
+                s.handle(&SearchEvent::TrialExitedEarly {
+                    request_id: id,
+                    reason,
+                })
+                .expect("early exit"),
+            );
+            queue.extend(
+                s.handle(&SearchEvent::TrialExited { request_id: id })
+                    .expect("exit"),
+            );
         }
         assert!(s.is_shut_down(), "{}", c.searcher.method.name());
     }
@@ -260,13 +377,33 @@ fn bad_events_are_errors_not_panics() {
     let c = config(&full(EVERY_SEARCHER[3]));
     let mut s = Searcher::new(&c.searcher, &c.hyperparameters, 1);
     s.initial_operations();
-    let unknown = SearchEvent::TrialExited { request_id: RequestId(999) };
-    assert_eq!(s.handle(&unknown), Err(SearchError::UnknownTrial(RequestId(999))));
-    s.handle(&SearchEvent::TrialCreated { request_id: RequestId(1) }).expect("created");
-    let no_metric = SearchEvent::ValidationCompleted { request_id: RequestId(1), metrics: BTreeMap::new() };
-    assert!(matches!(s.handle(&no_metric), Err(SearchError::Metric { .. })));
+    let unknown = SearchEvent::TrialExited {
+        request_id: RequestId(999),
+    };
+    assert_eq!(
+        s.handle(&unknown),
+        Err(SearchError::UnknownTrial(RequestId(999)))
+    );
+    s.handle(&SearchEvent::TrialCreated {
+        request_id: RequestId(1),
+    })
+    .expect("created");
+    let no_metric = SearchEvent::ValidationCompleted {
+        request_id: RequestId(1),
+        metrics: BTreeMap::new(),
+    };
+    assert!(matches!(
+        s.handle(&no_metric),
+        Err(SearchError::Metric { .. })
+    ));
     let mut m = BTreeMap::new();
     m.insert("loss".to_string(), Value::Float(1.0));
-    let no_time = SearchEvent::ValidationCompleted { request_id: RequestId(1), metrics: m };
-    assert!(matches!(s.handle(&no_time), Err(SearchError::TimeMetric { .. })));
+    let no_time = SearchEvent::ValidationCompleted {
+        request_id: RequestId(1),
+        metrics: m,
+    };
+    assert!(matches!(
+        s.handle(&no_time),
+        Err(SearchError::TimeMetric { .. })
+    ));
 }

@@ -273,7 +273,12 @@ fn key_text(node: &Node) -> Option<String> {
 fn count_nodes(node: &Node) -> usize {
     match &node.kind {
         NodeKind::Seq(items) => 1 + items.iter().map(count_nodes).sum::<usize>(),
-        NodeKind::Map(entries) => 1 + entries.iter().map(|(_, v)| 1 + count_nodes(v)).sum::<usize>(),
+        NodeKind::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(_, v)| 1 + count_nodes(v))
+                .sum::<usize>()
+        }
         _ => 1,
     }
 }
@@ -492,7 +497,10 @@ mod tests {
     #[test]
     fn aliases_expand_and_are_bounded() {
         let node = parse("a: &x [1, 2]\nb: *x\n", 0).expect("parses");
-        assert_eq!(node.get("b").map(|n| n.to_value()), node.get("a").map(|n| n.to_value()));
+        assert_eq!(
+            node.get("b").map(|n| n.to_value()),
+            node.get("a").map(|n| n.to_value())
+        );
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..9 {
             let prev = i - 1;

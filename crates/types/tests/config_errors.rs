@@ -97,23 +97,39 @@ fn exact_messages() {
     ];
     for (yaml, want) in cases {
         let got = errors(yaml);
-        assert_eq!(got.first().map(String::as_str), Some(*want), "for:\n{yaml}\nall errors: {got:#?}");
+        assert_eq!(
+            got.first().map(String::as_str),
+            Some(*want),
+            "for:\n{yaml}\nall errors: {got:#?}"
+        );
     }
 }
 
 #[test]
 fn every_error_is_reported_at_once() {
-    let got = errors("searcher: {name: random, metric: 3, max_trials: 0}\nresources: {weight: -1}\n");
+    let got =
+        errors("searcher: {name: random, metric: 3, max_trials: 0}\nresources: {weight: -1}\n");
     assert_eq!(got.len(), 3, "{got:#?}");
 }
 
 #[test]
 fn overrides_apply_and_are_named_in_errors() {
-    let loaded = parse_str("exp.yaml", BASE, &["searcher.max_trials=20".to_string(), "resources.slots_per_trial=2".to_string()])
-        .expect("valid");
-    assert!(matches!(loaded.config.searcher.method, resolute_types::config::SearchMethod::Random { max_trials: 20, .. }));
+    let loaded = parse_str(
+        "exp.yaml",
+        BASE,
+        &[
+            "searcher.max_trials=20".to_string(),
+            "resources.slots_per_trial=2".to_string(),
+        ],
+    )
+    .expect("valid");
+    assert!(matches!(
+        loaded.config.searcher.method,
+        resolute_types::config::SearchMethod::Random { max_trials: 20, .. }
+    ));
     assert_eq!(loaded.config.resources.slots_per_trial, 2);
-    let err = parse_str("exp.yaml", BASE, &["searcher.max_trials=lots".to_string()]).expect_err("invalid");
+    let err = parse_str("exp.yaml", BASE, &["searcher.max_trials=lots".to_string()])
+        .expect_err("invalid");
     assert_eq!(err.errors[0].to_string(), "--config searcher.max_trials=lots: searcher.max_trials: expected an integer, found a string");
     let err = parse_str("exp.yaml", BASE, &["name.inner=3".to_string()]).expect_err("invalid");
     assert!(err.to_string().contains("not a map"), "{err}");
@@ -122,19 +138,35 @@ fn overrides_apply_and_are_named_in_errors() {
 #[test]
 fn binary_garbage_is_an_error() {
     let err = parse_bytes("exp.yaml", b"name: x\n\xff\xfe\x00garbage", &[]).expect_err("not utf-8");
-    assert_eq!(err.errors[0].to_string(), "exp.yaml:2:1: not UTF-8 text: a config must be a YAML file");
+    assert_eq!(
+        err.errors[0].to_string(),
+        "exp.yaml:2:1: not UTF-8 text: a config must be a YAML file"
+    );
 }
 
 #[test]
 fn determined_fields_without_effect_warn() {
     let yaml = format!("{BASE}bind_mounts: [{{host_path: /tmp, container_path: /x}}]\nenvironment: {{image: foo}}\nsearcher_extra: 1\n");
     let got = errors(&yaml);
-    assert_eq!(got, vec!["exp.yaml:10:1: searcher_extra: unknown field (did you mean searcher?)".to_string()]);
+    assert_eq!(
+        got,
+        vec!["exp.yaml:10:1: searcher_extra: unknown field (did you mean searcher?)".to_string()]
+    );
     let yaml = format!("{BASE}bind_mounts: [{{host_path: /tmp, container_path: /x}}]\ncheckpoint_storage: {{type: s3, bucket: b}}\n");
     let loaded = parse_str("exp.yaml", &yaml, &[]).expect("valid");
     let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
-    assert!(warnings.iter().any(|w| w.starts_with("exp.yaml:8:1: bind_mounts: accepted, has no effect here")), "{warnings:#?}");
-    assert!(warnings.iter().any(|w| w.contains("checkpoint_storage.bucket")), "{warnings:#?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("exp.yaml:8:1: bind_mounts: accepted, has no effect here")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("checkpoint_storage.bucket")),
+        "{warnings:#?}"
+    );
 }
 
 /// A tiny deterministic generator (xorshift) so the property test needs no crate.
@@ -163,23 +195,89 @@ fn random_bytes_and_random_yaml_never_panic() {
     // Structured noise: real keys and values in random shapes, plus mutations of the
     // valid examples.
     let tokens = [
-        "searcher", "name", "metric", "hyperparameters", "type", "int", "log", "double", "categorical", "const",
-        "minval", "maxval", "base", "count", "vals", "max_trials", "max_time", "time_metric", "num_rungs", "divisor",
-        "asha", "adaptive_asha", "async_halving", "grid", "random", "pbt", "hyperband", "single", "resources",
-        "priority", "checkpoint_storage", "environment", "environment_variables", "bracket_rungs", "mode",
-        "population_size", "replace_function", "explore_function", "length_per_round", "max_length", "batches",
-        ":", " ", "\n", "  ", "- ", "{", "}", "[", "]", ",", "&a", "*a", "!!str", "'", "\"", "#", "0", "-1", "1e308",
-        ".nan", "null", "true", "99999999999999999999", "1.5", "~", "|", ">", "---", "?",
+        "searcher",
+        "name",
+        "metric",
+        "hyperparameters",
+        "type",
+        "int",
+        "log",
+        "double",
+        "categorical",
+        "const",
+        "minval",
+        "maxval",
+        "base",
+        "count",
+        "vals",
+        "max_trials",
+        "max_time",
+        "time_metric",
+        "num_rungs",
+        "divisor",
+        "asha",
+        "adaptive_asha",
+        "async_halving",
+        "grid",
+        "random",
+        "pbt",
+        "hyperband",
+        "single",
+        "resources",
+        "priority",
+        "checkpoint_storage",
+        "environment",
+        "environment_variables",
+        "bracket_rungs",
+        "mode",
+        "population_size",
+        "replace_function",
+        "explore_function",
+        "length_per_round",
+        "max_length",
+        "batches",
+        ":",
+        " ",
+        "\n",
+        "  ",
+        "- ",
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        "&a",
+        "*a",
+        "!!str",
+        "'",
+        "\"",
+        "#",
+        "0",
+        "-1",
+        "1e308",
+        ".nan",
+        "null",
+        "true",
+        "99999999999999999999",
+        "1.5",
+        "~",
+        "|",
+        ">",
+        "---",
+        "?",
     ];
     for _ in 0..20_000 {
         let n = (g.next() % 40) as usize;
         let text: String = (0..n).map(|_| g.pick(&tokens)).collect();
         let _ = parse_str("fuzz.yaml", &text, &[]);
     }
-    let examples: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/searchers"))
-        .expect("examples")
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .collect();
+    let examples: Vec<String> = std::fs::read_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/searchers"
+    ))
+    .expect("examples")
+    .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+    .collect();
     for text in &examples {
         for _ in 0..500 {
             let mut bytes = text.clone().into_bytes();

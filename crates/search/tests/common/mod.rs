@@ -54,16 +54,38 @@ impl TestRunner {
     pub fn new(yaml: &str) -> Self {
         let searcher = searcher(yaml);
         let metric = searcher.config().metric.clone();
-        let time_metric = searcher.config().method.budget().map(|b| b.time_metric).unwrap_or_default();
-        TestRunner { searcher, trials: Vec::new(), metric, time_metric }
+        let time_metric = searcher
+            .config()
+            .method
+            .budget()
+            .map(|b| b.time_metric)
+            .unwrap_or_default();
+        TestRunner {
+            searcher,
+            trials: Vec::new(),
+            metric,
+            time_metric,
+        }
     }
 
     fn handle(&mut self, ops: Vec<Operation>) {
         for op in ops {
             match op {
-                Operation::Create { request_id, hparams, .. } => {
-                    self.trials.push(TestTrial { id: request_id, hparams, stopped: false, stopped_at: 0 });
-                    let more = self.searcher.handle(&SearchEvent::TrialCreated { request_id }).expect("created");
+                Operation::Create {
+                    request_id,
+                    hparams,
+                    ..
+                } => {
+                    self.trials.push(TestTrial {
+                        id: request_id,
+                        hparams,
+                        stopped: false,
+                        stopped_at: 0,
+                    });
+                    let more = self
+                        .searcher
+                        .handle(&SearchEvent::TrialCreated { request_id })
+                        .expect("created");
                     self.handle(more);
                 }
                 Operation::Stop { request_id } => {
@@ -98,13 +120,19 @@ impl TestRunner {
                 }
                 j += period;
             }
-            let ops = self.searcher.handle(&SearchEvent::TrialExited { request_id: id }).expect("exit");
+            let ops = self
+                .searcher
+                .handle(&SearchEvent::TrialExited { request_id: id })
+                .expect("exit");
             self.handle(ops);
             i += 1;
         }
     }
 
     pub fn count_stopped_at(&self, at: u64, filter: impl Fn(&TestTrial) -> bool) -> usize {
-        self.trials.iter().filter(|t| filter(t) && t.stopped_at == at).count()
+        self.trials
+            .iter()
+            .filter(|t| filter(t) && t.stopped_at == at)
+            .count()
     }
 }

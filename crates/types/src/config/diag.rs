@@ -138,9 +138,11 @@ impl<'a> Fields<'a> {
                 Known::Used(n) | Known::Ignored(n, _) => *n == key.name,
             }) {
                 Some(Known::Used(_)) => kept.push((key, value)),
-                Some(Known::Ignored(_, why)) => {
-                    diag.warn(key.pos, &key_path, format!("accepted, has no effect here: {why}"))
-                }
+                Some(Known::Ignored(_, why)) => diag.warn(
+                    key.pos,
+                    &key_path,
+                    format!("accepted, has no effect here: {why}"),
+                ),
                 None => {
                     let message = match suggest(&key.name, &names) {
                         Some(s) => format!("unknown field (did you mean {s}?)"),
@@ -174,7 +176,11 @@ impl<'a> Fields<'a> {
 
     /// Records "missing required field" for `key`.
     pub fn missing(&self, diag: &mut Diag, key: &str, why: &str) {
-        diag.error(self.pos, &self.path_of(key), format!("missing required field{why}"));
+        diag.error(
+            self.pos,
+            &self.path_of(key),
+            format!("missing required field{why}"),
+        );
     }
 }
 
@@ -184,7 +190,9 @@ pub fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     // `searcher_extra` or `hyperparams`: one name extends or shortens the other.
     let affix = candidates
         .iter()
-        .filter(|c| c.len() >= 4 && word.len() >= 4 && (word.starts_with(**c) || c.starts_with(word)))
+        .filter(|c| {
+            c.len() >= 4 && word.len() >= 4 && (word.starts_with(**c) || c.starts_with(word))
+        })
         .max_by_key(|c| c.len());
     if let Some(c) = affix {
         return Some(c);

@@ -77,7 +77,9 @@ fn scalar_str(s: &str) -> String {
     let plain_ok = matches!(reread, Some(crate::yaml::NodeKind::Str(ref t)) if t == s)
         && !s.contains(": ")
         && !s.contains(" #")
-        && !s.starts_with([' ', '-', '?', '[', '{', '&', '*', '!', '|', '>', '\'', '"', '%', '@', '`'])
+        && !s.starts_with([
+            ' ', '-', '?', '[', '{', '&', '*', '!', '|', '>', '\'', '"', '%', '@', '`',
+        ])
         && !s.ends_with([' ', ':']);
     if plain_ok {
         s.to_string()

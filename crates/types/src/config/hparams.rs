@@ -70,7 +70,12 @@ impl Hyperparameter {
     /// The Determined form of the definition, as a value (`{type: int, minval: ...}`).
     pub fn to_value(&self) -> Value {
         fn map(entries: Vec<(&str, Value)>) -> Value {
-            Value::Map(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            Value::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            )
         }
         fn count(entries: &mut Vec<(&str, Value)>, count: Option<u64>) {
             if let Some(c) = count {
@@ -78,18 +83,41 @@ impl Hyperparameter {
             }
         }
         match self {
-            Hyperparameter::Const { val } => map(vec![("type", "const".into()), ("val", val.clone())]),
-            Hyperparameter::Int { minval, maxval, count: c } => {
-                let mut e = vec![("type", "int".into()), ("minval", (*minval).into()), ("maxval", (*maxval).into())];
+            Hyperparameter::Const { val } => {
+                map(vec![("type", "const".into()), ("val", val.clone())])
+            }
+            Hyperparameter::Int {
+                minval,
+                maxval,
+                count: c,
+            } => {
+                let mut e = vec![
+                    ("type", "int".into()),
+                    ("minval", (*minval).into()),
+                    ("maxval", (*maxval).into()),
+                ];
                 count(&mut e, *c);
                 map(e)
             }
-            Hyperparameter::Double { minval, maxval, count: c } => {
-                let mut e = vec![("type", "double".into()), ("minval", (*minval).into()), ("maxval", (*maxval).into())];
+            Hyperparameter::Double {
+                minval,
+                maxval,
+                count: c,
+            } => {
+                let mut e = vec![
+                    ("type", "double".into()),
+                    ("minval", (*minval).into()),
+                    ("maxval", (*maxval).into()),
+                ];
                 count(&mut e, *c);
                 map(e)
             }
-            Hyperparameter::Log { minval, maxval, base, count: c } => {
+            Hyperparameter::Log {
+                minval,
+                maxval,
+                base,
+                count: c,
+            } => {
                 let mut e = vec![
                     ("type", "log".into()),
                     ("minval", (*minval).into()),
@@ -99,12 +127,16 @@ impl Hyperparameter {
                 count(&mut e, *c);
                 map(e)
             }
-            Hyperparameter::Categorical { vals } => {
-                map(vec![("type", "categorical".into()), ("vals", Value::List(vals.clone()))])
-            }
-            Hyperparameter::Nested(inner) => {
-                Value::Map(inner.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
-            }
+            Hyperparameter::Categorical { vals } => map(vec![
+                ("type", "categorical".into()),
+                ("vals", Value::List(vals.clone())),
+            ]),
+            Hyperparameter::Nested(inner) => Value::Map(
+                inner
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_value()))
+                    .collect(),
+            ),
         }
     }
 }
@@ -134,21 +166,36 @@ fn parse_map(diag: &mut Diag, node: &Node, path: &str, depth: usize) -> Hyperpar
                 }
             }
         }
-        _ => diag.error(node.pos, path, format!("expected a map, found {}", node.type_name())),
+        _ => diag.error(
+            node.pos,
+            path,
+            format!("expected a map, found {}", node.type_name()),
+        ),
     }
     out
 }
 
 fn parse_one(diag: &mut Diag, node: &Node, path: &str, depth: usize) -> Option<Hyperparameter> {
     let NodeKind::Map(_) = &node.kind else {
-        return Some(Hyperparameter::Const { val: node.to_value() });
+        return Some(Hyperparameter::Const {
+            val: node.to_value(),
+        });
     };
     let Some(type_node) = node.get("type") else {
         if depth + 1 >= NESTING_MAX {
-            diag.error(node.pos, path, format!("hyperparameters nested deeper than {NESTING_MAX} levels"));
+            diag.error(
+                node.pos,
+                path,
+                format!("hyperparameters nested deeper than {NESTING_MAX} levels"),
+            );
             return None;
         }
-        return Some(Hyperparameter::Nested(parse_map(diag, node, path, depth + 1)));
+        return Some(Hyperparameter::Nested(parse_map(
+            diag,
+            node,
+            path,
+            depth + 1,
+        )));
     };
     let type_path = join(path, "type");
     let kind = read::string(diag, type_node, &type_path)?;
@@ -163,7 +210,11 @@ fn parse_one(diag: &mut Diag, node: &Node, path: &str, depth: usize) -> Option<H
                 Some(s) => format!(" (did you mean {s}?)"),
                 None => format!(" (expected one of: {})", TYPES.join(", ")),
             };
-            diag.error(type_node.pos, &type_path, format!("unknown hyperparameter type `{other}`{hint}"));
+            diag.error(
+                type_node.pos,
+                &type_path,
+                format!("unknown hyperparameter type `{other}`{hint}"),
+            );
             None
         }
     }
@@ -181,8 +232,12 @@ fn parse_const(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparamete
     }
 }
 
-const RANGE_KEYS: [Known<'static>; 4] =
-    [Known::Used("type"), Known::Used("minval"), Known::Used("maxval"), Known::Used("count")];
+const RANGE_KEYS: [Known<'static>; 4] = [
+    Known::Used("type"),
+    Known::Used("minval"),
+    Known::Used("maxval"),
+    Known::Used("count"),
+];
 
 fn count(diag: &mut Diag, f: &Fields<'_>) -> Option<Option<u64>> {
     match f.get("count") {
@@ -208,10 +263,18 @@ fn parse_int(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparameter>
     let count = count(diag, &f);
     let (minval, maxval, count) = (minval?, maxval?, count?);
     if minval >= maxval {
-        diag.error(node.pos, path, format!("minval ({minval}) must be less than maxval ({maxval})"));
+        diag.error(
+            node.pos,
+            path,
+            format!("minval ({minval}) must be less than maxval ({maxval})"),
+        );
         return None;
     }
-    Some(Hyperparameter::Int { minval, maxval, count })
+    Some(Hyperparameter::Int {
+        minval,
+        maxval,
+        count,
+    })
 }
 
 fn parse_double(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparameter> {
@@ -222,10 +285,18 @@ fn parse_double(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparamet
     let count = count(diag, &f);
     let (minval, maxval, count) = (minval?, maxval?, count?);
     if minval >= maxval {
-        diag.error(node.pos, path, format!("minval ({minval}) must be less than maxval ({maxval})"));
+        diag.error(
+            node.pos,
+            path,
+            format!("minval ({minval}) must be less than maxval ({maxval})"),
+        );
         return None;
     }
-    Some(Hyperparameter::Double { minval, maxval, count })
+    Some(Hyperparameter::Double {
+        minval,
+        maxval,
+        count,
+    })
 }
 
 fn parse_log(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparameter> {
@@ -240,28 +311,52 @@ fn parse_log(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparameter>
     let (lo, hi) = (required(diag, &f, "minval"), required(diag, &f, "maxval"));
     let base = f.get("base");
     if base.is_none() {
-        f.missing(diag, "base", " (log hyperparameters need a base: minval and maxval are exponents)");
+        f.missing(
+            diag,
+            "base",
+            " (log hyperparameters need a base: minval and maxval are exponents)",
+        );
     }
     let minval = lo.and_then(|n| read::number(diag, n, &f.path_of("minval")));
     let maxval = hi.and_then(|n| read::number(diag, n, &f.path_of("maxval")));
     let base = base.and_then(|n| {
-        read::number_where(diag, n, &f.path_of("base"), |b| (b <= 0.0).then_some("greater than 0"))
+        read::number_where(diag, n, &f.path_of("base"), |b| {
+            (b <= 0.0).then_some("greater than 0")
+        })
     });
     let count = count(diag, &f);
     let (minval, maxval, base, count) = (minval?, maxval?, base?, count?);
     if minval >= maxval {
-        diag.error(node.pos, path, format!("minval ({minval}) must be less than maxval ({maxval})"));
+        diag.error(
+            node.pos,
+            path,
+            format!("minval ({minval}) must be less than maxval ({maxval})"),
+        );
         return None;
     }
     if !base.powf(minval).is_finite() || !base.powf(maxval).is_finite() {
-        diag.error(node.pos, path, format!("base^minval or base^maxval is not a finite number (base {base})"));
+        diag.error(
+            node.pos,
+            path,
+            format!("base^minval or base^maxval is not a finite number (base {base})"),
+        );
         return None;
     }
-    Some(Hyperparameter::Log { minval, maxval, base, count })
+    Some(Hyperparameter::Log {
+        minval,
+        maxval,
+        base,
+        count,
+    })
 }
 
 fn parse_categorical(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperparameter> {
-    let f = Fields::read(diag, node, path, &[Known::Used("type"), Known::Used("vals")])?;
+    let f = Fields::read(
+        diag,
+        node,
+        path,
+        &[Known::Used("type"), Known::Used("vals")],
+    )?;
     let vals_node = required(diag, &f, "vals")?;
     let NodeKind::Seq(items) = &vals_node.kind else {
         diag.error(
@@ -272,7 +367,11 @@ fn parse_categorical(diag: &mut Diag, node: &Node, path: &str) -> Option<Hyperpa
         return None;
     };
     if items.is_empty() {
-        diag.error(vals_node.pos, &f.path_of("vals"), "must list at least one value");
+        diag.error(
+            vals_node.pos,
+            &f.path_of("vals"),
+            "must list at least one value",
+        );
         return None;
     }
     Some(Hyperparameter::Categorical {
@@ -291,14 +390,19 @@ pub fn check_grid(diag: &mut Diag, hps: &Hyperparameters, node: Option<&Node>, p
         let axis = match hp {
             Hyperparameter::Const { .. } => 1,
             Hyperparameter::Categorical { vals } => vals.len() as u64,
-            Hyperparameter::Int { minval, maxval, count } => match count {
+            Hyperparameter::Int {
+                minval,
+                maxval,
+                count,
+            } => match count {
                 Some(c) => (*c).min((maxval - minval + 1) as u64),
                 None => {
                     diag.error(pos, &join(&hp_path, "count"), "missing required field (the grid searcher needs a count for int, double and log hyperparameters)");
                     1
                 }
             },
-            Hyperparameter::Double { count, .. } | Hyperparameter::Log { count, .. } => match count {
+            Hyperparameter::Double { count, .. } | Hyperparameter::Log { count, .. } => match count
+            {
                 Some(c) => *c,
                 None => {
                     diag.error(pos, &join(&hp_path, "count"), "missing required field (the grid searcher needs a count for int, double and log hyperparameters)");

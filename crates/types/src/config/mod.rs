@@ -240,19 +240,30 @@ pub struct ConfigErrors {
 }
 
 fn render(errors: &[Diagnostic]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads and parses the config at `path`, applying `overrides` (`key.path=value`).
 pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded, ConfigErrors> {
     let name = path.display().to_string();
     let fail = |message: String| ConfigErrors {
-        errors: vec![Diagnostic { location: name.clone(), path: String::new(), message }],
+        errors: vec![Diagnostic {
+            location: name.clone(),
+            path: String::new(),
+            message,
+        }],
         warnings: Vec::new(),
     };
     let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     if meta.len() > CONFIG_BYTES_MAX {
-        return Err(fail(format!("file is {} bytes; a config may be at most {CONFIG_BYTES_MAX}", meta.len())));
+        return Err(fail(format!(
+            "file is {} bytes; a config may be at most {CONFIG_BYTES_MAX}",
+            meta.len()
+        )));
     }
     let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     parse_bytes(&name, &bytes, overrides)
@@ -294,7 +305,10 @@ pub fn parse_str(file: &str, text: &str, overrides: &[String]) -> Result<Loaded,
         None => None,
     };
     match config {
-        Some(config) if diag.errors.is_empty() => Ok(Loaded { config, warnings: diag.warnings }),
+        Some(config) if diag.errors.is_empty() => Ok(Loaded {
+            config,
+            warnings: diag.warnings,
+        }),
         _ => Err(finish_err(diag)),
     }
 }
@@ -309,7 +323,10 @@ fn finish_err(diag: Diag) -> ConfigErrors {
             message: "invalid config".to_string(),
         });
     }
-    ConfigErrors { errors, warnings: diag.warnings }
+    ConfigErrors {
+        errors,
+        warnings: diag.warnings,
+    }
 }
 
 /// Sets each `a.b.c=value` override into the tree (values are parsed as YAML).
@@ -319,7 +336,11 @@ fn apply_overrides(diag: &mut Diag, mut root: Node, overrides: &[String]) -> Opt
     }
     for (i, text) in overrides.iter().enumerate() {
         let source = u16::try_from(i + 1).unwrap_or(u16::MAX);
-        let pos = Pos { line: 1, col: 1, source };
+        let pos = Pos {
+            line: 1,
+            col: 1,
+            source,
+        };
         let Some((path, value)) = text.split_once('=') else {
             diag.error(pos, "", "expected KEY.PATH=VALUE");
             continue;
@@ -337,7 +358,11 @@ fn apply_overrides(diag: &mut Diag, mut root: Node, overrides: &[String]) -> Opt
             }
         };
         if let Err(at) = set_path(&mut root, &keys, value, pos) {
-            diag.error(pos, &keys[..=at].join("."), "cannot set a key inside a value that is not a map");
+            diag.error(
+                pos,
+                &keys[..=at].join("."),
+                "cannot set a key inside a value that is not a map",
+            );
         }
     }
     Some(root)
@@ -356,8 +381,14 @@ fn set_path(node: &mut Node, keys: &[&str], value: Node, pos: Pos) -> Result<(),
             Some(idx) => idx,
             None => {
                 entries.push((
-                    Key { name: (*key).to_string(), pos },
-                    Node { kind: NodeKind::Null, pos },
+                    Key {
+                        name: (*key).to_string(),
+                        pos,
+                    },
+                    Node {
+                        kind: NodeKind::Null,
+                        pos,
+                    },
                 ));
                 entries.len() - 1
             }
@@ -373,20 +404,47 @@ fn set_path(node: &mut Node, keys: &[&str], value: Node, pos: Pos) -> Result<(),
 }
 
 const IGNORED_TOP: [(&str, &str); 15] = [
-    ("bind_mounts", "trials run as local processes and see the node's filesystem"),
-    ("records_per_epoch", "deprecated by Determined; lengths are counted by the training code"),
-    ("scheduling_unit", "deprecated by Determined; trials report progress themselves"),
-    ("optimizations", "deprecated by Determined; configure these in the training code"),
-    ("profiling", "no built-in profiler; use the training framework's"),
+    (
+        "bind_mounts",
+        "trials run as local processes and see the node's filesystem",
+    ),
+    (
+        "records_per_epoch",
+        "deprecated by Determined; lengths are counted by the training code",
+    ),
+    (
+        "scheduling_unit",
+        "deprecated by Determined; trials report progress themselves",
+    ),
+    (
+        "optimizations",
+        "deprecated by Determined; configure these in the training code",
+    ),
+    (
+        "profiling",
+        "no built-in profiler; use the training framework's",
+    ),
     ("debug", "set RUST_LOG on the node instead"),
     ("integrations", "no external integrations"),
-    ("log_policies", "trial logs are kept, but no log-pattern policies are applied"),
-    ("retention_policy", "logs are kept for the life of the experiment"),
+    (
+        "log_policies",
+        "trial logs are kept, but no log-pattern policies are applied",
+    ),
+    (
+        "retention_policy",
+        "logs are kept for the life of the experiment",
+    ),
     ("tensorboard_storage", "no TensorBoard service"),
-    ("security", "access is controlled by the cluster key and user tokens"),
+    (
+        "security",
+        "access is controlled by the cluster key and user tokens",
+    ),
     ("slurm", "no Slurm launcher: nodes run trials themselves"),
     ("pbs", "no PBS launcher: nodes run trials themselves"),
-    ("data_layer", "removed from Determined; use `data` or the training code"),
+    (
+        "data_layer",
+        "removed from Determined; use `data` or the training code",
+    ),
     ("internal", "reserved by Determined"),
 ];
 
@@ -423,29 +481,51 @@ fn parse_root(diag: &mut Diag, root: &Node) -> Option<ExperimentConfig> {
     let workspace = string(diag, "workspace").unwrap_or_default();
     let project = string(diag, "project").unwrap_or_default();
     let entrypoint = f.get("entrypoint").and_then(|n| entrypoint(diag, n));
-    let labels = f.get("labels").and_then(|n| read::strings(diag, n, "labels")).unwrap_or_default();
+    let labels = f
+        .get("labels")
+        .and_then(|n| read::strings(diag, n, "labels"))
+        .unwrap_or_default();
     let max_restarts = f
         .get("max_restarts")
-        .map_or(Some(5), |n| read::uint(diag, n, "max_restarts", 0, MAX_RESTARTS_MAX))
+        .map_or(Some(5), |n| {
+            read::uint(diag, n, "max_restarts", 0, MAX_RESTARTS_MAX)
+        })
         .map(|v| v as u32);
     let reproducibility = reproducibility(diag, f.get("reproducibility"));
     let checkpoint_storage = checkpoint_storage(diag, f.get("checkpoint_storage"));
-    let checkpoint_policy = f.get("checkpoint_policy").map_or(Some(CheckpointPolicy::Best), |n| policy(diag, n));
-    let min_validation_period = f.get("min_validation_period").and_then(|n| length(diag, n, "min_validation_period"));
-    let min_checkpoint_period = f.get("min_checkpoint_period").and_then(|n| length(diag, n, "min_checkpoint_period"));
+    let checkpoint_policy = f
+        .get("checkpoint_policy")
+        .map_or(Some(CheckpointPolicy::Best), |n| policy(diag, n));
+    let min_validation_period = f
+        .get("min_validation_period")
+        .and_then(|n| length(diag, n, "min_validation_period"));
+    let min_checkpoint_period = f
+        .get("min_checkpoint_period")
+        .and_then(|n| length(diag, n, "min_checkpoint_period"));
     let preemption_timeout = f
         .get("preemption_timeout")
-        .map_or(Some(PREEMPTION_TIMEOUT_DEFAULT_S), |n| read::uint(diag, n, "preemption_timeout", 0, u64::from(u32::MAX)));
+        .map_or(Some(PREEMPTION_TIMEOUT_DEFAULT_S), |n| {
+            read::uint(diag, n, "preemption_timeout", 0, u64::from(u32::MAX))
+        });
     let perform_initial_validation = f
         .get("perform_initial_validation")
-        .map_or(Some(false), |n| read::boolean(diag, n, "perform_initial_validation"));
+        .map_or(Some(false), |n| {
+            read::boolean(diag, n, "perform_initial_validation")
+        });
     let environment = environment(diag, f.get("environment"));
     let resources = resources(diag, f.get("resources"));
-    let hyperparameters = f.get("hyperparameters").map(|n| hparams::parse(diag, n, "hyperparameters")).unwrap_or_default();
+    let hyperparameters = f
+        .get("hyperparameters")
+        .map(|n| hparams::parse(diag, n, "hyperparameters"))
+        .unwrap_or_default();
     let searcher = match f.get("searcher") {
         Some(n) => searcher::parse(diag, n, "searcher"),
         None => {
-            f.missing(diag, "searcher", " (e.g. `searcher: {name: single, metric: validation_loss}`)");
+            f.missing(
+                diag,
+                "searcher",
+                " (e.g. `searcher: {name: single, metric: validation_loss}`)",
+            );
             None
         }
     };
@@ -453,10 +533,21 @@ fn parse_root(diag: &mut Diag, root: &Node) -> Option<ExperimentConfig> {
 
     let searcher = searcher?;
     if let SearchMethod::Grid { .. } = searcher.method {
-        let points = hparams::check_grid(diag, &hyperparameters, f.get("hyperparameters"), "hyperparameters");
+        let points = hparams::check_grid(
+            diag,
+            &hyperparameters,
+            f.get("hyperparameters"),
+            "hyperparameters",
+        );
         if points > GRID_POINTS_MAX {
             let pos = f.get("hyperparameters").map_or(root.pos, |n| n.pos);
-            diag.error(pos, "hyperparameters", format!("the grid has {points} points; at most {GRID_POINTS_MAX} trials are allowed"));
+            diag.error(
+                pos,
+                "hyperparameters",
+                format!(
+                    "the grid has {points} points; at most {GRID_POINTS_MAX} trials are allowed"
+                ),
+            );
         }
     }
     Some(ExperimentConfig {
@@ -487,7 +578,14 @@ fn entrypoint(diag: &mut Diag, node: &Node) -> Option<Entrypoint> {
         NodeKind::Str(s) => Some(Entrypoint::Command(s.clone())),
         NodeKind::Seq(_) => read::strings(diag, node, "entrypoint").map(Entrypoint::Args),
         _ => {
-            diag.error(node.pos, "entrypoint", format!("expected a string or a list of strings, found {}", node.type_name()));
+            diag.error(
+                node.pos,
+                "entrypoint",
+                format!(
+                    "expected a string or a list of strings, found {}",
+                    node.type_name()
+                ),
+            );
             None
         }
     }
@@ -495,14 +593,29 @@ fn entrypoint(diag: &mut Diag, node: &Node) -> Option<Entrypoint> {
 
 fn reproducibility(diag: &mut Diag, node: Option<&Node>) -> Option<Reproducibility> {
     let Some(node) = node else {
-        return Some(Reproducibility { experiment_seed: None });
+        return Some(Reproducibility {
+            experiment_seed: None,
+        });
     };
-    let f = Fields::read(diag, node, "reproducibility", &[Known::Used("experiment_seed")])?;
+    let f = Fields::read(
+        diag,
+        node,
+        "reproducibility",
+        &[Known::Used("experiment_seed")],
+    )?;
     let seed = match f.get("experiment_seed") {
-        Some(n) => Some(read::uint(diag, n, &f.path_of("experiment_seed"), 0, u64::from(u32::MAX))? as u32),
+        Some(n) => Some(read::uint(
+            diag,
+            n,
+            &f.path_of("experiment_seed"),
+            0,
+            u64::from(u32::MAX),
+        )? as u32),
         None => None,
     };
-    Some(Reproducibility { experiment_seed: seed })
+    Some(Reproducibility {
+        experiment_seed: seed,
+    })
 }
 
 fn policy(diag: &mut Diag, node: &Node) -> Option<CheckpointPolicy> {
@@ -511,7 +624,11 @@ fn policy(diag: &mut Diag, node: &Node) -> Option<CheckpointPolicy> {
         "all" => Some(CheckpointPolicy::All),
         "none" => Some(CheckpointPolicy::None),
         other => {
-            diag.error(node.pos, "checkpoint_policy", format!("unknown policy `{other}` (expected best, all or none)"));
+            diag.error(
+                node.pos,
+                "checkpoint_policy",
+                format!("unknown policy `{other}` (expected best, all or none)"),
+            );
             None
         }
     }
@@ -523,17 +640,26 @@ fn length(diag: &mut Diag, node: &Node, path: &str) -> Option<Length> {
             if matches!(key.name.as_str(), "batches" | "records" | "epochs") {
                 let key_path = format!("{path}.{}", key.name);
                 let units = read::uint(diag, value, &key_path, 0, searcher::TIME_MAX)?;
-                return Some(Length { unit: key.name.clone(), units });
+                return Some(Length {
+                    unit: key.name.clone(),
+                    units,
+                });
             }
         }
     }
-    diag.error(node.pos, path, "a length object must have one attribute named \"batches\", \"records\", or \"epochs\"");
+    diag.error(
+        node.pos,
+        path,
+        "a length object must have one attribute named \"batches\", \"records\", or \"epochs\"",
+    );
     None
 }
 
 fn checkpoint_storage(diag: &mut Diag, node: Option<&Node>) -> Option<CheckpointStorage> {
     let default = CheckpointStorage {
-        kind: StorageKind::Peers { replicas: REPLICAS_DEFAULT },
+        kind: StorageKind::Peers {
+            replicas: REPLICAS_DEFAULT,
+        },
         save_experiment_best: 0,
         save_trial_best: 1,
         save_trial_latest: 1,
@@ -546,16 +672,29 @@ fn checkpoint_storage(diag: &mut Diag, node: Option<&Node>) -> Option<Checkpoint
         None => "peers".to_string(),
         Some(n) => read::string(diag, n, &format!("{path}.type"))?,
     };
-    const GC: [&str; 3] = ["save_experiment_best", "save_trial_best", "save_trial_latest"];
-    let cloud = "cloud object stores are not used: checkpoints are replicated across peers (type: peers)";
+    const GC: [&str; 3] = [
+        "save_experiment_best",
+        "save_trial_best",
+        "save_trial_latest",
+    ];
+    let cloud =
+        "cloud object stores are not used: checkpoints are replicated across peers (type: peers)";
     let mut known: Vec<Known<'_>> = vec![Known::Used("type")];
     known.extend(GC.iter().map(|k| Known::Used(k)));
     match kind.as_str() {
         "peers" => known.push(Known::Used("replicas")),
         "shared_fs" => {
             known.extend([Known::Used("host_path"), Known::Used("storage_path")]);
-            for k in ["propagation", "container_path", "checkpoint_path", "tensorboard_path"] {
-                known.push(Known::Ignored(k, "trials see host_path directly; there are no containers"));
+            for k in [
+                "propagation",
+                "container_path",
+                "checkpoint_path",
+                "tensorboard_path",
+            ] {
+                known.push(Known::Ignored(
+                    k,
+                    "trials see host_path directly; there are no containers",
+                ));
             }
         }
         "directory" => known.push(Known::Used("container_path")),
@@ -593,10 +732,17 @@ fn checkpoint_storage(diag: &mut Diag, node: Option<&Node>) -> Option<Checkpoint
     let storage = match kind.as_str() {
         "shared_fs" => {
             let host_path = required_string(diag, "host_path");
-            let storage_path = f.get("storage_path").and_then(|n| read::string(diag, n, &f.path_of("storage_path")));
-            StorageKind::SharedFs { host_path: host_path?, storage_path }
+            let storage_path = f
+                .get("storage_path")
+                .and_then(|n| read::string(diag, n, &f.path_of("storage_path")));
+            StorageKind::SharedFs {
+                host_path: host_path?,
+                storage_path,
+            }
         }
-        "directory" => StorageKind::Directory { container_path: required_string(diag, "container_path")? },
+        "directory" => StorageKind::Directory {
+            container_path: required_string(diag, "container_path")?,
+        },
         "peers" => {
             let replicas = match f.get("replicas") {
                 Some(n) => read::uint(diag, n, &f.path_of("replicas"), 1, REPLICAS_MAX)? as u32,
@@ -606,8 +752,14 @@ fn checkpoint_storage(diag: &mut Diag, node: Option<&Node>) -> Option<Checkpoint
         }
         _ => {
             let pos = node.get("type").map_or(node.pos, |n| n.pos);
-            diag.warn(pos, &f.path_of("type"), format!("`{kind}` has no effect here: {cloud}"));
-            StorageKind::Peers { replicas: REPLICAS_DEFAULT }
+            diag.warn(
+                pos,
+                &f.path_of("type"),
+                format!("`{kind}` has no effect here: {cloud}"),
+            );
+            StorageKind::Peers {
+                replicas: REPLICAS_DEFAULT,
+            }
         }
     };
     Some(CheckpointStorage {
@@ -642,10 +794,19 @@ fn environment(diag: &mut Diag, node: Option<&Node>) -> Option<Environment> {
     let env = match &vars.kind {
         NodeKind::Seq(_) => {
             let list = check_env_list(diag, vars, &path)?;
-            EnvironmentVariables { cpu: list.clone(), cuda: list.clone(), rocm: list }
+            EnvironmentVariables {
+                cpu: list.clone(),
+                cuda: list.clone(),
+                rocm: list,
+            }
         }
         NodeKind::Map(_) => {
-            let keys = [Known::Used("cpu"), Known::Used("cuda"), Known::Used("rocm"), Known::Used("gpu")];
+            let keys = [
+                Known::Used("cpu"),
+                Known::Used("cuda"),
+                Known::Used("rocm"),
+                Known::Used("gpu"),
+            ];
             let m = Fields::read(diag, vars, &path, &keys)?;
             let list = |diag: &mut Diag, key: &str| match m.get(key) {
                 Some(n) => check_env_list(diag, n, &m.path_of(key)),
@@ -658,23 +819,39 @@ fn environment(diag: &mut Diag, node: Option<&Node>) -> Option<Environment> {
                 c.extend(g);
             }
             let rocm = list(diag, "rocm");
-            EnvironmentVariables { cpu: cpu?, cuda: cuda?, rocm: rocm? }
+            EnvironmentVariables {
+                cpu: cpu?,
+                cuda: cuda?,
+                rocm: rocm?,
+            }
         }
         _ => {
-            diag.error(vars.pos, &path, "is neither a list of strings nor a map of cpu, cuda, or rocm to lists of strings");
+            diag.error(
+                vars.pos,
+                &path,
+                "is neither a list of strings nor a map of cpu, cuda, or rocm to lists of strings",
+            );
             return None;
         }
     };
-    Some(Environment { environment_variables: env })
+    Some(Environment {
+        environment_variables: env,
+    })
 }
 
 fn check_env_list(diag: &mut Diag, node: &Node, path: &str) -> Option<Vec<String>> {
     let list = read::strings(diag, node, path)?;
-    let NodeKind::Seq(items) = &node.kind else { return None };
+    let NodeKind::Seq(items) = &node.kind else {
+        return None;
+    };
     let mut ok = true;
     for (i, (text, item)) in list.iter().zip(items).enumerate() {
         if !matches!(text.split_once('='), Some((k, _)) if !k.is_empty()) {
-            diag.error(item.pos, &format!("{path}[{i}]"), format!("expected KEY=VALUE, found `{text}`"));
+            diag.error(
+                item.pos,
+                &format!("{path}[{i}]"),
+                format!("expected KEY=VALUE, found `{text}`"),
+            );
             ok = false;
         }
     }
@@ -699,23 +876,37 @@ fn resources(diag: &mut Diag, node: Option<&Node>) -> Option<Resources> {
         Known::Used("priority"),
         Known::Used("resource_pool"),
         Known::Ignored("agent_label", "use resource_pool and node labels"),
-        Known::Ignored("devices", "trials run as local processes with CUDA_VISIBLE_DEVICES"),
-        Known::Ignored("is_single_node", "multi-slot trials are placed on one node whenever one fits"),
+        Known::Ignored(
+            "devices",
+            "trials run as local processes with CUDA_VISIBLE_DEVICES",
+        ),
+        Known::Ignored(
+            "is_single_node",
+            "multi-slot trials are placed on one node whenever one fits",
+        ),
         Known::Ignored("native_parallel", "removed from Determined"),
         Known::Ignored("shm_size", "trials share the node's /dev/shm"),
         Known::Ignored("slots", "only for Determined's commands and notebooks"),
     ];
     let f = Fields::read(diag, node, "resources", &known)?;
     let slots_per_trial = match f.get("slots_per_trial") {
-        Some(n) => read::uint(diag, n, &f.path_of("slots_per_trial"), 0, SLOTS_PER_TRIAL_MAX).map(|v| v as u32),
+        Some(n) => read::uint(
+            diag,
+            n,
+            &f.path_of("slots_per_trial"),
+            0,
+            SLOTS_PER_TRIAL_MAX,
+        )
+        .map(|v| v as u32),
         None => Some(1),
     };
-    let max_slots = match f.get("max_slots") {
-        Some(n) => Some(read::uint(diag, n, &f.path_of("max_slots"), 0, u64::from(u32::MAX)).map(|v| v as u32)),
-        None => None,
-    };
+    let max_slots = f.get("max_slots").map(|n| {
+        read::uint(diag, n, &f.path_of("max_slots"), 0, u64::from(u32::MAX)).map(|v| v as u32)
+    });
     let weight = match f.get("weight") {
-        Some(n) => read::number_where(diag, n, &f.path_of("weight"), |w| (w <= 0.0).then_some("greater than 0")),
+        Some(n) => read::number_where(diag, n, &f.path_of("weight"), |w| {
+            (w <= 0.0).then_some("greater than 0")
+        }),
         None => Some(1.0),
     };
     let priority = match f.get("priority") {

@@ -9,7 +9,11 @@ pub fn string(diag: &mut Diag, node: &Node, path: &str) -> Option<String> {
     match &node.kind {
         NodeKind::Str(s) => Some(s.clone()),
         _ => {
-            diag.error(node.pos, path, format!("expected a string, found {}", node.type_name()));
+            diag.error(
+                node.pos,
+                path,
+                format!("expected a string, found {}", node.type_name()),
+            );
             None
         }
     }
@@ -20,7 +24,11 @@ pub fn boolean(diag: &mut Diag, node: &Node, path: &str) -> Option<bool> {
     match node.kind {
         NodeKind::Bool(b) => Some(b),
         _ => {
-            diag.error(node.pos, path, format!("expected true or false, found {}", node.type_name()));
+            diag.error(
+                node.pos,
+                path,
+                format!("expected true or false, found {}", node.type_name()),
+            );
             None
         }
     }
@@ -33,7 +41,11 @@ pub fn int(diag: &mut Diag, node: &Node, path: &str, min: i64, max: i64) -> Opti
         // Accept 3.0 for an integer field, as JSON schema does; reject 3.5.
         NodeKind::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
         _ => {
-            diag.error(node.pos, path, format!("expected an integer, found {}", node.type_name()));
+            diag.error(
+                node.pos,
+                path,
+                format!("expected an integer, found {}", node.type_name()),
+            );
             return None;
         }
     };
@@ -62,12 +74,20 @@ pub fn number(diag: &mut Diag, node: &Node, path: &str) -> Option<f64> {
         NodeKind::Int(i) => i as f64,
         NodeKind::Float(f) => f,
         _ => {
-            diag.error(node.pos, path, format!("expected a number, found {}", node.type_name()));
+            diag.error(
+                node.pos,
+                path,
+                format!("expected a number, found {}", node.type_name()),
+            );
             return None;
         }
     };
     if !value.is_finite() {
-        diag.error(node.pos, path, format!("must be a finite number, found {value}"));
+        diag.error(
+            node.pos,
+            path,
+            format!("must be a finite number, found {value}"),
+        );
         return None;
     }
     Some(value)
@@ -91,7 +111,11 @@ pub fn number_where(
 /// Reads a list of strings.
 pub fn strings(diag: &mut Diag, node: &Node, path: &str) -> Option<Vec<String>> {
     let NodeKind::Seq(items) = &node.kind else {
-        diag.error(node.pos, path, format!("expected a list of strings, found {}", node.type_name()));
+        diag.error(
+            node.pos,
+            path,
+            format!("expected a list of strings, found {}", node.type_name()),
+        );
         return None;
     };
     let mut out = Vec::with_capacity(items.len());

@@ -207,7 +207,12 @@ impl SearchMethod {
             | SearchMethod::AdaptiveAsha { budget, .. }
             | SearchMethod::Asha { budget, .. }
             | SearchMethod::Hyperband { budget, .. } => Some(budget.clone()),
-            SearchMethod::Pbt { num_rounds, length_per_round, time_metric, .. } => Some(Budget {
+            SearchMethod::Pbt {
+                num_rounds,
+                length_per_round,
+                time_metric,
+                ..
+            } => Some(Budget {
                 time_metric: time_metric.clone(),
                 max_time: length_per_round.saturating_mul(u64::from(*num_rounds)),
             }),
@@ -216,41 +221,114 @@ impl SearchMethod {
 }
 
 /// Searcher names this parser accepts.
-pub const NAMES: [&str; 8] =
-    ["single", "random", "grid", "async_halving", "adaptive_asha", "asha", "hyperband", "pbt"];
+pub const NAMES: [&str; 8] = [
+    "single",
+    "random",
+    "grid",
+    "async_halving",
+    "adaptive_asha",
+    "asha",
+    "hyperband",
+    "pbt",
+];
 /// Names Determined accepted once and removed in 0.38.
 const EOL_NAMES: [&str; 4] = ["adaptive", "adaptive_simple", "sync_halving", "custom"];
 
-const COMMON: [&str; 5] =
-    ["name", "metric", "smaller_is_better", "source_trial_id", "source_checkpoint_uuid"];
+const COMMON: [&str; 5] = [
+    "name",
+    "metric",
+    "smaller_is_better",
+    "source_trial_id",
+    "source_checkpoint_uuid",
+];
 
 /// Reads the `searcher` section.
 pub fn parse(diag: &mut Diag, node: &Node, path: &str) -> Option<SearcherConfig> {
     let NodeKind::Map(_) = &node.kind else {
-        diag.error(node.pos, path, format!("expected a map, found {}", node.type_name()));
+        diag.error(
+            node.pos,
+            path,
+            format!("expected a map, found {}", node.type_name()),
+        );
         return None;
     };
     let Some(name_node) = node.get("name").filter(|n| n.kind != NodeKind::Null) else {
-        diag.error(node.pos, &format!("{path}.name"), format!("missing required field (one of: {})", NAMES.join(", ")));
+        diag.error(
+            node.pos,
+            &format!("{path}.name"),
+            format!("missing required field (one of: {})", NAMES.join(", ")),
+        );
         return None;
     };
     let name = read::string(diag, name_node, &format!("{path}.name"))?;
     let own: &[&str] = match name.as_str() {
         "single" => &["max_length", "time_metric", "max_time"],
-        "random" => &["max_trials", "max_concurrent_trials", "max_length", "time_metric", "max_time"],
-        "grid" => &["max_concurrent_trials", "max_length", "time_metric", "max_time"],
-        "async_halving" => &["num_rungs", "max_trials", "divisor", "max_concurrent_trials", "max_length", "time_metric", "max_time"],
-        "adaptive_asha" => &["max_trials", "mode", "divisor", "max_rungs", "bracket_rungs", "max_concurrent_trials", "max_length", "time_metric", "max_time"],
-        "asha" => &["num_rungs", "max_trials", "divisor", "max_concurrent_trials", "time_metric", "max_time"],
-        "hyperband" => &["max_rungs", "divisor", "max_concurrent_trials", "time_metric", "max_time"],
-        "pbt" => &["population_size", "num_rounds", "length_per_round", "time_metric", "replace_function", "explore_function"],
+        "random" => &[
+            "max_trials",
+            "max_concurrent_trials",
+            "max_length",
+            "time_metric",
+            "max_time",
+        ],
+        "grid" => &[
+            "max_concurrent_trials",
+            "max_length",
+            "time_metric",
+            "max_time",
+        ],
+        "async_halving" => &[
+            "num_rungs",
+            "max_trials",
+            "divisor",
+            "max_concurrent_trials",
+            "max_length",
+            "time_metric",
+            "max_time",
+        ],
+        "adaptive_asha" => &[
+            "max_trials",
+            "mode",
+            "divisor",
+            "max_rungs",
+            "bracket_rungs",
+            "max_concurrent_trials",
+            "max_length",
+            "time_metric",
+            "max_time",
+        ],
+        "asha" => &[
+            "num_rungs",
+            "max_trials",
+            "divisor",
+            "max_concurrent_trials",
+            "time_metric",
+            "max_time",
+        ],
+        "hyperband" => &[
+            "max_rungs",
+            "divisor",
+            "max_concurrent_trials",
+            "time_metric",
+            "max_time",
+        ],
+        "pbt" => &[
+            "population_size",
+            "num_rounds",
+            "length_per_round",
+            "time_metric",
+            "replace_function",
+            "explore_function",
+        ],
         other => {
             let message = if EOL_NAMES.contains(&other) {
                 format!("searcher `{other}` was removed in Determined 0.38 and is not supported; use adaptive_asha")
             } else {
                 match suggest(other, &NAMES) {
                     Some(s) => format!("unknown searcher `{other}` (did you mean {s}?)"),
-                    None => format!("unknown searcher `{other}` (expected one of: {})", NAMES.join(", ")),
+                    None => format!(
+                        "unknown searcher `{other}` (expected one of: {})",
+                        NAMES.join(", ")
+                    ),
                 }
             };
             diag.error(name_node.pos, &format!("{path}.name"), message);
@@ -268,12 +346,18 @@ pub fn parse(diag: &mut Diag, node: &Node, path: &str) -> Option<SearcherConfig>
     let metric = match f.get("metric") {
         Some(n) => read::string(diag, n, &f.path_of("metric")),
         None => {
-            f.missing(diag, "metric", " (the name of the validation metric to optimize)");
+            f.missing(
+                diag,
+                "metric",
+                " (the name of the validation metric to optimize)",
+            );
             None
         }
     };
     let smaller_is_better = opt(diag, &f, "smaller_is_better", read::boolean).unwrap_or(Some(true));
-    let source_trial_id = opt(diag, &f, "source_trial_id", |d, n, p| read::uint(d, n, p, 0, u64::MAX));
+    let source_trial_id = opt(diag, &f, "source_trial_id", |d, n, p| {
+        read::uint(d, n, p, 0, u64::MAX)
+    });
     let source_checkpoint_uuid = opt(diag, &f, "source_checkpoint_uuid", read::string);
     let method = parse_method(diag, &f, &name);
     Some(SearcherConfig {
@@ -295,9 +379,18 @@ fn opt<T>(
     f.get(key).map(|n| reader(diag, n, &f.path_of(key)))
 }
 
-fn count_field(diag: &mut Diag, f: &Fields<'_>, key: &str, min: u64, max: u64, default: Option<u32>) -> Option<u32> {
+fn count_field(
+    diag: &mut Diag,
+    f: &Fields<'_>,
+    key: &str,
+    min: u64,
+    max: u64,
+    default: Option<u32>,
+) -> Option<u32> {
     match f.get(key) {
-        Some(n) => read::uint(diag, n, &f.path_of(key), min, max).and_then(|v| u32::try_from(v).ok()),
+        Some(n) => {
+            read::uint(diag, n, &f.path_of(key), min, max).and_then(|v| u32::try_from(v).ok())
+        }
         None => {
             if default.is_none() {
                 f.missing(diag, key, "");
@@ -318,20 +411,36 @@ fn divisor(diag: &mut Diag, f: &Fields<'_>, default: f64) -> Option<f64> {
 
 fn parse_method(diag: &mut Diag, f: &Fields<'_>, name: &str) -> Option<SearchMethod> {
     let mct = |diag: &mut Diag| {
-        count_field(diag, f, "max_concurrent_trials", 0, CONCURRENCY_MAX, Some(CONCURRENCY_DEFAULT))
+        count_field(
+            diag,
+            f,
+            "max_concurrent_trials",
+            0,
+            CONCURRENCY_MAX,
+            Some(CONCURRENCY_DEFAULT),
+        )
     };
     match name {
-        "single" => Some(SearchMethod::Single { budget: budget(diag, f, false)? }),
+        "single" => Some(SearchMethod::Single {
+            budget: budget(diag, f, false)?,
+        }),
         "random" => {
             let max_trials = count_field(diag, f, "max_trials", 1, TRIALS_MAX, None);
             let mct = mct(diag);
             let budget = budget(diag, f, false);
-            Some(SearchMethod::Random { max_trials: max_trials?, max_concurrent_trials: mct?, budget: budget? })
+            Some(SearchMethod::Random {
+                max_trials: max_trials?,
+                max_concurrent_trials: mct?,
+                budget: budget?,
+            })
         }
         "grid" => {
             let mct = mct(diag);
             let budget = budget(diag, f, false);
-            Some(SearchMethod::Grid { max_concurrent_trials: mct?, budget: budget? })
+            Some(SearchMethod::Grid {
+                max_concurrent_trials: mct?,
+                budget: budget?,
+            })
         }
         "async_halving" | "asha" => {
             let num_rungs = count_field(diag, f, "num_rungs", 1, RUNGS_MAX, None);
@@ -339,12 +448,25 @@ fn parse_method(diag: &mut Diag, f: &Fields<'_>, name: &str) -> Option<SearchMet
             let divisor = divisor(diag, f, DIVISOR_DEFAULT);
             let mct = mct(diag);
             let budget = budget(diag, f, true);
-            let (num_rungs, max_trials, divisor, max_concurrent_trials) = (num_rungs?, max_trials?, divisor?, mct?);
+            let (num_rungs, max_trials, divisor, max_concurrent_trials) =
+                (num_rungs?, max_trials?, divisor?, mct?);
             let budget = budget??;
             Some(if name == "asha" {
-                SearchMethod::Asha { num_rungs, max_trials, divisor, max_concurrent_trials, budget }
+                SearchMethod::Asha {
+                    num_rungs,
+                    max_trials,
+                    divisor,
+                    max_concurrent_trials,
+                    budget,
+                }
             } else {
-                SearchMethod::AsyncHalving { num_rungs, max_trials, divisor, max_concurrent_trials, budget }
+                SearchMethod::AsyncHalving {
+                    num_rungs,
+                    max_trials,
+                    divisor,
+                    max_concurrent_trials,
+                    budget,
+                }
             })
         }
         "adaptive_asha" => {
@@ -354,7 +476,8 @@ fn parse_method(diag: &mut Diag, f: &Fields<'_>, name: &str) -> Option<SearchMet
                 Some(n) => mode(diag, n, &f.path_of("mode")),
             };
             let divisor = divisor(diag, f, DIVISOR_DEFAULT);
-            let max_rungs = count_field(diag, f, "max_rungs", 1, RUNGS_MAX, Some(MAX_RUNGS_DEFAULT));
+            let max_rungs =
+                count_field(diag, f, "max_rungs", 1, RUNGS_MAX, Some(MAX_RUNGS_DEFAULT));
             let bracket_rungs = match f.get("bracket_rungs") {
                 None => Some(Vec::new()),
                 Some(n) => bracket_rungs(diag, n, &f.path_of("bracket_rungs")),
@@ -372,7 +495,8 @@ fn parse_method(diag: &mut Diag, f: &Fields<'_>, name: &str) -> Option<SearchMet
             })
         }
         "hyperband" => {
-            let max_rungs = count_field(diag, f, "max_rungs", 1, RUNGS_MAX, Some(MAX_RUNGS_DEFAULT));
+            let max_rungs =
+                count_field(diag, f, "max_rungs", 1, RUNGS_MAX, Some(MAX_RUNGS_DEFAULT));
             let divisor = divisor(diag, f, HYPERBAND_DIVISOR_DEFAULT);
             let mct = mct(diag);
             let budget = budget(diag, f, true);
@@ -395,7 +519,11 @@ fn mode(diag: &mut Diag, node: &Node, path: &str) -> Option<AdaptiveMode> {
         "standard" => Some(AdaptiveMode::Standard),
         "conservative" => Some(AdaptiveMode::Conservative),
         other => {
-            diag.error(node.pos, path, format!("unknown mode `{other}` (expected aggressive, standard or conservative)"));
+            diag.error(
+                node.pos,
+                path,
+                format!("unknown mode `{other}` (expected aggressive, standard or conservative)"),
+            );
             None
         }
     }
@@ -403,7 +531,11 @@ fn mode(diag: &mut Diag, node: &Node, path: &str) -> Option<AdaptiveMode> {
 
 fn bracket_rungs(diag: &mut Diag, node: &Node, path: &str) -> Option<Vec<u32>> {
     let NodeKind::Seq(items) = &node.kind else {
-        diag.error(node.pos, path, format!("expected a list of integers, found {}", node.type_name()));
+        diag.error(
+            node.pos,
+            path,
+            format!("expected a list of integers, found {}", node.type_name()),
+        );
         return None;
     };
     let mut out = Vec::new();
@@ -417,7 +549,9 @@ fn bracket_rungs(diag: &mut Diag, node: &Node, path: &str) -> Option<Vec<u32>> {
 /// Returns `Some(None)` when no budget is given and none is required.
 fn budget(diag: &mut Diag, f: &Fields<'_>, required: bool) -> Option<Option<Budget>> {
     let time_metric = opt(diag, f, "time_metric", read::string);
-    let max_time = opt(diag, f, "max_time", |d, n, p| read::uint(d, n, p, 1, TIME_MAX));
+    let max_time = opt(diag, f, "max_time", |d, n, p| {
+        read::uint(d, n, p, 1, TIME_MAX)
+    });
     let legacy = match f.get("max_length") {
         None => None,
         Some(n) => Some(legacy_length(diag, n, &f.path_of("max_length"))?),
@@ -430,14 +564,22 @@ fn budget(diag: &mut Diag, f: &Fields<'_>, required: bool) -> Option<Option<Budg
         (Some((unit, len)), t, m) => {
             let pos = f.get("max_length").map(|n| n.pos).unwrap_or(f.pos);
             if m.is_some() {
-                diag.error(pos, &f.path_of("max_length"), "give either max_time or the deprecated max_length, not both");
+                diag.error(
+                    pos,
+                    &f.path_of("max_length"),
+                    "give either max_time or the deprecated max_length, not both",
+                );
                 return None;
             }
             let time_metric = match (unit, t) {
                 (Some(u), None) => u,
                 (_, Some(t)) => t,
                 (None, None) => {
-                    diag.error(pos, &f.path_of("max_length"), "a bare max_length needs time_metric to name its unit");
+                    diag.error(
+                        pos,
+                        &f.path_of("max_length"),
+                        "a bare max_length needs time_metric to name its unit",
+                    );
                     return None;
                 }
             };
@@ -446,12 +588,22 @@ fn budget(diag: &mut Diag, f: &Fields<'_>, required: bool) -> Option<Option<Budg
                 &f.path_of("max_length"),
                 format!("deprecated since Determined 0.38: read as `time_metric: {time_metric}` and `max_time: {len}`; the training code must report `{time_metric}` in its validation metrics"),
             );
-            Some(Some(Budget { time_metric, max_time: len }))
+            Some(Some(Budget {
+                time_metric,
+                max_time: len,
+            }))
         }
-        (None, Some(time_metric), Some(max_time)) => Some(Some(Budget { time_metric, max_time })),
+        (None, Some(time_metric), Some(max_time)) => Some(Some(Budget {
+            time_metric,
+            max_time,
+        })),
         (None, None, None) if !required => Some(None),
         (None, t, m) => {
-            let missing = if t.is_none() { "time_metric" } else { "max_time" };
+            let missing = if t.is_none() {
+                "time_metric"
+            } else {
+                "max_time"
+            };
             let _ = m;
             let why = if required {
                 " (this searcher needs both time_metric and max_time)"
@@ -471,7 +623,11 @@ fn legacy_length(diag: &mut Diag, node: &Node, path: &str) -> Option<(Option<Str
         NodeKind::Map(entries) if entries.len() == 1 => {
             let (key, value) = &entries[0];
             if !matches!(key.name.as_str(), "batches" | "records" | "epochs") {
-                diag.error(key.pos, &format!("{path}.{}", key.name), "a length must be one of batches, records or epochs");
+                diag.error(
+                    key.pos,
+                    &format!("{path}.{}", key.name),
+                    "a length must be one of batches, records or epochs",
+                );
                 return None;
             }
             let len = read::uint(diag, value, &format!("{path}.{}", key.name), 1, TIME_MAX)?;
@@ -492,23 +648,29 @@ fn parse_pbt(diag: &mut Diag, f: &Fields<'_>) -> Option<SearchMethod> {
     let length = match f.get("length_per_round") {
         Some(n) => legacy_length(diag, n, &f.path_of("length_per_round")),
         None => {
-            f.missing(diag, "length_per_round", " (the ready interval, in time_metric units)");
+            f.missing(
+                diag,
+                "length_per_round",
+                " (the ready interval, in time_metric units)",
+            );
             None
         }
     };
     let replace = match f.get("replace_function") {
         Some(n) => {
             let path = f.path_of("replace_function");
-            Fields::read(diag, n, &path, &[Known::Used("truncate_fraction")]).and_then(|rf| match rf.get("truncate_fraction") {
-                Some(v) => read::number_where(diag, v, &rf.path_of("truncate_fraction"), |x| {
-                    (!(0.0..=0.5).contains(&x)).then_some("between 0 and 0.5")
-                })
-                .map(|truncate_fraction| ReplaceFunction { truncate_fraction }),
-                None => {
-                    rf.missing(diag, "truncate_fraction", "");
-                    None
-                }
-            })
+            Fields::read(diag, n, &path, &[Known::Used("truncate_fraction")]).and_then(
+                |rf| match rf.get("truncate_fraction") {
+                    Some(v) => read::number_where(diag, v, &rf.path_of("truncate_fraction"), |x| {
+                        (!(0.0..=0.5).contains(&x)).then_some("between 0 and 0.5")
+                    })
+                    .map(|truncate_fraction| ReplaceFunction { truncate_fraction }),
+                    None => {
+                        rf.missing(diag, "truncate_fraction", "");
+                        None
+                    }
+                },
+            )
         }
         None => {
             f.missing(diag, "replace_function", " (with truncate_fraction)");
@@ -518,7 +680,10 @@ fn parse_pbt(diag: &mut Diag, f: &Fields<'_>) -> Option<SearchMethod> {
     let explore = match f.get("explore_function") {
         Some(n) => {
             let path = f.path_of("explore_function");
-            let keys = [Known::Used("resample_probability"), Known::Used("perturb_factor")];
+            let keys = [
+                Known::Used("resample_probability"),
+                Known::Used("perturb_factor"),
+            ];
             Fields::read(diag, n, &path, &keys).and_then(|ef| {
                 let unit = |diag: &mut Diag, key: &str| match ef.get(key) {
                     Some(v) => read::number_where(diag, v, &ef.path_of(key), |x| {
@@ -531,11 +696,18 @@ fn parse_pbt(diag: &mut Diag, f: &Fields<'_>) -> Option<SearchMethod> {
                 };
                 let resample_probability = unit(diag, "resample_probability");
                 let perturb_factor = unit(diag, "perturb_factor");
-                Some(ExploreFunction { resample_probability: resample_probability?, perturb_factor: perturb_factor? })
+                Some(ExploreFunction {
+                    resample_probability: resample_probability?,
+                    perturb_factor: perturb_factor?,
+                })
             })
         }
         None => {
-            f.missing(diag, "explore_function", " (with resample_probability and perturb_factor)");
+            f.missing(
+                diag,
+                "explore_function",
+                " (with resample_probability and perturb_factor)",
+            );
             None
         }
     };
@@ -544,7 +716,11 @@ fn parse_pbt(diag: &mut Diag, f: &Fields<'_>) -> Option<SearchMethod> {
         (Some(t), _) => t,
         (None, Some(u)) => u,
         (None, None) => {
-            f.missing(diag, "time_metric", " (the metric that counts training progress)");
+            f.missing(
+                diag,
+                "time_metric",
+                " (the metric that counts training progress)",
+            );
             return None;
         }
     };

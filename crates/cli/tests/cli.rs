@@ -1,0 +1,107 @@
+//! The `resolute` binary, run as a user would: real files, real process, exit codes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn resolute(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_resolute"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("runs")
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn every_example_checks_and_previews() {
+    let dir = root().join("examples/searchers");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("examples") {
+        let path = entry.expect("entry").path();
+        let file = path.to_str().expect("utf-8 path");
+        let out = resolute(&["config", "check", file]);
+        assert!(
+            out.status.success(),
+            "config check {file}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("searcher:"),
+            "normalized config printed"
+        );
+        let out = resolute(&["preview-search", file, "--json"]);
+        assert!(
+            out.status.success(),
+            "preview-search {file}: {}",
+            text(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert!(json.as_object().is_some_and(|o| !o.is_empty()), "{json}");
+        seen += 1;
+    }
+    assert!(seen >= 8, "one example per searcher");
+}
+
+#[test]
+fn preview_matches_determined() {
+    let out = resolute(&[
+        "preview-search",
+        "examples/searchers/adaptive_asha.yaml",
+        "--json",
+    ]);
+    assert_eq!(text(&out.stdout).trim(), r#"{"100":5,"300":3,"900":2}"#);
+    let out = resolute(&["preview-search", "examples/searchers/adaptive_asha.yaml"]);
+    let human = text(&out.stdout);
+    assert!(
+        human.contains("This search will create a total of 10 trials"),
+        "{human}"
+    );
+}
+
+#[test]
+fn overrides_change_the_preview() {
+    let out = resolute(&[
+        "preview-search",
+        "examples/searchers/random.yaml",
+        "--json",
+        "--config",
+        "searcher.max_trials=3",
+    ]);
+    assert_eq!(text(&out.stdout).trim(), r#"{"max_length":3}"#);
+}
+
+#[test]
+fn bad_configs_exit_1_with_the_message() {
+    let dir = std::env::temp_dir().join(format!("resolute-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let bad = dir.join("exp.yaml");
+    std::fs::write(
+        &bad,
+        "hyperparameters: {}\nsearcher:\n  name: random\n  metric: loss\n  max_trails: 3\n",
+    )
+    .expect("write");
+    let out = resolute(&["config", "check", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "exp.yaml:5:3: searcher.max_trails: unknown field (did you mean max_trials?)"
+        ),
+        "{stderr}"
+    );
+    std::fs::write(&bad, [0xffu8, 0x00, 0x12, 0x80]).expect("write");
+    let out = resolute(&["preview-search", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not UTF-8"));
+    let out = resolute(&["config", "check", "/nonexistent/exp.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read"));
+    std::fs::remove_dir_all(&dir).ok();
+}
