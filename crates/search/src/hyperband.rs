@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use resolute_types::Value;
 
 use crate::halving::make_rungs;
-use crate::{
-    floor_log, read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError,
-};
+use resolute_types::config::searcher::hyperband_bracket_trials;
+
+use crate::{read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError};
 
 /// The shape of one Hyperband bracket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,15 +31,15 @@ pub struct HyperbandBracket {
 
 /// Hyperband's bracket table.
 pub fn hyperband_brackets(max_time: u64, divisor: f64, max_rungs: u32) -> Vec<HyperbandBracket> {
-    let s_max = (max_rungs.max(1) - 1).min(floor_log(max_time, divisor));
-    (0..=s_max)
-        .rev()
-        .map(|s| {
-            let n = (f64::from(s_max + 1) / f64::from(s + 1) * divisor.powi(s as i32)).ceil();
-            HyperbandBracket {
-                num_trials: n as u32,
-                rung_lengths: make_rungs(s + 1, divisor, max_time),
-            }
+    let trials = hyperband_bracket_trials(max_time, divisor, max_rungs);
+    let s_max = trials.len() as u32 - 1;
+    trials
+        .iter()
+        .zip((0..=s_max).rev())
+        .map(|(n, s)| HyperbandBracket {
+            // The config caps the total at TRIALS_MAX, so this fits.
+            num_trials: *n as u32,
+            rung_lengths: make_rungs(s + 1, divisor, max_time),
         })
         .collect()
 }

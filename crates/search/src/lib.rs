@@ -208,20 +208,7 @@ pub(crate) fn read_time(
 /// The worst metric a trial can have; early exits are recorded with it.
 pub(crate) const EXITED_METRIC: f64 = f64::MAX;
 
-/// Largest `k` with `base^k <= x`, exact for integer bases (no `ln(x)/ln(base)`
-/// rounding at exact powers such as 1000 = 10^3).
-pub fn floor_log(x: u64, base: f64) -> u32 {
-    assert!(base > 1.0, "floor_log needs base > 1");
-    let x = x as f64;
-    let mut power = 1.0f64;
-    let mut k = 0u32;
-    // Base > 1 and the config caps rungs at 32, so 64 steps are plenty.
-    while k < 64 && power * base <= x * (1.0 + 1e-12) {
-        power *= base;
-        k += 1;
-    }
-    k
-}
+pub use resolute_types::config::searcher::floor_log;
 
 /// Context the methods share: the space, the RNG and the request-id counter.
 pub(crate) struct Ctx<'a> {

@@ -19,7 +19,7 @@ use crate::{sample, Operation, RequestId, SearchError, SearchEvent, Searcher};
 
 /// Most searcher events one simulated run may take (a guard against a searcher bug
 /// that would loop forever).
-pub const EVENTS_MAX: usize = 10_000_000;
+pub const EVENTS_MAX: usize = 2_000_000;
 
 /// Trial counts by the length at which they stop (`None`: the training code's own
 /// full length, for searchers without `max_time`).

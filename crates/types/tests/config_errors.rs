@@ -295,3 +295,14 @@ fn random_bytes_and_random_yaml_never_panic() {
         }
     }
 }
+
+#[test]
+fn searches_that_would_create_too_many_trials_are_rejected() {
+    let got = errors("searcher: {name: hyperband, metric: l, max_rungs: 32, divisor: 2, time_metric: b, max_time: 9007199254740992}\n");
+    assert!(
+        got[0].contains("searcher.max_rungs: these brackets would create"),
+        "{got:#?}"
+    );
+    let got = errors("searcher: {name: pbt, metric: l, population_size: 100000, num_rounds: 100, length_per_round: 10, time_metric: b, replace_function: {truncate_fraction: 0.5}, explore_function: {resample_probability: 0, perturb_factor: 0}}\n");
+    assert!(got[0].contains("at most 100000"), "{got:#?}");
+}

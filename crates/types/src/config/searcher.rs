@@ -220,6 +220,31 @@ impl SearchMethod {
     }
 }
 
+/// Largest `k` with `base^k <= x`, exact for integer bases (no `ln(x)/ln(base)`
+/// rounding at exact powers such as 1000 = 10^3). `base` must be > 1.
+pub fn floor_log(x: u64, base: f64) -> u32 {
+    assert!(base > 1.0, "floor_log needs base > 1");
+    let x = x as f64;
+    let mut power = 1.0f64;
+    let mut k = 0u32;
+    // Base > 1 and rungs are capped at RUNGS_MAX, so 64 steps are plenty.
+    while k < 64 && power * base <= x * (1.0 + 1e-12) {
+        power *= base;
+        k += 1;
+    }
+    k
+}
+
+/// Trials a Hyperband search creates: bracket `s` of `s_max` starts
+/// `ceil((s_max + 1) / (s + 1) * divisor^s)` trials.
+pub fn hyperband_bracket_trials(max_time: u64, divisor: f64, max_rungs: u32) -> Vec<f64> {
+    let s_max = (max_rungs.max(1) - 1).min(floor_log(max_time, divisor));
+    (0..=s_max)
+        .rev()
+        .map(|s| (f64::from(s_max + 1) / f64::from(s + 1) * divisor.powi(s as i32)).ceil())
+        .collect()
+}
+
 /// Searcher names this parser accepts.
 pub const NAMES: [&str; 8] = [
     "single",
@@ -500,11 +525,24 @@ fn parse_method(diag: &mut Diag, f: &Fields<'_>, name: &str) -> Option<SearchMet
             let divisor = divisor(diag, f, HYPERBAND_DIVISOR_DEFAULT);
             let mct = mct(diag);
             let budget = budget(diag, f, true);
+            let (max_rungs, divisor, budget) = (max_rungs?, divisor?, budget??);
+            let trials: f64 = hyperband_bracket_trials(budget.max_time, divisor, max_rungs)
+                .iter()
+                .sum();
+            if trials > TRIALS_MAX as f64 {
+                let pos = f.get("max_rungs").map_or(f.pos, |n| n.pos);
+                diag.error(
+                    pos,
+                    &f.path_of("max_rungs"),
+                    format!("these brackets would create {trials:.0} trials; at most {TRIALS_MAX} are allowed (lower max_rungs or raise divisor)"),
+                );
+                return None;
+            }
             Some(SearchMethod::Hyperband {
-                max_rungs: max_rungs?,
-                divisor: divisor?,
+                max_rungs,
+                divisor,
                 max_concurrent_trials: mct?,
-                budget: budget??,
+                budget,
             })
         }
         "pbt" => parse_pbt(diag, f),
@@ -724,12 +762,19 @@ fn parse_pbt(diag: &mut Diag, f: &Fields<'_>) -> Option<SearchMethod> {
             return None;
         }
     };
+    let (population_size, num_rounds, replace_function) = (population_size?, num_rounds?, replace?);
+    let copies = (replace_function.truncate_fraction * f64::from(population_size)) as u64;
+    let trials = u64::from(population_size) + copies * u64::from(num_rounds - 1);
+    if trials > TRIALS_MAX {
+        diag.error(f.pos, &f.path_of("num_rounds"), format!("population_size, num_rounds and truncate_fraction would create {trials} trials; at most {TRIALS_MAX} are allowed"));
+        return None;
+    }
     Some(SearchMethod::Pbt {
-        population_size: population_size?,
-        num_rounds: num_rounds?,
+        population_size,
+        num_rounds,
         length_per_round,
         time_metric,
-        replace_function: replace?,
+        replace_function,
         explore_function: explore?,
     })
 }
