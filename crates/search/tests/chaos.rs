@@ -94,7 +94,7 @@ fn random_configs_and_events_never_panic() {
         };
         let mut s = Searcher::new(&c.searcher, &c.hyperparameters, g.next());
         let mut known: Vec<RequestId> = Vec::new();
-        let mut collect = |ops: &[Operation], known: &mut Vec<RequestId>| {
+        let collect = |ops: &[Operation], known: &mut Vec<RequestId>| {
             for op in ops {
                 if let Operation::Create { request_id, .. } = op {
                     known.push(*request_id);
