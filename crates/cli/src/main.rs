@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use resolute_search::simulate::{plan, run, Preview, SyntheticCurves};
-use resolute_search::{make_brackets, make_rungs, Searcher};
+use resolute_search::{adaptive_brackets, make_rungs, Searcher};
 use resolute_types::config::{self, ConfigErrors, ExperimentConfig, Loaded, SearchMethod};
 
 /// Resolute: a masterless training platform for deep-learning experiments.
@@ -180,29 +180,15 @@ fn simulated(config: &ExperimentConfig, seed: u64) -> anyhow::Result<Preview> {
             .first()
             .copied(),
         SearchMethod::AdaptiveAsha {
-            max_trials,
-            mode,
-            divisor,
-            max_rungs,
-            bracket_rungs,
-            max_concurrent_trials,
-            budget,
-        } => make_brackets(
-            *max_trials,
-            budget.max_time,
-            *divisor,
-            *max_rungs,
-            *mode,
-            bracket_rungs,
-            *max_concurrent_trials,
-        )
-        .iter()
-        .filter_map(|b| {
-            make_rungs(b.num_rungs, *divisor, budget.max_time)
-                .first()
-                .copied()
-        })
-        .min(),
+            divisor, budget, ..
+        } => adaptive_brackets(method)
+            .iter()
+            .filter_map(|b| {
+                make_rungs(b.num_rungs, *divisor, budget.max_time)
+                    .first()
+                    .copied()
+            })
+            .min(),
         _ => None,
     };
     let mut searcher = Searcher::new(&config.searcher, &config.hyperparameters, seed);

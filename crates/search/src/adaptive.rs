@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use resolute_types::config::AdaptiveMode;
-use resolute_types::Value;
+use resolute_types::config::{AdaptiveMode, SearchMethod};
 
 use crate::halving::HalvingSearch;
+use crate::Report;
 use crate::{floor_log, Ctx, ExitedReason, Operation, RequestId, SearchError};
 
 /// One bracket's shape.
@@ -101,6 +101,30 @@ pub fn make_brackets(
         .collect()
 }
 
+/// The brackets of an `adaptive_asha` search method (none for any other method).
+pub fn adaptive_brackets(method: &SearchMethod) -> Vec<Bracket> {
+    match method {
+        SearchMethod::AdaptiveAsha {
+            max_trials,
+            mode,
+            divisor,
+            max_rungs,
+            bracket_rungs,
+            max_concurrent_trials,
+            budget,
+        } => make_brackets(
+            *max_trials,
+            budget.max_time,
+            *divisor,
+            *max_rungs,
+            *mode,
+            bracket_rungs,
+            *max_concurrent_trials,
+        ),
+        _ => Vec::new(),
+    }
+}
+
 /// State of an adaptive ASHA search: its brackets and which trial is whose.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveSearch {
@@ -162,14 +186,10 @@ impl AdaptiveSearch {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
-        metrics: &BTreeMap<String, Value>,
-        metric: &str,
-        smaller_is_better: bool,
-        time_metric: &str,
+        report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
         let b = self.bracket_of(id)?;
-        let ops =
-            self.brackets[b].validated(ctx, id, metrics, metric, smaller_is_better, time_metric)?;
+        let ops = self.brackets[b].validated(ctx, id, report);
         self.mark(b, &ops);
         Ok(ops)
     }

@@ -14,12 +14,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use resolute_types::Value;
-
 use crate::halving::make_rungs;
-use crate::{
-    read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC,
-};
+use crate::Report;
+use crate::{Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Status {
@@ -217,25 +214,20 @@ impl AshaSearch {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
-        metrics: &BTreeMap<String, Value>,
-        metric: &str,
-        smaller_is_better: bool,
-        time_metric: &str,
+        report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
         let trial = self
             .trials
             .get(&id)
             .cloned()
             .ok_or(SearchError::UnknownTrial(id))?;
-        let time = read_time(metrics, time_metric)?;
-        let value = read_metric(metrics, metric, smaller_is_better)?;
         // Intermediate validations (before the rung's length) and reports from a
         // paused or finished trial do not change the search.
-        if trial.status != Status::Running || time < self.lengths[trial.rung] {
+        if trial.status != Status::Running || report.time < self.lengths[trial.rung] {
             return Ok(Vec::new());
         }
         let k = trial.rung;
-        self.record(k, id, value);
+        self.record(k, id, report.value);
         self.running -= 1;
         let mut ops = Vec::new();
         if k + 1 == self.rungs.len() {

@@ -10,11 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use resolute_types::Value;
-
-use crate::{
-    read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC,
-};
+use crate::Report;
+use crate::{Ctx, ExitedReason, Operation, RequestId, EXITED_METRIC};
 
 /// Rung lengths: `max(floor(max_time / divisor^(num_rungs - i - 1)), 1)`.
 pub fn make_rungs(num_rungs: u32, divisor: f64, max_time: u64) -> Vec<u64> {
@@ -123,18 +120,13 @@ impl HalvingSearch {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
-        metrics: &BTreeMap<String, Value>,
-        metric: &str,
-        smaller_is_better: bool,
-        time_metric: &str,
-    ) -> Result<Vec<Operation>, SearchError> {
-        let value = read_metric(metrics, metric, smaller_is_better)?;
-        let time = read_time(metrics, time_metric)?;
-        let mut ops = self.early_stopping(id, time, value);
+        report: Report,
+    ) -> Vec<Operation> {
+        let mut ops = self.early_stopping(id, report.time, report.value);
         if !ops.is_empty() && self.live_trials() < self.max_trials as usize {
             self.create(ctx, &mut ops);
         }
-        Ok(ops)
+        ops
     }
 
     /// Inserts the metric into every rung the trial has reached, from its current

@@ -13,12 +13,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use resolute_types::Value;
-
 use crate::halving::make_rungs;
+use crate::Report;
 use resolute_types::config::searcher::hyperband_bracket_trials;
 
-use crate::{read_metric, read_time, Ctx, ExitedReason, Operation, RequestId, SearchError};
+use crate::{Ctx, ExitedReason, Operation, RequestId, SearchError};
 
 /// The shape of one Hyperband bracket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,25 +158,20 @@ impl HyperbandSearch {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
-        metrics: &BTreeMap<String, Value>,
-        metric: &str,
-        smaller_is_better: bool,
-        time_metric: &str,
+        report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
         let trial = self
             .trials
             .get(&id)
             .cloned()
             .ok_or(SearchError::UnknownTrial(id))?;
-        let time = read_time(metrics, time_metric)?;
-        let value = read_metric(metrics, metric, smaller_is_better)?;
         if trial.status != Status::Running
-            || time < self.brackets[trial.bracket].lengths[trial.rung]
+            || report.time < self.brackets[trial.bracket].lengths[trial.rung]
         {
             return Ok(Vec::new());
         }
         self.running -= 1;
-        self.brackets[trial.bracket].results[trial.rung].push((id, Some(value)));
+        self.brackets[trial.bracket].results[trial.rung].push((id, Some(report.value)));
         let mut ops = Vec::new();
         if trial.rung + 1 == self.brackets[trial.bracket].lengths.len() {
             self.set_status(id, Status::Done);

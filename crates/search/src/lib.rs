@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use resolute_types::Value;
 
-pub use adaptive::{bracket_max_concurrent_trials, bracket_max_trials, make_brackets, Bracket};
+pub use adaptive::{
+    adaptive_brackets, bracket_max_concurrent_trials, bracket_max_trials, make_brackets, Bracket,
+};
 pub use halving::make_rungs;
 pub use hyperband::{hyperband_brackets, HyperbandBracket};
 pub use searcher::{Searcher, SearcherSnapshot};
@@ -165,6 +167,29 @@ pub enum SearchError {
     /// The snapshot does not belong to this searcher configuration.
     #[error("searcher snapshot does not match the config: {0}")]
     Snapshot(String),
+}
+
+/// A validation report reduced to what the searchers compare: the signed metric
+/// (smaller is better) and the training progress in `time_metric` units.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Report {
+    pub value: f64,
+    pub time: u64,
+}
+
+impl Report {
+    /// Reads the searcher metric and the time metric from a validation's metrics.
+    pub fn parse(
+        metrics: &BTreeMap<String, Value>,
+        metric: &str,
+        smaller_is_better: bool,
+        time_metric: &str,
+    ) -> Result<Self, SearchError> {
+        Ok(Report {
+            value: read_metric(metrics, metric, smaller_is_better)?,
+            time: read_time(metrics, time_metric)?,
+        })
+    }
 }
 
 /// Reads the metric the searcher optimizes, as "smaller is better" (negated

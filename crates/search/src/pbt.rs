@@ -14,9 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use resolute_types::Value;
 
-use crate::{
-    read_metric, read_time, sample, Ctx, Operation, RequestId, SearchError, EXITED_METRIC,
-};
+use crate::Report;
+use crate::{sample, Ctx, Operation, RequestId, SearchError, EXITED_METRIC};
 
 /// State of a PBT search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,22 +90,17 @@ impl PbtSearch {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
-        metrics: &BTreeMap<String, Value>,
-        metric: &str,
-        smaller_is_better: bool,
-        time_metric: &str,
+        report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
         if !self.params.contains_key(&id) {
             return Err(SearchError::UnknownTrial(id));
         }
-        let time = read_time(metrics, time_metric)?;
-        let value = read_metric(metrics, metric, smaller_is_better)?;
         let expected =
             !self.finished && self.population.contains(&id) && !self.exited.contains(&id);
-        if !expected || self.results.contains_key(&id) || time < self.target() {
+        if !expected || self.results.contains_key(&id) || report.time < self.target() {
             return Ok(Vec::new());
         }
-        self.results.insert(id, value);
+        self.results.insert(id, report.value);
         let mut ops = Vec::new();
         if self.results.len() < self.population.len() {
             self.paused.insert(id);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use resolute_types::config::{Hyperparameters, SearchMethod, SearcherConfig};
 
-use crate::adaptive::{make_brackets, AdaptiveSearch};
+use crate::adaptive::{adaptive_brackets, AdaptiveSearch};
 use crate::asha::AshaSearch;
 use crate::grid::GridSearch;
 use crate::halving::HalvingSearch;
@@ -16,7 +16,7 @@ use crate::hyperband::HyperbandSearch;
 use crate::pbt::PbtSearch;
 use crate::random::RandomSearch;
 use crate::rng::{ExperimentRng, RngState};
-use crate::{Ctx, ExitedReason, Operation, RequestId, SearchError, SearchEvent};
+use crate::{Ctx, ExitedReason, Operation, Report, RequestId, SearchError, SearchEvent};
 
 /// The method-specific state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,13 +119,17 @@ impl Searcher {
         match event {
             SearchEvent::TrialCreated { .. } => self.trial_created(id),
             SearchEvent::ValidationCompleted { metrics, .. } => {
-                let (metric, smaller) = (self.config.metric.clone(), self.config.smaller_is_better);
-                let time_metric = self
-                    .config
-                    .method
-                    .budget()
-                    .map(|b| b.time_metric)
-                    .unwrap_or_default();
+                if matches!(self.method, Method::Random(_) | Method::Grid(_)) {
+                    // These searchers do not look at metrics (as in Determined).
+                    return Ok(Vec::new());
+                }
+                let time_metric = self.config.method.budget().map(|b| b.time_metric);
+                let report = Report::parse(
+                    metrics,
+                    &self.config.metric,
+                    self.config.smaller_is_better,
+                    time_metric.as_deref().unwrap_or_default(),
+                )?;
                 let mut ctx = Ctx {
                     space: &self.space,
                     rng: &mut self.rng,
@@ -133,21 +137,11 @@ impl Searcher {
                 };
                 let ops = match &mut self.method {
                     Method::Random(_) | Method::Grid(_) => Vec::new(),
-                    Method::Halving(m) => {
-                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
-                    }
-                    Method::Adaptive(m) => {
-                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
-                    }
-                    Method::Asha(m) => {
-                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
-                    }
-                    Method::Hyperband(m) => {
-                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
-                    }
-                    Method::Pbt(m) => {
-                        m.validated(&mut ctx, id, metrics, &metric, smaller, &time_metric)?
-                    }
+                    Method::Halving(m) => m.validated(&mut ctx, id, report),
+                    Method::Adaptive(m) => m.validated(&mut ctx, id, report)?,
+                    Method::Asha(m) => m.validated(&mut ctx, id, report)?,
+                    Method::Hyperband(m) => m.validated(&mut ctx, id, report)?,
+                    Method::Pbt(m) => m.validated(&mut ctx, id, report)?,
                 };
                 Ok(self.record(ops))
             }
@@ -385,25 +379,12 @@ fn new_method(method: &SearchMethod, space: &Hyperparameters) -> Method {
             budget.max_time,
         )),
         SearchMethod::AdaptiveAsha {
-            max_trials,
-            mode,
-            divisor,
-            max_rungs,
-            bracket_rungs,
-            max_concurrent_trials,
-            budget,
-        } => {
-            let brackets = make_brackets(
-                *max_trials,
-                budget.max_time,
-                *divisor,
-                *max_rungs,
-                *mode,
-                bracket_rungs,
-                *max_concurrent_trials,
-            );
-            Method::Adaptive(AdaptiveSearch::new(&brackets, *divisor, budget.max_time))
-        }
+            divisor, budget, ..
+        } => Method::Adaptive(AdaptiveSearch::new(
+            &adaptive_brackets(method),
+            *divisor,
+            budget.max_time,
+        )),
         SearchMethod::Asha {
             num_rungs,
             max_trials,

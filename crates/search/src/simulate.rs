@@ -13,7 +13,7 @@ use serde::Serialize;
 use resolute_types::config::{Hyperparameters, SearchMethod, SearcherConfig};
 use resolute_types::Value;
 
-use crate::adaptive::make_brackets;
+use crate::adaptive::adaptive_brackets;
 use crate::halving::make_rungs;
 use crate::{sample, Operation, RequestId, SearchError, SearchEvent, Searcher};
 
@@ -85,24 +85,9 @@ pub fn plan(config: &SearcherConfig, space: &Hyperparameters) -> Option<Preview>
             );
         }
         SearchMethod::AdaptiveAsha {
-            max_trials,
-            mode,
-            divisor,
-            max_rungs,
-            bracket_rungs,
-            max_concurrent_trials,
-            budget,
+            divisor, budget, ..
         } => {
-            let brackets = make_brackets(
-                *max_trials,
-                budget.max_time,
-                *divisor,
-                *max_rungs,
-                *mode,
-                bracket_rungs,
-                *max_concurrent_trials,
-            );
-            for b in brackets {
+            for b in adaptive_brackets(&config.method) {
                 halving_plan(
                     b.num_rungs,
                     b.max_trials,
