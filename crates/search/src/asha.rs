@@ -15,15 +15,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::halving::make_rungs;
+use crate::lifecycle::{exit_is_failure, lookup, set_status, Status, Tracked};
 use crate::Report;
 use crate::{Ctx, ExitedReason, Operation, RequestId, SearchError, EXITED_METRIC};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Status {
-    Running,
-    Paused,
-    Done,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Entry {
@@ -36,6 +30,15 @@ struct Entry {
 struct Trial {
     rung: usize,
     status: Status,
+}
+
+impl Tracked for Trial {
+    fn status(&self) -> Status {
+        self.status
+    }
+    fn set_status(&mut self, status: Status) {
+        self.status = status;
+    }
 }
 
 /// State of a promotion-based ASHA search.
@@ -216,11 +219,7 @@ impl AshaSearch {
         id: RequestId,
         report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self
-            .trials
-            .get(&id)
-            .cloned()
-            .ok_or(SearchError::UnknownTrial(id))?;
+        let trial = lookup(&self.trials, id)?;
         // Intermediate validations (before the rung's length) and reports from a
         // paused or finished trial do not change the search.
         if trial.status != Status::Running || report.time < self.lengths[trial.rung] {
@@ -231,10 +230,10 @@ impl AshaSearch {
         self.running -= 1;
         let mut ops = Vec::new();
         if k + 1 == self.rungs.len() {
-            self.set_status(id, Status::Done);
+            set_status(&mut self.trials, id, Status::Done);
             ops.push(Operation::Stop { request_id: id });
         } else {
-            self.set_status(id, Status::Paused);
+            set_status(&mut self.trials, id, Status::Paused);
             let rung_final = self.finals()[k];
             if self.promotable_in(k, rung_final) == Some(id) {
                 // Promoted on arrival: keep training without a pause.
@@ -251,23 +250,13 @@ impl AshaSearch {
         Ok(ops)
     }
 
-    fn set_status(&mut self, id: RequestId, status: Status) {
-        if let Some(t) = self.trials.get_mut(&id) {
-            t.status = status;
-        }
-    }
-
     pub fn exited_early(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
         reason: ExitedReason,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self
-            .trials
-            .get(&id)
-            .cloned()
-            .ok_or(SearchError::UnknownTrial(id))?;
+        let trial = lookup(&self.trials, id)?;
         if trial.status == Status::Done {
             return Ok(Vec::new());
         }
@@ -283,7 +272,7 @@ impl AshaSearch {
             // The trial never reported at its current rung: count it as the worst.
             self.record(trial.rung, id, EXITED_METRIC);
         }
-        self.set_status(id, Status::Done);
+        set_status(&mut self.trials, id, Status::Done);
         let mut ops = Vec::new();
         self.fill(ctx, &mut ops);
         Ok(ops)
@@ -295,12 +284,10 @@ impl AshaSearch {
         ctx: &mut Ctx<'_>,
         id: RequestId,
     ) -> Result<Vec<Operation>, SearchError> {
-        match self.status(id) {
-            Some(Status::Running | Status::Paused) => {
-                self.exited_early(ctx, id, ExitedReason::Errored)
-            }
-            Some(Status::Done) => Ok(Vec::new()),
-            None => Err(SearchError::UnknownTrial(id)),
+        if exit_is_failure(&self.trials, id)? {
+            self.exited_early(ctx, id, ExitedReason::Errored)
+        } else {
+            Ok(Vec::new())
         }
     }
 

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::halving::make_rungs;
+use crate::lifecycle::{exit_is_failure, lookup, set_status, Status, Tracked};
 use crate::Report;
 use resolute_types::config::searcher::hyperband_bracket_trials;
 
@@ -43,18 +44,20 @@ pub fn hyperband_brackets(max_time: u64, divisor: f64, max_rungs: u32) -> Vec<Hy
         .collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Status {
-    Running,
-    Paused,
-    Done,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Trial {
     bracket: usize,
     rung: usize,
     status: Status,
+}
+
+impl Tracked for Trial {
+    fn status(&self) -> Status {
+        self.status
+    }
+    fn set_status(&mut self, status: Status) {
+        self.status = status;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,7 +121,7 @@ impl HyperbandSearch {
     fn fill(&mut self, ctx: &mut Ctx<'_>, ops: &mut Vec<Operation>) {
         while self.has_slot() {
             if let Some((id, length)) = self.resumes.pop_front() {
-                self.set_status(id, Status::Running);
+                set_status(&mut self.trials, id, Status::Running);
                 self.running += 1;
                 ops.push(Operation::Resume {
                     request_id: id,
@@ -148,23 +151,13 @@ impl HyperbandSearch {
         }
     }
 
-    fn set_status(&mut self, id: RequestId, status: Status) {
-        if let Some(t) = self.trials.get_mut(&id) {
-            t.status = status;
-        }
-    }
-
     pub fn validated(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: RequestId,
         report: Report,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self
-            .trials
-            .get(&id)
-            .cloned()
-            .ok_or(SearchError::UnknownTrial(id))?;
+        let trial = lookup(&self.trials, id)?;
         if trial.status != Status::Running
             || report.time < self.brackets[trial.bracket].lengths[trial.rung]
         {
@@ -174,10 +167,10 @@ impl HyperbandSearch {
         self.brackets[trial.bracket].results[trial.rung].push((id, Some(report.value)));
         let mut ops = Vec::new();
         if trial.rung + 1 == self.brackets[trial.bracket].lengths.len() {
-            self.set_status(id, Status::Done);
+            set_status(&mut self.trials, id, Status::Done);
             ops.push(Operation::Stop { request_id: id });
         } else {
-            self.set_status(id, Status::Paused);
+            set_status(&mut self.trials, id, Status::Paused);
             if !self.decide(trial.bracket, trial.rung, Some(id), &mut ops) {
                 ops.push(Operation::Pause { request_id: id });
             }
@@ -219,7 +212,7 @@ impl HyperbandSearch {
                     t.rung = k + 1;
                 }
                 if is_reporter {
-                    self.set_status(*id, Status::Running);
+                    set_status(&mut self.trials, *id, Status::Running);
                     self.running += 1;
                     ops.push(Operation::RunUntil {
                         request_id: *id,
@@ -229,7 +222,7 @@ impl HyperbandSearch {
                     self.resumes.push_back((*id, next_length));
                 }
             } else {
-                self.set_status(*id, Status::Done);
+                set_status(&mut self.trials, *id, Status::Done);
                 ops.push(Operation::Stop { request_id: *id });
             }
             handled |= is_reporter;
@@ -247,11 +240,7 @@ impl HyperbandSearch {
         id: RequestId,
         reason: ExitedReason,
     ) -> Result<Vec<Operation>, SearchError> {
-        let trial = self
-            .trials
-            .get(&id)
-            .cloned()
-            .ok_or(SearchError::UnknownTrial(id))?;
+        let trial = lookup(&self.trials, id)?;
         let mut ops = Vec::new();
         if trial.status == Status::Done {
             return Ok(ops);
@@ -259,7 +248,7 @@ impl HyperbandSearch {
         if trial.status == Status::Running {
             self.running -= 1;
         }
-        self.set_status(id, Status::Done);
+        set_status(&mut self.trials, id, Status::Done);
         self.resumes.retain(|(r, _)| *r != id);
         let bracket = &mut self.brackets[trial.bracket];
         let reported = bracket.results[trial.rung].iter().any(|(r, _)| *r == id);
@@ -279,12 +268,10 @@ impl HyperbandSearch {
         ctx: &mut Ctx<'_>,
         id: RequestId,
     ) -> Result<Vec<Operation>, SearchError> {
-        match self.trials.get(&id).map(|t| t.status) {
-            Some(Status::Running | Status::Paused) => {
-                self.exited_early(ctx, id, ExitedReason::Errored)
-            }
-            Some(Status::Done) => Ok(Vec::new()),
-            None => Err(SearchError::UnknownTrial(id)),
+        if exit_is_failure(&self.trials, id)? {
+            self.exited_early(ctx, id, ExitedReason::Errored)
+        } else {
+            Ok(Vec::new())
         }
     }
 

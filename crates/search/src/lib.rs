@@ -15,6 +15,7 @@ mod asha;
 mod grid;
 mod halving;
 mod hyperband;
+mod lifecycle;
 mod pbt;
 mod random;
 pub mod rng;
