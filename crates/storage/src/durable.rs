@@ -48,7 +48,9 @@ fn segment_name(seq: u64) -> String {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync dir", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync dir", dir))
 }
 
 impl DurableStore {
@@ -79,7 +81,10 @@ impl DurableStore {
                     });
                 }
                 // Cut the torn tail so new records follow valid data.
-                let f = OpenOptions::new().write(true).open(path).map_err(io("open", path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io("open", path))?;
                 f.set_len(scan.valid_len).map_err(io("truncate", path))?;
                 f.sync_all().map_err(io("fsync", path))?;
             }
@@ -87,7 +92,10 @@ impl DurableStore {
                 // The newest segment's header itself was torn: write it again.
                 let mut header = Vec::new();
                 wal::encode_record(Kind::Header, SEGMENT_MAGIC, &mut header)?;
-                let mut f = OpenOptions::new().append(true).open(path).map_err(io("open", path))?;
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(io("open", path))?;
                 f.write_all(&header).map_err(io("write", path))?;
                 f.sync_all().map_err(io("fsync", path))?;
                 log_bytes += header.len() as u64;
@@ -108,12 +116,21 @@ impl DurableStore {
         let recovered = replay.finish(snapshot);
         let (segment_seq, segment) = match segments.last() {
             Some((seq, path)) => {
-                let f = OpenOptions::new().append(true).open(path).map_err(io("open", path))?;
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(io("open", path))?;
                 (*seq, f)
             }
             None => new_segment(dir, 1, &[])?,
         };
-        let store = DurableStore { dir: dir.to_path_buf(), segment_seq, segment, buffer: Vec::new(), log_bytes };
+        let store = DurableStore {
+            dir: dir.to_path_buf(),
+            segment_seq,
+            segment,
+            buffer: Vec::new(),
+            log_bytes,
+        };
         Ok((store, recovered))
     }
 
@@ -122,7 +139,9 @@ impl DurableStore {
             return Ok(());
         }
         let path = self.segment_path(self.segment_seq);
-        self.segment.write_all(&self.buffer).map_err(io("write", &path))?;
+        self.segment
+            .write_all(&self.buffer)
+            .map_err(io("write", &path))?;
         self.log_bytes += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
@@ -153,7 +172,11 @@ fn new_segment(dir: &Path, seq: u64, records: &[u8]) -> Result<(u64, File), Stor
     let mut bytes = Vec::new();
     wal::encode_record(Kind::Header, SEGMENT_MAGIC, &mut bytes)?;
     bytes.extend_from_slice(records);
-    let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io("create", &path))?;
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(io("create", &path))?;
     f.write_all(&bytes).map_err(io("write", &path))?;
     f.sync_all().map_err(io("fsync", &path))?;
     sync_dir(dir)?;
@@ -164,8 +187,13 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io("list", dir))? {
         let path = entry.map_err(io("list", dir))?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        if let Some(hex) = name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".log")) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(hex) = name
+            .strip_prefix("wal-")
+            .and_then(|n| n.strip_suffix(".log"))
+        {
             if let Ok(seq) = u64::from_str_radix(hex, 16) {
                 out.push((seq, path));
             }
@@ -180,12 +208,20 @@ fn read_snapshot(dir: &Path) -> Result<Option<SnapshotRecord>, StorageError> {
     match fs::read(&path) {
         Ok(bytes) => wal::decode_snapshot(&bytes, &path.display().to_string()).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StorageError::Io { op: "read", path: path.display().to_string(), source: e }),
+        Err(e) => Err(StorageError::Io {
+            op: "read",
+            path: path.display().to_string(),
+            source: e,
+        }),
     }
 }
 
 impl LogStore for DurableStore {
-    fn append(&mut self, entries: &[LogEntry], hard_state: Option<&HardState>) -> Result<(), StorageError> {
+    fn append(
+        &mut self,
+        entries: &[LogEntry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageError> {
         wal::encode_batch(entries, hard_state, &mut self.buffer)?;
         if self.buffer.len() >= WRITE_BUFFER_BYTES {
             self.write_buffer()?;
@@ -199,7 +235,11 @@ impl LogStore for DurableStore {
         self.segment.sync_data().map_err(io("fsync", &path))
     }
 
-    fn install_snapshot(&mut self, snapshot: &SnapshotRecord, hard_state: &HardState) -> Result<(), StorageError> {
+    fn install_snapshot(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        hard_state: &HardState,
+    ) -> Result<(), StorageError> {
         self.sync()?;
         // 1. The snapshot file, atomically.
         let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));

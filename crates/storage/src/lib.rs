@@ -152,7 +152,11 @@ pub enum StorageError {
 pub trait LogStore {
     /// Queues entries (replacing the log from the first entry's index on) and/or a
     /// hard state. Nothing is durable until [`LogStore::sync`] returns.
-    fn append(&mut self, entries: &[LogEntry], hard_state: Option<&HardState>) -> Result<(), StorageError>;
+    fn append(
+        &mut self,
+        entries: &[LogEntry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageError>;
 
     /// Makes everything appended so far durable (one fsync for all of it).
     fn sync(&mut self) -> Result<(), StorageError>;
@@ -160,7 +164,11 @@ pub trait LogStore {
     /// Atomically installs `snapshot` with `hard_state`, dropping the entries it
     /// covers; durable when it returns. Entries after the snapshot are kept when the
     /// log agrees with the snapshot at its index, dropped otherwise.
-    fn install_snapshot(&mut self, snapshot: &SnapshotRecord, hard_state: &HardState) -> Result<(), StorageError>;
+    fn install_snapshot(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        hard_state: &HardState,
+    ) -> Result<(), StorageError>;
 
     /// Bytes of log on disk (or in memory) since the last snapshot.
     fn log_bytes(&self) -> u64;

@@ -43,7 +43,12 @@ impl SimStore {
         // The header of a constant is always encodable.
         let _ = wal::encode_record(Kind::Header, SEGMENT_MAGIC, &mut bytes);
         let synced = bytes.len();
-        SimStore { bytes, synced, snapshot: None, fail_next_sync: false }
+        SimStore {
+            bytes,
+            synced,
+            snapshot: None,
+            fail_next_sync: false,
+        }
     }
 
     /// Makes the next `sync` fail (as a disk I/O error would).
@@ -57,7 +62,9 @@ impl SimStore {
         let unsynced = self.bytes.len() - self.synced;
         let keep = match mode {
             CrashMode::LoseUnsynced => 0,
-            CrashMode::TearUnsynced if unsynced > 0 => (rng.next_u64() % (unsynced as u64 + 1)) as usize,
+            CrashMode::TearUnsynced if unsynced > 0 => {
+                (rng.next_u64() % (unsynced as u64 + 1)) as usize
+            }
             CrashMode::TearUnsynced => 0,
         };
         self.bytes.truncate(self.synced + keep);
@@ -86,7 +93,11 @@ impl SimStore {
 }
 
 impl LogStore for SimStore {
-    fn append(&mut self, entries: &[LogEntry], hard_state: Option<&HardState>) -> Result<(), StorageError> {
+    fn append(
+        &mut self,
+        entries: &[LogEntry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageError> {
         wal::encode_batch(entries, hard_state, &mut self.bytes)
     }
 
@@ -100,7 +111,11 @@ impl LogStore for SimStore {
         Ok(())
     }
 
-    fn install_snapshot(&mut self, snapshot: &SnapshotRecord, hard_state: &HardState) -> Result<(), StorageError> {
+    fn install_snapshot(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        hard_state: &HardState,
+    ) -> Result<(), StorageError> {
         self.sync()?;
         let current = self.recover()?;
         let mut replay = Replay::default();

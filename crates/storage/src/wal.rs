@@ -15,8 +15,8 @@
 //! more data after it is corruption of acknowledged data, and recovery refuses it
 //! (as etcd's WAL does) instead of silently losing entries.
 
-use resolute_types::codec;
 use crate::{HardState, LogEntry, Recovered, SnapshotRecord, StorageError};
+use resolute_types::codec;
 
 /// Largest record, in bytes; a larger length field is damage, not data.
 pub const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -52,7 +52,10 @@ impl Kind {
 pub fn encode_record(kind: Kind, payload: &[u8], out: &mut Vec<u8>) -> Result<(), StorageError> {
     let len = payload.len() + 1;
     if len > RECORD_BYTES_MAX {
-        return Err(StorageError::TooLarge { bytes: len, limit: RECORD_BYTES_MAX });
+        return Err(StorageError::TooLarge {
+            bytes: len,
+            limit: RECORD_BYTES_MAX,
+        });
     }
     let mut crc = crc32c::crc32c(&[kind as u8]);
     crc = crc32c::crc32c_append(crc, payload);
@@ -64,7 +67,11 @@ pub fn encode_record(kind: Kind, payload: &[u8], out: &mut Vec<u8>) -> Result<()
 }
 
 /// Encodes a batch of entries and/or a hard state as records.
-pub fn encode_batch(entries: &[LogEntry], hard_state: Option<&HardState>, out: &mut Vec<u8>) -> Result<(), StorageError> {
+pub fn encode_batch(
+    entries: &[LogEntry],
+    hard_state: Option<&HardState>,
+    out: &mut Vec<u8>,
+) -> Result<(), StorageError> {
     if !entries.is_empty() {
         let payload = codec::encode(&entries).map_err(|e| corrupt_encode(e.to_string()))?;
         encode_record(Kind::Entries, &payload, out)?;
@@ -77,7 +84,11 @@ pub fn encode_batch(entries: &[LogEntry], hard_state: Option<&HardState>, out: &
 }
 
 fn corrupt_encode(detail: String) -> StorageError {
-    StorageError::Corrupt { path: "<encode>".to_string(), offset: 0, detail }
+    StorageError::Corrupt {
+        path: "<encode>".to_string(),
+        offset: 0,
+        detail,
+    }
 }
 
 /// A record read back.
@@ -108,16 +119,37 @@ pub fn scan(bytes: &[u8], path: &str) -> Result<Scan, StorageError> {
     while off < bytes.len() {
         let rest = &bytes[off..];
         if rest.len() < HEADER_BYTES {
-            return torn_or_corrupt(bytes, off, rest.len(), path, "truncated record header", records);
+            return torn_or_corrupt(
+                bytes,
+                off,
+                rest.len(),
+                path,
+                "truncated record header",
+                records,
+            );
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len == 0 || len > RECORD_BYTES_MAX {
-            return torn_or_corrupt(bytes, off, rest.len(), path, &format!("impossible record length {len}"), records);
+            return torn_or_corrupt(
+                bytes,
+                off,
+                rest.len(),
+                path,
+                &format!("impossible record length {len}"),
+                records,
+            );
         }
         if rest.len() < 8 + len {
             // The write of the last record never completed.
-            return torn_or_corrupt(bytes, off, rest.len(), path, "record runs past the end", records);
+            return torn_or_corrupt(
+                bytes,
+                off,
+                rest.len(),
+                path,
+                "record runs past the end",
+                records,
+            );
         }
         let body = &rest[8..8 + len];
         if crc32c::crc32c(body) != crc {
@@ -130,10 +162,17 @@ pub fn scan(bytes: &[u8], path: &str) -> Result<Scan, StorageError> {
                 detail: format!("unknown record kind {}", body[0]),
             });
         };
-        records.push(Record { offset: off as u64, kind, payload: body[1..].to_vec() });
+        records.push(Record {
+            offset: off as u64,
+            kind,
+            payload: body[1..].to_vec(),
+        });
         off += 8 + len;
     }
-    Ok(Scan { records, valid_len: off as u64 })
+    Ok(Scan {
+        records,
+        valid_len: off as u64,
+    })
 }
 
 /// The record at `off` (spanning `span` bytes) is bad: a torn tail if nothing but
@@ -148,7 +187,10 @@ fn torn_or_corrupt(
 ) -> Result<Scan, StorageError> {
     let after = &bytes[(off + span).min(bytes.len())..];
     if after.iter().all(|b| *b == 0) {
-        return Ok(Scan { records, valid_len: off as u64 });
+        return Ok(Scan {
+            records,
+            valid_len: off as u64,
+        });
     }
     Err(StorageError::Corrupt {
         path: path.to_string(),
@@ -170,7 +212,11 @@ pub struct Replay {
 impl Replay {
     /// Applies one record.
     pub fn apply(&mut self, record: &Record, path: &str) -> Result<(), StorageError> {
-        let bad = |detail: String| StorageError::Corrupt { path: path.to_string(), offset: record.offset, detail };
+        let bad = |detail: String| StorageError::Corrupt {
+            path: path.to_string(),
+            offset: record.offset,
+            detail,
+        };
         match record.kind {
             Kind::Header => {
                 if record.payload != SEGMENT_MAGIC {
@@ -181,7 +227,8 @@ impl Replay {
                 self.hard_state = codec::decode(&record.payload).map_err(|e| bad(e.to_string()))?;
             }
             Kind::Entries => {
-                let batch: Vec<LogEntry> = codec::decode(&record.payload).map_err(|e| bad(e.to_string()))?;
+                let batch: Vec<LogEntry> =
+                    codec::decode(&record.payload).map_err(|e| bad(e.to_string()))?;
                 self.append(batch).map_err(|e| bad(e.to_string()))?;
             }
         }
@@ -202,7 +249,10 @@ impl Replay {
         }
         for pair in batch.windows(2) {
             if pair[1].index != pair[0].index + 1 {
-                return Err(StorageError::Gap { first: pair[1].index, last: pair[0].index });
+                return Err(StorageError::Gap {
+                    first: pair[1].index,
+                    last: pair[0].index,
+                });
             }
         }
         self.entries.extend(batch);
@@ -214,7 +264,9 @@ impl Replay {
     pub fn finish(self, snapshot: Option<SnapshotRecord>) -> Recovered {
         let mut entries = self.entries;
         if let Some(snap) = &snapshot {
-            let agrees = entries.iter().any(|e| e.index == snap.index && e.term == snap.term);
+            let agrees = entries
+                .iter()
+                .any(|e| e.index == snap.index && e.term == snap.term);
             let first_after = entries.first().is_some_and(|e| e.index == snap.index + 1);
             if agrees || first_after {
                 entries.retain(|e| e.index > snap.index);
@@ -222,7 +274,11 @@ impl Replay {
                 entries.clear();
             }
         }
-        Recovered { hard_state: self.hard_state, snapshot, entries }
+        Recovered {
+            hard_state: self.hard_state,
+            snapshot,
+            entries,
+        }
     }
 }
 
@@ -237,7 +293,11 @@ pub fn encode_snapshot(snapshot: &SnapshotRecord) -> Result<Vec<u8>, StorageErro
 
 /// Reads a snapshot file; any damage is corruption (snapshots are installed atomically).
 pub fn decode_snapshot(bytes: &[u8], path: &str) -> Result<SnapshotRecord, StorageError> {
-    let bad = |detail: &str| StorageError::Corrupt { path: path.to_string(), offset: 0, detail: detail.to_string() };
+    let bad = |detail: &str| StorageError::Corrupt {
+        path: path.to_string(),
+        offset: 0,
+        detail: detail.to_string(),
+    };
     if bytes.len() < 4 {
         return Err(bad("snapshot file too short"));
     }
@@ -253,14 +313,29 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> LogEntry {
-        LogEntry { index, term, kind: 0, data: vec![index as u8; 10], context: Vec::new() }
+        LogEntry {
+            index,
+            term,
+            kind: 0,
+            data: vec![index as u8; 10],
+            context: Vec::new(),
+        }
     }
 
     fn log(batches: &[&[LogEntry]]) -> Vec<u8> {
         let mut out = Vec::new();
         encode_record(Kind::Header, SEGMENT_MAGIC, &mut out).expect("header");
         for b in batches {
-            encode_batch(b, Some(&HardState { term: 1, vote: 1, commit: b[0].index }), &mut out).expect("batch");
+            encode_batch(
+                b,
+                Some(&HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: b[0].index,
+                }),
+                &mut out,
+            )
+            .expect("batch");
         }
         out
     }
@@ -286,16 +361,29 @@ mod tests {
         let mut damaged = log(&[&[entry(1, 1)], &[entry(2, 1)], &[entry(3, 1)]]);
         damaged[40] ^= 0x10;
         let err = scan(&damaged, "seg.log").expect_err("corrupt");
-        assert!(err.to_string().contains("seg.log: corrupt record at byte"), "{err}");
+        assert!(
+            err.to_string().contains("seg.log: corrupt record at byte"),
+            "{err}"
+        );
     }
 
     #[test]
     fn replay_overwrites_conflicting_suffixes() {
         let mut r = Replay::default();
-        r.append(vec![entry(1, 1), entry(2, 1), entry(3, 1)]).expect("append");
+        r.append(vec![entry(1, 1), entry(2, 1), entry(3, 1)])
+            .expect("append");
         r.append(vec![entry(2, 2)]).expect("overwrite");
-        assert!(matches!(r.append(vec![entry(9, 2)]), Err(StorageError::Gap { first: 9, last: 2 })));
+        assert!(matches!(
+            r.append(vec![entry(9, 2)]),
+            Err(StorageError::Gap { first: 9, last: 2 })
+        ));
         let rec = r.finish(None);
-        assert_eq!(rec.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(1, 1), (2, 2)]);
+        assert_eq!(
+            rec.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 2)]
+        );
     }
 }

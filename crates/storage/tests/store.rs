@@ -2,10 +2,19 @@
 
 use std::path::PathBuf;
 
-use resolute_storage::{CrashMode, DurableStore, HardState, LogEntry, LogStore, SimStore, SnapshotRecord, ConfState, StorageError};
+use resolute_storage::{
+    ConfState, CrashMode, DurableStore, HardState, LogEntry, LogStore, SimStore, SnapshotRecord,
+    StorageError,
+};
 
 fn entry(index: u64, term: u64) -> LogEntry {
-    LogEntry { index, term, kind: 0, data: format!("cmd-{index}-{term}").into_bytes(), context: Vec::new() }
+    LogEntry {
+        index,
+        term,
+        kind: 0,
+        data: format!("cmd-{index}-{term}").into_bytes(),
+        context: Vec::new(),
+    }
 }
 
 fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<LogEntry> {
@@ -19,7 +28,11 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn hs(term: u64, commit: u64) -> HardState {
-    HardState { term, vote: 1, commit }
+    HardState {
+        term,
+        vote: 1,
+        commit,
+    }
 }
 
 #[test]
@@ -28,8 +41,10 @@ fn appends_survive_reopen_and_suffixes_are_replaced() {
     {
         let (mut s, rec) = DurableStore::open(&dir).expect("open");
         assert_eq!(rec.last_index(), 0);
-        s.append(&entries(1..=10, 1), Some(&hs(1, 5))).expect("append");
-        s.append(&entries(8..=12, 2), Some(&hs(2, 9))).expect("append");
+        s.append(&entries(1..=10, 1), Some(&hs(1, 5)))
+            .expect("append");
+        s.append(&entries(8..=12, 2), Some(&hs(2, 9)))
+            .expect("append");
         s.sync().expect("sync");
     }
     let (mut s, rec) = DurableStore::open(&dir).expect("reopen");
@@ -61,7 +76,8 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
     let dir = tmp("torn");
     {
         let (mut s, _) = DurableStore::open(&dir).expect("open");
-        s.append(&entries(1..=5, 1), Some(&hs(1, 5))).expect("append");
+        s.append(&entries(1..=5, 1), Some(&hs(1, 5)))
+            .expect("append");
         s.sync().expect("sync");
     }
     // Half of a record that was being written when the process died.
@@ -72,7 +88,11 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
     std::fs::write(&path, &bytes).expect("write");
     let (mut s, rec) = DurableStore::open(&dir).expect("torn tails recover");
     assert_eq!(rec.last_index(), 5);
-    assert_eq!(std::fs::metadata(&path).expect("meta").len() as usize, good, "the tail was cut");
+    assert_eq!(
+        std::fs::metadata(&path).expect("meta").len() as usize,
+        good,
+        "the tail was cut"
+    );
     s.append(&entries(6..=6, 1), None).expect("append");
     s.sync().expect("sync");
     drop(s);
@@ -97,12 +117,23 @@ fn a_corrupted_middle_is_refused_with_file_and_offset() {
     let err = DurableStore::open(&dir).expect_err("corruption is refused");
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()) && msg.contains("corrupt record at byte"), "{msg}");
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("corrupt record at byte"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
 fn snap(index: u64, term: u64) -> SnapshotRecord {
-    SnapshotRecord { index, term, conf_state: ConfState { voters: vec![1, 2, 3], ..ConfState::default() }, data: vec![7; 100] }
+    SnapshotRecord {
+        index,
+        term,
+        conf_state: ConfState {
+            voters: vec![1, 2, 3],
+            ..ConfState::default()
+        },
+        data: vec![7; 100],
+    }
 }
 
 #[test]
@@ -110,10 +141,12 @@ fn snapshots_install_atomically_and_compact_the_log() {
     let dir = tmp("snapshot");
     {
         let (mut s, _) = DurableStore::open(&dir).expect("open");
-        s.append(&entries(1..=100, 1), Some(&hs(1, 100))).expect("append");
+        s.append(&entries(1..=100, 1), Some(&hs(1, 100)))
+            .expect("append");
         s.sync().expect("sync");
         let before = s.log_bytes();
-        s.install_snapshot(&snap(60, 1), &hs(1, 100)).expect("install");
+        s.install_snapshot(&snap(60, 1), &hs(1, 100))
+            .expect("install");
         assert!(s.log_bytes() < before, "covered entries are dropped");
         s.append(&entries(101..=110, 1), None).expect("append");
         s.sync().expect("sync");
@@ -127,7 +160,8 @@ fn snapshots_install_atomically_and_compact_the_log() {
     assert!(!dir.join("snapshot.bin.tmp").exists());
     // A snapshot from a leader that disagrees with the local log replaces all of it.
     let (mut s, _) = DurableStore::open(&dir).expect("reopen");
-    s.install_snapshot(&snap(105, 3), &hs(3, 105)).expect("install");
+    s.install_snapshot(&snap(105, 3), &hs(3, 105))
+        .expect("install");
     drop(s);
     let (_, rec) = DurableStore::open(&dir).expect("reopen");
     assert_eq!(rec.snapshot.map(|s| s.index), Some(105));
@@ -142,7 +176,10 @@ impl rand_core::RngCore for Counter {
         self.next_u64() as u32
     }
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 11
     }
     fn fill_bytes(&mut self, dest: &mut [u8]) {
@@ -165,7 +202,8 @@ fn simulated_crashes_never_lose_synced_entries() {
         let mut next = 1u64;
         for round in 0..300u64 {
             let n = 1 + rng.next_u64_mod(5);
-            s.append(&entries(next..=next + n - 1, 1), Some(&hs(1, next))).expect("append");
+            s.append(&entries(next..=next + n - 1, 1), Some(&hs(1, next)))
+                .expect("append");
             next += n;
             if round % 3 != 0 {
                 s.sync().expect("sync");
