@@ -1,0 +1,217 @@
+//! The commands of the experiment log and the replies to their proposers.
+//!
+//! Every log entry is an [`Envelope`]: a format version, the proposal id that makes
+//! submission exactly-once, and a [`Command`]. Applying a command is deterministic:
+//! every replica computes the same state, trial creations and placements from it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use resolute_types::Value;
+
+/// Identifies a node in the cluster (also its Raft id); never 0.
+pub type NodeId = u64;
+/// Identifies an experiment, from 1 in creation order.
+pub type ExperimentId = u64;
+/// Identifies a trial cluster-wide, from 1 in creation order.
+pub type TrialId = u64;
+
+/// The format version written into every entry; decoders refuse newer versions.
+pub const COMMAND_VERSION: u16 = 1;
+
+/// A client-chosen id that makes a proposal exactly-once: applying the same id twice
+/// is a no-op that returns the first result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProposalId(pub u128);
+
+/// One log entry's payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`COMMAND_VERSION`] when written.
+    pub version: u16,
+    /// The proposal id, for deduplication.
+    pub id: ProposalId,
+    /// What to apply.
+    pub command: Command,
+}
+
+/// A node's description, carried when it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Site (data centre, cloud region): voters are spread across sites.
+    pub site: String,
+    /// Slots (GPUs, or CPU slots) it offers.
+    pub slots: u32,
+    /// Free-form labels (pool, preemptible, cost).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a user asks of a running experiment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Stop scheduling new work; running trials checkpoint and stop.
+    Pause,
+    /// Resume a paused experiment.
+    Activate,
+    /// Stop all trials (checkpointing) and end the experiment.
+    Cancel,
+    /// Stop all trials at once and end the experiment.
+    Kill,
+}
+
+/// Training or validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetricKind {
+    /// Reported during training.
+    Training,
+    /// Reported after a validation pass; drives the searcher.
+    Validation,
+}
+
+/// One metrics report of one trial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    /// The trial.
+    pub trial: TrialId,
+    /// The incarnation that produced it (stale ones are rejected).
+    pub incarnation: u64,
+    /// Training or validation.
+    pub kind: MetricKind,
+    /// Training progress when reported.
+    pub steps_completed: u64,
+    /// Metric name to value.
+    pub metrics: BTreeMap<String, Value>,
+}
+
+/// How a trial process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrialOutcome {
+    /// It reached its target length.
+    Completed,
+    /// It stopped after a stop or pause signal.
+    Stopped,
+    /// It failed.
+    Errored {
+        /// Last lines of its log, or the runner's message.
+        message: String,
+        /// Its exit code, if it exited.
+        exit_code: Option<i32>,
+    },
+    /// It was preempted (node draining, spot notice) and stopped cleanly.
+    Preempted,
+    /// The training code reported invalid hyperparameters.
+    InvalidHyperparameters,
+}
+
+/// A command of the experiment log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Does nothing (a new leader's first entry, tests).
+    Noop,
+    /// A node is no longer reachable: its trials go back to the queue.
+    NodeLost {
+        /// The node.
+        node: NodeId,
+    },
+    /// A node asks for no new work; its trials checkpoint and move.
+    NodeDraining {
+        /// The node.
+        node: NodeId,
+    },
+    /// A node's slot count changed (a GPU appeared or disappeared).
+    NodeCapacity {
+        /// The node.
+        node: NodeId,
+        /// Its slots now.
+        slots: u32,
+    },
+    /// A node came back (after a lost lease) and is alive again.
+    NodeAlive {
+        /// The node.
+        node: NodeId,
+    },
+    /// A user submitted an experiment. The YAML text and overrides are stored (not
+    /// the parsed config) and parsed on apply, which is deterministic.
+    ExperimentCreated {
+        /// The experiment config, as submitted.
+        config_yaml: String,
+        /// `--config` overrides.
+        overrides: Vec<String>,
+        /// Who submitted it.
+        owner: String,
+        /// Digest of the model directory blob.
+        model_digest: String,
+        /// The experiment seed chosen by the accepting node when the config has none.
+        default_seed: u32,
+    },
+    /// A user controls an experiment.
+    ExperimentControl {
+        /// The experiment.
+        experiment: ExperimentId,
+        /// What to do.
+        action: Control,
+    },
+    /// A trial's process started on its node.
+    TrialStarted {
+        /// The trial.
+        trial: TrialId,
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// Metrics of many trials in one entry.
+    Metrics {
+        /// The records.
+        records: Vec<MetricRecord>,
+    },
+    /// A trial saved a checkpoint.
+    CheckpointSaved {
+        /// Content-addressed id.
+        uuid: String,
+        /// The trial.
+        trial: TrialId,
+        /// The incarnation that saved it.
+        incarnation: u64,
+        /// Training progress it captures.
+        steps_completed: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Digest over its files.
+        digest: String,
+        /// The node that holds it.
+        holder: NodeId,
+    },
+    /// A checkpoint was copied to another node.
+    CheckpointReplicated {
+        /// The checkpoint.
+        uuid: String,
+        /// The new holder.
+        holder: NodeId,
+    },
+    /// A trial process ended.
+    TrialExited {
+        /// The trial.
+        trial: TrialId,
+        /// The incarnation that ended.
+        incarnation: u64,
+        /// How.
+        outcome: TrialOutcome,
+    },
+}
+
+/// What applying a proposal produced, returned to its proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Applied; nothing to report.
+    Ok,
+    /// An experiment was created.
+    ExperimentCreated {
+        /// Its id.
+        experiment: ExperimentId,
+    },
+    /// Applied, but the command was refused (e.g. a stale incarnation).
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,1055 @@
+//! [`Node`]: the sans-IO node. Inputs in, outputs out; no I/O, clock or thread.
+//!
+//! It follows raft-rs's Ready contract to the letter:
+//!
+//! 1. `ready.messages` are sent at once (they do not depend on local writes);
+//! 2. the snapshot, entries and hard state go out as one [`Output::Persist`]; nothing
+//!    else of that Ready happens until the shell answers [`Input::Persisted`];
+//! 3. then the persisted messages are sent and the committed entries applied;
+//! 4. a commit index that `advance` reports is persisted (another `Persist`) before
+//!    the entries it covers are applied.
+//!
+//! Membership has no master: the first node bootstraps a group of one; a joining
+//! node starts uninitialized and announces itself; the leader adds it as a learner
+//! and promotes learners (other sites first) until `voters` voters exist, and
+//! replaces a voter whose lease expired. Proposals can be made on any node and are
+//! forwarded to the leader; every proposal is answered (applied, refused, no
+//! leader, or timed out).
+
+// protobuf messages are built field by field, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
+    Entry, EntryType, HardState, Message,
+};
+use raft::{RawNode, StateRole};
+use serde::{Deserialize, Serialize};
+
+use resolute_storage as store;
+use resolute_types::{codec, Value};
+
+use crate::command::{
+    Command, Envelope, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
+};
+use crate::log_cache::{self, LogCache};
+use crate::state::{Change, ClusterState, NodeState, Signal, TrialState};
+
+/// Default number of voters the leader keeps (1 to 7).
+pub const VOTERS_DEFAULT: usize = 3;
+/// Most voters allowed.
+pub const VOTERS_MAX: usize = 7;
+/// Default lease: a node not heard from for this long is lost.
+pub const LEASE_TIMEOUT_DEFAULT_MS: u64 = 3000;
+/// Default time after which an unanswered proposal fails.
+pub const PROPOSAL_TIMEOUT_DEFAULT_MS: u64 = 5000;
+/// Default: take a snapshot once this many entries were applied since the last.
+pub const SNAPSHOT_ENTRIES_DEFAULT: u64 = 10_000;
+/// Largest raft message (entries are batched up to this size).
+pub const RAFT_MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
+/// Most forwarding hops a proposal may take before it is refused (leader churn).
+pub const FORWARD_HOPS_MAX: u8 = 3;
+/// How often a joining node repeats its announcement, in ticks.
+pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
+
+/// A node's settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (never 0).
+    pub id: NodeId,
+    /// What it offers.
+    pub info: NodeInfo,
+    /// Voters the leader keeps (1-7).
+    pub voters: usize,
+    /// Milliseconds per tick (the shell ticks at this period).
+    pub tick_ms: u64,
+    /// Base election timeout, in ticks (each node adds seeded jitter).
+    pub election_ticks: usize,
+    /// Leader heartbeat period, in ticks.
+    pub heartbeat_ticks: usize,
+    /// Lease length.
+    pub lease_timeout_ms: u64,
+    /// Proposal timeout.
+    pub proposal_timeout_ms: u64,
+    /// Entries applied between snapshots.
+    pub snapshot_entries: u64,
+    /// Seed of this node's randomness (election jitter).
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id`.
+    pub fn new(id: NodeId, info: NodeInfo) -> Self {
+        NodeConfig {
+            id,
+            info,
+            voters: VOTERS_DEFAULT,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 3,
+            lease_timeout_ms: LEASE_TIMEOUT_DEFAULT_MS,
+            proposal_timeout_ms: PROPOSAL_TIMEOUT_DEFAULT_MS,
+            snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
+            seed: id,
+        }
+    }
+}
+
+/// What the shell hands the node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// One tick of the logical clock.
+    Tick,
+    /// A message from a peer.
+    Peer {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        msg: PeerMessage,
+    },
+    /// A client proposal.
+    Propose {
+        /// Makes it exactly-once.
+        id: ProposalId,
+        /// What to apply.
+        command: Command,
+    },
+    /// The write `Output::Persist { seq }` is durable.
+    Persisted {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// A gossip heartbeat: `node` is alive.
+    Heartbeat {
+        /// The node.
+        node: NodeId,
+    },
+    /// Join the cluster through `via` (for a node that did not bootstrap).
+    Join {
+        /// A known member.
+        via: NodeId,
+    },
+}
+
+/// Messages between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// A raft-rs message (protobuf bytes).
+    Raft(Vec<u8>),
+    /// A proposal forwarded toward the leader.
+    Forward {
+        /// The proposal id.
+        id: ProposalId,
+        /// Where the answer goes.
+        origin: NodeId,
+        /// Hops so far.
+        hops: u8,
+        /// The command.
+        command: Command,
+    },
+    /// A forwarded proposal could not be proposed.
+    Refused {
+        /// The proposal id.
+        id: ProposalId,
+        /// Why.
+        reason: String,
+    },
+    /// A node asks to join.
+    Announce {
+        /// The node.
+        node: NodeId,
+        /// What it offers.
+        info: NodeInfo,
+    },
+}
+
+/// What the node asks of its shell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send `msg` to `to`.
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The message.
+        msg: PeerMessage,
+    },
+    /// Make this durable, in this order: install the snapshot (atomically with the
+    /// hard state), append the entries, record the hard state, fsync; then answer
+    /// `Input::Persisted { seq }`.
+    Persist {
+        /// Sequence number to acknowledge.
+        seq: u64,
+        /// A snapshot to install first.
+        snapshot: Option<store::SnapshotRecord>,
+        /// Entries to append (replacing any conflicting suffix).
+        entries: Vec<store::LogEntry>,
+        /// The hard state.
+        hard_state: Option<store::HardState>,
+    },
+    /// Something this node must do.
+    Effect(Effect),
+    /// The answer to a client proposal made on this node.
+    Reply {
+        /// The proposal.
+        id: ProposalId,
+        /// Its result.
+        result: Result<Reply, NodeError>,
+    },
+}
+
+/// Work for this node's trial runner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start (or restart from its latest checkpoint) a trial placed here.
+    StartTrial {
+        /// The trial.
+        trial: TrialId,
+        /// Its new incarnation (its reports must carry it).
+        incarnation: u64,
+        /// Its experiment.
+        experiment: ExperimentId,
+        /// Hyperparameters.
+        hparams: Value,
+        /// Seed.
+        seed: u32,
+        /// Slots.
+        slots: u32,
+        /// Target length, if the searcher set one.
+        target: Option<u64>,
+        /// Checkpoint to resume from.
+        latest_checkpoint: Option<String>,
+    },
+    /// Deliver a signal to a trial running here.
+    SignalTrial {
+        /// The trial.
+        trial: TrialId,
+        /// Its incarnation.
+        incarnation: u64,
+        /// What.
+        signal: Signal,
+    },
+    /// This node lost contact with a quorum for longer than its lease: stop every
+    /// local trial (they have been or will be reassigned elsewhere).
+    StopAllTrials,
+}
+
+/// Why a proposal failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// No leader is known (election in progress or no quorum); retry later.
+    #[error("no leader: the cluster is electing or has no quorum")]
+    NoLeader,
+    /// The proposal was not applied in time; it may still be applied later, so
+    /// retry with the same proposal id.
+    #[error("proposal timed out")]
+    Timeout,
+    /// The leader refused the proposal.
+    #[error("proposal refused: {0}")]
+    Refused(String),
+}
+
+enum InFlight {
+    Ready { seq: u64, rd: Box<raft::Ready> },
+    Light { seq: u64, committed: Vec<Entry> },
+}
+
+/// A Resolute node's logic.
+pub struct Node {
+    cfg: NodeConfig,
+    raw: RawNode<LogCache>,
+    state: ClusterState,
+    now_ms: u64,
+    ticks: u64,
+    persist_seq: u64,
+    in_flight: Option<InFlight>,
+    pending: BTreeMap<ProposalId, u64>,
+    last_seen: BTreeMap<NodeId, u64>,
+    last_quorum_ms: u64,
+    fenced: bool,
+    replay_until: u64,
+    replaying: bool,
+    join_via: Option<NodeId>,
+    last_term_role: (u64, StateRole),
+    internal_seq: u64,
+    proposed: BTreeSet<(NodeId, bool)>,
+}
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Node {
+    /// A node from what its store recovered. With an empty store, `bootstrap`
+    /// makes it a group of one; otherwise it starts uninitialized and joins.
+    /// Returns the outputs to carry out first (the bootstrap write).
+    pub fn new(
+        cfg: NodeConfig,
+        recovered: &store::Recovered,
+        bootstrap: bool,
+    ) -> Result<(Node, Vec<Output>), raft::Error> {
+        assert!(cfg.id != 0, "node id 0 is reserved");
+        assert!(
+            (1..=VOTERS_MAX).contains(&cfg.voters),
+            "voters must be 1 to {VOTERS_MAX}"
+        );
+        let fresh = recovered.snapshot.is_none()
+            && recovered.entries.is_empty()
+            && recovered.hard_state == store::HardState::default();
+        let mut out = Vec::new();
+        let (cache, state) = if !fresh {
+            let state = match &recovered.snapshot {
+                Some(s) if !s.data.is_empty() => ClusterState::decode(&s.data)
+                    .map_err(|e| raft::Error::ConfigInvalid(e.to_string()))?,
+                _ => ClusterState::default(),
+            };
+            (LogCache::from_recovered(recovered), state)
+        } else if bootstrap {
+            let mut state = ClusterState::default();
+            state.add_node(cfg.id, cfg.info.clone(), &mut Vec::new());
+            let conf = ConfState::from((vec![cfg.id], vec![]));
+            let record = store::SnapshotRecord {
+                index: 0,
+                term: 0,
+                conf_state: log_cache::from_conf_state(&conf),
+                data: state.encode(),
+            };
+            out.push(Output::Persist {
+                seq: 0,
+                snapshot: Some(record),
+                entries: Vec::new(),
+                hard_state: None,
+            });
+            (LogCache::new(conf), state)
+        } else {
+            (LogCache::new(ConfState::default()), ClusterState::default())
+        };
+        // raft-rs draws its randomized election timeout from thread_rng, which would
+        // make runs irreproducible. A width-one range makes that draw constant; the
+        // spread comes from a per-node timeout derived from the seed (and, in the
+        // simulator, from jittered tick times).
+        let mut jitter = cfg.seed ^ cfg.id.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let base = cfg.election_ticks.max(2);
+        let election = base + (splitmix(&mut jitter) % base as u64) as usize;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: election,
+            heartbeat_tick: cfg.heartbeat_ticks.max(1),
+            min_election_tick: election,
+            max_election_tick: election + 1,
+            applied: cache.snapshot_index(),
+            max_size_per_msg: RAFT_MESSAGE_BYTES_MAX,
+            max_inflight_msgs: 256,
+            pre_vote: true,
+            check_quorum: true,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_cfg, cache, &logger)?;
+        let replay_until = recovered.hard_state.commit;
+        let mut node = Node {
+            raw,
+            state,
+            now_ms: 0,
+            ticks: 0,
+            persist_seq: 0,
+            in_flight: None,
+            pending: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+            last_quorum_ms: 0,
+            fenced: false,
+            replaying: replay_until > 0,
+            replay_until,
+            join_via: None,
+            last_term_role: (0, StateRole::Follower),
+            internal_seq: 0,
+            proposed: BTreeSet::new(),
+            cfg,
+        };
+        node.watch_role();
+        if fresh && bootstrap {
+            node.raw.campaign()?;
+        }
+        Ok((node, out))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    /// The replicated state as applied here.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The leader this node knows of (0: none).
+    pub fn leader_id(&self) -> NodeId {
+        self.raw.raft.leader_id
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The index of the last applied entry.
+    pub fn applied(&self) -> u64 {
+        self.raw.raft.raft_log.applied
+    }
+
+    /// The index of the last committed entry.
+    pub fn committed(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// Voters and learners as last applied.
+    pub fn membership(&self) -> (Vec<NodeId>, Vec<NodeId>) {
+        let cs = self.raw.store().conf_state();
+        (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// Index of the latest snapshot.
+    pub fn snapshot_index(&self) -> u64 {
+        self.raw.store().snapshot_index()
+    }
+
+    /// Handles one input at time `now_ms` (the shell's clock, only compared with
+    /// itself) and returns what to do.
+    pub fn step(&mut self, now_ms: u64, input: Input) -> Vec<Output> {
+        self.now_ms = now_ms;
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => {
+                self.ticks += 1;
+                self.raw.tick();
+                self.on_tick(&mut out);
+            }
+            Input::Peer { from, msg } => {
+                self.last_seen.insert(from, now_ms);
+                self.on_peer(from, msg, &mut out);
+            }
+            Input::Propose { id, command } => {
+                if let Some(reply) = self.state.seen(id) {
+                    out.push(Output::Reply {
+                        id,
+                        result: Ok(reply.clone()),
+                    });
+                } else {
+                    self.pending
+                        .insert(id, now_ms + self.cfg.proposal_timeout_ms);
+                    self.propose(id, self.cfg.id, 0, command, &mut out);
+                }
+            }
+            Input::Persisted { seq } => self.on_persisted(seq, &mut out),
+            Input::Heartbeat { node } => {
+                self.last_seen.insert(node, now_ms);
+            }
+            Input::Join { via } => {
+                self.join_via = Some(via);
+                self.announce(&mut out);
+            }
+        }
+        self.drive(&mut out);
+        self.watch_role();
+        out
+    }
+
+    /// Notices elections: a new leader gives every member a full lease.
+    fn watch_role(&mut self) {
+        let now = (self.raw.raft.term, self.raw.raft.state);
+        if now != self.last_term_role {
+            if now.1 == StateRole::Leader {
+                let members: Vec<NodeId> = self.state.nodes.keys().copied().collect();
+                for n in members {
+                    self.last_seen.insert(n, self.now_ms);
+                }
+                self.proposed.clear();
+            }
+            self.last_term_role = now;
+        }
+    }
+
+    fn announce(&mut self, out: &mut Vec<Output>) {
+        if let Some(via) = self.join_via {
+            if !self.is_member(self.cfg.id) {
+                let msg = PeerMessage::Announce {
+                    node: self.cfg.id,
+                    info: self.cfg.info.clone(),
+                };
+                out.push(Output::Send { to: via, msg });
+            }
+        }
+    }
+
+    fn is_member(&self, node: NodeId) -> bool {
+        let cs = self.raw.store().conf_state();
+        cs.voters.contains(&node) || cs.learners.contains(&node)
+    }
+
+    fn on_peer(&mut self, from: NodeId, msg: PeerMessage, out: &mut Vec<Output>) {
+        match msg {
+            PeerMessage::Raft(bytes) => {
+                let Ok(m) = Message::parse_from_bytes(&bytes) else {
+                    return;
+                };
+                if m.from != from {
+                    return;
+                }
+                if m.from == self.raw.raft.leader_id && m.term == self.raw.raft.term {
+                    self.last_quorum_ms = self.now_ms;
+                }
+                // Messages from non-members or stale terms are raft-rs's to ignore;
+                // errors here are never fatal.
+                let _ = self.raw.step(m);
+            }
+            PeerMessage::Forward {
+                id,
+                origin,
+                hops,
+                command,
+            } => {
+                if hops > FORWARD_HOPS_MAX {
+                    out.push(Output::Send {
+                        to: origin,
+                        msg: PeerMessage::Refused {
+                            id,
+                            reason: "too many forwarding hops".into(),
+                        },
+                    });
+                } else {
+                    self.propose(id, origin, hops + 1, command, out);
+                }
+            }
+            PeerMessage::Refused { id, reason } => {
+                if self.pending.remove(&id).is_some() {
+                    out.push(Output::Reply {
+                        id,
+                        result: Err(NodeError::Refused(reason)),
+                    });
+                }
+            }
+            PeerMessage::Announce { node, info } => self.on_announce(node, info, out),
+        }
+    }
+
+    fn on_announce(&mut self, node: NodeId, info: NodeInfo, out: &mut Vec<Output>) {
+        if node == 0 || self.is_member(node) {
+            return;
+        }
+        if self.is_leader() {
+            if self.raw.raft.has_pending_conf() {
+                return; // The joiner repeats its announcement.
+            }
+            let context = codec::encode(&info).unwrap_or_default();
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![single(node, ConfChangeType::AddLearnerNode)].into());
+            cc.context = context.into();
+            self.last_seen.insert(node, self.now_ms);
+            let _ = self.raw.propose_conf_change(Vec::new(), cc);
+        } else if self.raw.raft.leader_id != 0 {
+            out.push(Output::Send {
+                to: self.raw.raft.leader_id,
+                msg: PeerMessage::Announce { node, info },
+            });
+        }
+    }
+
+    /// Proposes on the leader, forwards elsewhere, answers when neither works.
+    fn propose(
+        &mut self,
+        id: ProposalId,
+        origin: NodeId,
+        hops: u8,
+        command: Command,
+        out: &mut Vec<Output>,
+    ) {
+        let fail =
+            |out: &mut Vec<Output>, pending: &mut BTreeMap<ProposalId, u64>, err: NodeError| {
+                if origin == self.cfg.id {
+                    if pending.remove(&id).is_some() {
+                        out.push(Output::Reply {
+                            id,
+                            result: Err(err),
+                        });
+                    }
+                } else {
+                    out.push(Output::Send {
+                        to: origin,
+                        msg: PeerMessage::Refused {
+                            id,
+                            reason: err.to_string(),
+                        },
+                    });
+                }
+            };
+        if self.is_leader() {
+            let envelope = Envelope {
+                version: COMMAND_VERSION,
+                id,
+                command,
+            };
+            let data = match codec::encode(&envelope) {
+                Ok(d) => d,
+                Err(e) => return fail(out, &mut self.pending, NodeError::Refused(e.to_string())),
+            };
+            if let Err(e) = self.raw.propose(Vec::new(), data) {
+                fail(out, &mut self.pending, NodeError::Refused(e.to_string()));
+            }
+        } else if self.raw.raft.leader_id != 0 {
+            let leader = self.raw.raft.leader_id;
+            out.push(Output::Send {
+                to: leader,
+                msg: PeerMessage::Forward {
+                    id,
+                    origin,
+                    hops,
+                    command,
+                },
+            });
+        } else {
+            fail(out, &mut self.pending, NodeError::NoLeader);
+        }
+    }
+
+    fn internal_id(&mut self) -> ProposalId {
+        self.internal_seq += 1;
+        ProposalId(
+            (1u128 << 127)
+                | (u128::from(self.cfg.id) << 64)
+                | u128::from(self.internal_seq)
+                | (u128::from(self.raw.raft.term) << 32),
+        )
+    }
+
+    fn on_tick(&mut self, out: &mut Vec<Output>) {
+        let now = self.now_ms;
+        let expired: Vec<ProposalId> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.pending.remove(&id);
+            out.push(Output::Reply {
+                id,
+                result: Err(NodeError::Timeout),
+            });
+        }
+        if self.ticks % ANNOUNCE_EVERY_TICKS == 0 {
+            self.announce(out);
+        }
+        self.fence(out);
+        if self.is_leader() {
+            self.maintain_membership();
+            self.maintain_leases(out);
+        }
+    }
+
+    /// A node that cannot reach a quorum for longer than its lease stops its trials:
+    /// by then the leader has declared it lost and requeued them elsewhere.
+    fn fence(&mut self, out: &mut Vec<Output>) {
+        if self.is_leader() {
+            // check_quorum makes a leader without a quorum step down.
+            self.last_quorum_ms = self.now_ms;
+        }
+        let silent = self.now_ms.saturating_sub(self.last_quorum_ms) > self.cfg.lease_timeout_ms;
+        let has_trials = self.state.trials.values().any(|t| {
+            matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id)
+        });
+        if silent && !self.fenced && has_trials && self.is_member(self.cfg.id) {
+            self.fenced = true;
+            out.push(Output::Effect(Effect::StopAllTrials));
+        } else if !silent {
+            self.fenced = false;
+        }
+    }
+
+    fn alive(&self, node: NodeId) -> bool {
+        node == self.cfg.id
+            || self
+                .last_seen
+                .get(&node)
+                .is_some_and(|t| self.now_ms.saturating_sub(*t) <= self.cfg.lease_timeout_ms)
+    }
+
+    fn maintain_membership(&mut self) {
+        if self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let cs = self.raw.store().conf_state().clone();
+        if !cs.voters_outgoing.is_empty() {
+            return; // Still in a joint configuration.
+        }
+        let site = |n: &NodeId| {
+            self.state
+                .nodes
+                .get(n)
+                .map(|r| r.info.site.clone())
+                .unwrap_or_default()
+        };
+        let voter_sites: BTreeSet<String> = cs
+            .voters
+            .iter()
+            .filter(|v| self.alive(**v))
+            .map(site)
+            .collect();
+        // Prefer a learner on a site no live voter is on, then the lowest id.
+        let candidate = cs
+            .learners
+            .iter()
+            .filter(|l| self.alive(**l))
+            .min_by_key(|l| (voter_sites.contains(&site(l)), **l))
+            .copied();
+        let expired = cs.voters.iter().find(|v| !self.alive(**v)).copied();
+        let changes = match (expired, candidate) {
+            // The silent voter becomes a learner (it catches up if it returns).
+            (Some(old), Some(new)) => vec![
+                single(old, ConfChangeType::AddLearnerNode),
+                single(new, ConfChangeType::AddNode),
+            ],
+            (None, Some(new)) if cs.voters.len() < self.cfg.voters => {
+                vec![single(new, ConfChangeType::AddNode)]
+            }
+            _ => return,
+        };
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        cc.set_changes(changes.into());
+        let _ = self.raw.propose_conf_change(Vec::new(), cc);
+    }
+
+    /// The leader declares nodes lost when their lease expires, and alive again when
+    /// they heartbeat.
+    fn maintain_leases(&mut self, out: &mut Vec<Output>) {
+        let mut proposals = Vec::new();
+        for (node, record) in &self.state.nodes {
+            let alive = self.alive(*node);
+            if record.state == NodeState::Alive
+                && !alive
+                && !self.proposed.contains(&(*node, false))
+            {
+                proposals.push((*node, false));
+            }
+            if record.state == NodeState::Lost && alive && !self.proposed.contains(&(*node, true)) {
+                proposals.push((*node, true));
+            }
+        }
+        for (node, alive) in proposals {
+            self.proposed.remove(&(node, !alive));
+            self.proposed.insert((node, alive));
+            let id = self.internal_id();
+            let command = if alive {
+                Command::NodeAlive { node }
+            } else {
+                Command::NodeLost { node }
+            };
+            self.propose(id, self.cfg.id, 0, command, out);
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.persist_seq += 1;
+        self.persist_seq
+    }
+
+    fn send_all(&self, msgs: Vec<Message>, out: &mut Vec<Output>) {
+        for m in msgs {
+            if let Ok(bytes) = m.write_to_bytes() {
+                out.push(Output::Send {
+                    to: m.to,
+                    msg: PeerMessage::Raft(bytes),
+                });
+            }
+        }
+    }
+
+    /// Processes Readies until one needs a write (then waits for `Persisted`).
+    fn drive(&mut self, out: &mut Vec<Output>) {
+        while self.in_flight.is_none() && self.raw.has_ready() {
+            let mut rd = self.raw.ready();
+            self.send_all(rd.take_messages(), out);
+            let snapshot =
+                (!rd.snapshot().is_empty()).then(|| log_cache::from_snapshot(rd.snapshot()));
+            let entries: Vec<store::LogEntry> =
+                rd.entries().iter().map(log_cache::from_entry).collect();
+            let mut hard_state = rd.hs().map(log_cache::from_hard_state);
+            if snapshot.is_some() && hard_state.is_none() {
+                // A snapshot is installed atomically with a hard state.
+                hard_state = Some(log_cache::from_hard_state(&self.raw.raft.hard_state()));
+            }
+            if snapshot.is_none() && entries.is_empty() && hard_state.is_none() {
+                self.finish_ready(rd, out);
+                continue;
+            }
+            let seq = self.next_seq();
+            out.push(Output::Persist {
+                seq,
+                snapshot,
+                entries,
+                hard_state,
+            });
+            self.in_flight = Some(InFlight::Ready {
+                seq,
+                rd: Box::new(rd),
+            });
+        }
+    }
+
+    fn on_persisted(&mut self, seq: u64, out: &mut Vec<Output>) {
+        match self.in_flight.take() {
+            Some(InFlight::Ready { seq: s, rd }) if s == seq => {
+                if !rd.snapshot().is_empty() {
+                    let snap = rd.snapshot().clone();
+                    // A snapshot that does not decode came from a different
+                    // version; keep the old state rather than crash.
+                    if let Ok(state) = ClusterState::decode(&snap.data) {
+                        self.state = state;
+                    }
+                    self.raw.mut_store().apply_snapshot(snap);
+                }
+                self.raw.mut_store().append(rd.entries());
+                if let Some(hs) = rd.hs() {
+                    self.raw.mut_store().set_hard_state(hs.clone());
+                }
+                let _ = rd.number();
+                self.finish_ready(*rd, out);
+            }
+            Some(InFlight::Light { seq: s, committed }) if s == seq => {
+                self.apply_entries(committed, out);
+                self.raw.advance_apply();
+            }
+            other => self.in_flight = other,
+        }
+    }
+
+    /// The rest of a Ready once its writes are durable.
+    fn finish_ready(&mut self, mut rd: raft::Ready, out: &mut Vec<Output>) {
+        self.send_all(rd.take_persisted_messages(), out);
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, out);
+        let mut light = self.raw.advance(rd);
+        self.send_all(light.take_messages(), out);
+        let committed = light.take_committed_entries();
+        match light.commit_index() {
+            Some(commit) => {
+                // Persist the commit index before applying what it covers.
+                self.raw.mut_store().set_commit(commit);
+                let mut hs = HardState::default();
+                hs.term = self.raw.raft.term;
+                hs.vote = self.raw.raft.vote;
+                hs.commit = commit;
+                let seq = self.next_seq();
+                out.push(Output::Persist {
+                    seq,
+                    snapshot: None,
+                    entries: Vec::new(),
+                    hard_state: Some(log_cache::from_hard_state(&hs)),
+                });
+                self.in_flight = Some(InFlight::Light { seq, committed });
+            }
+            None => {
+                self.apply_entries(committed, out);
+                self.raw.advance_apply();
+            }
+        }
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<Output>) {
+        for entry in entries {
+            let index = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => self.apply_command(index, &entry.data, out),
+                EntryType::EntryConfChange => {
+                    if let Ok(cc) = ConfChange::parse_from_bytes(&entry.data) {
+                        let mut v2 = ConfChangeV2::default();
+                        v2.set_changes(vec![single(cc.node_id, cc.get_change_type())].into());
+                        v2.context = cc.context.clone();
+                        self.apply_conf_change(index, v2, out);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    if let Ok(cc) = ConfChangeV2::parse_from_bytes(&entry.data) {
+                        self.apply_conf_change(index, cc, out);
+                    }
+                }
+            }
+            self.state.applied_index = self.state.applied_index.max(index);
+            if self.replaying && index >= self.replay_until {
+                self.replaying = false;
+                self.reconcile(out);
+            }
+        }
+        self.maybe_snapshot(out);
+    }
+
+    fn apply_command(&mut self, index: u64, data: &[u8], out: &mut Vec<Output>) {
+        // An entry that does not decode (a newer version, corruption) is skipped, not
+        // fatal: every replica skips it the same way.
+        let Ok(envelope) = codec::decode::<Envelope>(data) else {
+            return;
+        };
+        if envelope.version > COMMAND_VERSION {
+            return;
+        }
+        let id = envelope.id;
+        let (reply, changes) = self.state.apply(index, envelope);
+        if self.pending.remove(&id).is_some() {
+            out.push(Output::Reply {
+                id,
+                result: Ok(reply),
+            });
+        }
+        self.effects(changes, out);
+    }
+
+    fn apply_conf_change(&mut self, index: u64, cc: ConfChangeV2, out: &mut Vec<Output>) {
+        let Ok(cs) = self.raw.apply_conf_change(&cc) else {
+            return;
+        };
+        self.raw.mut_store().set_conf_state(cs);
+        let info: NodeInfo = codec::decode(&cc.context).unwrap_or_default();
+        let mut changes = Vec::new();
+        for change in cc.get_changes() {
+            match change.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    self.state
+                        .add_node(change.node_id, info.clone(), &mut changes);
+                    self.last_seen.entry(change.node_id).or_insert(self.now_ms);
+                }
+                ConfChangeType::RemoveNode => self.state.remove_node(change.node_id, &mut changes),
+            }
+        }
+        self.state.applied_index = self.state.applied_index.max(index);
+        self.effects(changes, out);
+        // raft-rs refuses a snapshot whose membership lacks the receiver, so a new
+        // member needs a snapshot taken at or after its own addition.
+        let added = cc
+            .get_changes()
+            .iter()
+            .any(|c| c.get_change_type() != ConfChangeType::RemoveNode);
+        if added {
+            self.snapshot_now(out);
+        }
+    }
+
+    /// Turns changes addressed to this node into effects (not while replaying the
+    /// log after a restart: `reconcile` covers that).
+    fn effects(&mut self, changes: Vec<Change>, out: &mut Vec<Output>) {
+        if self.replaying {
+            return;
+        }
+        for change in changes {
+            match change {
+                Change::Assigned { trial, node, .. } if node == self.cfg.id => {
+                    if let Some(effect) = self.start_effect(trial) {
+                        out.push(Output::Effect(effect));
+                    }
+                }
+                Change::Signal {
+                    trial,
+                    node,
+                    incarnation,
+                    signal,
+                } if node == self.cfg.id => {
+                    out.push(Output::Effect(Effect::SignalTrial {
+                        trial,
+                        incarnation,
+                        signal,
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn start_effect(&self, trial: TrialId) -> Option<Effect> {
+        let t = self.state.trials.get(&trial)?;
+        Some(Effect::StartTrial {
+            trial,
+            incarnation: t.incarnation,
+            experiment: t.experiment,
+            hparams: t.hparams.clone(),
+            seed: t.seed,
+            slots: t.slots,
+            target: t.target,
+            latest_checkpoint: t.latest_checkpoint.clone(),
+        })
+    }
+
+    /// After a restart has replayed the log: start every trial placed here.
+    fn reconcile(&mut self, out: &mut Vec<Output>) {
+        let mine: Vec<TrialId> = self
+            .state
+            .trials
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
+            .map(|(id, _)| *id)
+            .collect();
+        for trial in mine {
+            if let Some(effect) = self.start_effect(trial) {
+                out.push(Output::Effect(effect));
+            }
+        }
+    }
+
+    /// Takes a snapshot when enough entries were applied since the last one (and
+    /// right after the first entry, so that joiners always start from a snapshot:
+    /// the bootstrap membership is not in the log).
+    fn maybe_snapshot(&mut self, out: &mut Vec<Output>) {
+        let applied = self.state.applied_index;
+        let last = self.raw.store().snapshot_index();
+        let first_one = last == 0 && applied > 0;
+        if applied > last && (first_one || applied - last >= self.cfg.snapshot_entries) {
+            self.snapshot_now(out);
+        }
+    }
+
+    /// Snapshots the state at the applied index and compacts the log to it.
+    fn snapshot_now(&mut self, out: &mut Vec<Output>) {
+        let applied = self.state.applied_index;
+        if applied <= self.raw.store().snapshot_index() {
+            return;
+        }
+        let Ok(term) = raft::Storage::term(self.raw.store(), applied) else {
+            return;
+        };
+        let mut snap = raft::eraftpb::Snapshot::default();
+        snap.data = self.state.encode().into();
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.raw.store().conf_state().clone());
+        let record = log_cache::from_snapshot(&snap);
+        self.raw.mut_store().compact_to(snap);
+        let hs = log_cache::from_hard_state(&self.raw.raft.hard_state());
+        let seq = self.next_seq();
+        out.push(Output::Persist {
+            seq,
+            snapshot: Some(record),
+            entries: Vec::new(),
+            hard_state: Some(hs),
+        });
+    }
+}
+
+fn single(node: NodeId, ty: ConfChangeType) -> ConfChangeSingle {
+    let mut s = ConfChangeSingle::default();
+    s.node_id = node;
+    s.set_change_type(ty);
+    s
+}

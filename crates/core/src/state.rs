@@ -1,0 +1,1006 @@
+//! The replicated state machine: what every node knows once the log is applied.
+//!
+//! Applying a command is deterministic. It also drives each experiment's searcher
+//! and the placement of queued trials, so trial creations, assignments and stop
+//! signals are never proposed: they fall out of applying the same log everywhere.
+//! [`Change`]s describe what happened; the node turns the ones addressed to itself
+//! into effects (start this trial, signal that one).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use resolute_search::{
+    ExitedReason, Operation, RequestId, SearchEvent, Searcher, SearcherSnapshot,
+};
+use resolute_types::config::{self, ExperimentConfig};
+use resolute_types::{codec, Value};
+
+use crate::command::{
+    Command, Control, Envelope, ExperimentId, MetricKind, MetricRecord, NodeId, NodeInfo,
+    ProposalId, Reply, TrialId, TrialOutcome,
+};
+use crate::placement;
+
+/// Proposal ids remembered for deduplication; the oldest are forgotten first.
+pub const SEEN_PROPOSALS_MAX: usize = 100_000;
+/// Metric points kept per trial; older training points are dropped first.
+pub const METRIC_POINTS_PER_TRIAL_MAX: usize = 100_000;
+
+/// A node's standing in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Heartbeating; gets work.
+    Alive,
+    /// Gets no new work; its trials move away.
+    Draining,
+    /// Its lease expired; its trials went back to the queue.
+    Lost,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// What it offers.
+    pub info: NodeInfo,
+    /// Its standing.
+    pub state: NodeState,
+}
+
+/// Where an experiment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExperimentState {
+    /// Trials are scheduled.
+    Active,
+    /// No trial is scheduled until it is activated.
+    Paused,
+    /// The searcher finished.
+    Completed,
+    /// A user canceled or killed it.
+    Canceled,
+    /// Every trial errored, or the config turned out invalid.
+    Errored,
+}
+
+/// An experiment and its searcher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Experiment {
+    /// The config as submitted (re-parsed on snapshot restore).
+    pub config_yaml: String,
+    /// Its overrides.
+    pub overrides: Vec<String>,
+    /// Who submitted it.
+    pub owner: String,
+    /// Model directory digest.
+    pub model_digest: String,
+    /// The seed in use.
+    pub seed: u32,
+    /// Where it is.
+    pub state: ExperimentState,
+    /// The last searcher error, if any (a bad metrics report).
+    pub last_error: Option<String>,
+    /// Searcher request id to trial id.
+    pub trials: BTreeMap<RequestId, TrialId>,
+    /// Snapshot of the searcher (filled in only inside encoded snapshots).
+    searcher_state: Option<SearcherSnapshot>,
+    #[serde(skip)]
+    config: Option<ExperimentConfig>,
+    #[serde(skip)]
+    searcher: Option<Searcher>,
+}
+
+impl Experiment {
+    /// The parsed config.
+    pub fn config(&self) -> Option<&ExperimentConfig> {
+        self.config.as_ref()
+    }
+
+    /// The searcher's progress (0 to 1).
+    pub fn progress(&self) -> f64 {
+        self.searcher.as_ref().map_or(1.0, Searcher::progress)
+    }
+}
+
+/// What a searcher asked of a trial that its node has not yet carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pending {
+    /// Nothing.
+    None,
+    /// Checkpoint and pause (may be resumed).
+    Pause,
+    /// Checkpoint and stop for good.
+    Stop,
+}
+
+/// Where a trial is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrialState {
+    /// Waiting for slots.
+    Queued,
+    /// Placed on a node (which starts it).
+    Assigned {
+        /// The node.
+        node: NodeId,
+    },
+    /// Its process runs.
+    Running {
+        /// The node.
+        node: NodeId,
+    },
+    /// Checkpointed and waiting for the searcher (or the user).
+    Paused,
+    /// Finished for good.
+    Done(TrialOutcome),
+}
+
+/// A trial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    /// Its experiment.
+    pub experiment: ExperimentId,
+    /// The searcher's id for it.
+    pub request_id: RequestId,
+    /// Hyperparameters.
+    pub hparams: Value,
+    /// Seed.
+    pub seed: u32,
+    /// PBT: start from this trial's checkpoint.
+    pub warm_start: Option<TrialId>,
+    /// Where it is.
+    pub state: TrialState,
+    /// Bumped at every assignment; reports from older incarnations are rejected.
+    pub incarnation: u64,
+    /// Failures so far (lost nodes and preemptions do not count).
+    pub restarts: u32,
+    /// Train until this many `time_metric` units.
+    pub target: Option<u64>,
+    /// Progress reported so far.
+    pub steps_completed: u64,
+    /// The newest checkpoint.
+    pub latest_checkpoint: Option<String>,
+    /// Slots it needs.
+    pub slots: u32,
+    /// A searcher request not yet carried out.
+    pub pending: Pending,
+    /// Paused by the user (resumed on activate), not by the searcher.
+    pub user_paused: bool,
+}
+
+/// A checkpoint's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Its trial.
+    pub trial: TrialId,
+    /// Progress it captures.
+    pub steps_completed: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Content digest.
+    pub digest: String,
+    /// Nodes holding a copy.
+    pub holders: BTreeSet<NodeId>,
+}
+
+/// One stored metrics report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// Training or validation.
+    pub kind: MetricKind,
+    /// Progress.
+    pub steps_completed: u64,
+    /// Values.
+    pub metrics: BTreeMap<String, Value>,
+}
+
+/// Something that happened while applying, for the node to act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A trial was placed on `node` with a new incarnation.
+    Assigned {
+        /// The trial.
+        trial: TrialId,
+        /// The node.
+        node: NodeId,
+        /// The new incarnation.
+        incarnation: u64,
+    },
+    /// The node running `trial` should deliver a signal to it.
+    Signal {
+        /// The trial.
+        trial: TrialId,
+        /// Its node.
+        node: NodeId,
+        /// Its incarnation.
+        incarnation: u64,
+        /// What to deliver.
+        signal: Signal,
+    },
+    /// A new member (learner or voter) joined.
+    NodeJoined {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// A signal to a running trial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Checkpoint, then pause.
+    Pause,
+    /// Checkpoint, then stop.
+    Stop,
+    /// Stop now.
+    Kill,
+    /// The searcher changed the target length.
+    Target(u64),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Experiments by id.
+    pub experiments: BTreeMap<ExperimentId, Experiment>,
+    /// Trials by id.
+    pub trials: BTreeMap<TrialId, Trial>,
+    /// Checkpoints by uuid.
+    pub checkpoints: BTreeMap<String, Checkpoint>,
+    /// Metric series by trial.
+    pub metrics: BTreeMap<TrialId, Vec<MetricPoint>>,
+    /// Replies of applied proposals, for exactly-once submission.
+    seen: BTreeMap<ProposalId, Reply>,
+    seen_order: VecDeque<ProposalId>,
+    /// Reports refused because they came from a stale incarnation.
+    pub stale_reports: u64,
+    /// Index of the last applied entry.
+    pub applied_index: u64,
+}
+
+/// Why a snapshot could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The bytes are not a state snapshot.
+    #[error("state snapshot: {0}")]
+    Decode(String),
+}
+
+impl ClusterState {
+    /// The reply of an already-applied proposal.
+    pub fn seen(&self, id: ProposalId) -> Option<&Reply> {
+        self.seen.get(&id)
+    }
+
+    /// Adds a member (from an applied membership change); a known member (a voter
+    /// demoted to learner, a learner promoted) keeps its record.
+    pub fn add_node(&mut self, node: NodeId, info: NodeInfo, changes: &mut Vec<Change>) {
+        if self.nodes.contains_key(&node) {
+            return;
+        }
+        self.nodes.insert(
+            node,
+            NodeRecord {
+                info,
+                state: NodeState::Alive,
+            },
+        );
+        changes.push(Change::NodeJoined { node });
+        self.schedule(changes);
+    }
+
+    /// Removes a member (from an applied membership change); its trials are requeued.
+    pub fn remove_node(&mut self, node: NodeId, changes: &mut Vec<Change>) {
+        self.requeue_from(node);
+        self.nodes.remove(&node);
+        self.schedule(changes);
+    }
+
+    /// Applies one entry.
+    pub fn apply(&mut self, index: u64, envelope: Envelope) -> (Reply, Vec<Change>) {
+        self.applied_index = self.applied_index.max(index);
+        if let Some(reply) = self.seen.get(&envelope.id) {
+            return (reply.clone(), Vec::new());
+        }
+        let mut changes = Vec::new();
+        let reply = self.apply_command(envelope.command, &mut changes);
+        self.schedule(&mut changes);
+        self.remember(envelope.id, reply.clone());
+        (reply, changes)
+    }
+
+    fn remember(&mut self, id: ProposalId, reply: Reply) {
+        self.seen.insert(id, reply);
+        self.seen_order.push_back(id);
+        while self.seen_order.len() > SEEN_PROPOSALS_MAX {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    fn apply_command(&mut self, command: Command, changes: &mut Vec<Change>) -> Reply {
+        match command {
+            Command::Noop => Reply::Ok,
+            Command::NodeLost { node } => self.set_node_state(node, NodeState::Lost),
+            Command::NodeDraining { node } => {
+                let reply = self.set_node_state(node, NodeState::Draining);
+                self.signal_node(node, Signal::Stop, changes);
+                reply
+            }
+            Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive),
+            Command::NodeCapacity { node, slots } => match self.nodes.get_mut(&node) {
+                Some(n) => {
+                    n.info.slots = slots;
+                    Reply::Ok
+                }
+                None => rejected(format!("unknown node {node}")),
+            },
+            Command::ExperimentCreated {
+                config_yaml,
+                overrides,
+                owner,
+                model_digest,
+                default_seed,
+            } => self.create_experiment(
+                config_yaml,
+                overrides,
+                owner,
+                model_digest,
+                default_seed,
+                changes,
+            ),
+            Command::ExperimentControl { experiment, action } => {
+                self.control(experiment, action, changes)
+            }
+            Command::TrialStarted { trial, incarnation } => {
+                match self.current(trial, incarnation) {
+                    Ok(t) => {
+                        if let TrialState::Assigned { node } = t.state {
+                            t.state = TrialState::Running { node };
+                        }
+                        Reply::Ok
+                    }
+                    Err(reply) => reply,
+                }
+            }
+            Command::Metrics { records } => self.metrics(records, changes),
+            Command::CheckpointSaved {
+                uuid,
+                trial,
+                incarnation,
+                steps_completed,
+                size,
+                digest,
+                holder,
+            } => match self.current(trial, incarnation) {
+                Ok(t) => {
+                    t.latest_checkpoint = Some(uuid.clone());
+                    let holders = BTreeSet::from([holder]);
+                    self.checkpoints.insert(
+                        uuid,
+                        Checkpoint {
+                            trial,
+                            steps_completed,
+                            size,
+                            digest,
+                            holders,
+                        },
+                    );
+                    Reply::Ok
+                }
+                Err(reply) => reply,
+            },
+            Command::CheckpointReplicated { uuid, holder } => match self.checkpoints.get_mut(&uuid)
+            {
+                Some(c) => {
+                    c.holders.insert(holder);
+                    Reply::Ok
+                }
+                None => rejected(format!("unknown checkpoint {uuid}")),
+            },
+            Command::TrialExited {
+                trial,
+                incarnation,
+                outcome,
+            } => self.trial_exited(trial, incarnation, outcome, changes),
+        }
+    }
+
+    fn set_node_state(&mut self, node: NodeId, state: NodeState) -> Reply {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return rejected(format!("unknown node {node}"));
+        };
+        n.state = state;
+        if state == NodeState::Lost {
+            self.requeue_from(node);
+        }
+        Reply::Ok
+    }
+
+    /// Trials on `node` go back to the queue; a lost node is not the trial's fault,
+    /// so it does not count toward `max_restarts` (as in Determined).
+    fn requeue_from(&mut self, node: NodeId) {
+        for t in self.trials.values_mut() {
+            if matches!(t.state, TrialState::Assigned { node: n } | TrialState::Running { node: n } if n == node)
+            {
+                t.state = TrialState::Queued;
+            }
+        }
+    }
+
+    fn signal_node(&mut self, node: NodeId, signal: Signal, changes: &mut Vec<Change>) {
+        for (id, t) in &self.trials {
+            if let TrialState::Assigned { node: n } | TrialState::Running { node: n } = t.state {
+                if n == node {
+                    changes.push(Change::Signal {
+                        trial: *id,
+                        node,
+                        incarnation: t.incarnation,
+                        signal,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The trial, if `incarnation` is its current one; otherwise the rejection.
+    fn current(&mut self, trial: TrialId, incarnation: u64) -> Result<&mut Trial, Reply> {
+        let Some(t) = self.trials.get_mut(&trial) else {
+            return Err(rejected(format!("unknown trial {trial}")));
+        };
+        let live = matches!(
+            t.state,
+            TrialState::Assigned { .. } | TrialState::Running { .. }
+        );
+        if t.incarnation != incarnation || !live {
+            self.stale_reports += 1;
+            return Err(rejected(format!(
+                "stale incarnation {incarnation} of trial {trial} (current {}, {:?})",
+                t.incarnation, t.state
+            )));
+        }
+        Ok(t)
+    }
+
+    fn create_experiment(
+        &mut self,
+        config_yaml: String,
+        overrides: Vec<String>,
+        owner: String,
+        model_digest: String,
+        default_seed: u32,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let loaded = match config::parse_str("experiment.yaml", &config_yaml, &overrides) {
+            Ok(l) => l,
+            Err(e) => return rejected(e.to_string()),
+        };
+        let config = loaded.config;
+        let seed = config
+            .reproducibility
+            .experiment_seed
+            .unwrap_or(default_seed);
+        let id = self.experiments.keys().next_back().map_or(1, |k| k + 1);
+        let mut searcher =
+            Searcher::new(&config.searcher, &config.hyperparameters, u64::from(seed));
+        let ops = searcher.initial_operations();
+        self.experiments.insert(
+            id,
+            Experiment {
+                config_yaml,
+                overrides,
+                owner,
+                model_digest,
+                seed,
+                state: ExperimentState::Active,
+                last_error: None,
+                trials: BTreeMap::new(),
+                searcher_state: None,
+                config: Some(config),
+                searcher: Some(searcher),
+            },
+        );
+        self.run_ops(id, ops, changes);
+        Reply::ExperimentCreated { experiment: id }
+    }
+
+    /// Feeds an event to an experiment's searcher and carries out its operations.
+    fn search_event(
+        &mut self,
+        experiment: ExperimentId,
+        event: SearchEvent,
+        changes: &mut Vec<Change>,
+    ) {
+        let Some(exp) = self.experiments.get_mut(&experiment) else {
+            return;
+        };
+        let Some(searcher) = exp.searcher.as_mut() else {
+            return;
+        };
+        match searcher.handle(&event) {
+            Ok(ops) => self.run_ops(experiment, ops, changes),
+            Err(e) => exp.last_error = Some(e.to_string()),
+        }
+    }
+
+    fn run_ops(
+        &mut self,
+        experiment: ExperimentId,
+        ops: Vec<Operation>,
+        changes: &mut Vec<Change>,
+    ) {
+        let mut queue: VecDeque<Operation> = ops.into();
+        while let Some(op) = queue.pop_front() {
+            let follow_up = self.run_op(experiment, op, changes);
+            queue.extend(follow_up);
+        }
+    }
+
+    fn trial_of(&self, experiment: ExperimentId, request: RequestId) -> Option<TrialId> {
+        self.experiments
+            .get(&experiment)
+            .and_then(|e| e.trials.get(&request))
+            .copied()
+    }
+
+    fn run_op(
+        &mut self,
+        experiment: ExperimentId,
+        op: Operation,
+        changes: &mut Vec<Change>,
+    ) -> Vec<Operation> {
+        let mut follow_up = Vec::new();
+        match op {
+            Operation::Create {
+                request_id,
+                hparams,
+                trial_seed,
+                warm_start,
+            } => {
+                let slots = self
+                    .experiments
+                    .get(&experiment)
+                    .and_then(Experiment::config)
+                    .map_or(1, |c| c.resources.slots_per_trial);
+                let warm = warm_start.and_then(|r| self.trial_of(experiment, r));
+                let id = self.trials.keys().next_back().map_or(1, |k| k + 1);
+                let latest_checkpoint = warm
+                    .and_then(|w| self.trials.get(&w))
+                    .and_then(|t| t.latest_checkpoint.clone());
+                self.trials.insert(
+                    id,
+                    Trial {
+                        experiment,
+                        request_id,
+                        hparams,
+                        seed: trial_seed,
+                        warm_start: warm,
+                        state: TrialState::Queued,
+                        incarnation: 0,
+                        restarts: 0,
+                        target: None,
+                        steps_completed: 0,
+                        latest_checkpoint,
+                        slots,
+                        pending: Pending::None,
+                        user_paused: false,
+                    },
+                );
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.trials.insert(request_id, id);
+                    if let Some(s) = e.searcher.as_mut() {
+                        match s.handle(&SearchEvent::TrialCreated { request_id }) {
+                            Ok(ops) => follow_up.extend(ops),
+                            Err(err) => e.last_error = Some(err.to_string()),
+                        }
+                    }
+                }
+            }
+            Operation::RunUntil { request_id, length }
+            | Operation::Resume { request_id, length } => {
+                if let Some(t) = self
+                    .trial_of(experiment, request_id)
+                    .and_then(|id| self.trials.get_mut(&id).map(|t| (id, t)))
+                {
+                    let (id, t) = t;
+                    t.target = Some(length);
+                    t.pending = Pending::None;
+                    match t.state {
+                        TrialState::Paused => t.state = TrialState::Queued,
+                        TrialState::Assigned { node } | TrialState::Running { node } => {
+                            changes.push(Change::Signal {
+                                trial: id,
+                                node,
+                                incarnation: t.incarnation,
+                                signal: Signal::Target(length),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Operation::Pause { request_id } => self.request(
+                experiment,
+                request_id,
+                Pending::Pause,
+                changes,
+                &mut follow_up,
+            ),
+            Operation::Stop { request_id } => self.request(
+                experiment,
+                request_id,
+                Pending::Stop,
+                changes,
+                &mut follow_up,
+            ),
+            Operation::Shutdown { failure, .. } => {
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    if e.state != ExperimentState::Canceled {
+                        e.state = if failure {
+                            ExperimentState::Errored
+                        } else {
+                            ExperimentState::Completed
+                        };
+                    }
+                }
+            }
+        }
+        follow_up
+    }
+
+    /// A searcher's pause or stop: signal a running trial, or act at once on one
+    /// that is not running.
+    fn request(
+        &mut self,
+        experiment: ExperimentId,
+        request_id: RequestId,
+        what: Pending,
+        changes: &mut Vec<Change>,
+        follow_up: &mut Vec<Operation>,
+    ) {
+        let Some(id) = self.trial_of(experiment, request_id) else {
+            return;
+        };
+        let Some(t) = self.trials.get_mut(&id) else {
+            return;
+        };
+        match t.state {
+            TrialState::Assigned { node } | TrialState::Running { node } => {
+                t.pending = what;
+                let signal = if what == Pending::Pause {
+                    Signal::Pause
+                } else {
+                    Signal::Stop
+                };
+                changes.push(Change::Signal {
+                    trial: id,
+                    node,
+                    incarnation: t.incarnation,
+                    signal,
+                });
+            }
+            TrialState::Queued | TrialState::Paused => {
+                if what == Pending::Pause {
+                    t.state = TrialState::Paused;
+                } else {
+                    t.state = TrialState::Done(TrialOutcome::Stopped);
+                    follow_up.extend(self.close(experiment, request_id));
+                }
+            }
+            TrialState::Done(_) => {}
+        }
+    }
+
+    /// Tells the searcher a trial is closed for good.
+    fn close(&mut self, experiment: ExperimentId, request_id: RequestId) -> Vec<Operation> {
+        let Some(e) = self.experiments.get_mut(&experiment) else {
+            return Vec::new();
+        };
+        let Some(s) = e.searcher.as_mut() else {
+            return Vec::new();
+        };
+        match s.handle(&SearchEvent::TrialExited { request_id }) {
+            Ok(ops) => ops,
+            Err(err) => {
+                e.last_error = Some(err.to_string());
+                Vec::new()
+            }
+        }
+    }
+
+    fn metrics(&mut self, records: Vec<MetricRecord>, changes: &mut Vec<Change>) -> Reply {
+        let mut refused = 0usize;
+        for record in records {
+            let (experiment, request_id) = match self.current(record.trial, record.incarnation) {
+                Ok(t) => {
+                    t.steps_completed = t.steps_completed.max(record.steps_completed);
+                    (t.experiment, t.request_id)
+                }
+                Err(_) => {
+                    refused += 1;
+                    continue;
+                }
+            };
+            let series = self.metrics.entry(record.trial).or_default();
+            series.push(MetricPoint {
+                kind: record.kind,
+                steps_completed: record.steps_completed,
+                metrics: record.metrics.clone(),
+            });
+            if series.len() > METRIC_POINTS_PER_TRIAL_MAX {
+                let drop = series
+                    .iter()
+                    .position(|p| p.kind == MetricKind::Training)
+                    .unwrap_or(0);
+                series.remove(drop);
+            }
+            if record.kind == MetricKind::Validation {
+                self.search_event(
+                    experiment,
+                    SearchEvent::ValidationCompleted {
+                        request_id,
+                        metrics: record.metrics,
+                    },
+                    changes,
+                );
+            }
+        }
+        if refused > 0 {
+            rejected(format!("{refused} records from stale incarnations"))
+        } else {
+            Reply::Ok
+        }
+    }
+
+    fn trial_exited(
+        &mut self,
+        trial: TrialId,
+        incarnation: u64,
+        outcome: TrialOutcome,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let max_restarts = {
+            let Some(t) = self.trials.get(&trial) else {
+                return rejected(format!("unknown trial {trial}"));
+            };
+            self.experiments
+                .get(&t.experiment)
+                .and_then(Experiment::config)
+                .map_or(5, |c| c.max_restarts)
+        };
+        let (experiment, request_id, pending, unfinished) = match self.current(trial, incarnation) {
+            Ok(t) => (
+                t.experiment,
+                t.request_id,
+                t.pending,
+                t.target.is_some_and(|target| t.steps_completed < target),
+            ),
+            Err(reply) => return reply,
+        };
+        let Some(t) = self.trials.get_mut(&trial) else {
+            return Reply::Ok;
+        };
+        let mut events = Vec::new();
+        match outcome {
+            TrialOutcome::Completed | TrialOutcome::Stopped => {
+                if pending == Pending::Pause {
+                    t.state = TrialState::Paused;
+                    t.pending = Pending::None;
+                } else if pending == Pending::None && (unfinished || t.user_paused) {
+                    // It exited before its target (or was paused by its user): it
+                    // resumes from its latest checkpoint.
+                    t.state = if t.user_paused {
+                        TrialState::Paused
+                    } else {
+                        TrialState::Queued
+                    };
+                } else {
+                    t.state = TrialState::Done(outcome);
+                    events.push(SearchEvent::TrialExited { request_id });
+                }
+            }
+            TrialOutcome::Preempted => t.state = TrialState::Queued,
+            TrialOutcome::Errored { .. } => {
+                t.restarts += 1;
+                if t.restarts > max_restarts || pending == Pending::Stop {
+                    t.state = TrialState::Done(outcome);
+                    events.push(SearchEvent::TrialExitedEarly {
+                        request_id,
+                        reason: ExitedReason::Errored,
+                    });
+                    events.push(SearchEvent::TrialExited { request_id });
+                } else {
+                    t.state = TrialState::Queued;
+                }
+            }
+            TrialOutcome::InvalidHyperparameters => {
+                t.state = TrialState::Done(outcome);
+                events.push(SearchEvent::TrialExitedEarly {
+                    request_id,
+                    reason: ExitedReason::InvalidHp,
+                });
+                events.push(SearchEvent::TrialExited { request_id });
+            }
+        }
+        for event in events {
+            self.search_event(experiment, event, changes);
+        }
+        Reply::Ok
+    }
+
+    fn control(
+        &mut self,
+        experiment: ExperimentId,
+        action: Control,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let Some(e) = self.experiments.get_mut(&experiment) else {
+            return rejected(format!("unknown experiment {experiment}"));
+        };
+        if matches!(
+            e.state,
+            ExperimentState::Completed | ExperimentState::Canceled | ExperimentState::Errored
+        ) {
+            return rejected(format!("experiment {experiment} has ended ({:?})", e.state));
+        }
+        match action {
+            Control::Pause => e.state = ExperimentState::Paused,
+            Control::Activate => e.state = ExperimentState::Active,
+            Control::Cancel | Control::Kill => e.state = ExperimentState::Canceled,
+        }
+        let ids: Vec<TrialId> = self
+            .trials
+            .iter()
+            .filter(|(_, t)| t.experiment == experiment)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(t) = self.trials.get_mut(&id) else {
+                continue;
+            };
+            let on = match t.state {
+                TrialState::Assigned { node } | TrialState::Running { node } => Some(node),
+                _ => None,
+            };
+            match action {
+                Control::Pause => {
+                    t.user_paused = true;
+                    if let Some(node) = on {
+                        changes.push(Change::Signal {
+                            trial: id,
+                            node,
+                            incarnation: t.incarnation,
+                            signal: Signal::Pause,
+                        });
+                    } else if t.state == TrialState::Queued {
+                        t.state = TrialState::Paused;
+                    }
+                }
+                Control::Activate => {
+                    if t.user_paused {
+                        t.user_paused = false;
+                        if t.state == TrialState::Paused && t.pending == Pending::None {
+                            t.state = TrialState::Queued;
+                        }
+                    }
+                }
+                Control::Cancel | Control::Kill => {
+                    let signal = if action == Control::Kill {
+                        Signal::Kill
+                    } else {
+                        Signal::Stop
+                    };
+                    if let Some(node) = on {
+                        t.pending = Pending::Stop;
+                        changes.push(Change::Signal {
+                            trial: id,
+                            node,
+                            incarnation: t.incarnation,
+                            signal,
+                        });
+                    } else if !matches!(t.state, TrialState::Done(_)) {
+                        t.state = TrialState::Done(TrialOutcome::Stopped);
+                        let request_id = t.request_id;
+                        self.search_event(
+                            experiment,
+                            SearchEvent::TrialExitedEarly {
+                                request_id,
+                                reason: ExitedReason::UserCanceled,
+                            },
+                            changes,
+                        );
+                        self.search_event(
+                            experiment,
+                            SearchEvent::TrialExited { request_id },
+                            changes,
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(e) = self.experiments.get_mut(&experiment) {
+            if matches!(action, Control::Cancel | Control::Kill) {
+                e.state = ExperimentState::Canceled;
+            }
+        }
+        Reply::Ok
+    }
+
+    /// Places queued trials of active experiments (first fit, until the scheduler
+    /// issue replaces it behind the same function).
+    fn schedule(&mut self, changes: &mut Vec<Change>) {
+        for (trial, node) in placement::first_fit(self) {
+            if let Some(t) = self.trials.get_mut(&trial) {
+                t.incarnation += 1;
+                t.state = TrialState::Assigned { node };
+                changes.push(Change::Assigned {
+                    trial,
+                    node,
+                    incarnation: t.incarnation,
+                });
+            }
+        }
+    }
+
+    /// Encodes the state (searchers included) for a Raft snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut copy = self.clone();
+        for e in copy.experiments.values_mut() {
+            e.searcher_state = e.searcher.as_ref().map(Searcher::snapshot);
+        }
+        // The state is plain data; encoding it cannot fail.
+        codec::encode(&copy).unwrap_or_default()
+    }
+
+    /// Decodes a snapshot, re-parsing configs and restoring searchers exactly.
+    pub fn decode(bytes: &[u8]) -> Result<ClusterState, StateError> {
+        let mut state: ClusterState =
+            codec::decode(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+        for e in state.experiments.values_mut() {
+            let config = config::parse_str("experiment.yaml", &e.config_yaml, &e.overrides)
+                .map_err(|err| StateError::Decode(err.to_string()))?
+                .config;
+            if let Some(snapshot) = e.searcher_state.take() {
+                let searcher =
+                    Searcher::restore(&config.searcher, &config.hyperparameters, snapshot)
+                        .map_err(|err| StateError::Decode(err.to_string()))?;
+                e.searcher = Some(searcher);
+            }
+            e.config = Some(config);
+        }
+        Ok(state)
+    }
+
+    /// A digest of the whole state, for comparing replicas. The applied index is left
+    /// out: a new leader's empty entry advances it without changing anything.
+    pub fn digest(&self) -> String {
+        let mut copy = self.clone();
+        copy.applied_index = 0;
+        let bytes = copy.encode();
+        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in &bytes {
+            fnv = (fnv ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{fnv:016x}{:08x}", crc32c_of(&bytes))
+    }
+}
+
+fn crc32c_of(bytes: &[u8]) -> u32 {
+    // A second, independent checksum makes accidental digest collisions negligible.
+    let mut crc: u32 = !0;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn rejected(reason: String) -> Reply {
+    Reply::Rejected { reason }
+}

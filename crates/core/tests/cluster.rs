@@ -1,0 +1,431 @@
+//! In-process clusters of 1, 3 and 5 nodes agreeing through Raft.
+
+mod common;
+
+use common::Cluster;
+use resolute_core::command::{Command, MetricKind, MetricRecord, TrialOutcome};
+use resolute_core::node::Effect;
+use resolute_core::state::{ExperimentState, TrialState};
+use resolute_core::{NodeConfig, NodeError, Reply};
+
+const EXPERIMENT: &str = "name: t
+hyperparameters:
+  lr: {type: double, minval: 0.001, maxval: 0.1}
+searcher: {name: random, metric: loss, max_trials: 3, max_concurrent_trials: 3, time_metric: batches, max_time: 100}
+reproducibility: {experiment_seed: 5}
+";
+
+fn create() -> Command {
+    Command::ExperimentCreated {
+        config_yaml: EXPERIMENT.to_string(),
+        overrides: Vec::new(),
+        owner: "alice".into(),
+        model_digest: "d".into(),
+        default_seed: 1,
+    }
+}
+
+#[test]
+fn a_single_node_bootstraps_and_runs_an_experiment() {
+    let mut c = Cluster::new(1);
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    let pid = c.propose_on(1, create());
+    c.until(2_000, "reply", |c| c.replies.contains_key(&pid));
+    assert_eq!(
+        c.replies[&pid],
+        Ok(Reply::ExperimentCreated { experiment: 1 })
+    );
+    let state = c.members[&1].node.state();
+    assert_eq!(
+        state.trials.len(),
+        3,
+        "the searcher's trials were created on apply"
+    );
+    // Node 1 has 2 slots: two trials start here, the third waits.
+    let started = c
+        .effects
+        .iter()
+        .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial { .. }))
+        .count();
+    assert_eq!(started, 2);
+}
+
+fn three(seed: u64) -> Cluster {
+    let mut c = Cluster::new(seed);
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    c.join(2, "b", 1);
+    c.join(3, "c", 1);
+    c.until(20_000, "three voters", |c| {
+        let mut v = c.voters(1);
+        v.sort();
+        v == vec![1, 2, 3] && c.converged()
+    });
+    c
+}
+
+#[test]
+fn three_nodes_form_a_cluster_and_agree() {
+    let mut c = three(2);
+    let pid = c.propose_on(3, create());
+    c.until(5_000, "reply on the follower", |c| {
+        c.replies.contains_key(&pid)
+    });
+    assert_eq!(
+        c.replies[&pid],
+        Ok(Reply::ExperimentCreated { experiment: 1 })
+    );
+    c.until(5_000, "converged", |c| c.converged());
+    for m in c.members.values() {
+        assert_eq!(m.node.state().experiments.len(), 1);
+    }
+}
+
+#[test]
+fn five_nodes_keep_three_voters_and_learners_forward() {
+    let mut c = three(3);
+    c.join(4, "a", 2);
+    c.join(5, "b", 3);
+    c.until(20_000, "learners", |c| {
+        c.members[&1].node.membership().1.len() == 2 && c.converged()
+    });
+    assert_eq!(c.voters(1).len(), 3, "voters stay at the configured 3");
+    let pid = c.propose_on(5, create());
+    c.until(5_000, "learner's proposal answered", |c| {
+        c.replies.contains_key(&pid)
+    });
+    assert!(matches!(
+        c.replies[&pid],
+        Ok(Reply::ExperimentCreated { .. })
+    ));
+    c.until(5_000, "converged", |c| c.converged());
+}
+
+#[test]
+fn leader_failover_and_exactly_once_submission() {
+    let mut c = three(4);
+    let old = c.leader().expect("leader");
+    let follower = if old == 1 { 2 } else { 1 };
+    // The proposal reaches the leader, which crashes before anyone answers.
+    let pid = c.propose_on(follower, create());
+    c.run(30);
+    c.crash(old);
+    c.until(20_000, "new leader", |c| {
+        c.leader().is_some_and(|l| l != old)
+    });
+    // The client retries with the same id through another node.
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != old && *n != follower)
+        .expect("third node");
+    c.repropose(other, pid, create());
+    c.until(10_000, "retry answered", |c| {
+        c.replies.get(&pid).is_some_and(|r| r.is_ok())
+    });
+    c.restart(old);
+    c.until(20_000, "all converge", |c| c.converged());
+    for m in c.members.values() {
+        assert_eq!(
+            m.node.state().experiments.len(),
+            1,
+            "applied exactly once on node {}",
+            m.node.id()
+        );
+    }
+}
+
+#[test]
+fn proposals_without_a_leader_fail_fast() {
+    let mut c = three(5);
+    // Isolate node 3 completely; it loses its leader.
+    for n in [1, 2] {
+        c.blocked.insert((3, n));
+        c.blocked.insert((n, 3));
+    }
+    c.run(5_000);
+    let pid = c.propose_on(3, create());
+    c.run(6_000);
+    let r = c.replies.get(&pid).cloned();
+    assert!(
+        matches!(r, Some(Err(NodeError::NoLeader | NodeError::Timeout))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_lagging_learner_catches_up_by_snapshot() {
+    let mut c = common::Cluster::new(6);
+    let mut cfg = NodeConfig::new(1, common::info("a", 2));
+    cfg.snapshot_entries = 20;
+    c.add(cfg, true);
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    for _ in 0..100 {
+        c.propose_on(1, Command::Noop);
+        c.run(10);
+    }
+    c.until(5_000, "applied", |c| c.members[&1].node.applied() >= 100);
+    assert!(c.members[&1].node.snapshot_index() >= 80);
+    let mut cfg = NodeConfig::new(2, common::info("b", 2));
+    cfg.snapshot_entries = 20;
+    c.join_cfg(cfg, 1);
+    c.until(20_000, "learner caught up", |c| c.converged());
+    assert!(
+        c.members[&2].node.snapshot_index() > 0,
+        "caught up from a snapshot"
+    );
+}
+
+#[test]
+fn a_voter_whose_lease_expires_is_replaced() {
+    let mut c = three(7);
+    c.join(4, "d", 1);
+    c.until(20_000, "learner", |c| {
+        c.members[&1].node.membership().1 == vec![4]
+    });
+    let leader = c.leader().expect("leader");
+    let victim = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    c.crash(victim);
+    c.until(30_000, "replaced", |c| {
+        let mut v = c.voters(leader);
+        v.sort();
+        !v.contains(&victim) && v.contains(&4) && v.len() == 3
+    });
+    c.until(10_000, "lost", |c| {
+        c.members[&leader]
+            .node
+            .state()
+            .nodes
+            .get(&victim)
+            .is_some_and(|n| n.state == resolute_core::state::NodeState::Lost)
+    });
+}
+
+#[test]
+fn a_stale_incarnation_cannot_report() {
+    let mut c = three(8);
+    let pid = c.propose_on(1, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    c.until(5_000, "converged", |c| c.converged());
+    let leader = c.leader().expect("leader");
+    let (trial, t) = {
+        let s = c.members[&leader].node.state();
+        let (id, t) = s
+            .trials
+            .iter()
+            .find(|(_, t)| matches!(t.state, TrialState::Assigned { .. }))
+            .expect("assigned");
+        (*id, t.clone())
+    };
+    let TrialState::Assigned { node } = t.state else {
+        unreachable!()
+    };
+    let old = t.incarnation;
+    // The node running it is lost: the trial is requeued and placed again.
+    let lost = c.propose_on(leader, Command::NodeLost { node });
+    c.until(5_000, "lost", |c| c.replies.contains_key(&lost));
+    c.until(5_000, "reassigned", |c| {
+        c.members[&leader].node.state().trials[&trial].incarnation > old
+    });
+    let stale = c.propose_on(
+        leader,
+        Command::Metrics {
+            records: vec![MetricRecord {
+                trial,
+                incarnation: old,
+                kind: MetricKind::Validation,
+                steps_completed: 100,
+                metrics: Default::default(),
+            }],
+        },
+    );
+    c.until(5_000, "answer", |c| c.replies.contains_key(&stale));
+    assert!(
+        matches!(&c.replies[&stale], Ok(Reply::Rejected { reason }) if reason.contains("stale")),
+        "{:?}",
+        c.replies[&stale]
+    );
+    let exit = c.propose_on(
+        leader,
+        Command::TrialExited {
+            trial,
+            incarnation: old,
+            outcome: TrialOutcome::Completed,
+        },
+    );
+    c.until(5_000, "answer", |c| c.replies.contains_key(&exit));
+    assert!(matches!(&c.replies[&exit], Ok(Reply::Rejected { .. })));
+    assert_eq!(c.members[&leader].node.state().stale_reports, 2);
+}
+
+#[test]
+fn trials_run_to_completion_and_the_experiment_ends() {
+    let mut c = three(9);
+    let pid = c.propose_on(2, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    c.until(5_000, "converged", |c| c.converged());
+    // Play the trial runners: every started trial reports a validation and completes.
+    for _ in 0..20 {
+        let starts: Vec<(u64, u64, u64)> = c
+            .effects
+            .drain(..)
+            .filter_map(|(n, e)| match e {
+                Effect::StartTrial {
+                    trial, incarnation, ..
+                } => Some((n, trial, incarnation)),
+                _ => None,
+            })
+            .collect();
+        for (node, trial, incarnation) in starts {
+            let mut metrics = std::collections::BTreeMap::new();
+            metrics.insert("loss".to_string(), resolute_types::Value::Float(0.5));
+            metrics.insert("batches".to_string(), resolute_types::Value::Int(100));
+            c.propose_on(
+                node,
+                Command::Metrics {
+                    records: vec![MetricRecord {
+                        trial,
+                        incarnation,
+                        kind: MetricKind::Validation,
+                        steps_completed: 100,
+                        metrics,
+                    }],
+                },
+            );
+            c.run(50);
+            c.propose_on(
+                node,
+                Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome: TrialOutcome::Completed,
+                },
+            );
+            c.run(50);
+        }
+        c.run(200);
+    }
+    c.until(10_000, "converged", |c| c.converged());
+    let s = c.members[&1].node.state();
+    assert_eq!(
+        s.experiments[&1].state,
+        ExperimentState::Completed,
+        "{:?}",
+        s.trials
+    );
+    assert!(s
+        .trials
+        .values()
+        .all(|t| matches!(t.state, TrialState::Done(TrialOutcome::Completed))));
+}
+
+#[test]
+fn a_full_restart_from_disk_keeps_every_state() {
+    let mut c = Cluster::new(10).durable("restart");
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    c.join(2, "b", 1);
+    c.join(3, "c", 1);
+    c.until(20_000, "three voters", |c| {
+        c.voters(1).len() == 3 && c.converged()
+    });
+    let pid = c.propose_on(2, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    for _ in 0..30 {
+        c.propose_on(3, Command::Noop);
+    }
+    c.until(10_000, "converged", |c| c.converged());
+    let before = c.digests();
+    for id in [1, 2, 3] {
+        c.crash(id);
+    }
+    for id in [1, 2, 3] {
+        c.restart(id);
+    }
+    c.until(30_000, "re-elected and replayed", |c| {
+        c.leader().is_some() && c.converged()
+    });
+    let after = c.digests();
+    assert_eq!(before, after, "every state digest survives a full restart");
+}
+
+#[test]
+fn lossy_links_still_converge() {
+    let mut c = three(11);
+    c.drop_per_mille = 100;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(c.propose_on(1 + i % 3, Command::Noop));
+        c.run(50);
+    }
+    c.drop_per_mille = 0;
+    c.until(20_000, "converged", |c| c.converged());
+    // Every proposal was answered: applied, or failed so the client can retry.
+    c.run(6_000);
+    assert!(
+        ids.iter().all(|id| c.replies.contains_key(id)),
+        "never silence"
+    );
+}
+
+#[test]
+fn an_isolated_node_fences_itself() {
+    let mut c = three(12);
+    let pid = c.propose_on(1, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    c.until(5_000, "converged", |c| c.converged());
+    let leader = c.leader().expect("leader");
+    let with_trials = c.members[&leader]
+        .node
+        .state()
+        .trials
+        .values()
+        .find_map(|t| match t.state {
+            TrialState::Assigned { node } if node != leader => Some(node),
+            _ => None,
+        })
+        .expect("a follower runs a trial");
+    for n in [1, 2, 3] {
+        if n != with_trials {
+            c.blocked.insert((with_trials, n));
+            c.blocked.insert((n, with_trials));
+        }
+    }
+    c.effects.clear();
+    c.run(6_000);
+    assert!(
+        c.effects
+            .iter()
+            .any(|(n, e)| *n == with_trials && *e == Effect::StopAllTrials),
+        "the isolated node stopped its trials"
+    );
+    // Meanwhile the majority declared it lost and moved its trials.
+    let s = c.members[&leader].node.state();
+    assert!(s.trials.values().all(|t| !matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == with_trials)));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let run = |seed: u64| {
+        let mut c = three(seed);
+        c.drop_per_mille = 50;
+        for i in 0..10 {
+            c.propose_on(1 + i % 3, create());
+            c.run(100);
+        }
+        c.drop_per_mille = 0;
+        c.run(5_000);
+        (
+            c.digests(),
+            c.now_ms,
+            c.members
+                .values()
+                .map(|m| (m.node.term(), m.node.applied()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(run(21), run(21));
+}
