@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 use resolute_search::simulate::{plan, run, Preview, SyntheticCurves};
@@ -29,6 +31,34 @@ enum Command {
     },
     /// Show how many trials a search creates and how long each trains.
     PreviewSearch(PreviewArgs),
+    /// Run a benchmark and print its figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The experiment log: metric records per second through a 3-voter cluster with
+    /// real fsyncs, and commit latency, against the disk's raw fsync rate.
+    Log(LogBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct LogBenchArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Seconds of measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Metric records per log entry.
+    #[arg(long, default_value_t = 256)]
+    records_per_entry: usize,
+    /// Proposals kept in flight (concurrently reporting trials).
+    #[arg(long, default_value_t = 4)]
+    outstanding: usize,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +102,9 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check(args),
         } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
+        Command::Bench {
+            command: BenchCommand::Log(args),
+        } => bench_log(&args),
     };
     match result {
         Ok(code) => code,
@@ -163,6 +196,61 @@ fn preview_search(args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         });
         println!("{count:>6} | {length}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_log(args: &LogBenchArgs) -> anyhow::Result<ExitCode> {
+    if args.seconds <= 0.0 || args.records_per_entry == 0 || args.outstanding == 0 {
+        anyhow::bail!("--seconds, --records-per-entry and --outstanding must be positive");
+    }
+    let dir = std::env::temp_dir().join(format!("resolute-bench-log-{}", std::process::id()));
+    let opts = bench::log::Options {
+        seconds: args.seconds,
+        records_per_entry: args.records_per_entry,
+        outstanding: args.outstanding,
+        dir,
+    };
+    let r = bench::log::run(&opts)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).context("rendering the report")?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "experiment log, 3 voters, real fsync ({:.1} s, {} records/entry, {} outstanding)",
+        r.seconds, args.records_per_entry, args.outstanding
+    );
+    println!(
+        "  {:<28} {:>14.0}   target >= 100000",
+        "records_per_s", r.records_per_s
+    );
+    println!("  {:<28} {:>14.0}", "entries_per_s", r.entries_per_s);
+    println!(
+        "  {:<28} {:>14.1}",
+        "records_per_fsync", r.records_per_fsync
+    );
+    println!(
+        "  {:<28} {:>14.0}   (reference: raw append+fsync)",
+        "fsyncs_per_s_raw", r.fsyncs_per_s_raw
+    );
+    println!(
+        "  {:<28} {:>14.3}",
+        "commit_latency_ms_p50", r.commit_latency_ms_p50
+    );
+    println!(
+        "  {:<28} {:>14.3}",
+        "commit_latency_ms_p99", r.commit_latency_ms_p99
+    );
+    println!(
+        "  {:<28} {:>14.3}",
+        "raw_fsync_latency_ms_p50", r.raw_fsync_latency_ms_p50
+    );
+    println!(
+        "  {:<28} {:>14.2}   target <= 5",
+        "p99_over_raw_fsync", r.p99_over_raw_fsync
+    );
     Ok(ExitCode::SUCCESS)
 }
 

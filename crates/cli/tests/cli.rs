@@ -105,3 +105,31 @@ fn bad_configs_exit_1_with_the_message() {
     assert!(text(&out.stderr).contains("cannot read"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_log_prints_its_figures_as_json() {
+    let out = resolute(&[
+        "bench",
+        "log",
+        "--json",
+        "--seconds",
+        "0.3",
+        "--outstanding",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "records_per_s",
+        "entries_per_s",
+        "fsyncs_per_s_raw",
+        "records_per_fsync",
+        "commit_latency_ms_p50",
+        "commit_latency_ms_p99",
+    ] {
+        let v = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {json}"));
+        assert!(v > 0.0, "{key} = {v}");
+    }
+}

@@ -70,11 +70,6 @@ impl LogCache {
         self.hard_state = hs;
     }
 
-    /// Records a persisted commit index.
-    pub fn set_commit(&mut self, commit: u64) {
-        self.hard_state.commit = commit;
-    }
-
     /// Appends persisted entries, replacing any conflicting suffix.
     pub fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first().map(|e| e.index) else {

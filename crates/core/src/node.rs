@@ -1,13 +1,15 @@
 //! [`Node`]: the sans-IO node. Inputs in, outputs out; no I/O, clock or thread.
 //!
-//! It follows raft-rs's Ready contract to the letter:
+//! It follows raft-rs's asynchronous Ready contract to the letter:
 //!
 //! 1. `ready.messages` are sent at once (they do not depend on local writes);
-//! 2. the snapshot, entries and hard state go out as one [`Output::Persist`]; nothing
-//!    else of that Ready happens until the shell answers [`Input::Persisted`];
-//! 3. then the persisted messages are sent and the committed entries applied;
-//! 4. a commit index that `advance` reports is persisted (another `Persist`) before
-//!    the entries it covers are applied.
+//! 2. the snapshot, entries and hard state go out as one [`Output::Persist`], the
+//!    in-memory log cache takes them, and the Ready is handed back with
+//!    `advance_append_async`, so the node keeps stepping while the shell writes;
+//! 3. when the shell answers [`Input::Persisted`], in order: `on_persist_ready`,
+//!    the persisted messages are sent, and the committed entries are applied (their
+//!    commit index was in that write or an earlier one: the commit index is durable
+//!    before anything it covers applies).
 //!
 //! Membership has no master: the first node bootstraps a group of one; a joining
 //! node starts uninitialized and announces itself; the leader adds it as a learner
@@ -24,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
-    Entry, EntryType, HardState, Message,
+    Entry, EntryType, Message,
 };
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -251,9 +253,15 @@ pub enum NodeError {
     Refused(String),
 }
 
-enum InFlight {
-    Ready { seq: u64, rd: Box<raft::Ready> },
-    Light { seq: u64, committed: Vec<Entry> },
+/// A Ready whose writes the shell has not acknowledged yet.
+struct Unacked {
+    /// The `Persist` sequence number (0: nothing to write).
+    seq: u64,
+    /// raft-rs's Ready number.
+    number: u64,
+    snapshot: Option<raft::eraftpb::Snapshot>,
+    persisted_messages: Vec<Message>,
+    committed: Vec<Entry>,
 }
 
 /// A Resolute node's logic.
@@ -264,7 +272,8 @@ pub struct Node {
     now_ms: u64,
     ticks: u64,
     persist_seq: u64,
-    in_flight: Option<InFlight>,
+    unacked: std::collections::VecDeque<Unacked>,
+    acked_seq: u64,
     pending: BTreeMap<ProposalId, u64>,
     last_seen: BTreeMap<NodeId, u64>,
     last_quorum_ms: u64,
@@ -360,7 +369,8 @@ impl Node {
             now_ms: 0,
             ticks: 0,
             persist_seq: 0,
-            in_flight: None,
+            unacked: std::collections::VecDeque::new(),
+            acked_seq: 0,
             pending: BTreeMap::new(),
             last_seen: BTreeMap::new(),
             last_quorum_ms: 0,
@@ -777,93 +787,93 @@ impl Node {
         }
     }
 
-    /// Processes Readies until one needs a write (then waits for `Persisted`).
+    /// Takes every Ready: the log cache learns its writes at once (raft-rs reads
+    /// handed-over entries from storage right after `advance_append_async`), the
+    /// writes go to the shell as `Output::Persist`, and the rest waits for the
+    /// shell's acknowledgement (`on_persist_ready`).
     fn drive(&mut self, out: &mut Vec<Output>) {
-        while self.in_flight.is_none() && self.raw.has_ready() {
+        while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             self.send_all(rd.take_messages(), out);
-            let snapshot =
-                (!rd.snapshot().is_empty()).then(|| log_cache::from_snapshot(rd.snapshot()));
-            let entries: Vec<store::LogEntry> =
-                rd.entries().iter().map(log_cache::from_entry).collect();
-            let mut hard_state = rd.hs().map(log_cache::from_hard_state);
-            if snapshot.is_some() && hard_state.is_none() {
+            let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+            let hard_state = match (rd.hs(), &snapshot) {
+                (Some(hs), _) => Some(hs.clone()),
                 // A snapshot is installed atomically with a hard state.
-                hard_state = Some(log_cache::from_hard_state(&self.raw.raft.hard_state()));
+                (None, Some(_)) => Some(self.raw.raft.hard_state()),
+                (None, None) => None,
+            };
+            let entries = rd.entries().clone();
+            let seq = if snapshot.is_none() && entries.is_empty() && hard_state.is_none() {
+                0
+            } else {
+                let seq = self.next_seq();
+                out.push(Output::Persist {
+                    seq,
+                    snapshot: snapshot.as_ref().map(log_cache::from_snapshot),
+                    entries: entries.iter().map(log_cache::from_entry).collect(),
+                    hard_state: hard_state.as_ref().map(log_cache::from_hard_state),
+                });
+                seq
+            };
+            if let Some(snap) = &snapshot {
+                self.raw.mut_store().apply_snapshot(snap.clone());
             }
-            if snapshot.is_none() && entries.is_empty() && hard_state.is_none() {
-                self.finish_ready(rd, out);
-                continue;
+            self.raw.mut_store().append(&entries);
+            if let Some(hs) = hard_state {
+                self.raw.mut_store().set_hard_state(hs);
             }
-            let seq = self.next_seq();
-            out.push(Output::Persist {
+            self.unacked.push_back(Unacked {
                 seq,
+                number: rd.number(),
                 snapshot,
-                entries,
-                hard_state,
+                persisted_messages: rd.take_persisted_messages(),
+                committed: rd.take_committed_entries(),
             });
-            self.in_flight = Some(InFlight::Ready {
-                seq,
-                rd: Box::new(rd),
-            });
+            self.raw.advance_append_async(rd);
+            self.finish_acked(out);
         }
     }
 
     fn on_persisted(&mut self, seq: u64, out: &mut Vec<Output>) {
-        match self.in_flight.take() {
-            Some(InFlight::Ready { seq: s, rd }) if s == seq => {
-                if !rd.snapshot().is_empty() {
-                    let snap = rd.snapshot().clone();
-                    // A snapshot that does not decode came from a different
-                    // version; keep the old state rather than crash.
-                    if let Ok(state) = ClusterState::decode(&snap.data) {
-                        self.state = state;
-                    }
-                    self.raw.mut_store().apply_snapshot(snap);
-                }
-                self.raw.mut_store().append(rd.entries());
-                if let Some(hs) = rd.hs() {
-                    self.raw.mut_store().set_hard_state(hs.clone());
-                }
-                let _ = rd.number();
-                self.finish_ready(*rd, out);
-            }
-            Some(InFlight::Light { seq: s, committed }) if s == seq => {
-                self.apply_entries(committed, out);
-                self.raw.advance_apply();
-            }
-            other => self.in_flight = other,
-        }
+        // The shell carries out writes in order, so `seq` covers every earlier one.
+        self.acked_seq = self.acked_seq.max(seq);
+        self.finish_acked(out);
     }
 
-    /// The rest of a Ready once its writes are durable.
-    fn finish_ready(&mut self, mut rd: raft::Ready, out: &mut Vec<Output>) {
-        self.send_all(rd.take_persisted_messages(), out);
-        let committed = rd.take_committed_entries();
-        self.apply_entries(committed, out);
-        let mut light = self.raw.advance(rd);
-        self.send_all(light.take_messages(), out);
-        let committed = light.take_committed_entries();
-        match light.commit_index() {
-            Some(commit) => {
-                // Persist the commit index before applying what it covers.
-                self.raw.mut_store().set_commit(commit);
-                let mut hs = HardState::default();
-                hs.term = self.raw.raft.term;
-                hs.vote = self.raw.raft.vote;
-                hs.commit = commit;
-                let seq = self.next_seq();
-                out.push(Output::Persist {
-                    seq,
-                    snapshot: None,
-                    entries: Vec::new(),
-                    hard_state: Some(log_cache::from_hard_state(&hs)),
-                });
-                self.in_flight = Some(InFlight::Light { seq, committed });
+    /// Completes, in order, every Ready whose writes are durable: raft-rs learns
+    /// it (`on_persist_ready`), persisted messages go out, and committed entries are
+    /// applied (their commit index was in that write or an earlier one, so it is
+    /// durable before anything it covers is applied).
+    fn finish_acked(&mut self, out: &mut Vec<Output>) {
+        while self
+            .unacked
+            .front()
+            .is_some_and(|u| u.seq == 0 || u.seq <= self.acked_seq)
+        {
+            let Some(u) = self.unacked.pop_front() else {
+                break;
+            };
+            self.raw.on_persist_ready(u.number);
+            if let Some(snap) = u.snapshot {
+                let index = snap.get_metadata().index;
+                // A snapshot that does not decode came from a different version;
+                // keep the old state rather than crash.
+                if let Ok(state) = ClusterState::decode(&snap.data) {
+                    self.state = state;
+                }
+                // The state now is the snapshot's: it counts as applied.
+                self.state.applied_index = self.state.applied_index.max(index);
+                self.raw.advance_apply_to(index);
+                if self.replaying && index >= self.replay_until {
+                    self.replaying = false;
+                    self.reconcile(out);
+                }
             }
-            None => {
-                self.apply_entries(committed, out);
-                self.raw.advance_apply();
+            self.send_all(u.persisted_messages, out);
+            let last = u.committed.last().map(|e| e.index);
+            self.apply_entries(u.committed, out);
+            if let Some(index) = last {
+                self.raw.advance_apply_to(index);
             }
         }
     }

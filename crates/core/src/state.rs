@@ -247,7 +247,7 @@ pub struct ClusterState {
     /// Checkpoints by uuid.
     pub checkpoints: BTreeMap<String, Checkpoint>,
     /// Metric series by trial.
-    pub metrics: BTreeMap<TrialId, Vec<MetricPoint>>,
+    pub metrics: BTreeMap<TrialId, VecDeque<MetricPoint>>,
     /// Replies of applied proposals, for exactly-once submission.
     seen: BTreeMap<ProposalId, Reply>,
     seen_order: VecDeque<ProposalId>,
@@ -722,7 +722,7 @@ impl ClusterState {
                 }
             };
             let series = self.metrics.entry(record.trial).or_default();
-            series.push(MetricPoint {
+            series.push_back(MetricPoint {
                 kind: record.kind,
                 steps_completed: record.steps_completed,
                 metrics: record.metrics.clone(),

@@ -429,3 +429,40 @@ fn the_same_seed_gives_the_same_run() {
     };
     assert_eq!(run(21), run(21));
 }
+
+#[test]
+fn many_seeds_of_crash_and_restart_converge() {
+    for seed in 100..130 {
+        let mut c = three(seed);
+        c.drop_per_mille = 20;
+        let mut pids = Vec::new();
+        for i in 0..6u64 {
+            pids.push(c.propose_on(1 + i % 3, create()));
+            c.run(40);
+            if i == 2 {
+                let leader = c.leader().expect("leader");
+                c.crash(leader);
+                c.run(3_000);
+                c.restart(leader);
+            }
+        }
+        c.drop_per_mille = 0;
+        c.until(30_000, "converged", |c| {
+            c.leader().is_some() && c.converged()
+        });
+        c.run(6_000);
+        assert!(
+            pids.iter().all(|p| c.replies.contains_key(p)),
+            "seed {seed}: every proposal answered"
+        );
+        let s = c.members[&1].node.state();
+        let applied_ok = pids
+            .iter()
+            .filter(|p| matches!(c.replies[p], Ok(Reply::ExperimentCreated { .. })))
+            .count();
+        assert!(
+            s.experiments.len() >= applied_ok,
+            "seed {seed}: an acknowledged experiment was lost"
+        );
+    }
+}

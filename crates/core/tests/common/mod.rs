@@ -49,6 +49,10 @@ pub struct Cluster {
     pub effects: Vec<(NodeId, Effect)>,
     pub durable_root: Option<PathBuf>,
     next_proposal: u128,
+    /// Carry out writes later (as a real shell's write thread does) instead of at
+    /// once, so nodes keep stepping while their writes are in flight.
+    pub defer_writes: bool,
+    deferred: VecDeque<(NodeId, Output)>,
 }
 
 pub const TICK_MS: u64 = 100;
@@ -75,6 +79,9 @@ impl Cluster {
             effects: Vec::new(),
             durable_root: None,
             next_proposal: 1,
+            // Odd seeds defer writes: both Ready paths get exercised.
+            defer_writes: seed % 2 == 1,
+            deferred: VecDeque::new(),
         }
     }
 
@@ -180,6 +187,17 @@ impl Cluster {
         }
     }
 
+    /// Carries out the deferred writes, in order.
+    fn flush(&mut self) {
+        let defer = std::mem::replace(&mut self.defer_writes, false);
+        while let Some((id, p)) = self.deferred.pop_front() {
+            if self.members.get(&id).is_some_and(|m| m.up) {
+                self.handle(id, vec![p]);
+            }
+        }
+        self.defer_writes = defer;
+    }
+
     fn send(&mut self, from: NodeId, to: NodeId, msg: PeerMessage) {
         if self.blocked.contains(&(from, to)) {
             return;
@@ -200,6 +218,7 @@ impl Cluster {
             let next_tick = (self.now_ms / TICK_MS + 1) * TICK_MS;
             // Deliver everything due before the next tick, in (time, seq) order.
             loop {
+                self.flush();
                 let due = self
                     .queue
                     .iter()
@@ -226,6 +245,7 @@ impl Cluster {
                 self.now_ms += 1;
                 self.input(*id, Input::Tick);
             }
+            self.flush();
             // Gossip heartbeats between live, connected nodes.
             for a in &ids {
                 for b in &ids {
@@ -275,6 +295,9 @@ impl Cluster {
     pub fn crash(&mut self, id: NodeId) {
         let m = self.members.get_mut(&id).expect("member");
         m.up = false;
+        // Writes not yet carried out are lost with the process.
+        self.deferred.retain(|(n, _)| *n != id);
+        let m = self.members.get_mut(&id).expect("member");
         if let Store::Sim(s) = &mut m.store {
             let mut r = Xor(7);
             s.crash(CrashMode::TearUnsynced, &mut r);

@@ -1,0 +1,212 @@
+//! The replicated state machine alone: restarts, fencing, snapshots.
+
+use std::collections::BTreeMap;
+
+use resolute_core::command::{
+    Command, Envelope, MetricKind, MetricRecord, ProposalId, TrialOutcome, COMMAND_VERSION,
+};
+use resolute_core::state::{ClusterState, TrialState};
+use resolute_core::{NodeInfo, Reply};
+use resolute_types::Value;
+
+const EXPERIMENT: &str = "hyperparameters: {lr: {type: double, minval: 0.01, maxval: 0.1}}
+searcher: {name: asha, metric: loss, num_rungs: 2, max_trials: 4, divisor: 2, max_time: 20, time_metric: batches, max_concurrent_trials: 2}
+max_restarts: 1
+";
+
+struct Sm {
+    state: ClusterState,
+    index: u64,
+}
+
+impl Sm {
+    fn new() -> Self {
+        let mut state = ClusterState::default();
+        let mut changes = Vec::new();
+        state.add_node(
+            1,
+            NodeInfo {
+                site: "a".into(),
+                slots: 4,
+                labels: BTreeMap::new(),
+            },
+            &mut changes,
+        );
+        state.add_node(
+            2,
+            NodeInfo {
+                site: "b".into(),
+                slots: 4,
+                labels: BTreeMap::new(),
+            },
+            &mut changes,
+        );
+        Sm { state, index: 0 }
+    }
+
+    fn apply(&mut self, command: Command) -> Reply {
+        self.index += 1;
+        let env = Envelope {
+            version: COMMAND_VERSION,
+            id: ProposalId(u128::from(self.index)),
+            command,
+        };
+        self.state.apply(self.index, env).0
+    }
+
+    fn running(&self) -> Vec<(u64, u64)> {
+        self.state
+            .trials
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TrialState::Assigned { .. }))
+            .map(|(id, t)| (*id, t.incarnation))
+            .collect()
+    }
+
+    fn validate(&mut self, trial: u64, incarnation: u64, step: u64, loss: f64) -> Reply {
+        let mut metrics = BTreeMap::new();
+        metrics.insert("loss".to_string(), Value::Float(loss));
+        metrics.insert("batches".to_string(), Value::Int(step as i64));
+        self.apply(Command::Metrics {
+            records: vec![MetricRecord {
+                trial,
+                incarnation,
+                kind: MetricKind::Validation,
+                steps_completed: step,
+                metrics,
+            }],
+        })
+    }
+}
+
+#[test]
+fn errors_count_toward_max_restarts_and_lost_nodes_do_not() {
+    let mut sm = Sm::new();
+    sm.apply(Command::ExperimentCreated {
+        config_yaml: EXPERIMENT.into(),
+        overrides: vec![],
+        owner: "o".into(),
+        model_digest: "m".into(),
+        default_seed: 3,
+    });
+    let (trial, inc) = sm.running()[0];
+    let node = match sm.state.trials[&trial].state {
+        TrialState::Assigned { node } => node,
+        _ => unreachable!(),
+    };
+    // A lost node: requeued and placed again, restarts unchanged.
+    sm.apply(Command::NodeLost { node });
+    let t = &sm.state.trials[&trial];
+    assert_eq!(t.restarts, 0);
+    assert!(t.incarnation > inc, "placed again with a new incarnation");
+    let inc = t.incarnation;
+    // One error is within max_restarts: 1.
+    sm.apply(Command::TrialExited {
+        trial,
+        incarnation: inc,
+        outcome: TrialOutcome::Errored {
+            message: "oom".into(),
+            exit_code: Some(137),
+        },
+    });
+    let t = &sm.state.trials[&trial];
+    assert_eq!(t.restarts, 1);
+    assert!(matches!(t.state, TrialState::Assigned { .. }), "restarted");
+    // A second error exceeds it.
+    let inc = t.incarnation;
+    sm.apply(Command::TrialExited {
+        trial,
+        incarnation: inc,
+        outcome: TrialOutcome::Errored {
+            message: "oom".into(),
+            exit_code: Some(137),
+        },
+    });
+    assert!(matches!(
+        sm.state.trials[&trial].state,
+        TrialState::Done(TrialOutcome::Errored { .. })
+    ));
+}
+
+#[test]
+fn promotion_asha_pauses_and_resumes_through_the_log() {
+    let mut sm = Sm::new();
+    sm.apply(Command::ExperimentCreated {
+        config_yaml: EXPERIMENT.into(),
+        overrides: vec![],
+        owner: "o".into(),
+        model_digest: "m".into(),
+        default_seed: 3,
+    });
+    let first = sm.running();
+    assert_eq!(first.len(), 2, "max_concurrent_trials");
+    // Both report at rung 0 (length 10); the better one is promoted, the worse paused.
+    let (a, ia) = first[0];
+    let (b, ib) = first[1];
+    sm.validate(a, ia, 10, 0.5);
+    sm.validate(b, ib, 10, 0.9);
+    assert_eq!(
+        sm.state.trials[&b].pending,
+        resolute_core::state::Pending::Pause
+    );
+    sm.apply(Command::TrialExited {
+        trial: b,
+        incarnation: ib,
+        outcome: TrialOutcome::Stopped,
+    });
+    assert_eq!(sm.state.trials[&b].state, TrialState::Paused);
+    assert_eq!(
+        sm.state.trials[&a].target,
+        Some(20),
+        "the better trial was promoted to the next rung"
+    );
+}
+
+#[test]
+fn snapshots_restore_exactly_and_searchers_continue_identically() {
+    let mut sm = Sm::new();
+    sm.apply(Command::ExperimentCreated {
+        config_yaml: EXPERIMENT.into(),
+        overrides: vec![],
+        owner: "o".into(),
+        model_digest: "m".into(),
+        default_seed: 3,
+    });
+    let (a, ia) = sm.running()[0];
+    sm.validate(a, ia, 10, 0.4);
+    let bytes = sm.state.encode();
+    let restored = ClusterState::decode(&bytes).expect("decode");
+    assert_eq!(restored.digest(), sm.state.digest());
+    let mut copy = Sm {
+        state: restored,
+        index: sm.index,
+    };
+    // Both continue the same way.
+    for (trial, inc) in sm.running() {
+        let r1 = sm.validate(trial, inc, 10, 0.7);
+        let r2 = copy.validate(trial, inc, 10, 0.7);
+        assert_eq!(r1, r2);
+    }
+    assert_eq!(copy.state.digest(), sm.state.digest());
+    assert!(
+        ClusterState::decode(&bytes[..bytes.len() / 2]).is_err(),
+        "a torn snapshot is an error, not a panic"
+    );
+}
+
+#[test]
+fn bad_experiment_configs_are_rejected_on_apply() {
+    let mut sm = Sm::new();
+    let r = sm.apply(Command::ExperimentCreated {
+        config_yaml: "searcher: {name: random}".into(),
+        overrides: vec![],
+        owner: "o".into(),
+        model_digest: "m".into(),
+        default_seed: 3,
+    });
+    assert!(
+        matches!(r, Reply::Rejected { ref reason } if reason.contains("searcher.metric")),
+        "{r:?}"
+    );
+    assert!(sm.state.experiments.is_empty());
+}
