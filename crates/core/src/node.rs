@@ -50,6 +50,8 @@ pub const LEASE_TIMEOUT_DEFAULT_MS: u64 = 3000;
 pub const PROPOSAL_TIMEOUT_DEFAULT_MS: u64 = 5000;
 /// Default: take a snapshot once this many entries were applied since the last.
 pub const SNAPSHOT_ENTRIES_DEFAULT: u64 = 10_000;
+/// Default: take a snapshot once this many bytes of entries were applied since the last.
+pub const SNAPSHOT_LOG_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Largest raft message (entries are batched up to this size).
 pub const RAFT_MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
 /// Most forwarding hops a proposal may take before it is refused (leader churn).
@@ -78,6 +80,8 @@ pub struct NodeConfig {
     pub proposal_timeout_ms: u64,
     /// Entries applied between snapshots.
     pub snapshot_entries: u64,
+    /// Bytes of entries applied between snapshots (the log's size).
+    pub snapshot_log_bytes: u64,
     /// Seed of this node's randomness (election jitter).
     pub seed: u64,
 }
@@ -95,6 +99,7 @@ impl NodeConfig {
             lease_timeout_ms: LEASE_TIMEOUT_DEFAULT_MS,
             proposal_timeout_ms: PROPOSAL_TIMEOUT_DEFAULT_MS,
             snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
+            snapshot_log_bytes: SNAPSHOT_LOG_BYTES_DEFAULT,
             seed: id,
         }
     }
@@ -283,6 +288,7 @@ pub struct Node {
     join_via: Option<NodeId>,
     last_term_role: (u64, StateRole),
     internal_seq: u64,
+    log_bytes_since_snapshot: u64,
     proposed: BTreeSet<(NodeId, bool)>,
 }
 
@@ -380,6 +386,7 @@ impl Node {
             join_via: None,
             last_term_role: (0, StateRole::Follower),
             internal_seq: 0,
+            log_bytes_since_snapshot: 0,
             proposed: BTreeSet::new(),
             cfg,
         };
@@ -515,14 +522,20 @@ impl Node {
                 let Ok(m) = Message::parse_from_bytes(&bytes) else {
                     return;
                 };
-                if m.from != from {
+                // The sender must be who the transport says it is. Who may speak
+                // Raft at all is decided by admission at the network layer (the
+                // allow-list from the membership): a member this node does not know
+                // yet, e.g. a leader added while it was down, must be heard.
+                // Proposals travel as `Forward`, never as raft-rs messages: an empty
+                // MsgPropose would make raft-rs panic.
+                if m.from != from || m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose {
                     return;
                 }
                 if m.from == self.raw.raft.leader_id && m.term == self.raw.raft.term {
                     self.last_quorum_ms = self.now_ms;
                 }
-                // Messages from non-members or stale terms are raft-rs's to ignore;
-                // errors here are never fatal.
+                // Stale terms and unknown peers are raft-rs's to ignore; its errors
+                // here are never fatal.
                 let _ = self.raw.step(m);
             }
             PeerMessage::Forward {
@@ -881,6 +894,7 @@ impl Node {
     fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<Output>) {
         for entry in entries {
             let index = entry.index;
+            self.log_bytes_since_snapshot += entry.data.len() as u64;
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => self.apply_command(index, &entry.data, out),
@@ -1024,7 +1038,8 @@ impl Node {
         let applied = self.state.applied_index;
         let last = self.raw.store().snapshot_index();
         let first_one = last == 0 && applied > 0;
-        if applied > last && (first_one || applied - last >= self.cfg.snapshot_entries) {
+        let big = self.log_bytes_since_snapshot >= self.cfg.snapshot_log_bytes;
+        if applied > last && (first_one || big || applied - last >= self.cfg.snapshot_entries) {
             self.snapshot_now(out);
         }
     }
@@ -1045,6 +1060,7 @@ impl Node {
         meta.term = term;
         meta.set_conf_state(self.raw.store().conf_state().clone());
         let record = log_cache::from_snapshot(&snap);
+        self.log_bytes_since_snapshot = 0;
         self.raw.mut_store().compact_to(snap);
         let hs = log_cache::from_hard_state(&self.raw.raft.hard_state());
         let seq = self.next_seq();

@@ -466,3 +466,69 @@ fn many_seeds_of_crash_and_restart_converge() {
         );
     }
 }
+
+#[test]
+fn garbage_and_strangers_on_the_wire_never_panic() {
+    use resolute_core::{Input, PeerMessage};
+    let mut c = three(13);
+    let mut x: u64 = 0x1234_5678;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..3000u64 {
+        let len = (next() % 64) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let from = if i % 2 == 0 { 99 } else { 1 + next() % 3 };
+        let to = 1 + next() % 3;
+        let msg = match i % 3 {
+            0 => PeerMessage::Raft(bytes),
+            1 => PeerMessage::Refused {
+                id: resolute_core::ProposalId(u128::from(next())),
+                reason: "x".into(),
+            },
+            _ => PeerMessage::Announce {
+                node: 0,
+                info: common::info("z", 1),
+            },
+        };
+        c.input(to, Input::Peer { from, msg });
+    }
+    // A message whose claimed sender differs from the transport's is dropped, and
+    // a proposal smuggled in as a raft-rs message too.
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
+    m.from = 2;
+    m.to = 1;
+    m.term = 1000;
+    let bytes = protobuf::Message::write_to_bytes(&m).expect("encode");
+    let term = c.members[&1].node.term();
+    c.input(
+        1,
+        Input::Peer {
+            from: 99,
+            msg: PeerMessage::Raft(bytes),
+        },
+    );
+    let mut p = raft::eraftpb::Message::default();
+    p.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+    p.from = 2;
+    let bytes = protobuf::Message::write_to_bytes(&p).expect("encode");
+    c.input(
+        1,
+        Input::Peer {
+            from: 2,
+            msg: PeerMessage::Raft(bytes),
+        },
+    );
+    assert_eq!(
+        c.members[&1].node.term(),
+        term,
+        "a spoofed sender cannot bump the term"
+    );
+    c.until(10_000, "still converges", |c| {
+        c.leader().is_some() && c.converged()
+    });
+}

@@ -157,6 +157,7 @@ impl Cluster {
             let mut cfg = NodeConfig::new(id, info);
             // Keep snapshots out of the measurement window's way.
             cfg.snapshot_entries = 1_000_000;
+            cfg.snapshot_log_bytes = u64::MAX;
             let (node, outs) =
                 Node::new(cfg, &rec, id == 1).map_err(|e| anyhow::anyhow!("node {id}: {e}"))?;
             c.members.insert(
