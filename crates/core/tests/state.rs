@@ -14,6 +14,16 @@ searcher: {name: asha, metric: loss, num_rungs: 2, max_trials: 4, divisor: 2, ma
 max_restarts: 1
 ";
 
+fn created(yaml: &str) -> Command {
+    Command::ExperimentCreated {
+        config_yaml: yaml.into(),
+        overrides: vec![],
+        owner: "o".into(),
+        model_digest: "m".into(),
+        default_seed: 3,
+    }
+}
+
 struct Sm {
     state: ClusterState,
     index: u64,
@@ -82,13 +92,7 @@ impl Sm {
 #[test]
 fn errors_count_toward_max_restarts_and_lost_nodes_do_not() {
     let mut sm = Sm::new();
-    sm.apply(Command::ExperimentCreated {
-        config_yaml: EXPERIMENT.into(),
-        overrides: vec![],
-        owner: "o".into(),
-        model_digest: "m".into(),
-        default_seed: 3,
-    });
+    sm.apply(created(EXPERIMENT));
     let (trial, inc) = sm.running()[0];
     let node = match sm.state.trials[&trial].state {
         TrialState::Assigned { node } => node,
@@ -131,13 +135,7 @@ fn errors_count_toward_max_restarts_and_lost_nodes_do_not() {
 #[test]
 fn promotion_asha_pauses_and_resumes_through_the_log() {
     let mut sm = Sm::new();
-    sm.apply(Command::ExperimentCreated {
-        config_yaml: EXPERIMENT.into(),
-        overrides: vec![],
-        owner: "o".into(),
-        model_digest: "m".into(),
-        default_seed: 3,
-    });
+    sm.apply(created(EXPERIMENT));
     let first = sm.running();
     assert_eq!(first.len(), 2, "max_concurrent_trials");
     // Both report at rung 0 (length 10); the better one is promoted, the worse paused.
@@ -165,13 +163,7 @@ fn promotion_asha_pauses_and_resumes_through_the_log() {
 #[test]
 fn snapshots_restore_exactly_and_searchers_continue_identically() {
     let mut sm = Sm::new();
-    sm.apply(Command::ExperimentCreated {
-        config_yaml: EXPERIMENT.into(),
-        overrides: vec![],
-        owner: "o".into(),
-        model_digest: "m".into(),
-        default_seed: 3,
-    });
+    sm.apply(created(EXPERIMENT));
     let (a, ia) = sm.running()[0];
     sm.validate(a, ia, 10, 0.4);
     let bytes = sm.state.encode();
@@ -197,13 +189,7 @@ fn snapshots_restore_exactly_and_searchers_continue_identically() {
 #[test]
 fn bad_experiment_configs_are_rejected_on_apply() {
     let mut sm = Sm::new();
-    let r = sm.apply(Command::ExperimentCreated {
-        config_yaml: "searcher: {name: random}".into(),
-        overrides: vec![],
-        owner: "o".into(),
-        model_digest: "m".into(),
-        default_seed: 3,
-    });
+    let r = sm.apply(created("searcher: {name: random}"));
     assert!(
         matches!(r, Reply::Rejected { ref reason } if reason.contains("searcher.metric")),
         "{r:?}"
