@@ -139,6 +139,12 @@ pub enum Input {
         /// A known member.
         via: NodeId,
     },
+    /// Leave the cluster for good (graceful stop): the leader removes this node
+    /// from the membership; the answer is the `Reply` for `id`.
+    Leave {
+        /// Proposal id for the answer.
+        id: ProposalId,
+    },
 }
 
 /// Messages between nodes.
@@ -164,6 +170,13 @@ pub enum PeerMessage {
         /// Why.
         reason: String,
     },
+    /// A node asks to leave.
+    Leave {
+        /// The node.
+        node: NodeId,
+    },
+    /// The leader applied the removal of the receiving node: it may stop.
+    Removed,
     /// A node asks to join.
     Announce {
         /// The node.
@@ -289,6 +302,7 @@ pub struct Node {
     last_term_role: (u64, StateRole),
     internal_seq: u64,
     log_bytes_since_snapshot: u64,
+    leaving: Option<ProposalId>,
     proposed: BTreeSet<(NodeId, bool)>,
 }
 
@@ -387,6 +401,7 @@ impl Node {
             last_term_role: (0, StateRole::Follower),
             internal_seq: 0,
             log_bytes_since_snapshot: 0,
+            leaving: None,
             proposed: BTreeSet::new(),
             cfg,
         };
@@ -478,6 +493,12 @@ impl Node {
                 self.join_via = Some(via);
                 self.announce(&mut out);
             }
+            Input::Leave { id } => {
+                self.leaving = Some(id);
+                self.pending
+                    .insert(id, now_ms + self.cfg.proposal_timeout_ms);
+                self.on_leave(self.cfg.id, &mut out);
+            }
         }
         self.drive(&mut out);
         self.watch_role();
@@ -565,6 +586,12 @@ impl Node {
                 }
             }
             PeerMessage::Announce { node, info } => self.on_announce(node, info, out),
+            PeerMessage::Leave { node } => self.on_leave(node, out),
+            PeerMessage::Removed => {
+                if from == self.raw.raft.leader_id || !self.is_member(self.cfg.id) {
+                    self.left(out);
+                }
+            }
         }
     }
 
@@ -586,6 +613,47 @@ impl Node {
             out.push(Output::Send {
                 to: self.raw.raft.leader_id,
                 msg: PeerMessage::Announce { node, info },
+            });
+        }
+    }
+
+    /// This node is out of the membership: answer its leave request.
+    fn left(&mut self, out: &mut Vec<Output>) {
+        if let Some(id) = self.leaving.take() {
+            if self.pending.remove(&id).is_some() {
+                out.push(Output::Reply {
+                    id,
+                    result: Ok(Reply::Ok),
+                });
+            }
+        }
+    }
+
+    /// Removes `node` from the membership (on the leader; forwarded otherwise).
+    fn on_leave(&mut self, node: NodeId, out: &mut Vec<Output>) {
+        if !self.is_member(node) {
+            return;
+        }
+        if self.is_leader() {
+            if self.raw.raft.has_pending_conf() {
+                return; // The leaving node asks again on its next tick.
+            }
+            if node == self.cfg.id {
+                // A leader does not remove itself: it hands leadership to another
+                // voter, and asks the new leader on its next tick.
+                let cs = self.raw.store().conf_state().clone();
+                if let Some(next) = cs.voters.iter().copied().filter(|v| *v != node).min() {
+                    self.raw.transfer_leader(next);
+                }
+                return;
+            }
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![single(node, ConfChangeType::RemoveNode)].into());
+            let _ = self.raw.propose_conf_change(Vec::new(), cc);
+        } else if self.raw.raft.leader_id != 0 {
+            out.push(Output::Send {
+                to: self.raw.raft.leader_id,
+                msg: PeerMessage::Leave { node },
             });
         }
     }
@@ -674,6 +742,9 @@ impl Node {
         }
         if self.ticks % ANNOUNCE_EVERY_TICKS == 0 {
             self.announce(out);
+            if self.leaving.is_some() {
+                self.on_leave(self.cfg.id, out);
+            }
         }
         self.fence(out);
         if self.is_leader() {
@@ -955,7 +1026,18 @@ impl Node {
                         .add_node(change.node_id, info.clone(), &mut changes);
                     self.last_seen.entry(change.node_id).or_insert(self.now_ms);
                 }
-                ConfChangeType::RemoveNode => self.state.remove_node(change.node_id, &mut changes),
+                ConfChangeType::RemoveNode => {
+                    self.state.remove_node(change.node_id, &mut changes);
+                    if change.node_id == self.cfg.id {
+                        self.left(out);
+                    } else if self.is_leader() {
+                        // The removed node may never see this entry committed.
+                        out.push(Output::Send {
+                            to: change.node_id,
+                            msg: PeerMessage::Removed,
+                        });
+                    }
+                }
             }
         }
         self.state.applied_index = self.state.applied_index.max(index);

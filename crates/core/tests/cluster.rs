@@ -532,3 +532,38 @@ fn garbage_and_strangers_on_the_wire_never_panic() {
         c.leader().is_some() && c.converged()
     });
 }
+
+#[test]
+fn a_node_leaves_gracefully_and_a_learner_takes_its_vote() {
+    for leaving_leader in [false, true] {
+        let mut c = three(14);
+        c.join(4, "d", 1);
+        c.until(20_000, "learner", |c| {
+            c.members[&1].node.membership().1 == vec![4]
+        });
+        let leader = c.leader().expect("leader");
+        let who = if leaving_leader {
+            leader
+        } else {
+            [1, 2, 3]
+                .into_iter()
+                .find(|n| *n != leader)
+                .expect("follower")
+        };
+        let pid = resolute_core::ProposalId(9_999);
+        c.input(who, resolute_core::Input::Leave { id: pid });
+        c.until(20_000, "left", |c| {
+            c.replies.get(&pid) == Some(&Ok(Reply::Ok))
+        });
+        let now = c.leader().expect("a leader remains");
+        c.until(20_000, "replaced", |c| {
+            let mut v = c.voters(now);
+            v.sort();
+            !v.contains(&who) && v.contains(&4) && v.len() == 3
+        });
+        assert!(
+            !c.members[&now].node.state().nodes.contains_key(&who),
+            "the leaver is gone from the state"
+        );
+    }
+}
