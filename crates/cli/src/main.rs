@@ -31,11 +31,31 @@ enum Command {
     },
     /// Show how many trials a search creates and how long each trains.
     PreviewSearch(PreviewArgs),
+    /// Run a simulation scenario (simulations/*.toml) on a virtual clock.
+    Sim(SimArgs),
     /// Run a benchmark and print its figures.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// The scenario file.
+    file: PathBuf,
+    /// Run this seed (replays a failing run exactly).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sweep seeds `A..B` (B exclusive) and list the failing ones.
+    #[arg(long, value_name = "A..B")]
+    seeds: Option<String>,
+    /// Print the report as JSON (one object; a list with --seeds).
+    #[arg(long)]
+    json: bool,
+    /// Write a Chrome trace-event timeline (open it in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +125,7 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Log(args),
         } => bench_log(&args),
+        Command::Sim(args) => sim(&args),
     };
     match result {
         Ok(code) => code,
@@ -197,6 +218,115 @@ fn preview_search(args: &PreviewArgs) -> anyhow::Result<ExitCode> {
         println!("{count:>6} | {length}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_seeds(text: &str) -> anyhow::Result<std::ops::Range<u64>> {
+    let (a, b) = text
+        .split_once("..")
+        .context("--seeds takes A..B, e.g. 0..100")?;
+    let a: u64 = a.trim().parse().context("--seeds: A is not a number")?;
+    let b: u64 = b.trim().parse().context("--seeds: B is not a number")?;
+    if b <= a {
+        anyhow::bail!("--seeds {text}: B must be greater than A");
+    }
+    Ok(a..b)
+}
+
+fn sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
+    let scenario = resolute_sim::Scenario::load(&args.file)?;
+    let seeds = match &args.seeds {
+        Some(text) => parse_seeds(text)?,
+        None => args.seed..args.seed + 1,
+    };
+    let mut failing = Vec::new();
+    let mut reports = Vec::new();
+    for seed in seeds.clone() {
+        if !args.json {
+            println!("seed {seed}");
+        }
+        let opts = resolute_sim::Options {
+            seed,
+            trace: args.trace.is_some(),
+            ..Default::default()
+        };
+        let start = std::time::Instant::now();
+        let (mut report, trace) = resolute_sim::run(&scenario, &opts);
+        report.wall_s = start.elapsed().as_secs_f64();
+        report.sim_s_per_wall_s = report.simulated_s / report.wall_s.max(1e-9);
+        if let Some(path) = &args.trace {
+            std::fs::write(path, serde_json::to_vec(&trace)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if !report.violations.is_empty() {
+            failing.push(seed);
+        }
+        if !args.json {
+            print_sim_report(&report);
+        }
+        reports.push(report);
+    }
+    if args.json {
+        let text = if reports.len() == 1 {
+            serde_json::to_string(&reports[0])?
+        } else {
+            serde_json::to_string(&reports)?
+        };
+        println!("{text}");
+    } else if seeds.end - seeds.start > 1 {
+        println!(
+            "{} seeds, {} failing: {:?}",
+            seeds.end - seeds.start,
+            failing.len(),
+            failing
+        );
+    }
+    Ok(if failing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_sim_report(r: &resolute_sim::Report) {
+    println!(
+        "scenario {} seed {}: {}",
+        r.scenario,
+        r.seed,
+        if r.violations.is_empty() {
+            "ok"
+        } else {
+            "VIOLATION"
+        }
+    );
+    for v in &r.violations {
+        println!("  violation {v}");
+    }
+    println!(
+        "  experiments      {} submitted, {} finished, {} trials",
+        r.experiments_submitted, r.experiments_completed, r.trials
+    );
+    println!(
+        "  gpu goodput      {:.3} ({:.0} GPU-s of work lost)",
+        r.gpu_goodput, r.work_lost_gpu_s
+    );
+    println!(
+        "  recoveries       {} (p50 {:.1} s, p99 {:.1} s)",
+        r.recoveries, r.recovery_s_p50, r.recovery_s_p99
+    );
+    println!(
+        "  queue wait       p50 {:.1} s, p99 {:.1} s",
+        r.queue_wait_s_p50, r.queue_wait_s_p99
+    );
+    println!(
+        "  traffic          {} messages, {:.1} MB of checkpoints",
+        r.messages,
+        r.bytes_moved as f64 / 1e6
+    );
+    println!(
+        "  time             {:.0} simulated s in {:.2} wall s ({:.0}x), {} events",
+        r.simulated_s, r.wall_s, r.sim_s_per_wall_s, r.events
+    );
+    println!("  digest           {}", r.digest);
 }
 
 fn bench_log(args: &LogBenchArgs) -> anyhow::Result<ExitCode> {

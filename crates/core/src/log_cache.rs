@@ -22,6 +22,9 @@ pub struct LogCache {
     snapshot: Snapshot,
     /// Entries after the snapshot, contiguous.
     entries: Vec<Entry>,
+    /// raft-rs asked for a snapshot this cache could not give (none yet, or one
+    /// whose membership lacks the receiver): the node should take a new one.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl LogCache {
@@ -35,6 +38,7 @@ impl LogCache {
             conf_state,
             snapshot,
             entries: Vec::new(),
+            snapshot_wanted: std::cell::Cell::new(false),
         }
     }
 
@@ -48,6 +52,11 @@ impl LogCache {
         cache.entries = rec.entries.iter().map(to_entry).collect();
         cache.hard_state = to_hard_state(&rec.hard_state);
         cache
+    }
+
+    /// Whether raft-rs wanted a snapshot this cache could not give (and forgets it).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     /// Index of the snapshot (0 if none).
@@ -173,6 +182,7 @@ impl Storage for LogCache {
             || cs.voters_outgoing.contains(&to)
             || cs.learners_next.contains(&to);
         if self.snapshot_index() < request_index || self.snapshot.data.is_empty() || !includes {
+            self.snapshot_wanted.set(true);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

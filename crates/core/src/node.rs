@@ -198,7 +198,8 @@ pub enum Output {
     },
     /// Make this durable, in this order: install the snapshot (atomically with the
     /// hard state), append the entries, record the hard state, fsync; then answer
-    /// `Input::Persisted { seq }`.
+    /// `Input::Persisted { seq }`. Persists must be carried out in the order they
+    /// were emitted (many may share one fsync).
     Persist {
         /// Sequence number to acknowledge.
         seq: u64,
@@ -254,6 +255,14 @@ pub enum Effect {
     /// This node lost contact with a quorum for longer than its lease: stop every
     /// local trial (they have been or will be reassigned elsewhere).
     StopAllTrials,
+    /// This node's state was rebuilt (restart replay, snapshot from the leader):
+    /// exactly these trial incarnations should run here. Stop any other; the
+    /// `StartTrial` effects that follow start the missing ones (a runner ignores a
+    /// start for an incarnation it already runs).
+    Reconcile {
+        /// `(trial, incarnation)` pairs placed on this node.
+        keep: Vec<(TrialId, u64)>,
+    },
 }
 
 /// Why a proposal failed.
@@ -294,7 +303,10 @@ pub struct Node {
     acked_seq: u64,
     pending: BTreeMap<ProposalId, u64>,
     last_seen: BTreeMap<NodeId, u64>,
-    last_quorum_ms: u64,
+    /// When this node last heard from a leader (None: not since it started).
+    last_quorum_ms: Option<u64>,
+    /// Trials stopped by self-fencing, reported when contact resumes.
+    fenced_trials: Vec<(TrialId, u64)>,
     fenced: bool,
     replay_until: u64,
     replaying: bool,
@@ -303,6 +315,8 @@ pub struct Node {
     internal_seq: u64,
     log_bytes_since_snapshot: u64,
     leaving: Option<ProposalId>,
+    /// When (in ticks) each follower began waiting for a snapshot.
+    snapshot_waits: BTreeMap<NodeId, u64>,
     proposed: BTreeSet<(NodeId, bool)>,
 }
 
@@ -393,7 +407,8 @@ impl Node {
             acked_seq: 0,
             pending: BTreeMap::new(),
             last_seen: BTreeMap::new(),
-            last_quorum_ms: 0,
+            last_quorum_ms: None,
+            fenced_trials: Vec::new(),
             fenced: false,
             replaying: replay_until > 0,
             replay_until,
@@ -402,6 +417,7 @@ impl Node {
             internal_seq: 0,
             log_bytes_since_snapshot: 0,
             leaving: None,
+            snapshot_waits: BTreeMap::new(),
             proposed: BTreeSet::new(),
             cfg,
         };
@@ -451,6 +467,21 @@ impl Node {
     pub fn membership(&self) -> (Vec<NodeId>, Vec<NodeId>) {
         let cs = self.raw.store().conf_state();
         (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// The applied-log hash chain and the index it covers (for checking that
+    /// replicas apply the same prefix).
+    pub fn log_hash(&self) -> (u64, u64) {
+        (self.state.applied_index, self.state.log_hash)
+    }
+
+    /// The latest term this node knows of for which it is leader (0: not leader).
+    pub fn leader_term(&self) -> u64 {
+        if self.is_leader() {
+            self.raw.raft.term
+        } else {
+            0
+        }
     }
 
     /// Index of the latest snapshot.
@@ -553,7 +584,7 @@ impl Node {
                     return;
                 }
                 if m.from == self.raw.raft.leader_id && m.term == self.raw.raft.term {
-                    self.last_quorum_ms = self.now_ms;
+                    self.last_quorum_ms = Some(self.now_ms);
                 }
                 // Stale terms and unknown peers are raft-rs's to ignore; its errors
                 // here are never fatal.
@@ -750,6 +781,35 @@ impl Node {
         if self.is_leader() {
             self.maintain_membership();
             self.maintain_leases(out);
+            if self.raw.store().take_snapshot_wanted() {
+                // A follower needs a snapshot that includes it.
+                self.snapshot_now(out);
+            }
+            self.retry_lost_snapshots();
+        }
+    }
+
+    /// raft-rs waits for a sent snapshot until the application reports how it went;
+    /// a lost one (the network may drop it) would stall that follower forever. A
+    /// follower still waiting after a few election timeouts is reported as failed,
+    /// so the leader probes it again and sends a fresh snapshot.
+    fn retry_lost_snapshots(&mut self) {
+        let waiting: Vec<NodeId> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, p)| p.state == raft::ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        let patience = 3 * self.cfg.election_ticks.max(2) as u64;
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let since = *self.snapshot_waits.entry(id).or_insert(self.ticks);
+            if self.ticks.saturating_sub(since) > patience {
+                self.snapshot_waits.remove(&id);
+                self.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+            }
         }
     }
 
@@ -758,17 +818,36 @@ impl Node {
     fn fence(&mut self, out: &mut Vec<Output>) {
         if self.is_leader() {
             // check_quorum makes a leader without a quorum step down.
-            self.last_quorum_ms = self.now_ms;
+            self.last_quorum_ms = Some(self.now_ms);
         }
-        let silent = self.now_ms.saturating_sub(self.last_quorum_ms) > self.cfg.lease_timeout_ms;
-        let has_trials = self.state.trials.values().any(|t| {
-            matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id)
-        });
-        if silent && !self.fenced && has_trials && self.is_member(self.cfg.id) {
+        // A node that just started gets a full lease to find the leader.
+        let since = *self.last_quorum_ms.get_or_insert(self.now_ms);
+        let silent = self.now_ms.saturating_sub(since) > self.cfg.lease_timeout_ms;
+        let mine: Vec<(TrialId, u64)> = self
+            .state
+            .trials
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
+            .map(|(id, t)| (*id, t.incarnation))
+            .collect();
+        if silent && !self.fenced && !mine.is_empty() && self.is_member(self.cfg.id) {
             self.fenced = true;
+            self.fenced_trials = mine;
             out.push(Output::Effect(Effect::StopAllTrials));
-        } else if !silent {
+        } else if !silent && self.fenced {
+            // Contact is back: tell the cluster that the stopped trials are gone
+            // (a preemption: it does not count toward max_restarts). Reports for
+            // trials that were reassigned meanwhile are rejected as stale.
             self.fenced = false;
+            for (trial, incarnation) in std::mem::take(&mut self.fenced_trials) {
+                let id = self.internal_id();
+                let command = Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome: crate::command::TrialOutcome::Preempted,
+                };
+                self.propose(id, self.cfg.id, 0, command, out);
+            }
         }
     }
 
@@ -950,6 +1029,9 @@ impl Node {
                 self.raw.advance_apply_to(index);
                 if self.replaying && index >= self.replay_until {
                     self.replaying = false;
+                }
+                if !self.replaying {
+                    // No change events came with the snapshot.
                     self.reconcile(out);
                 }
             }
@@ -966,6 +1048,7 @@ impl Node {
         for entry in entries {
             let index = entry.index;
             self.log_bytes_since_snapshot += entry.data.len() as u64;
+            self.state.note_entry(index, entry.term, &entry.data);
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => self.apply_command(index, &entry.data, out),
@@ -1097,7 +1180,8 @@ impl Node {
         })
     }
 
-    /// After a restart has replayed the log: start every trial placed here.
+    /// After a restart has replayed the log, or a snapshot replaced the state: the
+    /// trials placed here, as a whole.
     fn reconcile(&mut self, out: &mut Vec<Output>) {
         let mine: Vec<TrialId> = self
             .state
@@ -1106,6 +1190,11 @@ impl Node {
             .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
             .map(|(id, _)| *id)
             .collect();
+        let keep = mine
+            .iter()
+            .filter_map(|t| self.state.trials.get(t).map(|x| (*t, x.incarnation)))
+            .collect();
+        out.push(Output::Effect(Effect::Reconcile { keep }));
         for trial in mine {
             if let Some(effect) = self.start_effect(trial) {
                 out.push(Output::Effect(effect));

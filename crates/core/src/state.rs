@@ -255,6 +255,9 @@ pub struct ClusterState {
     pub stale_reports: u64,
     /// Index of the last applied entry.
     pub applied_index: u64,
+    /// A hash chain over every applied entry (index, term, bytes): two replicas with
+    /// the same chain value at the same index applied the same log prefix.
+    pub log_hash: u64,
 }
 
 /// Why a snapshot could not be decoded.
@@ -293,6 +296,17 @@ impl ClusterState {
         self.requeue_from(node);
         self.nodes.remove(&node);
         self.schedule(changes);
+    }
+
+    /// Extends the applied-log hash chain with one entry (every entry, including
+    /// empty and membership ones).
+    pub fn note_entry(&mut self, index: u64, term: u64, data: &[u8]) {
+        let mut h =
+            self.log_hash ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ term.rotate_left(32);
+        for b in data {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.log_hash = h.rotate_left(17) ^ (h >> 29);
     }
 
     /// Applies one entry.
@@ -971,11 +985,13 @@ impl ClusterState {
         Ok(state)
     }
 
-    /// A digest of the whole state, for comparing replicas. The applied index is left
-    /// out: a new leader's empty entry advances it without changing anything.
+    /// A digest of the whole state, for comparing replicas. The applied index and the
+    /// log hash are left out: a new leader's empty entry advances them without
+    /// changing anything.
     pub fn digest(&self) -> String {
         let mut copy = self.clone();
         copy.applied_index = 0;
+        copy.log_hash = 0;
         let bytes = copy.encode();
         let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
         for b in &bytes {

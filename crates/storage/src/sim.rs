@@ -84,6 +84,37 @@ impl SimStore {
         Ok(replay.finish(self.snapshot.clone()))
     }
 
+    /// A one-line description of each record (for diagnosing a failed recovery).
+    pub fn describe(&self) -> Vec<String> {
+        let scan = match wal::scan(&self.bytes, "sim") {
+            Ok(s) => s,
+            Err(e) => return vec![e.to_string()],
+        };
+        let mut out = vec![format!(
+            "snapshot: {:?}",
+            self.snapshot.as_ref().map(|s| (s.index, s.term))
+        )];
+        for r in scan.records {
+            let what = match r.kind {
+                Kind::Entries => match resolute_types::codec::decode::<Vec<LogEntry>>(&r.payload) {
+                    Ok(es) => format!(
+                        "entries {:?}..{:?}",
+                        es.first().map(|e| (e.index, e.term)),
+                        es.last().map(|e| (e.index, e.term))
+                    ),
+                    Err(e) => format!("entries (undecodable: {e})"),
+                },
+                Kind::HardState => match resolute_types::codec::decode::<HardState>(&r.payload) {
+                    Ok(hs) => format!("hard state {hs:?}"),
+                    Err(e) => format!("hard state (undecodable: {e})"),
+                },
+                Kind::Header => "header".to_string(),
+            };
+            out.push(format!("@{} {what}", r.offset));
+        }
+        out
+    }
+
     /// Flips one bit of synced data at `offset` (to test corruption handling).
     pub fn corrupt_byte(&mut self, offset: usize) {
         if let Some(b) = self.bytes.get_mut(offset) {

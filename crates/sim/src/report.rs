@@ -1,0 +1,59 @@
+//! What a simulation run reports.
+
+use serde::Serialize;
+
+/// The result of one run (JSON keys are an interface).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The scenario's name.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// Digest of the trace (every delivered message, write and applied entry).
+    pub digest: String,
+    /// Invariant violations (empty when none).
+    pub violations: Vec<String>,
+    /// Experiments submitted.
+    pub experiments_submitted: u64,
+    /// Experiments that finished (completed, canceled or errored).
+    pub experiments_completed: u64,
+    /// Trials created.
+    pub trials: u64,
+    /// Useful GPU-seconds over allocated GPU-seconds.
+    pub gpu_goodput: f64,
+    /// GPU-seconds of training lost to faults (after the last checkpoint).
+    pub work_lost_gpu_s: f64,
+    /// Trials interrupted by a fault and started again.
+    pub recoveries: u64,
+    /// Median time from interruption to restart.
+    pub recovery_s_p50: f64,
+    /// 99th percentile of the same.
+    pub recovery_s_p99: f64,
+    /// Median time a trial waited in the queue.
+    pub queue_wait_s_p50: f64,
+    /// 99th percentile of the same.
+    pub queue_wait_s_p99: f64,
+    /// Messages delivered.
+    pub messages: u64,
+    /// Checkpoint bytes moved between nodes.
+    pub bytes_moved: u64,
+    /// Simulated seconds.
+    pub simulated_s: f64,
+    /// Wall seconds (measured by the caller).
+    pub wall_s: f64,
+    /// Simulated seconds per wall second.
+    pub sim_s_per_wall_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Best final validation loss per experiment (the optimum is 0.05).
+    pub best_loss: Vec<f64>,
+}
+
+/// The value at quantile `q` of `samples` (sorted in place); 0 when empty.
+pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
