@@ -823,17 +823,20 @@ impl Node {
         // A node that just started gets a full lease to find the leader.
         let since = *self.last_quorum_ms.get_or_insert(self.now_ms);
         let silent = self.now_ms.saturating_sub(since) > self.cfg.lease_timeout_ms;
-        let mine: Vec<(TrialId, u64)> = self
-            .state
-            .trials
-            .iter()
-            .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
-            .map(|(id, t)| (*id, t.incarnation))
-            .collect();
-        if silent && !self.fenced && !mine.is_empty() && self.is_member(self.cfg.id) {
+        if silent && !self.fenced && self.is_member(self.cfg.id) {
+            // Only now look at the trials (this runs every tick on every node).
+            let mine: Vec<(TrialId, u64)> = self
+                .state
+                .trials
+                .iter()
+                .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
+                .map(|(id, t)| (*id, t.incarnation))
+                .collect();
             self.fenced = true;
-            self.fenced_trials = mine;
-            out.push(Output::Effect(Effect::StopAllTrials));
+            if !mine.is_empty() {
+                self.fenced_trials = mine;
+                out.push(Output::Effect(Effect::StopAllTrials));
+            }
         } else if !silent && self.fenced {
             // Contact is back: tell the cluster that the stopped trials are gone
             // (a preemption: it does not count toward max_restarts). Reports for

@@ -258,6 +258,11 @@ pub struct ClusterState {
     /// A hash chain over every applied entry (index, term, bytes): two replicas with
     /// the same chain value at the same index applied the same log prefix.
     pub log_hash: u64,
+    /// Whether placement may find new work: a trial was queued, slots were freed,
+    /// a node or experiment changed. Every apply ends with placement, so this is
+    /// false between entries on every replica (and need not be stored).
+    #[serde(skip)]
+    placement_dirty: bool,
 }
 
 /// Why a snapshot could not be decoded.
@@ -295,6 +300,7 @@ impl ClusterState {
     pub fn remove_node(&mut self, node: NodeId, changes: &mut Vec<Change>) {
         self.requeue_from(node);
         self.nodes.remove(&node);
+        self.placement_dirty = true;
         self.schedule(changes);
     }
 
@@ -333,6 +339,18 @@ impl ClusterState {
     }
 
     fn apply_command(&mut self, command: Command, changes: &mut Vec<Change>) -> Reply {
+        // Everything but progress reports can change what placement sees; metrics
+        // can too, through the searcher (run_op marks those cases).
+        if !matches!(
+            command,
+            Command::Metrics { .. }
+                | Command::CheckpointSaved { .. }
+                | Command::CheckpointReplicated { .. }
+                | Command::TrialStarted { .. }
+                | Command::Noop
+        ) {
+            self.placement_dirty = true;
+        }
         match command {
             Command::Noop => Reply::Ok,
             Command::NodeLost { node } => self.set_node_state(node, NodeState::Lost),
@@ -943,6 +961,9 @@ impl ClusterState {
     /// Places queued trials of active experiments (first fit, until the scheduler
     /// issue replaces it behind the same function).
     fn schedule(&mut self, changes: &mut Vec<Change>) {
+        if !std::mem::take(&mut self.placement_dirty) {
+            return;
+        }
         for (trial, node) in placement::first_fit(self) {
             if let Some(t) = self.trials.get_mut(&trial) {
                 t.incarnation += 1;
@@ -958,19 +979,21 @@ impl ClusterState {
 
     /// Encodes the state (searchers included) for a Raft snapshot.
     pub fn encode(&self) -> Vec<u8> {
-        let mut copy = self.clone();
-        for e in copy.experiments.values_mut() {
-            e.searcher_state = e.searcher.as_ref().map(Searcher::snapshot);
-        }
+        let searchers: BTreeMap<ExperimentId, SearcherSnapshot> = self
+            .experiments
+            .iter()
+            .filter_map(|(id, e)| e.searcher.as_ref().map(|s| (*id, s.snapshot())))
+            .collect();
         // The state is plain data; encoding it cannot fail.
-        codec::encode(&copy).unwrap_or_default()
+        codec::encode(&(self, searchers)).unwrap_or_default()
     }
 
     /// Decodes a snapshot, re-parsing configs and restoring searchers exactly.
     pub fn decode(bytes: &[u8]) -> Result<ClusterState, StateError> {
-        let mut state: ClusterState =
+        let (mut state, mut searchers): (ClusterState, BTreeMap<ExperimentId, SearcherSnapshot>) =
             codec::decode(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
-        for e in state.experiments.values_mut() {
+        for (id, e) in state.experiments.iter_mut() {
+            e.searcher_state = searchers.remove(id);
             let config = config::parse_str("experiment.yaml", &e.config_yaml, &e.overrides)
                 .map_err(|err| StateError::Decode(err.to_string()))?
                 .config;

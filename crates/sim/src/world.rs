@@ -66,7 +66,7 @@ enum Event {
     Deliver {
         from: NodeId,
         to: usize,
-        msg: PeerMessage,
+        msg: Box<PeerMessage>,
     },
     DiskDone {
         node: usize,
@@ -209,6 +209,7 @@ struct World<'a> {
     fault_rng: ChaCha8Rng,
     disk_rng: ChaCha8Rng,
     nodes: Vec<SimNode>,
+    by_id: BTreeMap<NodeId, usize>,
     next_node_id: NodeId,
     blocked: BTreeSet<(NodeId, NodeId)>,
     muted: BTreeSet<NodeId>,
@@ -263,6 +264,7 @@ impl<'a> World<'a> {
             fault_rng: derive(2),
             disk_rng: derive(3),
             nodes: Vec::new(),
+            by_id: BTreeMap::new(),
             next_node_id: 1,
             blocked: BTreeSet::new(),
             muted: BTreeSet::new(),
@@ -392,6 +394,7 @@ impl<'a> World<'a> {
             gpu_busy: vec![false; gpus as usize],
             drift,
         });
+        self.by_id.insert(id, self.nodes.len() - 1);
         self.nodes.len() - 1
     }
 
@@ -456,7 +459,7 @@ impl<'a> World<'a> {
                 }
                 self.messages += 1;
                 self.digest = mix(mix(self.digest, self.now), from ^ (self.nodes[to].id << 20));
-                self.step(to, Input::Peer { from, msg });
+                self.step(to, Input::Peer { from, msg: *msg });
             }
             Event::DiskDone { node, epoch } => self.disk_done(node, epoch),
             Event::TrialStep { process } => self.trial_step(process),
@@ -608,7 +611,7 @@ impl<'a> World<'a> {
     }
 
     fn index_of(&self, id: NodeId) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id == id)
+        self.by_id.get(&id).copied()
     }
 
     fn outputs(&mut self, node: usize, outs: Vec<Output>) {
@@ -711,7 +714,7 @@ impl<'a> World<'a> {
                 Event::Deliver {
                     from,
                     to: to_idx,
-                    msg: msg.clone(),
+                    msg: Box::new(msg.clone()),
                 },
             );
         }
@@ -720,7 +723,7 @@ impl<'a> World<'a> {
             Event::Deliver {
                 from,
                 to: to_idx,
-                msg,
+                msg: Box::new(msg),
             },
         );
     }
@@ -1690,10 +1693,12 @@ impl World<'_> {
                     problems.push(format!("node {node} has {u} slots allocated of {slots}"));
                 }
             }
-            // A committed checkpoint survives while a holder does.
-            for (uuid, ck) in &state.checkpoints {
+            // A committed checkpoint survives while a holder does (checked every
+            // minute: blobs only disappear with a whole disk).
+            let check_blobs = (self.now / SAMPLE_EVERY_MS) % 12 == 0;
+            for (uuid, ck) in state.checkpoints.iter().filter(|_| check_blobs) {
                 for h in &ck.holders {
-                    if let Some(i) = self.nodes.iter().position(|n| n.id == *h) {
+                    if let Some(&i) = self.by_id.get(h) {
                         let n = &self.nodes[i];
                         if !n.gone && !n.down && !n.blobs.contains(uuid) {
                             problems.push(format!(
