@@ -142,12 +142,45 @@ fn sigkill_at_random_moments_keeps_every_acknowledged_entry() {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let delay_us = 2_000 + (seed >> 33) % 25_000;
+        // Read the child's acknowledgements as they come. Kill it at a random moment
+        // after it made progress (a loaded machine may take a while to start it),
+        // and now and then only after a snapshot install.
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let want_snapshot = kill % 25 == 24;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut lines = Vec::new();
+        while std::time::Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => {
+                    let ready = if want_snapshot {
+                        line.starts_with("SNAP ")
+                    } else {
+                        line.starts_with("ACK ")
+                    };
+                    lines.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let delay_us = (seed >> 33) % 20_000;
         std::thread::sleep(Duration::from_micros(delay_us));
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
-        let stdout = child.stdout.take().expect("stdout");
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        reader.join().expect("reader");
+        lines.extend(rx.try_iter());
+        for line in lines {
             if let Some(n) = line
                 .strip_prefix("ACK ")
                 .and_then(|n| n.parse::<u64>().ok())
