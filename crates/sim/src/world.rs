@@ -1048,7 +1048,11 @@ impl World<'_> {
                     .holders
                     .iter()
                     .filter_map(|h| self.index_of(*h))
-                    .find(|i| !self.nodes[*i].down && self.nodes[*i].blobs.contains(uuid));
+                    .find(|i| {
+                        !self.nodes[*i].down
+                            && self.nodes[*i].blobs.contains(uuid)
+                            && self.reachable(*i, node)
+                    });
                 match holder {
                     Some(h) => {
                         let latency = if self.nodes[h].site == self.nodes[node].site {
@@ -1295,11 +1299,22 @@ impl World<'_> {
         }
     }
 
-    /// Copies a checkpoint to another node (another site first).
+    /// Whether a blob can move from `a` to `b` now (partitions block transfers too).
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        let (x, y) = (self.nodes[a].id, self.nodes[b].id);
+        !self.blocked.contains(&(x, y)) && !self.muted.contains(&x)
+    }
+
+    /// Copies a checkpoint to another reachable node (another site first).
     fn replicate(&mut self, from: usize, uuid: String) {
         let site = self.nodes[from].site;
         let mut candidates: Vec<usize> = (0..self.nodes.len())
-            .filter(|i| *i != from && !self.nodes[*i].down && !self.nodes[*i].gone)
+            .filter(|i| {
+                *i != from
+                    && !self.nodes[*i].down
+                    && !self.nodes[*i].gone
+                    && self.reachable(from, *i)
+            })
             .collect();
         if candidates.is_empty() {
             return;
