@@ -62,6 +62,16 @@ pub enum ExperimentState {
     Errored,
 }
 
+impl ExperimentState {
+    /// Whether the experiment has ended (completed, canceled or errored).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            ExperimentState::Completed | ExperimentState::Canceled | ExperimentState::Errored
+        )
+    }
+}
+
 /// An experiment and its searcher.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Experiment {

@@ -16,7 +16,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use resolute_core::command::{Command, MetricKind, MetricRecord, ProposalId, TrialOutcome};
 use resolute_core::node::Effect;
-use resolute_core::state::{ClusterState, ExperimentState, Signal, TrialState};
+use resolute_core::state::{ClusterState, Signal, TrialState};
 use resolute_core::{Input, Node, NodeConfig, NodeId, NodeInfo, Output, PeerMessage, Reply};
 use resolute_storage::{CrashMode, LogStore, SimStore};
 use resolute_types::Value;
@@ -1698,9 +1698,6 @@ impl World<'_> {
                 if let TrialState::Assigned { node } | TrialState::Running { node } = t.state {
                     *used.entry(node).or_default() += t.slots;
                 }
-                if t.state == TrialState::Queued {
-                    queued.push(0);
-                }
             }
             for (node, u) in &used {
                 let slots = state.nodes.get(node).map_or(0, |n| n.info.slots);
@@ -1723,24 +1720,16 @@ impl World<'_> {
                     }
                 }
             }
-            let ids: Vec<u64> = state
+            queued = state
                 .trials
                 .iter()
                 .filter(|(_, t)| t.state == TrialState::Queued)
                 .map(|(id, _)| *id)
                 .collect();
-            queued = ids;
             let finished = state
                 .experiments
                 .values()
-                .filter(|e| {
-                    matches!(
-                        e.state,
-                        ExperimentState::Completed
-                            | ExperimentState::Canceled
-                            | ExperimentState::Errored
-                    )
-                })
+                .filter(|e| e.state.is_finished())
                 .count() as u64;
             done = Some((finished, state.experiments.len() as u64));
         }
@@ -1786,10 +1775,7 @@ impl World<'_> {
         };
         let mut out = String::new();
         for (id, e) in &state.experiments {
-            if matches!(
-                e.state,
-                ExperimentState::Completed | ExperimentState::Canceled | ExperimentState::Errored
-            ) {
+            if e.state.is_finished() {
                 continue;
             }
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -1836,14 +1822,7 @@ impl World<'_> {
             let c = s
                 .experiments
                 .values()
-                .filter(|e| {
-                    matches!(
-                        e.state,
-                        ExperimentState::Completed
-                            | ExperimentState::Canceled
-                            | ExperimentState::Errored
-                    )
-                })
+                .filter(|e| e.state.is_finished())
                 .count() as u64;
             (c, s.trials.len() as u64)
         });
