@@ -8,10 +8,14 @@
 //! cannot fit their smallest pending gang, and release of preemptible trials of
 //! groups above their offer. Placement is best fit on one node.
 //!
-//! Not yet here (see the scheduler issue): the priority policy, multi-node gangs,
-//! locality, pools and burst, anti-thrash, and the wiring into `core`.
+//! [`priority`] is Determined's other policy (lower number first, FIFO within a
+//! priority, preemption of strictly lower priorities, backfill).
+//!
+//! Not yet here (see the scheduler issue): multi-node gangs, locality, pools and
+//! burst, anti-thrash, and the wiring into `core`.
 
 pub mod fair_share;
+pub mod priority;
 
 /// Identifies a node.
 pub type NodeId = u64;
