@@ -109,6 +109,11 @@ pub enum TrialOutcome {
 pub enum Command {
     /// Does nothing (a new leader's first entry, tests).
     Noop,
+    /// Sets how the cluster shares slots.
+    SetPolicy {
+        /// The policy.
+        policy: crate::placement::Policy,
+    },
     /// A node is no longer reachable: its trials go back to the queue.
     NodeLost {
         /// The node.

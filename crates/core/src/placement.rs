@@ -1,44 +1,97 @@
-//! Placement of queued trials: a pure function of the state.
+//! Placement: the scheduler (`crates/sched`) run on the current state.
 //!
-//! First fit, in trial order, onto alive nodes in id order: the interim policy until
-//! the scheduler crate replaces this function (same inputs, same output shape).
+//! A pure function of the replicated state: the alive nodes' slots, the queued
+//! trials of active experiments and the running trials. The cluster's policy
+//! decides: weighted fair share between experiments (the default) or priority.
 
 use std::collections::BTreeMap;
 
-use crate::command::{NodeId, TrialId};
-use crate::state::{ClusterState, ExperimentState, NodeState, TrialState};
+use serde::{Deserialize, Serialize};
 
-/// The assignments to make now: `(trial, node)` pairs.
-pub fn first_fit(state: &ClusterState) -> Vec<(TrialId, NodeId)> {
-    let mut free: BTreeMap<NodeId, u32> = state
+use resolute_sched::{fair_share, priority, Decision, Group, Node, Task};
+
+use crate::state::{ClusterState, ExperimentState, NodeState, Pending, TrialState};
+
+/// How the cluster shares its slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Policy {
+    /// Max-min fair share weighted by `resources.weight`, capped by `max_slots`.
+    #[default]
+    FairShare,
+    /// Lower `resources.priority` first; optionally preempting lower priorities.
+    Priority {
+        /// Preempt lower-priority trials (checkpoint and stop).
+        preemption: bool,
+    },
+}
+
+/// What to start and what to preempt now.
+pub fn place(state: &ClusterState) -> Decision {
+    let nodes: Vec<Node> = state
         .nodes
         .iter()
         .filter(|(_, n)| n.state == NodeState::Alive)
-        .map(|(id, n)| (*id, n.info.slots))
+        .map(|(id, n)| Node {
+            id: *id,
+            slots: n.info.slots,
+        })
         .collect();
-    for t in state.trials.values() {
-        if let TrialState::Assigned { node } | TrialState::Running { node } = t.state {
-            if let Some(f) = free.get_mut(&node) {
-                *f = f.saturating_sub(t.slots);
-            }
-        }
-    }
-    let mut out = Vec::new();
+    // Work on nodes that are lost or draining still occupies them until it leaves.
+    let alive: BTreeMap<u64, ()> = nodes.iter().map(|n| (n.id, ())).collect();
+    let mut tasks = Vec::new();
+    let mut ptasks = Vec::new();
     for (id, t) in &state.trials {
-        if t.state != TrialState::Queued {
+        let Some(e) = state.experiments.get(&t.experiment) else {
+            continue;
+        };
+        let running_on = match t.state {
+            TrialState::Assigned { node } | TrialState::Running { node } => Some(node),
+            TrialState::Queued if e.state == ExperimentState::Active => None,
+            _ => continue,
+        };
+        if running_on.is_some_and(|n| !alive.contains_key(&n)) {
             continue;
         }
-        let active = state
-            .experiments
-            .get(&t.experiment)
-            .is_some_and(|e| e.state == ExperimentState::Active);
-        if !active {
-            continue;
+        // A trial already told to stop, pause or yield is not released again.
+        let preemptible = t.pending == Pending::None && !t.preempting;
+        let slots = t.slots.max(1);
+        tasks.push(Task {
+            id: *id,
+            group: t.experiment,
+            slots,
+            running_on,
+            preemptible,
+        });
+        let prio = e
+            .config()
+            .map_or(resolute_types::config::PRIORITY_DEFAULT, |c| {
+                c.resources.priority
+            });
+        ptasks.push(priority::PTask {
+            id: *id,
+            slots,
+            priority: prio,
+            order: (t.experiment << 32) | (*id & 0xffff_ffff),
+            running_on,
+            preemptible,
+        });
+    }
+    match state.policy {
+        Policy::FairShare => {
+            let groups: Vec<Group> = state
+                .experiments
+                .iter()
+                .map(|(id, e)| Group {
+                    id: *id,
+                    weight: e.config().map_or(1.0, |c| c.resources.weight),
+                    max_slots: e.config().and_then(|c| c.resources.max_slots),
+                    order: *id,
+                })
+                .collect();
+            fair_share::schedule(&groups, &tasks, &nodes)
         }
-        if let Some((node, f)) = free.iter_mut().find(|(_, f)| **f >= t.slots.max(1)) {
-            *f -= t.slots.max(1);
-            out.push((*id, *node));
+        Policy::Priority { preemption } => {
+            priority::schedule(&ptasks, &nodes, priority::Options { preemption })
         }
     }
-    out
 }

@@ -174,6 +174,9 @@ pub struct Trial {
     pub pending: Pending,
     /// Paused by the user (resumed on activate), not by the searcher.
     pub user_paused: bool,
+    /// The scheduler asked it to checkpoint and stop (it goes back to the queue).
+    #[serde(default)]
+    pub preempting: bool,
 }
 
 /// A checkpoint's metadata.
@@ -263,6 +266,9 @@ pub struct ClusterState {
     seen_order: VecDeque<ProposalId>,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
+    /// How slots are shared.
+    #[serde(default)]
+    pub policy: placement::Policy,
     /// Index of the last applied entry.
     pub applied_index: u64,
     /// A hash chain over every applied entry (index, term, bytes): two replicas with
@@ -363,6 +369,10 @@ impl ClusterState {
         }
         match command {
             Command::Noop => Reply::Ok,
+            Command::SetPolicy { policy } => {
+                self.policy = policy;
+                Reply::Ok
+            }
             Command::NodeLost { node } => self.set_node_state(node, NodeState::Lost),
             Command::NodeDraining { node } => {
                 let reply = self.set_node_state(node, NodeState::Draining);
@@ -626,6 +636,7 @@ impl ClusterState {
                         slots,
                         pending: Pending::None,
                         user_paused: false,
+                        preempting: false,
                     },
                 );
                 if let Some(e) = self.experiments.get_mut(&experiment) {
@@ -822,10 +833,15 @@ impl ClusterState {
         let Some(t) = self.trials.get_mut(&trial) else {
             return Reply::Ok;
         };
+        let preempting = std::mem::take(&mut t.preempting);
         let mut events = Vec::new();
         match outcome {
             TrialOutcome::Completed | TrialOutcome::Stopped => {
-                if pending == Pending::Pause {
+                if preempting && pending == Pending::None && outcome == TrialOutcome::Stopped {
+                    // The scheduler took its slots back: it waits in the queue and
+                    // resumes from its latest checkpoint.
+                    t.state = TrialState::Queued;
+                } else if pending == Pending::Pause {
                     t.state = TrialState::Paused;
                     t.pending = Pending::None;
                 } else if pending == Pending::None && (unfinished || t.user_paused) {
@@ -968,14 +984,18 @@ impl ClusterState {
         Reply::Ok
     }
 
-    /// Places queued trials of active experiments (first fit, until the scheduler
-    /// issue replaces it behind the same function).
+    /// Runs the scheduler: starts queued trials and preempts (checkpoint and stop)
+    /// trials the policy takes back.
     fn schedule(&mut self, changes: &mut Vec<Change>) {
         if !std::mem::take(&mut self.placement_dirty) {
             return;
         }
-        for (trial, node) in placement::first_fit(self) {
+        let decision = placement::place(self);
+        for (trial, node) in decision.assign {
             if let Some(t) = self.trials.get_mut(&trial) {
+                if t.state != TrialState::Queued {
+                    continue;
+                }
                 t.incarnation += 1;
                 t.state = TrialState::Assigned { node };
                 changes.push(Change::Assigned {
@@ -983,6 +1003,19 @@ impl ClusterState {
                     node,
                     incarnation: t.incarnation,
                 });
+            }
+        }
+        for trial in decision.release {
+            if let Some(t) = self.trials.get_mut(&trial) {
+                if let TrialState::Assigned { node } | TrialState::Running { node } = t.state {
+                    t.preempting = true;
+                    changes.push(Change::Signal {
+                        trial,
+                        node,
+                        incarnation: t.incarnation,
+                        signal: Signal::Stop,
+                    });
+                }
             }
         }
     }

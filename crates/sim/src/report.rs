@@ -47,6 +47,9 @@ pub struct Report {
     pub events: u64,
     /// Best final validation loss per experiment (the optimum is 0.05).
     pub best_loss: Vec<f64>,
+    /// Each group's (workspace, or experiment) share of the GPU-seconds used while
+    /// every group had work queued or running.
+    pub group_share: std::collections::BTreeMap<String, f64>,
 }
 
 /// The value at quantile `q` of `samples` (sorted in place); 0 when empty.

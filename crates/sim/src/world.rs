@@ -242,6 +242,7 @@ struct World<'a> {
     fault_phase: bool,
     finished: bool,
     best_loss: BTreeMap<u64, f64>,
+    group_gpu_ms: BTreeMap<String, f64>,
     trace: Vec<serde_json::Value>,
 }
 
@@ -297,6 +298,7 @@ impl<'a> World<'a> {
             fault_phase: true,
             finished: false,
             best_loss: BTreeMap::new(),
+            group_gpu_ms: BTreeMap::new(),
             trace: Vec::new(),
         };
         let mut skew_rng = derive(4);
@@ -1690,6 +1692,7 @@ impl World<'_> {
         self.schedule(self.now + SAMPLE_EVERY_MS, Event::Sample);
         let mut problems = Vec::new();
         let mut queued = Vec::new();
+        let mut share_acc: BTreeMap<String, f64> = BTreeMap::new();
         let mut done = None;
         if let Some(state) = self.freshest() {
             // No node's slots are over-allocated.
@@ -1720,6 +1723,39 @@ impl World<'_> {
                     }
                 }
             }
+            // GPU time per group while every group has demand (fairness).
+            let group_of = |exp: u64| {
+                state
+                    .experiments
+                    .get(&exp)
+                    .and_then(|e| e.config())
+                    .map(|c| c.workspace.clone())
+                    .filter(|w| !w.is_empty())
+                    .unwrap_or_else(|| format!("experiment {exp}"))
+            };
+            let mut demand: BTreeMap<String, u32> = BTreeMap::new();
+            let mut running: BTreeMap<String, u32> = BTreeMap::new();
+            for (exp, e) in &state.experiments {
+                if !e.state.is_finished() {
+                    demand.entry(group_of(*exp)).or_default();
+                }
+            }
+            for t in state.trials.values() {
+                let g = group_of(t.experiment);
+                match t.state {
+                    TrialState::Queued => *demand.entry(g).or_default() += 1,
+                    TrialState::Assigned { .. } | TrialState::Running { .. } => {
+                        *demand.entry(g.clone()).or_default() += 1;
+                        *running.entry(g).or_default() += t.slots.max(1);
+                    }
+                    _ => {}
+                }
+            }
+            if demand.len() > 1 && demand.values().all(|d| *d > 0) {
+                for (g, slots) in running {
+                    *share_acc.entry(g).or_default() += f64::from(slots) * SAMPLE_EVERY_MS as f64;
+                }
+            }
             queued = state
                 .trials
                 .iter()
@@ -1732,6 +1768,9 @@ impl World<'_> {
                 .filter(|e| e.state.is_finished())
                 .count() as u64;
             done = Some((finished, state.experiments.len() as u64));
+        }
+        for (g, ms) in share_acc {
+            *self.group_gpu_ms.entry(g).or_default() += ms;
         }
         for p in problems {
             self.violation(p);
@@ -1861,6 +1900,13 @@ impl World<'_> {
             sim_s_per_wall_s: 0.0,
             events: self.events,
             best_loss: self.best_loss.values().copied().collect(),
+            group_share: {
+                let total: f64 = self.group_gpu_ms.values().sum();
+                self.group_gpu_ms
+                    .iter()
+                    .map(|(g, ms)| (g.clone(), if total > 0.0 { ms / total } else { 0.0 }))
+                    .collect()
+            },
         }
     }
 

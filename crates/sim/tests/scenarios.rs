@@ -17,7 +17,8 @@ fn load(name: &str) -> Scenario {
 /// Seeds per scenario in this test (CI's script sweeps more in release mode).
 const SEEDS: u64 = 2;
 
-const SHIPPED: [&str; 7] = [
+const SHIPPED: [&str; 8] = [
+    "fairness.toml",
     "steady.toml",
     "churn.toml",
     "partition.toml",
@@ -124,4 +125,26 @@ fn bad_scenarios_are_clear_errors() {
     let err = Scenario::load(&tmp).expect_err("unknown site").to_string();
     assert!(err.contains("unknown site b"), "{err}");
     std::fs::remove_file(&tmp).ok();
+}
+
+#[test]
+fn weighted_fair_share_gives_teams_their_weights() {
+    let sc = load("fairness.toml");
+    for seed in 0..2 {
+        let (r, _) = run(
+            &sc,
+            &Options {
+                seed,
+                ..Options::default()
+            },
+        );
+        assert!(r.violations.is_empty(), "{:#?}", r.violations);
+        let a = r.group_share.get("team-a").copied().unwrap_or(0.0);
+        let b = r.group_share.get("team-b").copied().unwrap_or(0.0);
+        assert!(
+            (a - 0.25).abs() < 0.05 && (b - 0.75).abs() < 0.05,
+            "seed {seed}: shares {:?}",
+            r.group_share
+        );
+    }
 }
