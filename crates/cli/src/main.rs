@@ -63,6 +63,13 @@ enum BenchCommand {
     /// The experiment log: metric records per second through a 3-voter cluster with
     /// real fsyncs, and commit latency, against the disk's raw fsync rate.
     Log(LogBenchArgs),
+    /// The scheduler: placements per second and the cost of one apply on 1,000
+    /// nodes x 8 GPUs with 20,000 queued trials, and again with 10x the history.
+    Sched {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +133,9 @@ fn main() -> ExitCode {
             command: BenchCommand::Log(args),
         } => bench_log(&args),
         Command::Sim(args) => sim(&args),
+        Command::Bench {
+            command: BenchCommand::Sched { json },
+        } => bench_sched(json),
     };
     match result {
         Ok(code) => code,
@@ -327,6 +337,30 @@ fn print_sim_report(r: &resolute_sim::Report) {
         r.simulated_s, r.wall_s, r.sim_s_per_wall_s, r.events
     );
     println!("  digest           {}", r.digest);
+}
+
+fn bench_sched(json: bool) -> anyhow::Result<ExitCode> {
+    let r = bench::sched::run();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("scheduler on apply: 1,000 nodes x 8 GPUs, 20,000 queued trials in 50 experiments");
+    println!(
+        "  {:<28} {:>12.0}   target >= 20000",
+        "placements_per_s", r.placements_per_s
+    );
+    println!("  {:<28} {:>12.1}", "apply_us_p50", r.apply_us_p50);
+    println!("  {:<28} {:>12.1}", "apply_us_p99", r.apply_us_p99);
+    println!(
+        "  {:<28} {:>12.1}   (10x finished history)",
+        "apply_us_p50_10x_history", r.apply_us_p50_10x_history
+    );
+    println!(
+        "  {:<28} {:>12.1}   (10x finished history)",
+        "apply_us_p99_10x_history", r.apply_us_p99_10x_history
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench_log(args: &LogBenchArgs) -> anyhow::Result<ExitCode> {

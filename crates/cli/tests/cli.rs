@@ -133,3 +133,34 @@ fn bench_log_prints_its_figures_as_json() {
         assert!(v > 0.0, "{key} = {v}");
     }
 }
+
+#[test]
+fn sim_prints_its_report_as_json_and_exits_0_when_clean() {
+    let out = resolute(&["sim", "simulations/steady.toml", "--json", "--seed", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "seed",
+        "digest",
+        "violations",
+        "experiments_submitted",
+        "experiments_completed",
+        "trials",
+        "gpu_goodput",
+        "work_lost_gpu_s",
+        "recoveries",
+        "recovery_s_p50",
+        "recovery_s_p99",
+        "queue_wait_s_p50",
+        "queue_wait_s_p99",
+        "messages",
+        "bytes_moved",
+        "simulated_s",
+        "wall_s",
+        "group_share",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing");
+    }
+    assert_eq!(json["seed"], 1);
+    assert_eq!(json["violations"].as_array().map(Vec::len), Some(0));
+}

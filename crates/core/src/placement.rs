@@ -40,7 +40,10 @@ pub fn place(state: &ClusterState) -> Decision {
     let alive: BTreeMap<u64, ()> = nodes.iter().map(|n| (n.id, ())).collect();
     let mut tasks = Vec::new();
     let mut ptasks = Vec::new();
-    for (id, t) in &state.trials {
+    for id in state.live_trials() {
+        let Some(t) = state.trials.get(id) else {
+            continue;
+        };
         let Some(e) = state.experiments.get(&t.experiment) else {
             continue;
         };

@@ -279,6 +279,10 @@ pub struct ClusterState {
     /// false between entries on every replica (and need not be stored).
     #[serde(skip)]
     placement_dirty: bool,
+    /// Trials that are not finished: what the scheduler looks at, so that a pass
+    /// costs the same however much history the state holds. Derived, not stored.
+    #[serde(skip)]
+    live: BTreeSet<TrialId>,
 }
 
 /// Why a snapshot could not be decoded.
@@ -290,6 +294,11 @@ pub enum StateError {
 }
 
 impl ClusterState {
+    /// The trials that are not finished.
+    pub fn live_trials(&self) -> &BTreeSet<TrialId> {
+        &self.live
+    }
+
     /// The reply of an already-applied proposal.
     pub fn seen(&self, id: ProposalId) -> Option<&Reply> {
         self.seen.get(&id)
@@ -639,6 +648,7 @@ impl ClusterState {
                         preempting: false,
                     },
                 );
+                self.live.insert(id);
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.trials.insert(request_id, id);
                     if let Some(s) = e.searcher.as_mut() {
@@ -990,6 +1000,12 @@ impl ClusterState {
         if !std::mem::take(&mut self.placement_dirty) {
             return;
         }
+        let trials = &self.trials;
+        self.live.retain(|id| {
+            trials
+                .get(id)
+                .is_some_and(|t| !matches!(t.state, TrialState::Done(_)))
+        });
         let decision = placement::place(self);
         for (trial, node) in decision.assign {
             if let Some(t) = self.trials.get_mut(&trial) {
@@ -1048,6 +1064,12 @@ impl ClusterState {
             }
             e.config = Some(config);
         }
+        state.live = state
+            .trials
+            .iter()
+            .filter(|(_, t)| !matches!(t.state, TrialState::Done(_)))
+            .map(|(id, _)| *id)
+            .collect();
         Ok(state)
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Decision, Group, GroupId, Node, NodeId, Task};
+use crate::{Decision, FreeSlots, Group, GroupId, Node, Task};
 
 /// A group's standing during one scheduling pass.
 #[derive(Debug, Clone)]
@@ -27,14 +27,12 @@ struct GroupState {
 /// One fair-share pass over `tasks` (in submission order) on `nodes`.
 pub fn schedule(groups: &[Group], tasks: &[Task], nodes: &[Node]) -> Decision {
     let capacity: u32 = nodes.iter().map(|n| n.slots).sum();
-    let mut free: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
-    for t in tasks {
-        if let Some(n) = t.running_on {
-            if let Some(f) = free.get_mut(&n) {
-                *f = f.saturating_sub(t.slots);
-            }
-        }
-    }
+    let mut free = FreeSlots::new(
+        nodes,
+        tasks
+            .iter()
+            .filter_map(|t| t.running_on.map(|n| (n, t.slots))),
+    );
     let largest_node = nodes.iter().map(|n| n.slots).max().unwrap_or(0);
     let mut states = group_states(groups, tasks, capacity, largest_node);
     allocate_offers(&mut states, capacity);
@@ -48,6 +46,7 @@ fn group_states(
     largest_node: u32,
 ) -> Vec<GroupState> {
     let mut states: Vec<GroupState> = Vec::new();
+    let by_id: BTreeMap<GroupId, &Group> = groups.iter().map(|g| (g.id, g)).collect();
     let mut index: BTreeMap<GroupId, usize> = BTreeMap::new();
     for (i, t) in tasks.iter().enumerate() {
         // Work that can never fit is left out, so it cannot block others.
@@ -55,7 +54,7 @@ fn group_states(
         {
             continue;
         }
-        let g = groups.iter().find(|g| g.id == t.group);
+        let g = by_id.get(&t.group).copied();
         let at = *index.entry(t.group).or_insert_with(|| {
             states.push(GroupState {
                 id: t.group,
@@ -86,11 +85,7 @@ fn group_states(
         }
     }
     for s in &mut states {
-        if let Some(max) = groups
-            .iter()
-            .find(|g| g.id == s.id)
-            .and_then(|g| g.max_slots)
-        {
+        if let Some(max) = by_id.get(&s.id).and_then(|g| g.max_slots) {
             s.demand = s.demand.min(max);
         }
     }
@@ -177,7 +172,7 @@ fn allocate_offers(states: &mut [GroupState], mut capacity: u32) {
 
 /// Releases preemptible trials of groups above their offer; places pending trials of
 /// groups below it (best fit: the node with the fewest free slots that fits).
-fn assign(states: &[GroupState], tasks: &[Task], free: &mut BTreeMap<NodeId, u32>) -> Decision {
+fn assign(states: &[GroupState], tasks: &[Task], free: &mut FreeSlots) -> Decision {
     let mut d = Decision::default();
     let mut by_order: Vec<&GroupState> = states.iter().collect();
     by_order.sort_by_key(|s| s.order);
@@ -200,15 +195,8 @@ fn assign(states: &[GroupState], tasks: &[Task], free: &mut BTreeMap<NodeId, u32
                 if t.slots > room {
                     continue;
                 }
-                let best = free
-                    .iter()
-                    .filter(|(_, f)| **f >= t.slots)
-                    .min_by_key(|(n, f)| (**f, **n))
-                    .map(|(n, _)| *n);
-                if let Some(n) = best {
-                    if let Some(f) = free.get_mut(&n) {
-                        *f -= t.slots;
-                    }
+                if let Some(n) = free.best_fit(t.slots) {
+                    free.adjust(n, -i64::from(t.slots));
                     d.assign.push((t.id, n));
                     room -= t.slots;
                 }

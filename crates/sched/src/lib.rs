@@ -61,6 +61,42 @@ pub struct Node {
     pub slots: u32,
 }
 
+/// Free slots per node, indexed by amount, for best-fit lookups in O(log n).
+#[derive(Debug, Clone, Default)]
+pub struct FreeSlots {
+    by_node: std::collections::BTreeMap<NodeId, u32>,
+    by_free: std::collections::BTreeSet<(u32, NodeId)>,
+}
+
+impl FreeSlots {
+    /// Free slots of `nodes`, minus what `used` says each node runs.
+    pub fn new(nodes: &[Node], used: impl IntoIterator<Item = (NodeId, u32)>) -> Self {
+        let mut by_node: std::collections::BTreeMap<NodeId, u32> =
+            nodes.iter().map(|n| (n.id, n.slots)).collect();
+        for (n, s) in used {
+            if let Some(f) = by_node.get_mut(&n) {
+                *f = f.saturating_sub(s);
+            }
+        }
+        let by_free = by_node.iter().map(|(n, f)| (*f, *n)).collect();
+        FreeSlots { by_node, by_free }
+    }
+
+    /// The node with the fewest free slots that still has `slots` (ties: lowest id).
+    pub fn best_fit(&self, slots: u32) -> Option<NodeId> {
+        self.by_free.range((slots, 0)..).next().map(|(_, n)| *n)
+    }
+
+    /// Adds `delta` (may be negative) to a node's free slots.
+    pub fn adjust(&mut self, node: NodeId, delta: i64) {
+        if let Some(f) = self.by_node.get_mut(&node) {
+            self.by_free.remove(&(*f, node));
+            *f = (i64::from(*f) + delta).clamp(0, i64::from(u32::MAX)) as u32;
+            self.by_free.insert((*f, node));
+        }
+    }
+}
+
 /// What the scheduler decides.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Decision {

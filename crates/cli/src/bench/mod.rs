@@ -2,6 +2,7 @@
 //! reference in the same run (these machines are shared and noisy).
 
 pub mod log;
+pub mod sched;
 
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
 pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
