@@ -4,7 +4,7 @@
 //! trials of active experiments and the running trials. The cluster's policy
 //! decides: weighted fair share between experiments (the default) or priority.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,9 +37,9 @@ pub fn place(state: &ClusterState) -> Decision {
         })
         .collect();
     // Work on nodes that are lost or draining still occupies them until it leaves.
-    let alive: BTreeMap<u64, ()> = nodes.iter().map(|n| (n.id, ())).collect();
-    let mut tasks = Vec::new();
-    let mut ptasks = Vec::new();
+    let alive: BTreeSet<u64> = nodes.iter().map(|n| n.id).collect();
+    // (task, priority, queue order) for every trial the scheduler may touch.
+    let mut candidates = Vec::new();
     for id in state.live_trials() {
         let Some(t) = state.trials.get(id) else {
             continue;
@@ -52,32 +52,25 @@ pub fn place(state: &ClusterState) -> Decision {
             TrialState::Queued if e.state == ExperimentState::Active => None,
             _ => continue,
         };
-        if running_on.is_some_and(|n| !alive.contains_key(&n)) {
+        if running_on.is_some_and(|n| !alive.contains(&n)) {
             continue;
         }
         // A trial already told to stop, pause or yield is not released again.
         let preemptible = t.pending == Pending::None && !t.preempting;
         let slots = t.slots.max(1);
-        tasks.push(Task {
+        let task = Task {
             id: *id,
             group: t.experiment,
             slots,
             running_on,
             preemptible,
-        });
+        };
         let prio = e
             .config()
             .map_or(resolute_types::config::PRIORITY_DEFAULT, |c| {
                 c.resources.priority
             });
-        ptasks.push(priority::PTask {
-            id: *id,
-            slots,
-            priority: prio,
-            order: (t.experiment << 32) | (*id & 0xffff_ffff),
-            running_on,
-            preemptible,
-        });
+        candidates.push((task, prio, (t.experiment << 32) | (*id & 0xffff_ffff)));
     }
     match state.policy {
         Policy::FairShare => {
@@ -91,10 +84,22 @@ pub fn place(state: &ClusterState) -> Decision {
                     order: *id,
                 })
                 .collect();
+            let tasks: Vec<Task> = candidates.into_iter().map(|(t, _, _)| t).collect();
             fair_share::schedule(&groups, &tasks, &nodes)
         }
         Policy::Priority { preemption } => {
-            priority::schedule(&ptasks, &nodes, priority::Options { preemption })
+            let tasks: Vec<priority::PTask> = candidates
+                .into_iter()
+                .map(|(t, priority, order)| priority::PTask {
+                    id: t.id,
+                    slots: t.slots,
+                    priority,
+                    order,
+                    running_on: t.running_on,
+                    preemptible: t.preemptible,
+                })
+                .collect();
+            priority::schedule(&tasks, &nodes, priority::Options { preemption })
         }
     }
 }

@@ -91,8 +91,6 @@ pub struct Experiment {
     pub last_error: Option<String>,
     /// Searcher request id to trial id.
     pub trials: BTreeMap<RequestId, TrialId>,
-    /// Snapshot of the searcher (filled in only inside encoded snapshots).
-    searcher_state: Option<SearcherSnapshot>,
     #[serde(skip)]
     config: Option<ExperimentConfig>,
     #[serde(skip)]
@@ -556,7 +554,6 @@ impl ClusterState {
                 state: ExperimentState::Active,
                 last_error: None,
                 trials: BTreeMap::new(),
-                searcher_state: None,
                 config: Some(config),
                 searcher: Some(searcher),
             },
@@ -1052,11 +1049,10 @@ impl ClusterState {
         let (mut state, mut searchers): (ClusterState, BTreeMap<ExperimentId, SearcherSnapshot>) =
             codec::decode(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
         for (id, e) in state.experiments.iter_mut() {
-            e.searcher_state = searchers.remove(id);
             let config = config::parse_str("experiment.yaml", &e.config_yaml, &e.overrides)
                 .map_err(|err| StateError::Decode(err.to_string()))?
                 .config;
-            if let Some(snapshot) = e.searcher_state.take() {
+            if let Some(snapshot) = searchers.remove(id) {
                 let searcher =
                     Searcher::restore(&config.searcher, &config.hyperparameters, snapshot)
                         .map_err(|err| StateError::Decode(err.to_string()))?;

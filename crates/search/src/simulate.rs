@@ -33,7 +33,7 @@ pub struct Preview {
 
 impl Preview {
     /// The `--json` form: `{"100": 5, "300": 3, "900": 2}` (`"max_length"` for `None`).
-    pub fn to_json(&self) -> serde_json_like::Object {
+    pub fn to_json(&self) -> Vec<(String, usize)> {
         self.counts
             .iter()
             .map(|(len, n)| (len.map_or("max_length".to_string(), |l| l.to_string()), *n))
@@ -44,12 +44,6 @@ impl Preview {
     pub fn total(&self) -> usize {
         self.counts.values().sum()
     }
-}
-
-/// A tiny alias so callers need not depend on a JSON crate to get an ordered map.
-pub mod serde_json_like {
-    /// Key → count, in key order of insertion from a sorted map.
-    pub type Object = Vec<(String, usize)>;
 }
 
 /// Determined's plan for `single`, `random`, `grid`, `async_halving` and

@@ -758,15 +758,7 @@ impl<'a> World<'a> {
             }
         }
         n.store.crash(CrashMode::TearUnsynced, &mut self.disk_rng);
-        let procs: Vec<u64> = self
-            .processes
-            .iter()
-            .filter(|(_, p)| p.node == node)
-            .map(|(k, _)| *k)
-            .collect();
-        for p in procs {
-            self.kill_process(p, true);
-        }
+        self.kill_node_processes(node);
         let id = self.nodes[node].id;
         self.digest = mix(self.digest, id ^ 0xdead);
     }
@@ -1005,15 +997,7 @@ impl World<'_> {
             Effect::StopAllTrials => {
                 let name = self.nodes[node].name.clone();
                 self.note(format!("{name} fenced itself"));
-                let procs: Vec<u64> = self
-                    .processes
-                    .iter()
-                    .filter(|(_, p)| p.node == node)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for p in procs {
-                    self.kill_process(p, true);
-                }
+                self.kill_node_processes(node);
             }
         }
     }
@@ -1343,6 +1327,19 @@ impl World<'_> {
         self.bytes_moved += (self.sc.trials.checkpoint_mb * 1e6) as u64;
         let epoch = self.nodes[to].epoch;
         self.schedule(self.now + transfer, Event::ReplicaDone { uuid, to, epoch });
+    }
+
+    /// Every process on `node` dies (crash, fence).
+    fn kill_node_processes(&mut self, node: usize) {
+        let procs: Vec<u64> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| p.node == node)
+            .map(|(k, _)| *k)
+            .collect();
+        for p in procs {
+            self.kill_process(p, true);
+        }
     }
 
     /// A process dies without a clean exit (crash, fence, kill).
