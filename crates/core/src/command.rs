@@ -32,18 +32,35 @@ pub struct Envelope {
     pub version: u16,
     /// The proposal id, for deduplication.
     pub id: ProposalId,
+    /// The leader's clock when it proposed the entry (milliseconds since the Unix
+    /// epoch in production, virtual time in the simulator). The state's clock is
+    /// the largest stamp applied so far, so it never runs backwards even when
+    /// leaders' clocks disagree; time-based decisions (burst, anti-thrash,
+    /// preemption timeouts) read only that clock.
+    pub time_ms: u64,
     /// What to apply.
     pub command: Command,
 }
 
 /// A node's description, carried when it joins.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// Site (data centre, cloud region): voters are spread across sites.
+    /// Site (data centre, cloud region): voters are spread across sites, and a
+    /// trial prefers the site of its checkpoint.
     pub site: String,
     /// Slots (GPUs, or CPU slots) it offers.
     pub slots: u32,
-    /// Free-form labels (pool, preemptible, cost).
+    /// Its resource pool (empty: the default pool).
+    pub pool: String,
+    /// Spot or preemptible capacity: burst capacity, used after owned capacity.
+    pub preemptible: bool,
+    /// What one slot costs for an hour, in millionths of the currency unit; a node
+    /// that costs something is burst capacity (cheapest first).
+    pub cost_per_slot_hour_micros: u64,
+    /// The pool's settings as this node's config declares them; adopted when the
+    /// pool has none yet (`Command::SetPool` changes them later).
+    pub pool_settings: Option<crate::placement::PoolSettings>,
+    /// Free-form labels.
     pub labels: BTreeMap<String, String>,
 }
 
@@ -109,11 +126,17 @@ pub enum TrialOutcome {
 pub enum Command {
     /// Does nothing (a new leader's first entry, tests).
     Noop,
-    /// Sets how the cluster shares slots.
-    SetPolicy {
-        /// The policy.
-        policy: crate::placement::Policy,
+    /// Sets how a resource pool shares its slots.
+    SetPool {
+        /// The pool (empty: the default pool).
+        pool: String,
+        /// Its settings.
+        settings: crate::placement::PoolSettings,
     },
+    /// Carries only the leader's clock: proposed when a time-based decision is due
+    /// (a trial may burst, a protected trial may be preempted, a stopping trial
+    /// ran out of `preemption_timeout`).
+    Tick,
     /// A node is no longer reachable: its trials go back to the queue.
     NodeLost {
         /// The node.

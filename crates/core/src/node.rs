@@ -38,7 +38,7 @@ use crate::command::{
     Command, Envelope, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
 };
 use crate::log_cache::{self, LogCache};
-use crate::state::{Change, ClusterState, NodeState, Signal, TrialState};
+use crate::state::{Change, ClusterState, NodeState, Signal};
 
 /// Default number of voters the leader keeps (1 to 7).
 pub const VOTERS_DEFAULT: usize = 3;
@@ -236,8 +236,13 @@ pub enum Effect {
         hparams: Value,
         /// Seed.
         seed: u32,
-        /// Slots.
+        /// Slots on this node.
         slots: u32,
+        /// This node's rank in the trial's gang (0 runs the trial's chief; a
+        /// single-node trial is rank 0).
+        node_rank: usize,
+        /// Every node of the gang and its slots, rank 0 first.
+        layout: Vec<(NodeId, u32)>,
         /// Target length, if the searcher set one.
         target: Option<u64>,
         /// Checkpoint to resume from.
@@ -318,6 +323,8 @@ pub struct Node {
     /// When (in ticks) each follower began waiting for a snapshot.
     snapshot_waits: BTreeMap<NodeId, u64>,
     proposed: BTreeSet<(NodeId, bool)>,
+    /// The deadline a `Tick` was proposed for, and when.
+    tick_proposed: Option<(u64, u64)>,
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -419,6 +426,7 @@ impl Node {
             leaving: None,
             snapshot_waits: BTreeMap::new(),
             proposed: BTreeSet::new(),
+            tick_proposed: None,
             cfg,
         };
         node.watch_role();
@@ -721,6 +729,7 @@ impl Node {
             let envelope = Envelope {
                 version: COMMAND_VERSION,
                 id,
+                time_ms: self.now_ms,
                 command,
             };
             let data = match codec::encode(&envelope) {
@@ -781,6 +790,7 @@ impl Node {
         if self.is_leader() {
             self.maintain_membership();
             self.maintain_leases(out);
+            self.propose_due_tick(out);
             if self.raw.store().take_snapshot_wanted() {
                 // A follower needs a snapshot that includes it.
                 self.snapshot_now(out);
@@ -825,11 +835,12 @@ impl Node {
         let silent = self.now_ms.saturating_sub(since) > self.cfg.lease_timeout_ms;
         if silent && !self.fenced && self.is_member(self.cfg.id) {
             // Only now look at the trials (this runs every tick on every node).
+            let me = self.cfg.id;
             let mine: Vec<(TrialId, u64)> = self
                 .state
                 .trials
                 .iter()
-                .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
+                .filter(|(_, t)| t.is_placed_on(me))
                 .map(|(id, t)| (*id, t.incarnation))
                 .collect();
             self.fenced = true;
@@ -935,6 +946,27 @@ impl Node {
             };
             self.propose(id, self.cfg.id, 0, command, out);
         }
+    }
+
+    /// When a time-based scheduling decision is due (see
+    /// `placement::next_deadline_ms`), the leader proposes an entry that carries
+    /// its clock; applying it lets every replica make that decision. At most one
+    /// is in flight per deadline, retried after a proposal timeout.
+    fn propose_due_tick(&mut self, out: &mut Vec<Output>) {
+        let Some(due) = self.state.next_deadline_ms() else {
+            return;
+        };
+        if self.now_ms < due {
+            return;
+        }
+        if let Some((deadline, at)) = self.tick_proposed {
+            if deadline == due && self.now_ms < at + self.cfg.proposal_timeout_ms {
+                return;
+            }
+        }
+        self.tick_proposed = Some((due, self.now_ms));
+        let id = self.internal_id();
+        self.propose(id, self.cfg.id, 0, Command::Tick, out);
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -1171,13 +1203,16 @@ impl Node {
 
     fn start_effect(&self, trial: TrialId) -> Option<Effect> {
         let t = self.state.trials.get(&trial)?;
+        let node_rank = t.node_rank(self.cfg.id)?;
         Some(Effect::StartTrial {
             trial,
             incarnation: t.incarnation,
             experiment: t.experiment,
             hparams: t.hparams.clone(),
             seed: t.seed,
-            slots: t.slots,
+            slots: t.layout[node_rank].1,
+            node_rank,
+            layout: t.layout.clone(),
             target: t.target,
             latest_checkpoint: t.latest_checkpoint.clone(),
         })
@@ -1186,11 +1221,12 @@ impl Node {
     /// After a restart has replayed the log, or a snapshot replaced the state: the
     /// trials placed here, as a whole.
     fn reconcile(&mut self, out: &mut Vec<Output>) {
+        let me = self.cfg.id;
         let mine: Vec<TrialId> = self
             .state
             .trials
             .iter()
-            .filter(|(_, t)| matches!(t.state, TrialState::Assigned { node } | TrialState::Running { node } if node == self.cfg.id))
+            .filter(|(_, t)| t.is_placed_on(me))
             .map(|(id, _)| *id)
             .collect();
         let keep = mine

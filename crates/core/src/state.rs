@@ -39,7 +39,7 @@ pub enum NodeState {
 }
 
 /// A member of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// What it offers.
     pub info: NodeInfo,
@@ -173,8 +173,40 @@ pub struct Trial {
     /// Paused by the user (resumed on activate), not by the searcher.
     pub user_paused: bool,
     /// The scheduler asked it to checkpoint and stop (it goes back to the queue).
-    #[serde(default)]
     pub preempting: bool,
+    /// Where its slots are while placed: `(node, slots)` per node, node rank 0
+    /// first (the node in its `state`). More than one node for a multi-node gang.
+    pub layout: Vec<(NodeId, u32)>,
+    /// When (state clock) it last entered the queue; None while placed.
+    pub queued_ms: Option<u64>,
+    /// When (state clock) it was last placed.
+    pub started_ms: u64,
+    /// Seconds it has to checkpoint and exit after a stop or pause signal (its
+    /// experiment's `preemption_timeout`).
+    pub preemption_timeout_s: u64,
+    /// After a stop or pause signal: when it is killed if it has not exited
+    /// (`preemption_timeout` after the signal).
+    pub stop_deadline_ms: Option<u64>,
+}
+
+impl Trial {
+    /// Whether it holds slots (assigned or running).
+    pub fn is_placed(&self) -> bool {
+        matches!(
+            self.state,
+            TrialState::Assigned { .. } | TrialState::Running { .. }
+        )
+    }
+
+    /// Whether it holds slots on `node`.
+    pub fn is_placed_on(&self, node: NodeId) -> bool {
+        self.is_placed() && self.layout.iter().any(|(n, _)| *n == node)
+    }
+
+    /// Its node rank on `node` (0 for the node that runs rank 0).
+    pub fn node_rank(&self, node: NodeId) -> Option<usize> {
+        self.layout.iter().position(|(n, _)| *n == node)
+    }
 }
 
 /// A checkpoint's metadata.
@@ -264,9 +296,10 @@ pub struct ClusterState {
     seen_order: VecDeque<ProposalId>,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
-    /// How slots are shared.
-    #[serde(default)]
-    pub policy: placement::Policy,
+    /// Settings of the resource pools that have any (the rest use the defaults).
+    pub pools: BTreeMap<String, placement::PoolSettings>,
+    /// The state's clock: the largest leader time stamp applied (milliseconds).
+    pub now_ms: u64,
     /// Index of the last applied entry.
     pub applied_index: u64,
     /// A hash chain over every applied entry (index, term, bytes): two replicas with
@@ -281,6 +314,9 @@ pub struct ClusterState {
     /// costs the same however much history the state holds. Derived, not stored.
     #[serde(skip)]
     live: BTreeSet<TrialId>,
+    /// When placement could next decide differently with no new command (derived).
+    #[serde(skip)]
+    next_deadline_ms: Option<u64>,
 }
 
 /// Why a snapshot could not be decoded.
@@ -297,6 +333,17 @@ impl ClusterState {
         &self.live
     }
 
+    /// A pool's settings (the defaults when it has none).
+    pub fn pool_settings(&self, pool: &str) -> placement::PoolSettings {
+        self.pools.get(pool).cloned().unwrap_or_default()
+    }
+
+    /// When (state clock) a time-based decision is next due, if any: the leader
+    /// proposes a `Command::Tick` once its clock passes it.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.next_deadline_ms
+    }
+
     /// The reply of an already-applied proposal.
     pub fn seen(&self, id: ProposalId) -> Option<&Reply> {
         self.seen.get(&id)
@@ -307,6 +354,11 @@ impl ClusterState {
     pub fn add_node(&mut self, node: NodeId, info: NodeInfo, changes: &mut Vec<Change>) {
         if self.nodes.contains_key(&node) {
             return;
+        }
+        if let Some(settings) = &info.pool_settings {
+            if !self.pools.contains_key(&info.pool) {
+                self.pools.insert(info.pool.clone(), settings.clone());
+            }
         }
         self.nodes.insert(
             node,
@@ -321,7 +373,7 @@ impl ClusterState {
 
     /// Removes a member (from an applied membership change); its trials are requeued.
     pub fn remove_node(&mut self, node: NodeId, changes: &mut Vec<Change>) {
-        self.requeue_from(node);
+        self.requeue_from(node, changes);
         self.nodes.remove(&node);
         self.placement_dirty = true;
         self.schedule(changes);
@@ -345,6 +397,11 @@ impl ClusterState {
             return (reply.clone(), Vec::new());
         }
         let mut changes = Vec::new();
+        self.now_ms = self.now_ms.max(envelope.time_ms);
+        if self.next_deadline_ms.is_some_and(|d| d <= self.now_ms) {
+            self.enforce_stop_deadlines(&mut changes);
+            self.placement_dirty = true;
+        }
         let reply = self.apply_command(envelope.command, &mut changes);
         self.schedule(&mut changes);
         self.remember(envelope.id, reply.clone());
@@ -376,17 +433,18 @@ impl ClusterState {
         }
         match command {
             Command::Noop => Reply::Ok,
-            Command::SetPolicy { policy } => {
-                self.policy = policy;
+            Command::SetPool { pool, settings } => {
+                self.pools.insert(pool, settings);
                 Reply::Ok
             }
-            Command::NodeLost { node } => self.set_node_state(node, NodeState::Lost),
+            Command::Tick => Reply::Ok,
+            Command::NodeLost { node } => self.set_node_state(node, NodeState::Lost, changes),
             Command::NodeDraining { node } => {
-                let reply = self.set_node_state(node, NodeState::Draining);
+                let reply = self.set_node_state(node, NodeState::Draining, changes);
                 self.signal_node(node, Signal::Stop, changes);
                 reply
             }
-            Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive),
+            Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive, changes),
             Command::NodeCapacity { node, slots } => match self.nodes.get_mut(&node) {
                 Some(n) => {
                     n.info.slots = slots;
@@ -465,39 +523,67 @@ impl ClusterState {
         }
     }
 
-    fn set_node_state(&mut self, node: NodeId, state: NodeState) -> Reply {
+    fn set_node_state(
+        &mut self,
+        node: NodeId,
+        state: NodeState,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
         let Some(n) = self.nodes.get_mut(&node) else {
             return rejected(format!("unknown node {node}"));
         };
         n.state = state;
         if state == NodeState::Lost {
-            self.requeue_from(node);
+            self.requeue_from(node, changes);
         }
         Reply::Ok
     }
 
-    /// Trials on `node` go back to the queue; a lost node is not the trial's fault,
-    /// so it does not count toward `max_restarts` (as in Determined).
-    fn requeue_from(&mut self, node: NodeId) {
-        for t in self.trials.values_mut() {
-            if matches!(t.state, TrialState::Assigned { node: n } | TrialState::Running { node: n } if n == node)
-            {
-                t.state = TrialState::Queued;
+    /// Trials with slots on `node` go back to the queue; a lost node is not the
+    /// trial's fault, so it does not count toward `max_restarts` (as in
+    /// Determined). The other nodes of a multi-node gang kill their part: a gang
+    /// runs whole or not at all.
+    fn requeue_from(&mut self, node: NodeId, changes: &mut Vec<Change>) {
+        let now = self.now_ms;
+        for (id, t) in self.trials.iter_mut() {
+            if !t.is_placed_on(node) {
+                continue;
             }
+            for (other, _) in &t.layout {
+                if *other != node {
+                    changes.push(Change::Signal {
+                        trial: *id,
+                        node: *other,
+                        incarnation: t.incarnation,
+                        signal: Signal::Kill,
+                    });
+                }
+            }
+            t.state = TrialState::Queued;
+            t.queued_ms = Some(now);
+            t.stop_deadline_ms = None;
         }
     }
 
     fn signal_node(&mut self, node: NodeId, signal: Signal, changes: &mut Vec<Change>) {
-        for (id, t) in &self.trials {
-            if let TrialState::Assigned { node: n } | TrialState::Running { node: n } = t.state {
-                if n == node {
-                    changes.push(Change::Signal {
-                        trial: *id,
-                        node,
-                        incarnation: t.incarnation,
-                        signal,
-                    });
-                }
+        let now = self.now_ms;
+        for (id, t) in self.trials.iter_mut() {
+            if t.is_placed_on(node) {
+                signal_trial(*id, t, signal, now, changes);
+            }
+        }
+    }
+
+    /// Kills the placed trials whose stop or pause signal went unanswered for
+    /// their `preemption_timeout`.
+    fn enforce_stop_deadlines(&mut self, changes: &mut Vec<Change>) {
+        let now = self.now_ms;
+        for id in &self.live {
+            let Some(t) = self.trials.get_mut(id) else {
+                continue;
+            };
+            if t.is_placed() && t.stop_deadline_ms.is_some_and(|d| d <= now) {
+                signal_trial(*id, t, Signal::Kill, now, changes);
             }
         }
     }
@@ -587,6 +673,10 @@ impl ClusterState {
         ops: Vec<Operation>,
         changes: &mut Vec<Change>,
     ) {
+        // A searcher's operations can queue, resume or stop trials.
+        if !ops.is_empty() {
+            self.placement_dirty = true;
+        }
         let mut queue: VecDeque<Operation> = ops.into();
         while let Some(op) = queue.pop_front() {
             let follow_up = self.run_op(experiment, op, changes);
@@ -615,11 +705,15 @@ impl ClusterState {
                 trial_seed,
                 warm_start,
             } => {
-                let slots = self
+                let config = self
                     .experiments
                     .get(&experiment)
-                    .and_then(Experiment::config)
-                    .map_or(1, |c| c.resources.slots_per_trial);
+                    .and_then(Experiment::config);
+                let slots = config.map_or(1, |c| c.resources.slots_per_trial);
+                let preemption_timeout_s = config.map_or(
+                    resolute_types::config::PREEMPTION_TIMEOUT_DEFAULT_S,
+                    |c| c.preemption_timeout,
+                );
                 let warm = warm_start.and_then(|r| self.trial_of(experiment, r));
                 let id = self.trials.keys().next_back().map_or(1, |k| k + 1);
                 let latest_checkpoint = warm
@@ -643,6 +737,11 @@ impl ClusterState {
                         pending: Pending::None,
                         user_paused: false,
                         preempting: false,
+                        layout: Vec::new(),
+                        queued_ms: None,
+                        started_ms: 0,
+                        preemption_timeout_s,
+                        stop_deadline_ms: None,
                     },
                 );
                 self.live.insert(id);
@@ -658,6 +757,7 @@ impl ClusterState {
             }
             Operation::RunUntil { request_id, length }
             | Operation::Resume { request_id, length } => {
+                let now = self.now_ms;
                 if let Some(t) = self
                     .trial_of(experiment, request_id)
                     .and_then(|id| self.trials.get_mut(&id).map(|t| (id, t)))
@@ -667,13 +767,8 @@ impl ClusterState {
                     t.pending = Pending::None;
                     match t.state {
                         TrialState::Paused => t.state = TrialState::Queued,
-                        TrialState::Assigned { node } | TrialState::Running { node } => {
-                            changes.push(Change::Signal {
-                                trial: id,
-                                node,
-                                incarnation: t.incarnation,
-                                signal: Signal::Target(length),
-                            });
+                        TrialState::Assigned { .. } | TrialState::Running { .. } => {
+                            signal_trial(id, t, Signal::Target(length), now, changes);
                         }
                         _ => {}
                     }
@@ -724,20 +819,16 @@ impl ClusterState {
         let Some(t) = self.trials.get_mut(&id) else {
             return;
         };
+        let now = self.now_ms;
         match t.state {
-            TrialState::Assigned { node } | TrialState::Running { node } => {
+            TrialState::Assigned { .. } | TrialState::Running { .. } => {
                 t.pending = what;
                 let signal = if what == Pending::Pause {
                     Signal::Pause
                 } else {
                     Signal::Stop
                 };
-                changes.push(Change::Signal {
-                    trial: id,
-                    node,
-                    incarnation: t.incarnation,
-                    signal,
-                });
+                signal_trial(id, t, signal, now, changes);
             }
             TrialState::Queued | TrialState::Paused => {
                 if what == Pending::Pause {
@@ -923,20 +1014,13 @@ impl ClusterState {
             let Some(t) = self.trials.get_mut(&id) else {
                 continue;
             };
-            let on = match t.state {
-                TrialState::Assigned { node } | TrialState::Running { node } => Some(node),
-                _ => None,
-            };
+            let placed = t.is_placed();
+            let now = self.now_ms;
             match action {
                 Control::Pause => {
                     t.user_paused = true;
-                    if let Some(node) = on {
-                        changes.push(Change::Signal {
-                            trial: id,
-                            node,
-                            incarnation: t.incarnation,
-                            signal: Signal::Pause,
-                        });
+                    if placed {
+                        signal_trial(id, t, Signal::Pause, now, changes);
                     } else if t.state == TrialState::Queued {
                         t.state = TrialState::Paused;
                     }
@@ -955,14 +1039,9 @@ impl ClusterState {
                     } else {
                         Signal::Stop
                     };
-                    if let Some(node) = on {
+                    if placed {
                         t.pending = Pending::Stop;
-                        changes.push(Change::Signal {
-                            trial: id,
-                            node,
-                            incarnation: t.incarnation,
-                            signal,
-                        });
+                        signal_trial(id, t, signal, now, changes);
                     } else if !matches!(t.state, TrialState::Done(_)) {
                         t.state = TrialState::Done(TrialOutcome::Stopped);
                         let request_id = t.request_id;
@@ -1003,34 +1082,51 @@ impl ClusterState {
                 .get(id)
                 .is_some_and(|t| !matches!(t.state, TrialState::Done(_)))
         });
-        let decision = placement::place(self);
-        for (trial, node) in decision.assign {
-            if let Some(t) = self.trials.get_mut(&trial) {
-                if t.state != TrialState::Queued {
-                    continue;
+        // A trial that entered the queue during this entry starts waiting now.
+        let now = self.now_ms;
+        for id in &self.live {
+            if let Some(t) = self.trials.get_mut(id) {
+                if t.state == TrialState::Queued && t.queued_ms.is_none() {
+                    t.queued_ms = Some(now);
+                } else if t.state != TrialState::Queued {
+                    t.queued_ms = None;
                 }
-                t.incarnation += 1;
-                t.state = TrialState::Assigned { node };
+            }
+        }
+        let decision = placement::place(self);
+        for (trial, layout) in decision.assign {
+            let Some(t) = self.trials.get_mut(&trial) else {
+                continue;
+            };
+            let Some(&(node, _)) = layout.first() else {
+                continue;
+            };
+            if t.state != TrialState::Queued {
+                continue;
+            }
+            t.incarnation += 1;
+            t.state = TrialState::Assigned { node };
+            t.queued_ms = None;
+            t.started_ms = now;
+            t.stop_deadline_ms = None;
+            for (n, _) in &layout {
                 changes.push(Change::Assigned {
                     trial,
-                    node,
+                    node: *n,
                     incarnation: t.incarnation,
                 });
             }
+            t.layout = layout;
         }
         for trial in decision.release {
             if let Some(t) = self.trials.get_mut(&trial) {
-                if let TrialState::Assigned { node } | TrialState::Running { node } = t.state {
+                if t.is_placed() {
                     t.preempting = true;
-                    changes.push(Change::Signal {
-                        trial,
-                        node,
-                        incarnation: t.incarnation,
-                        signal: Signal::Stop,
-                    });
+                    signal_trial(trial, t, Signal::Stop, now, changes);
                 }
             }
         }
+        self.next_deadline_ms = placement::next_deadline_ms(self);
     }
 
     /// Encodes the state (searchers included) for a Raft snapshot.
@@ -1066,6 +1162,7 @@ impl ClusterState {
             .filter(|(_, t)| !matches!(t.state, TrialState::Done(_)))
             .map(|(id, _)| *id)
             .collect();
+        state.next_deadline_ms = placement::next_deadline_ms(&state);
         Ok(state)
     }
 
@@ -1099,6 +1196,35 @@ fn crc32c_of(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// Sends `signal` to every node of a placed trial (rank 0 acts on it; the others
+/// only on a kill). A stop or pause starts the clock of its `preemption_timeout`.
+fn signal_trial(
+    id: TrialId,
+    t: &mut Trial,
+    signal: Signal,
+    now_ms: u64,
+    changes: &mut Vec<Change>,
+) {
+    match signal {
+        Signal::Stop | Signal::Pause => {
+            if t.stop_deadline_ms.is_none() {
+                let timeout_s = t.preemption_timeout_s;
+                t.stop_deadline_ms = Some(now_ms.saturating_add(timeout_s.saturating_mul(1000)));
+            }
+        }
+        Signal::Kill => t.stop_deadline_ms = None,
+        Signal::Target(_) => {}
+    }
+    for (node, _) in &t.layout {
+        changes.push(Change::Signal {
+            trial: id,
+            node: *node,
+            incarnation: t.incarnation,
+            signal,
+        });
+    }
 }
 
 fn rejected(reason: String) -> Reply {

@@ -38,7 +38,7 @@ impl Sm {
             NodeInfo {
                 site: "a".into(),
                 slots: 4,
-                labels: BTreeMap::new(),
+                ..Default::default()
             },
             &mut changes,
         );
@@ -47,7 +47,7 @@ impl Sm {
             NodeInfo {
                 site: "b".into(),
                 slots: 4,
-                labels: BTreeMap::new(),
+                ..Default::default()
             },
             &mut changes,
         );
@@ -59,6 +59,7 @@ impl Sm {
         let env = Envelope {
             version: COMMAND_VERSION,
             id: ProposalId(u128::from(self.index)),
+            time_ms: self.index * 1000,
             command,
         };
         self.state.apply(self.index, env).0

@@ -1,21 +1,32 @@
-//! The deterministic scheduler (work in progress for the scheduler issue).
+//! The deterministic scheduler.
 //!
 //! A pure function of the current demand and supply: every replica computes the
-//! same decisions from the same state. This first part is Determined's `fair_share`
-//! policy (`master/internal/rm/agentrm/fair_share.go`): max-min progressive
-//! filling of slot offers weighted by `weight` and capped by `max_slots`,
-//! non-preemptible work offered first, deadlock breaking for groups whose offer
-//! cannot fit their smallest pending gang, and release of preemptible trials of
-//! groups above their offer. Placement is best fit on one node.
+//! same decisions from the same state, so nobody proposes "decisions"; they fall
+//! out of the replicated state (see `core::placement`, which calls this crate once
+//! per resource pool on apply).
 //!
-//! [`priority`] is Determined's other policy (lower number first, FIFO within a
-//! priority, preemption of strictly lower priorities, backfill).
+//! - [`fair_share`]: Determined's `fair_share` policy: max-min progressive filling
+//!   of slot offers weighted by `weight` and capped by `max_slots`, first between
+//!   teams (an experiment's workspace) and then between the experiments of a team;
+//!   non-preemptible work offered first; deadlock breaking for groups whose offer
+//!   cannot fit their smallest pending gang; release of preemptible trials of
+//!   groups above their offer.
+//! - [`priority`]: Determined's other policy: lower number first, FIFO within a
+//!   priority, preemption of strictly lower priorities, backfill.
+//! - [`place`]: where a trial goes once a policy lets it start: all of a gang or
+//!   nothing, on one node when it fits (best fit) and across the fewest nodes
+//!   otherwise; the node holding its checkpoint, then that node's site; owned
+//!   nodes before burst (preemptible or paid) nodes, cheapest first.
 //!
-//! Not yet here (see the scheduler issue): multi-node gangs, locality, pools and
-//! burst, anti-thrash, and the wiring into `core`.
+//! Time never enters this crate: the caller turns "waited longer than
+//! `burst_after_s`" and "started less than `min_runtime_s` ago" into the flags
+//! [`Task::may_burst`] and [`Task::protected`].
 
 pub mod fair_share;
+pub mod place;
 pub mod priority;
+
+pub use place::Placer;
 
 /// Identifies a node.
 pub type NodeId = u64;
@@ -24,11 +35,22 @@ pub type TrialId = u64;
 /// Identifies a group (an experiment).
 pub type GroupId = u64;
 
+/// Where a trial's slots are: `(node, slots)` per node, node rank 0 first.
+pub type Layout = Vec<(NodeId, u32)>;
+
+/// The lowest (first) priority.
+pub const PRIORITY_MIN: u8 = 1;
+/// The highest (last) priority.
+pub const PRIORITY_MAX: u8 = 99;
+
 /// A group of trials that shares one weight (an experiment).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
     /// Its id.
     pub id: GroupId,
+    /// Its team (the experiment's workspace): slots are shared between teams
+    /// first, then between the groups of a team.
+    pub team: String,
     /// Fair-share weight (> 0).
     pub weight: f64,
     /// Cap on the group's slots at once.
@@ -44,55 +66,63 @@ pub struct Task {
     pub id: TrialId,
     /// Its group.
     pub group: GroupId,
-    /// Slots it needs (all on one node, for now).
+    /// Slots it needs, all at once (a gang when more than one).
     pub slots: u32,
-    /// Where it runs, if it does.
-    pub running_on: Option<NodeId>,
-    /// Whether it may be preempted (trials are).
+    /// Where it runs (empty: it waits).
+    pub running_on: Layout,
+    /// Whether it may be preempted at all (trials are).
     pub preemptible: bool,
+    /// Not to be preempted now (it started less than `min_runtime_s` ago, or it
+    /// is already stopping).
+    pub protected: bool,
+    /// It may use burst nodes (it waited longer than the pool's `burst_after_s`).
+    pub may_burst: bool,
+    /// Nodes holding its latest checkpoint (placement prefers them).
+    pub holders: Vec<NodeId>,
+    /// 1 (first) to 99 (last); used by the priority policy.
+    pub priority: u8,
+    /// Queue position (earlier first within a priority); used by the priority policy.
+    pub order: u64,
 }
 
-/// A node's slots.
+impl Task {
+    /// Whether it holds slots now.
+    pub fn is_running(&self) -> bool {
+        !self.running_on.is_empty()
+    }
+
+    /// Whether a policy may take its slots back now.
+    pub fn releasable(&self) -> bool {
+        self.preemptible && !self.protected
+    }
+}
+
+/// A node's slots and what kind of capacity they are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     /// Its id.
     pub id: NodeId,
     /// Total slots.
     pub slots: u32,
+    /// Its site (locality: a checkpoint moves faster within a site).
+    pub site: String,
+    /// Burst capacity (preemptible or paid by the hour): used only by trials that
+    /// waited long enough, or that owned capacity can never fit.
+    pub burst: bool,
+    /// Cost of one slot for an hour, in millionths of the currency unit (cheapest
+    /// burst capacity first).
+    pub cost_per_slot_hour_micros: u64,
 }
 
-/// Free slots per node, indexed by amount, for best-fit lookups in O(log n).
-#[derive(Debug, Clone, Default)]
-pub struct FreeSlots {
-    by_node: std::collections::BTreeMap<NodeId, u32>,
-    by_free: std::collections::BTreeSet<(u32, NodeId)>,
-}
-
-impl FreeSlots {
-    /// Free slots of `nodes`, minus what `used` says each node runs.
-    pub fn new(nodes: &[Node], used: impl IntoIterator<Item = (NodeId, u32)>) -> Self {
-        let mut by_node: std::collections::BTreeMap<NodeId, u32> =
-            nodes.iter().map(|n| (n.id, n.slots)).collect();
-        for (n, s) in used {
-            if let Some(f) = by_node.get_mut(&n) {
-                *f = f.saturating_sub(s);
-            }
-        }
-        let by_free = by_node.iter().map(|(n, f)| (*f, *n)).collect();
-        FreeSlots { by_node, by_free }
-    }
-
-    /// The node with the fewest free slots that still has `slots` (ties: lowest id).
-    pub fn best_fit(&self, slots: u32) -> Option<NodeId> {
-        self.by_free.range((slots, 0)..).next().map(|(_, n)| *n)
-    }
-
-    /// Adds `delta` (may be negative) to a node's free slots.
-    pub fn adjust(&mut self, node: NodeId, delta: i64) {
-        if let Some(f) = self.by_node.get_mut(&node) {
-            self.by_free.remove(&(*f, node));
-            *f = (i64::from(*f) + delta).clamp(0, i64::from(u32::MAX)) as u32;
-            self.by_free.insert((*f, node));
+impl Node {
+    /// An owned node with `slots` slots on the default site.
+    pub fn owned(id: NodeId, slots: u32) -> Self {
+        Node {
+            id,
+            slots,
+            site: String::new(),
+            burst: false,
+            cost_per_slot_hour_micros: 0,
         }
     }
 }
@@ -100,8 +130,8 @@ impl FreeSlots {
 /// What the scheduler decides.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Decision {
-    /// Trials to start, and where.
-    pub assign: Vec<(TrialId, NodeId)>,
+    /// Trials to start, and where (every slot of the gang at once).
+    pub assign: Vec<(TrialId, Layout)>,
     /// Running trials to checkpoint and stop (they go back to the queue).
     pub release: Vec<TrialId>,
 }

@@ -2,28 +2,12 @@
 //! priority, optional preemption of lower priorities, and backfill of smaller
 //! preemptible work into the gaps. Unlike Determined, a trial is never preempted
 //! for a peer of the same priority (Determined compared queue positions there,
-//! which let equal-priority jobs preempt each other).
+//! which let equal-priority jobs preempt each other), and never within its
+//! protected time after starting ([`Task::protected`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{Decision, Node, NodeId, TrialId};
-
-/// A trial as the priority policy sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PTask {
-    /// Its id.
-    pub id: TrialId,
-    /// Slots it needs (on one node).
-    pub slots: u32,
-    /// 1 (first) to 99 (last).
-    pub priority: u8,
-    /// Queue position (submission order); earlier first within a priority.
-    pub order: u64,
-    /// Where it runs, if it does.
-    pub running_on: Option<NodeId>,
-    /// Whether it may be preempted.
-    pub preemptible: bool,
-}
+use crate::{Decision, Layout, Node, Placer, Task, TrialId};
 
 /// Policy settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,28 +16,13 @@ pub struct Options {
     pub preemption: bool,
 }
 
-/// The node with the fewest free slots that still fits `slots` (best fit).
-fn best_fit(free: &BTreeMap<NodeId, u32>, slots: u32) -> Option<NodeId> {
-    free.iter()
-        .filter(|(_, f)| **f >= slots)
-        .min_by_key(|(n, f)| (**f, **n))
-        .map(|(n, _)| *n)
-}
-
-/// One priority pass.
-pub fn schedule(tasks: &[PTask], nodes: &[Node], opts: Options) -> Decision {
-    let mut free: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, n.slots)).collect();
+/// One priority pass over one pool.
+pub fn schedule(tasks: &[Task], nodes: &[Node], opts: Options) -> Decision {
+    let mut placer = Placer::new(nodes, tasks.iter().map(|t| &t.running_on));
+    let mut pending: BTreeMap<u8, Vec<&Task>> = BTreeMap::new();
+    let mut running: BTreeMap<u8, Vec<&Task>> = BTreeMap::new();
     for t in tasks {
-        if let Some(n) = t.running_on {
-            if let Some(f) = free.get_mut(&n) {
-                *f = f.saturating_sub(t.slots);
-            }
-        }
-    }
-    let mut pending: BTreeMap<u8, Vec<&PTask>> = BTreeMap::new();
-    let mut running: BTreeMap<u8, Vec<&PTask>> = BTreeMap::new();
-    for t in tasks {
-        let map = if t.running_on.is_some() {
+        let map = if t.is_running() {
             &mut running
         } else {
             &mut pending
@@ -67,15 +36,12 @@ pub fn schedule(tasks: &[PTask], nodes: &[Node], opts: Options) -> Decision {
     let mut released: BTreeSet<TrialId> = BTreeSet::new();
     let mut backfilling = false;
     for (&priority, list) in &pending {
-        let mut placed = Vec::new();
+        let mut placed: Vec<(&Task, Layout)> = Vec::new();
         let mut failed = Vec::new();
         for t in list {
-            match best_fit(&free, t.slots) {
-                Some(n) => {
-                    // Reserve the slots even if the start waits (see below).
-                    *free.entry(n).or_default() -= t.slots;
-                    placed.push((*t, n));
-                }
+            // Reserve the slots even if the start waits (see below).
+            match placer.place(t) {
+                Some(layout) => placed.push((*t, layout)),
                 None => failed.push(*t),
             }
         }
@@ -83,9 +49,9 @@ pub fn schedule(tasks: &[PTask], nodes: &[Node], opts: Options) -> Decision {
         // priority that could not be fully placed, only preemptible work is started
         // (backfill), since it can be taken back.
         if released.is_empty() {
-            for (t, n) in placed {
+            for (t, layout) in placed {
                 if !backfilling || (opts.preemption && t.preemptible) {
-                    decision.assign.push((t.id, n));
+                    decision.assign.push((t.id, layout));
                 }
             }
         }
@@ -96,13 +62,13 @@ pub fn schedule(tasks: &[PTask], nodes: &[Node], opts: Options) -> Decision {
             continue;
         }
         for t in failed {
-            if let Some(n) = best_fit(&free, t.slots) {
+            if placer.place(t).is_some() {
                 // Room appeared through earlier preemptions: it starts next pass.
-                *free.entry(n).or_default() -= t.slots;
                 continue;
             }
-            if let Some((victims, local)) = preempt_for(t, priority, &running, &released, &free) {
-                free = local;
+            if let Some((victims, local)) = preempt_for(t, priority, &running, &released, &placer)
+            {
+                placer = local;
                 released.extend(victims);
             }
         }
@@ -111,31 +77,28 @@ pub fn schedule(tasks: &[PTask], nodes: &[Node], opts: Options) -> Decision {
     decision
 }
 
-/// Victims (strictly lower priority, preemptible, lowest priority and newest first)
-/// whose slots let `t` fit; and the slots after placing `t`.
+/// Victims (strictly lower priority, releasable, lowest priority and newest first)
+/// whose slots let `t` fit; and the free slots after placing `t`.
 fn preempt_for(
-    t: &PTask,
+    t: &Task,
     priority: u8,
-    running: &BTreeMap<u8, Vec<&PTask>>,
+    running: &BTreeMap<u8, Vec<&Task>>,
     released: &BTreeSet<TrialId>,
-    free: &BTreeMap<NodeId, u32>,
-) -> Option<(Vec<TrialId>, BTreeMap<NodeId, u32>)> {
-    let mut local = free.clone();
+    placer: &Placer,
+) -> Option<(Vec<TrialId>, Placer)> {
+    let mut local = placer.clone();
     let mut victims = Vec::new();
     for (&p, list) in running.iter().rev() {
         if p <= priority {
             break;
         }
         for v in list.iter().rev() {
-            if !v.preemptible || released.contains(&v.id) {
+            if !v.releasable() || released.contains(&v.id) {
                 continue;
             }
-            if let Some(n) = v.running_on {
-                *local.entry(n).or_default() += v.slots;
-            }
+            local.give_back(&v.running_on);
             victims.push(v.id);
-            if let Some(n) = best_fit(&local, t.slots) {
-                *local.entry(n).or_default() -= t.slots;
+            if local.place(t).is_some() {
                 return Some((victims, local));
             }
         }

@@ -1,11 +1,17 @@
 //! Determined's fair-share cases (`fair_share_test.go`), ported.
 
-use resolute_sched::fair_share::schedule;
-use resolute_sched::{Decision, Group, Node, Task};
+use std::collections::BTreeMap;
+
+use resolute_sched::{fair_share, Decision, Group, Node, Task};
+
+fn schedule(groups: &[Group], tasks: &[Task], nodes: &[Node]) -> Decision {
+    fair_share::schedule(groups, &BTreeMap::new(), tasks, nodes)
+}
 
 fn group(id: u64, weight: f64, max_slots: Option<u32>) -> Group {
     Group {
         id,
+        team: String::new(),
         weight,
         max_slots,
         order: id,
@@ -17,8 +23,13 @@ fn task(id: u64, group: u64, slots: u32, running_on: Option<u64>) -> Task {
         id,
         group,
         slots,
-        running_on,
+        running_on: running_on.map(|n| vec![(n, slots)]).unwrap_or_default(),
         preemptible: true,
+        protected: false,
+        may_burst: false,
+        holders: Vec::new(),
+        priority: 42,
+        order: id,
     }
 }
 
@@ -26,10 +37,7 @@ fn nodes(slots: &[u32]) -> Vec<Node> {
     slots
         .iter()
         .enumerate()
-        .map(|(i, s)| Node {
-            id: i as u64 + 1,
-            slots: *s,
-        })
+        .map(|(i, s)| Node::owned(i as u64 + 1, *s))
         .collect()
 }
 
@@ -72,7 +80,8 @@ fn multi_slot_tasks_fit_whole_nodes() {
     let tasks = [task(1, 1, 4, None), task(2, 2, 4, None)];
     let d = schedule(&groups, &tasks, &nodes(&[4, 4]));
     assert_eq!(assigned(&d), vec![1, 2]);
-    let mut where_: Vec<u64> = d.assign.iter().map(|(_, n)| *n).collect();
+    assert!(d.assign.iter().all(|(_, l)| l.len() == 1));
+    let mut where_: Vec<u64> = d.assign.iter().map(|(_, l)| l[0].0).collect();
     where_.sort();
     assert_eq!(where_, vec![1, 2], "one gang per node, never split");
 }
@@ -212,8 +221,9 @@ fn same_input_same_output_and_never_over_allocated() {
             let used: u32 = d1
                 .assign
                 .iter()
-                .filter(|(_, at)| *at == n.id)
-                .map(|(t, _)| tasks.iter().find(|x| x.id == *t).map_or(0, |x| x.slots))
+                .flat_map(|(_, l)| l.iter())
+                .filter(|(at, _)| *at == n.id)
+                .map(|(_, s)| *s)
                 .sum();
             assert!(
                 used <= n.slots,
@@ -235,4 +245,120 @@ fn same_input_same_output_and_never_over_allocated() {
             }
         }
     }
+}
+
+#[test]
+fn with_demand_above_supply_each_group_gets_within_one_slot_of_its_share() {
+    let mut x: u64 = 0x5eed_f00d;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for _ in 0..300 {
+        let ns = nodes(
+            &(0..1 + next(8))
+                .map(|_| 1 + next(8) as u32)
+                .collect::<Vec<_>>(),
+        );
+        let capacity: u32 = ns.iter().map(|n| n.slots).sum();
+        let groups: Vec<Group> = (1..=1 + next(5))
+            .map(|g| group(g, 1.0 + next(9) as f64, None))
+            .collect();
+        // Every group wants more than the whole pool, one slot per trial.
+        let mut tasks = Vec::new();
+        for g in &groups {
+            for _ in 0..=capacity {
+                let id = tasks.len() as u64 + 1;
+                tasks.push(task(id, g.id, 1, None));
+            }
+        }
+        let d = schedule(&groups, &tasks, &ns);
+        let total_weight: f64 = groups.iter().map(|g| g.weight).sum();
+        for g in &groups {
+            let got = d
+                .assign
+                .iter()
+                .filter(|(t, _)| tasks[*t as usize - 1].group == g.id)
+                .count() as f64;
+            let share = f64::from(capacity) * g.weight / total_weight;
+            assert!(
+                (got - share).abs() <= 1.0 + 1e-9,
+                "group {} (weight {}) got {got} slots of {capacity}, share {share:.2}",
+                g.id,
+                g.weight
+            );
+        }
+    }
+}
+
+fn team_group(id: u64, team: &str, weight: f64) -> Group {
+    Group {
+        team: team.to_string(),
+        ..group(id, weight, None)
+    }
+}
+
+fn slots_per_group(d: &Decision, tasks: &[Task]) -> BTreeMap<u64, u32> {
+    let mut m = BTreeMap::new();
+    for (t, l) in &d.assign {
+        let g = tasks.iter().find(|x| x.id == *t).map_or(0, |x| x.group);
+        *m.entry(g).or_default() += l.iter().map(|(_, s)| s).sum::<u32>();
+    }
+    m
+}
+
+#[test]
+fn teams_share_first_then_their_experiments() {
+    // Team a runs three experiments, team b one; the pool weighs the teams 1:3.
+    let groups = [
+        team_group(1, "a", 1.0),
+        team_group(2, "a", 1.0),
+        team_group(3, "a", 1.0),
+        team_group(4, "b", 1.0),
+    ];
+    let tasks: Vec<Task> = (1..=40).map(|i| task(i, 1 + (i - 1) % 4, 1, None)).collect();
+    let weights = BTreeMap::from([("a".to_string(), 1.0), ("b".to_string(), 3.0)]);
+    let d = fair_share::schedule(&groups, &weights, &tasks, &nodes(&[8]));
+    let got = slots_per_group(&d, &tasks);
+    assert_eq!(got.get(&4), Some(&6), "team b gets 3/4 of 8: {got:?}");
+    assert_eq!(got.values().sum::<u32>(), 8);
+}
+
+#[test]
+fn without_team_weights_teams_weigh_what_their_experiments_weigh() {
+    // Determined's flat shares are kept: weights 10:30 on 8 slots => 2 and 6,
+    // whether or not the experiments are in different workspaces.
+    let tasks: Vec<Task> = (1..=20)
+        .map(|i| task(i, if i <= 10 { 1 } else { 2 }, 1, None))
+        .collect();
+    let flat = [group(1, 10.0, None), group(2, 30.0, None)];
+    let teams = [team_group(1, "a", 10.0), team_group(2, "b", 30.0)];
+    let a = slots_per_group(&schedule(&flat, &tasks, &nodes(&[8])), &tasks);
+    let b = slots_per_group(&schedule(&teams, &tasks, &nodes(&[8])), &tasks);
+    assert_eq!(a, b);
+    assert_eq!(a, BTreeMap::from([(1, 2), (2, 6)]));
+}
+
+#[test]
+fn protected_trials_are_not_released() {
+    // Two single-task groups on one slot; the newer one started moments ago.
+    let groups = [group(1, 1.0, None), group(2, 1.0, None)];
+    let mut young = task(2, 2, 1, Some(1));
+    young.protected = true;
+    let tasks = [task(1, 1, 1, Some(1)), young];
+    let d = schedule(&groups, &tasks, &nodes(&[1]));
+    assert!(d.release.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_gang_larger_than_any_node_spans_nodes() {
+    let groups = [group(1, 1.0, None)];
+    let tasks = [task(1, 1, 12, None)];
+    let d = schedule(&groups, &tasks, &nodes(&[8, 8, 8]));
+    assert_eq!(d.assign.len(), 1);
+    let layout = &d.assign[0].1;
+    assert_eq!(layout.len(), 2, "fewest nodes: {layout:?}");
+    assert_eq!(layout.iter().map(|(_, s)| s).sum::<u32>(), 12);
 }

@@ -1,16 +1,20 @@
 //! The priority policy: order, FIFO, preemption, backfill, equal-priority peers.
 
-use resolute_sched::priority::{schedule, Options, PTask};
-use resolute_sched::Node;
+use resolute_sched::priority::{schedule, Options};
+use resolute_sched::{Layout, Node, Task};
 
-fn t(id: u64, slots: u32, priority: u8, running_on: Option<u64>) -> PTask {
-    PTask {
+fn t(id: u64, slots: u32, priority: u8, running_on: Option<u64>) -> Task {
+    Task {
         id,
+        group: id,
         slots,
+        running_on: running_on.map(|n| vec![(n, slots)]).unwrap_or_default(),
+        preemptible: true,
+        protected: false,
+        may_burst: false,
+        holders: Vec::new(),
         priority,
         order: id,
-        running_on,
-        preemptible: true,
     }
 }
 
@@ -18,17 +22,14 @@ fn nodes(slots: &[u32]) -> Vec<Node> {
     slots
         .iter()
         .enumerate()
-        .map(|(i, s)| Node {
-            id: i as u64 + 1,
-            slots: *s,
-        })
+        .map(|(i, s)| Node::owned(i as u64 + 1, *s))
         .collect()
 }
 
 const PREEMPT: Options = Options { preemption: true };
 const NO_PREEMPT: Options = Options { preemption: false };
 
-fn ids(v: &[(u64, u64)]) -> Vec<u64> {
+fn ids(v: &[(u64, Layout)]) -> Vec<u64> {
     let mut x: Vec<u64> = v.iter().map(|(t, _)| *t).collect();
     x.sort();
     x
@@ -134,20 +135,23 @@ fn deterministic_never_over_allocated_never_preempts_peers_or_betters() {
         for n in &ns {
             let running: u32 = tasks
                 .iter()
-                .filter(|x| x.running_on == Some(n.id) && !d1.release.contains(&x.id))
-                .map(|x| x.slots)
+                .filter(|x| !d1.release.contains(&x.id))
+                .flat_map(|x| x.running_on.iter())
+                .filter(|(at, _)| *at == n.id)
+                .map(|(_, s)| *s)
                 .sum();
             let new: u32 = d1
                 .assign
                 .iter()
-                .filter(|(_, at)| *at == n.id)
-                .map(|(id, _)| tasks[*id as usize - 1].slots)
+                .flat_map(|(_, l)| l.iter())
+                .filter(|(at, _)| *at == n.id)
+                .map(|(_, s)| *s)
                 .sum();
             assert!(running + new <= n.slots, "node {} over-allocated", n.id);
         }
         let best_waiting = tasks
             .iter()
-            .filter(|x| x.running_on.is_none())
+            .filter(|x| !x.is_running())
             .map(|x| x.priority)
             .min()
             .unwrap_or(100);
@@ -158,4 +162,30 @@ fn deterministic_never_over_allocated_never_preempts_peers_or_betters() {
             );
         }
     }
+}
+
+#[test]
+fn protected_victims_are_skipped() {
+    // The newest low-priority trial started moments ago: the older one goes.
+    let mut young = t(2, 2, 60, Some(1));
+    young.protected = true;
+    let tasks = [t(1, 2, 60, Some(1)), young, t(3, 2, 10, None)];
+    let d = schedule(&tasks, &nodes(&[4]), PREEMPT);
+    assert_eq!(d.release, vec![1]);
+}
+
+#[test]
+fn a_multi_node_gang_preempts_across_nodes() {
+    // A 6-slot trial needs a gang over both nodes: one victim on each.
+    let tasks = [
+        t(1, 2, 10, Some(1)),
+        t(2, 2, 60, Some(1)),
+        t(3, 2, 60, Some(2)),
+        t(4, 2, 60, Some(2)),
+        t(5, 6, 10, None),
+    ];
+    let d = schedule(&tasks, &nodes(&[4, 4]), PREEMPT);
+    let mut released = d.release.clone();
+    released.sort();
+    assert_eq!(released, vec![2, 3, 4], "{d:?}");
 }

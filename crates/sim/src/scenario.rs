@@ -46,6 +46,10 @@ pub struct Scenario {
     /// The fault plan.
     #[serde(default)]
     pub faults: Faults,
+    /// How every resource pool schedules (each node declares it, as a node
+    /// config would).
+    #[serde(default)]
+    pub scheduler: Scheduler,
     /// Where the file was read from (for relative experiment paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -149,9 +153,13 @@ pub struct Pool {
     /// Spot/preemptible capacity.
     #[serde(default)]
     pub preemptible: bool,
-    /// Price per GPU-hour (reported only).
+    /// Price per GPU-hour: a node that costs something is burst capacity, used
+    /// after owned capacity (cheapest first).
     #[serde(default)]
     pub cost_per_gpu_hour: f64,
+    /// The resource pool its nodes serve (empty: the default pool).
+    #[serde(default)]
+    pub resource_pool: String,
     /// When the pool's nodes join (simulated seconds).
     #[serde(default)]
     pub join_at_s: u64,
@@ -159,6 +167,64 @@ pub struct Pool {
 
 fn one() -> f64 {
     1.0
+}
+
+/// A pool's scheduling policy, by name.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyName {
+    /// Weighted fair share (the default).
+    #[default]
+    FairShare,
+    /// Priority, optionally preempting lower priorities.
+    Priority,
+}
+
+/// The `[scheduler]` table: every pool's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scheduler {
+    /// `fair_share` or `priority`.
+    pub policy: PolicyName,
+    /// With `priority`: preempt lower priorities.
+    pub preemption: bool,
+    /// Seconds a trial waits for owned capacity before it may burst.
+    pub burst_after_s: u64,
+    /// Seconds after its start during which a trial is not preempted.
+    pub min_runtime_s: u64,
+    /// Fair-share weight per team (workspace).
+    pub team_weights: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        let d = resolute_core::placement::PoolSettings::default();
+        Scheduler {
+            policy: PolicyName::FairShare,
+            preemption: false,
+            burst_after_s: d.burst_after_s,
+            min_runtime_s: d.min_runtime_s,
+            team_weights: d.team_weights,
+        }
+    }
+}
+
+impl Scheduler {
+    /// The pool settings every node declares.
+    pub fn settings(&self) -> resolute_core::placement::PoolSettings {
+        use resolute_core::placement::{Policy, PoolSettings};
+        PoolSettings {
+            policy: match self.policy {
+                PolicyName::FairShare => Policy::FairShare,
+                PolicyName::Priority => Policy::Priority {
+                    preemption: self.preemption,
+                },
+            },
+            burst_after_s: self.burst_after_s,
+            min_runtime_s: self.min_runtime_s,
+            team_weights: self.team_weights.clone(),
+        }
+    }
 }
 
 /// Experiments submitted by a user.
@@ -384,6 +450,12 @@ impl Scenario {
             if p.gpu_speed <= 0.0 || !p.gpu_speed.is_finite() {
                 return Err(format!("pool {}: gpu_speed must be positive", p.name));
             }
+            if p.cost_per_gpu_hour < 0.0 || !p.cost_per_gpu_hour.is_finite() {
+                return Err(format!(
+                    "pool {}: cost_per_gpu_hour must not be negative",
+                    p.name
+                ));
+            }
         }
         let probability = |v: f64, what: &str| {
             if (0.0..=1.0).contains(&v) {
@@ -392,6 +464,14 @@ impl Scenario {
                 Err(format!("{what} must be between 0 and 1"))
             }
         };
+        if self
+            .scheduler
+            .team_weights
+            .iter()
+            .any(|(_, w)| *w <= 0.0 || !w.is_finite())
+        {
+            return Err("scheduler.team_weights must be positive".into());
+        }
         probability(self.network.loss, "network.loss")?;
         probability(self.network.duplicate, "network.duplicate")?;
         probability(

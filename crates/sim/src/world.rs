@@ -165,6 +165,8 @@ struct SimNode {
     /// GPU index of each slot in use (for the trace).
     gpu_busy: Vec<bool>,
     drift: f64,
+    /// Its pool in the scenario.
+    group: usize,
 }
 
 struct Process {
@@ -319,12 +321,12 @@ impl<'a> World<'a> {
                 let idx = w.add_node(
                     name,
                     site,
+                    pi,
                     pool.gpus,
                     pool.gpu_speed,
                     pool.preemptible,
                     drift,
                 );
-                let _ = pi;
                 let join_ms = pool.join_at_s * 1000 + idx as u64 * 7;
                 if idx == 0 {
                     w.start_node(0, true);
@@ -352,10 +354,12 @@ impl<'a> World<'a> {
         w
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn add_node(
         &mut self,
         name: String,
         site: usize,
+        group: usize,
         gpus: u32,
         speed: f64,
         preemptible: bool,
@@ -363,10 +367,15 @@ impl<'a> World<'a> {
     ) -> usize {
         let id = self.next_node_id;
         self.next_node_id += 1;
+        let pool = &self.sc.pools[group];
         let info = NodeInfo {
             site: self.sc.sites[site].name.clone(),
             slots: gpus,
-            labels: BTreeMap::from([("preemptible".to_string(), preemptible.to_string())]),
+            pool: pool.resource_pool.clone(),
+            preemptible,
+            cost_per_slot_hour_micros: (pool.cost_per_gpu_hour * 1e6).round() as u64,
+            pool_settings: Some(self.sc.scheduler.settings()),
+            labels: BTreeMap::new(),
         };
         let mut cfg = NodeConfig::new(id, info);
         let n = &self.sc.node;
@@ -395,6 +404,7 @@ impl<'a> World<'a> {
             blobs: BTreeSet::new(),
             gpu_busy: vec![false; gpus as usize],
             drift,
+            group,
         });
         self.by_id.insert(id, self.nodes.len() - 1);
         self.nodes.len() - 1
@@ -775,12 +785,12 @@ impl<'a> World<'a> {
     /// Replaces a node's machine: a new identity with an empty disk on the same
     /// pool and site. Returns the new node's index (down until restarted).
     fn replace(&mut self, node: usize) -> usize {
-        let (site, gpus, speed, pre, drift) = {
+        let (site, group, gpus, speed, pre, drift) = {
             let n = &self.nodes[node];
-            (n.site, n.gpus, n.speed, n.preemptible, n.drift)
+            (n.site, n.group, n.gpus, n.speed, n.preemptible, n.drift)
         };
         let name = format!("{}'", self.nodes[node].name);
-        let idx = self.add_node(name, site, gpus, speed, pre, drift);
+        let idx = self.add_node(name, site, group, gpus, speed, pre, drift);
         self.nodes[idx].down = true;
         idx
     }
@@ -924,11 +934,19 @@ impl World<'_> {
                 incarnation,
                 experiment,
                 hparams,
-                slots,
                 target,
                 latest_checkpoint,
+                node_rank,
+                layout,
                 ..
             } => {
+                // The simulated process of a multi-node gang runs on its rank-0
+                // node at the speed of all its slots; the other nodes only hold
+                // their slots (and kill nothing: a lost member requeues the gang).
+                if node_rank > 0 {
+                    return;
+                }
+                let slots = layout.iter().map(|(_, s)| *s).sum();
                 let running = self
                     .processes
                     .values()
@@ -1694,9 +1712,16 @@ impl World<'_> {
         if let Some(state) = self.freshest() {
             // No node's slots are over-allocated.
             let mut used: BTreeMap<NodeId, u32> = BTreeMap::new();
-            for t in state.trials.values() {
-                if let TrialState::Assigned { node } | TrialState::Running { node } = t.state {
-                    *used.entry(node).or_default() += t.slots;
+            for t in state.trials.values().filter(|t| t.is_placed()) {
+                let total: u32 = t.layout.iter().map(|(_, s)| *s).sum();
+                if total != t.slots.max(1) {
+                    problems.push(format!(
+                        "trial of {} slots placed as {:?} (half a gang)",
+                        t.slots, t.layout
+                    ));
+                }
+                for (node, slots) in &t.layout {
+                    *used.entry(*node).or_default() += slots;
                 }
             }
             for (node, u) in &used {

@@ -176,7 +176,7 @@ impl Cluster {
             let info = NodeInfo {
                 site: format!("site-{id}"),
                 slots: 16,
-                labels: BTreeMap::new(),
+                ..Default::default()
             };
             let mut cfg = NodeConfig::new(id, info);
             // Keep snapshots out of the measurement window's way.

@@ -6,7 +6,6 @@
 //! apply (a trial exits, the scheduler places the next) at the p50 and p99 — and
 //! the same again after 10x as much finished history is in the state.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -51,6 +50,8 @@ impl Sm {
         let envelope = Envelope {
             version: COMMAND_VERSION,
             id: ProposalId(u128::from(self.index)),
+            // One simulated second per entry.
+            time_ms: self.index * 1000,
             command,
         };
         self.state.apply(self.index, envelope).1
@@ -114,7 +115,7 @@ pub fn run() -> Report {
         let info = NodeInfo {
             site: format!("site-{}", n % 4),
             slots: GPUS,
-            labels: BTreeMap::new(),
+            ..Default::default()
         };
         sm.state.add_node(n, info, &mut changes);
     }

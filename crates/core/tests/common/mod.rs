@@ -61,7 +61,7 @@ pub fn info(site: &str, slots: u32) -> NodeInfo {
     NodeInfo {
         site: site.to_string(),
         slots,
-        labels: BTreeMap::new(),
+        ..Default::default()
     }
 }
 
