@@ -327,6 +327,25 @@ fn print_sim_report(r: &resolute_sim::Report) {
         "  queue wait       p50 {:.1} s, p99 {:.1} s",
         r.queue_wait_s_p50, r.queue_wait_s_p99
     );
+    let pools: Vec<String> = r
+        .gpu_s_by_pool
+        .iter()
+        .map(|(p, s)| format!("{p} {s:.0}"))
+        .collect();
+    println!(
+        "  gpu time         {} GPU-s by pool, cost {:.2}, {} multi-node trials",
+        pools.join(", "),
+        r.gpu_cost,
+        r.multi_node_trials
+    );
+    if !r.group_share.is_empty() {
+        let shares: Vec<String> = r
+            .group_share
+            .iter()
+            .map(|(g, s)| format!("{g} {s:.3}"))
+            .collect();
+        println!("  group share      {}", shares.join(", "));
+    }
     println!(
         "  traffic          {} messages, {:.1} MB of checkpoints",
         r.messages,

@@ -325,6 +325,8 @@ pub struct Node {
     proposed: BTreeSet<(NodeId, bool)>,
     /// The deadline a `Tick` was proposed for, and when.
     tick_proposed: Option<(u64, u64)>,
+    /// The next scheduling deadline, computed at this applied index.
+    deadline_cache: Option<(u64, Option<u64>)>,
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -427,6 +429,7 @@ impl Node {
             snapshot_waits: BTreeMap::new(),
             proposed: BTreeSet::new(),
             tick_proposed: None,
+            deadline_cache: None,
             cfg,
         };
         node.watch_role();
@@ -953,7 +956,16 @@ impl Node {
     /// its clock; applying it lets every replica make that decision. At most one
     /// is in flight per deadline, retried after a proposal timeout.
     fn propose_due_tick(&mut self, out: &mut Vec<Output>) {
-        let Some(due) = self.state.next_deadline_ms() else {
+        let applied = self.state.applied_index;
+        let due = match self.deadline_cache {
+            Some((index, due)) if index == applied => due,
+            _ => {
+                let due = self.state.next_deadline_ms();
+                self.deadline_cache = Some((applied, due));
+                due
+            }
+        };
+        let Some(due) = due else {
             return;
         };
         if self.now_ms < due {

@@ -8,13 +8,13 @@
 //! a trial waits for owned capacity before it may burst onto preemptible or paid
 //! nodes, and how long a started trial is safe from preemption.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use resolute_sched::{fair_share, priority, Decision, Group, Node, Task};
 
-use crate::state::{ClusterState, ExperimentState, NodeState, Pending, Trial, TrialState};
+use crate::state::{ClusterState, ExperimentState, NodeState, Pending, TrialState};
 
 /// Seconds a queued trial waits for owned capacity before burst nodes are offered.
 pub const BURST_AFTER_DEFAULT_S: u64 = 300;
@@ -49,36 +49,74 @@ pub struct PoolSettings {
     pub team_weights: BTreeMap<String, f64>,
 }
 
+/// The settings of a pool that has none of its own.
+pub static POOL_SETTINGS_DEFAULT: PoolSettings = PoolSettings {
+    policy: Policy::FairShare,
+    burst_after_s: BURST_AFTER_DEFAULT_S,
+    min_runtime_s: MIN_RUNTIME_DEFAULT_S,
+    team_weights: BTreeMap::new(),
+};
+
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings {
-            policy: Policy::default(),
-            burst_after_s: BURST_AFTER_DEFAULT_S,
-            min_runtime_s: MIN_RUNTIME_DEFAULT_S,
-            team_weights: BTreeMap::new(),
-        }
+        POOL_SETTINGS_DEFAULT.clone()
     }
 }
 
-/// A trial's pool: its experiment's `resources.resource_pool`.
-fn pool_of(state: &ClusterState, t: &Trial) -> String {
-    state
+/// What placement needs of an experiment, looked up once per pass.
+struct ExperimentView<'a> {
+    pool: &'a str,
+    /// Index of `pool` among the pools of this pass (cheap grouping).
+    pool_index: usize,
+    settings: &'a PoolSettings,
+    priority: u8,
+    active: bool,
+}
+
+/// The unfinished experiments, and the distinct pools they use.
+fn experiments(state: &ClusterState) -> (BTreeMap<u64, ExperimentView<'_>>, Vec<&str>) {
+    let mut pools: Vec<&str> = Vec::new();
+    let views = state
         .experiments
-        .get(&t.experiment)
-        .and_then(|e| e.config())
-        .map(|c| c.resources.resource_pool.clone())
-        .unwrap_or_default()
+        .iter()
+        .filter(|(_, e)| !e.state.is_finished())
+        .map(|(id, e)| {
+            let pool = e
+                .config()
+                .map_or("", |c| c.resources.resource_pool.as_str());
+            let pool_index = match pools.iter().position(|p| *p == pool) {
+                Some(i) => i,
+                None => {
+                    pools.push(pool);
+                    pools.len() - 1
+                }
+            };
+            let view = ExperimentView {
+                pool,
+                pool_index,
+                settings: state.pool_settings(pool),
+                priority: e
+                    .config()
+                    .map_or(resolute_types::config::PRIORITY_DEFAULT, |c| {
+                        c.resources.priority
+                    }),
+                active: e.state == ExperimentState::Active,
+            };
+            (*id, view)
+        })
+        .collect();
+    (views, pools)
 }
 
 /// What to start and what to preempt now, over every pool.
 pub fn place(state: &ClusterState) -> Decision {
     let now = state.now_ms;
-    let mut nodes: BTreeMap<String, Vec<Node>> = BTreeMap::new();
+    let mut nodes: BTreeMap<&str, Vec<Node>> = BTreeMap::new();
     for (id, n) in &state.nodes {
         if n.state != NodeState::Alive {
             continue;
         }
-        nodes.entry(n.info.pool.clone()).or_default().push(Node {
+        nodes.entry(n.info.pool.as_str()).or_default().push(Node {
             id: *id,
             slots: n.info.slots,
             site: n.info.site.clone(),
@@ -86,21 +124,21 @@ pub fn place(state: &ClusterState) -> Decision {
             cost_per_slot_hour_micros: n.info.cost_per_slot_hour_micros,
         });
     }
-    let mut tasks: BTreeMap<String, Vec<Task>> = BTreeMap::new();
+    let (views, pools) = experiments(state);
+    let mut tasks: Vec<Vec<Task>> = vec![Vec::new(); pools.len()];
     for id in state.live_trials() {
         let Some(t) = state.trials.get(id) else {
             continue;
         };
-        let Some(e) = state.experiments.get(&t.experiment) else {
+        let Some(e) = views.get(&t.experiment) else {
             continue;
         };
         let running = t.is_placed();
-        if !running && !(t.state == TrialState::Queued && e.state == ExperimentState::Active) {
+        let waiting = t.state == TrialState::Queued && e.active;
+        if !running && !waiting {
             continue;
         }
-        let pool = pool_of(state, t);
-        let settings = state.pool_settings(&pool);
-        let config = e.config();
+        let settings = e.settings;
         // Work on a node that is draining or lost still holds its other nodes'
         // slots until it leaves; it is stopping already.
         let leaving = t.layout.iter().any(|(n, _)| {
@@ -120,27 +158,29 @@ pub fn place(state: &ClusterState) -> Decision {
             .and_then(|c| state.checkpoints.get(c))
             .map(|c| c.holders.iter().copied().collect())
             .unwrap_or_default();
-        tasks.entry(pool).or_default().push(Task {
+        tasks[e.pool_index].push(Task {
             id: *id,
             group: t.experiment,
             slots: t.slots.max(1),
-            running_on: if running { t.layout.clone() } else { Vec::new() },
+            running_on: if running {
+                t.layout.clone()
+            } else {
+                Vec::new()
+            },
             preemptible: true,
             protected: running && (leaving || young || stopping),
             may_burst: !running && waited,
             holders,
-            priority: config.map_or(resolute_types::config::PRIORITY_DEFAULT, |c| {
-                c.resources.priority
-            }),
+            priority: e.priority,
             order: (t.experiment << 32) | (*id & 0xffff_ffff),
         });
     }
     let mut decision = Decision::default();
-    for (pool, tasks) in tasks {
-        let Some(nodes) = nodes.get(&pool) else {
+    for (pool, tasks) in pools.into_iter().zip(tasks) {
+        let Some(nodes) = nodes.get(pool) else {
             continue; // No node serves this pool (yet): its trials wait.
         };
-        let settings = state.pool_settings(&pool);
+        let settings = state.pool_settings(pool);
         let d = match settings.policy {
             Policy::FairShare => {
                 let groups = groups(state, &tasks);
@@ -181,14 +221,15 @@ fn groups(state: &ClusterState, tasks: &[Task]) -> Vec<Group> {
 /// proposes a `Tick` then.
 pub fn next_deadline_ms(state: &ClusterState) -> Option<u64> {
     let now = state.now_ms;
-    let burst_pools: Vec<&str> = state
+    let burst_pools: BTreeSet<&str> = state
         .nodes
         .values()
         .filter(|n| n.state == NodeState::Alive)
         .filter(|n| n.info.preemptible || n.info.cost_per_slot_hour_micros > 0)
         .map(|n| n.info.pool.as_str())
         .collect();
-    let mut waiting_pools: Vec<String> = Vec::new();
+    let (views, _) = experiments(state);
+    let mut waiting_pools: BTreeSet<&str> = BTreeSet::new();
     let mut deadline: Option<u64> = None;
     let mut consider = |at: u64| {
         if at > now {
@@ -199,17 +240,16 @@ pub fn next_deadline_ms(state: &ClusterState) -> Option<u64> {
         let Some(t) = state.trials.get(id) else {
             continue;
         };
-        if t.state == TrialState::Queued {
-            let pool = pool_of(state, t);
-            let settings = state.pool_settings(&pool);
-            if burst_pools.contains(&pool.as_str()) {
+        let Some(e) = views.get(&t.experiment) else {
+            continue;
+        };
+        if t.state == TrialState::Queued && e.active {
+            if burst_pools.contains(e.pool) {
                 if let Some(q) = t.queued_ms {
-                    consider(q.saturating_add(settings.burst_after_s * 1000));
+                    consider(q.saturating_add(e.settings.burst_after_s * 1000));
                 }
             }
-            if !waiting_pools.contains(&pool) {
-                waiting_pools.push(pool);
-            }
+            waiting_pools.insert(e.pool);
         } else if t.is_placed() {
             if let Some(d) = t.stop_deadline_ms {
                 consider(d.max(now + 1));
@@ -221,12 +261,11 @@ pub fn next_deadline_ms(state: &ClusterState) -> Option<u64> {
             let Some(t) = state.trials.get(id) else {
                 continue;
             };
-            if t.is_placed() {
-                let pool = pool_of(state, t);
-                if waiting_pools.contains(&pool) {
-                    let settings = state.pool_settings(&pool);
-                    consider(t.started_ms.saturating_add(settings.min_runtime_s * 1000));
-                }
+            let Some(e) = views.get(&t.experiment) else {
+                continue;
+            };
+            if t.is_placed() && waiting_pools.contains(e.pool) {
+                consider(t.started_ms.saturating_add(e.settings.min_runtime_s * 1000));
             }
         }
     }

@@ -314,9 +314,6 @@ pub struct ClusterState {
     /// costs the same however much history the state holds. Derived, not stored.
     #[serde(skip)]
     live: BTreeSet<TrialId>,
-    /// When placement could next decide differently with no new command (derived).
-    #[serde(skip)]
-    next_deadline_ms: Option<u64>,
 }
 
 /// Why a snapshot could not be decoded.
@@ -334,14 +331,17 @@ impl ClusterState {
     }
 
     /// A pool's settings (the defaults when it has none).
-    pub fn pool_settings(&self, pool: &str) -> placement::PoolSettings {
-        self.pools.get(pool).cloned().unwrap_or_default()
+    pub fn pool_settings(&self, pool: &str) -> &placement::PoolSettings {
+        self.pools
+            .get(pool)
+            .unwrap_or(&placement::POOL_SETTINGS_DEFAULT)
     }
 
     /// When (state clock) a time-based decision is next due, if any: the leader
-    /// proposes a `Command::Tick` once its clock passes it.
+    /// proposes a `Command::Tick` once its clock passes it. Computed on demand
+    /// (it looks at every unfinished trial; the leader caches it per applied index).
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.next_deadline_ms
+        placement::next_deadline_ms(self)
     }
 
     /// The reply of an already-applied proposal.
@@ -398,9 +398,10 @@ impl ClusterState {
         }
         let mut changes = Vec::new();
         self.now_ms = self.now_ms.max(envelope.time_ms);
-        if self.next_deadline_ms.is_some_and(|d| d <= self.now_ms) {
+        if envelope.command == Command::Tick {
+            // Time-based decisions are made on the leader's Tick entries (and,
+            // for placement, on every entry that runs it).
             self.enforce_stop_deadlines(&mut changes);
-            self.placement_dirty = true;
         }
         let reply = self.apply_command(envelope.command, &mut changes);
         self.schedule(&mut changes);
@@ -710,10 +711,10 @@ impl ClusterState {
                     .get(&experiment)
                     .and_then(Experiment::config);
                 let slots = config.map_or(1, |c| c.resources.slots_per_trial);
-                let preemption_timeout_s = config.map_or(
-                    resolute_types::config::PREEMPTION_TIMEOUT_DEFAULT_S,
-                    |c| c.preemption_timeout,
-                );
+                let preemption_timeout_s = config
+                    .map_or(resolute_types::config::PREEMPTION_TIMEOUT_DEFAULT_S, |c| {
+                        c.preemption_timeout
+                    });
                 let warm = warm_start.and_then(|r| self.trial_of(experiment, r));
                 let id = self.trials.keys().next_back().map_or(1, |k| k + 1);
                 let latest_checkpoint = warm
@@ -738,7 +739,7 @@ impl ClusterState {
                         user_paused: false,
                         preempting: false,
                         layout: Vec::new(),
-                        queued_ms: None,
+                        queued_ms: Some(self.now_ms),
                         started_ms: 0,
                         preemption_timeout_s,
                         stop_deadline_ms: None,
@@ -766,7 +767,10 @@ impl ClusterState {
                     t.target = Some(length);
                     t.pending = Pending::None;
                     match t.state {
-                        TrialState::Paused => t.state = TrialState::Queued,
+                        TrialState::Paused => {
+                            t.state = TrialState::Queued;
+                            t.queued_ms = Some(now);
+                        }
                         TrialState::Assigned { .. } | TrialState::Running { .. } => {
                             signal_trial(id, t, Signal::Target(length), now, changes);
                         }
@@ -835,6 +839,9 @@ impl ClusterState {
                     t.state = TrialState::Paused;
                 } else {
                     t.state = TrialState::Done(TrialOutcome::Stopped);
+                }
+                self.settle(id);
+                if what != Pending::Pause {
                     follow_up.extend(self.close(experiment, request_id));
                 }
             }
@@ -978,10 +985,29 @@ impl ClusterState {
                 events.push(SearchEvent::TrialExited { request_id });
             }
         }
+        self.settle(trial);
         for event in events {
             self.search_event(experiment, event, changes);
         }
         Reply::Ok
+    }
+
+    /// Keeps a trial's derived bookkeeping true after its state changed: a queued
+    /// trial's queue clock starts (once), a finished one leaves the live set.
+    fn settle(&mut self, id: TrialId) {
+        let now = self.now_ms;
+        if let Some(t) = self.trials.get_mut(&id) {
+            match t.state {
+                TrialState::Queued => {
+                    t.queued_ms.get_or_insert(now);
+                }
+                TrialState::Done(_) => {
+                    t.queued_ms = None;
+                    self.live.remove(&id);
+                }
+                _ => t.queued_ms = None,
+            }
+        }
     }
 
     fn control(
@@ -1061,6 +1087,7 @@ impl ClusterState {
                     }
                 }
             }
+            self.settle(id);
         }
         if let Some(e) = self.experiments.get_mut(&experiment) {
             if matches!(action, Control::Cancel | Control::Kill) {
@@ -1076,23 +1103,7 @@ impl ClusterState {
         if !std::mem::take(&mut self.placement_dirty) {
             return;
         }
-        let trials = &self.trials;
-        self.live.retain(|id| {
-            trials
-                .get(id)
-                .is_some_and(|t| !matches!(t.state, TrialState::Done(_)))
-        });
-        // A trial that entered the queue during this entry starts waiting now.
         let now = self.now_ms;
-        for id in &self.live {
-            if let Some(t) = self.trials.get_mut(id) {
-                if t.state == TrialState::Queued && t.queued_ms.is_none() {
-                    t.queued_ms = Some(now);
-                } else if t.state != TrialState::Queued {
-                    t.queued_ms = None;
-                }
-            }
-        }
         let decision = placement::place(self);
         for (trial, layout) in decision.assign {
             let Some(t) = self.trials.get_mut(&trial) else {
@@ -1126,7 +1137,6 @@ impl ClusterState {
                 }
             }
         }
-        self.next_deadline_ms = placement::next_deadline_ms(self);
     }
 
     /// Encodes the state (searchers included) for a Raft snapshot.
@@ -1162,7 +1172,6 @@ impl ClusterState {
             .filter(|(_, t)| !matches!(t.state, TrialState::Done(_)))
             .map(|(id, _)| *id)
             .collect();
-        state.next_deadline_ms = placement::next_deadline_ms(&state);
         Ok(state)
     }
 

@@ -81,7 +81,10 @@ pub fn schedule(
     allocate_offers(&mut teams, capacity);
     let mut states = Vec::new();
     for (i, (_, mut members)) in by_team.into_iter().enumerate() {
-        let offered = teams.iter().find(|t| t.id == i as u64).map_or(0, |t| t.offered);
+        let offered = teams
+            .iter()
+            .find(|t| t.id == i as u64)
+            .map_or(0, |t| t.offered);
         allocate_offers(&mut members, offered);
         states.extend(members);
     }
@@ -163,7 +166,9 @@ fn allocate_offers(states: &mut [GroupState], capacity: u32) {
         }
         let victim = by_time.iter().copied().find(|i| {
             let s = &states[*i];
-            !s.disabled && s.offered != s.demand && s.smallest_pending.is_some_and(|m| m > s.offered)
+            !s.disabled
+                && s.offered != s.demand
+                && s.smallest_pending.is_some_and(|m| m > s.offered)
         });
         let Some(v) = victim else { return };
         states[v].disabled = true;

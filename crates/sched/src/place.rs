@@ -68,6 +68,15 @@ impl Placer {
                 },
             );
         }
+        // Subtract the running work first, then index once (cheaper than moving
+        // every node through the indexes once per running trial).
+        for layout in running {
+            for (n, s) in layout {
+                if let Some(f) = p.nodes.get_mut(n) {
+                    f.free = f.free.saturating_sub(*s);
+                }
+            }
+        }
         for (id, f) in &p.nodes {
             p.by_tier.entry(f.tier).or_default().insert((f.free, *id));
             p.by_site
@@ -75,9 +84,6 @@ impl Placer {
                 .or_default()
                 .insert((f.free, *id));
             *p.free_by_tier.entry(f.tier).or_default() += u64::from(f.free);
-        }
-        for layout in running {
-            p.take(layout);
         }
         p
     }
@@ -195,10 +201,7 @@ impl Placer {
     /// A gang of `s` slots across the fewest nodes of `tiers`: the largest free
     /// nodes first, and for the last piece the smallest node that fits it.
     fn fit_many(&self, tiers: &[Tier], s: u32) -> Option<Layout> {
-        let free: u64 = tiers
-            .iter()
-            .filter_map(|t| self.free_by_tier.get(t))
-            .sum();
+        let free: u64 = tiers.iter().filter_map(|t| self.free_by_tier.get(t)).sum();
         if free < u64::from(s) {
             return None;
         }

@@ -66,8 +66,7 @@ pub fn schedule(tasks: &[Task], nodes: &[Node], opts: Options) -> Decision {
                 // Room appeared through earlier preemptions: it starts next pass.
                 continue;
             }
-            if let Some((victims, local)) = preempt_for(t, priority, &running, &released, &placer)
-            {
+            if let Some((victims, local)) = preempt_for(t, priority, &running, &released, &placer) {
                 placer = local;
                 released.extend(victims);
             }

@@ -318,7 +318,9 @@ fn teams_share_first_then_their_experiments() {
         team_group(3, "a", 1.0),
         team_group(4, "b", 1.0),
     ];
-    let tasks: Vec<Task> = (1..=40).map(|i| task(i, 1 + (i - 1) % 4, 1, None)).collect();
+    let tasks: Vec<Task> = (1..=40)
+        .map(|i| task(i, 1 + (i - 1) % 4, 1, None))
+        .collect();
     let weights = BTreeMap::from([("a".to_string(), 1.0), ("b".to_string(), 3.0)]);
     let d = fair_share::schedule(&groups, &weights, &tasks, &nodes(&[8]));
     let got = slots_per_group(&d, &tasks);

@@ -90,7 +90,11 @@ fn the_checkpoint_holder_then_its_site() {
     let mut p = Placer::new(&nodes, &[]);
     let mut t = task(1, 2);
     t.holders = vec![2];
-    assert_eq!(p.place(&t), Some(vec![(2, 2)]), "the holder, over best fit (3)");
+    assert_eq!(
+        p.place(&t),
+        Some(vec![(2, 2)]),
+        "the holder, over best fit (3)"
+    );
     // The holder is full: a node on its site.
     let mut p = Placer::new(&nodes, &[vec![(2, 8)]]);
     let mut q = Placer::new(&nodes, &[vec![(2, 8)]]);
@@ -105,7 +109,11 @@ fn the_checkpoint_holder_then_its_site() {
 
 #[test]
 fn owned_capacity_first_burst_only_after_waiting() {
-    let nodes = vec![node(1, 4, "a"), cloud(2, 8, 3_000_000), cloud(3, 8, 1_000_000)];
+    let nodes = vec![
+        node(1, 4, "a"),
+        cloud(2, 8, 3_000_000),
+        cloud(3, 8, 1_000_000),
+    ];
     let mut p = Placer::new(&nodes, &[vec![(1, 4)]]);
     let mut t = task(1, 4);
     assert_eq!(p.place(&t), None, "owned capacity is full; no burst yet");

@@ -48,8 +48,14 @@ pub struct Report {
     /// Best final validation loss per experiment (the optimum is 0.05).
     pub best_loss: Vec<f64>,
     /// Each group's (workspace, or experiment) share of the GPU-seconds used while
-    /// every group had work queued or running.
+    /// every group had work waiting in the queue.
     pub group_share: std::collections::BTreeMap<String, f64>,
+    /// GPU-seconds placed on each of the scenario's pools.
+    pub gpu_s_by_pool: std::collections::BTreeMap<String, f64>,
+    /// What the placed GPU time cost (`cost_per_gpu_hour` of each pool).
+    pub gpu_cost: f64,
+    /// Trials that were placed across more than one node (multi-node gangs).
+    pub multi_node_trials: u64,
 }
 
 /// The value at quantile `q` of `samples` (sorted in place); 0 when empty.

@@ -245,6 +245,10 @@ struct World<'a> {
     finished: bool,
     best_loss: BTreeMap<u64, f64>,
     group_gpu_ms: BTreeMap<String, f64>,
+    /// Slot-milliseconds placed per scenario pool (sampled).
+    pool_gpu_ms: BTreeMap<usize, f64>,
+    /// Trials placed across more than one node (gang placements seen).
+    multi_node_placements: BTreeSet<(u64, u64)>,
     trace: Vec<serde_json::Value>,
 }
 
@@ -301,6 +305,8 @@ impl<'a> World<'a> {
             finished: false,
             best_loss: BTreeMap::new(),
             group_gpu_ms: BTreeMap::new(),
+            pool_gpu_ms: BTreeMap::new(),
+            multi_node_placements: BTreeSet::new(),
             trace: Vec::new(),
         };
         let mut skew_rng = derive(4);
@@ -1708,10 +1714,25 @@ impl World<'_> {
         let mut problems = Vec::new();
         let mut queued = Vec::new();
         let mut share_acc: BTreeMap<String, f64> = BTreeMap::new();
+        let mut pool_acc: BTreeMap<usize, f64> = BTreeMap::new();
+        let mut gangs = Vec::new();
         let mut done = None;
         if let Some(state) = self.freshest() {
             // No node's slots are over-allocated.
             let mut used: BTreeMap<NodeId, u32> = BTreeMap::new();
+            // The scheduler's bookkeeping: every unfinished trial is live (it is
+            // what placement looks at) and every queued trial has a queue clock
+            // (checked every minute).
+            let check_books = (self.now / SAMPLE_EVERY_MS) % 12 == 0;
+            for (id, t) in state.trials.iter().filter(|_| check_books) {
+                let done = matches!(t.state, TrialState::Done(_));
+                if done == state.live_trials().contains(id) {
+                    problems.push(format!("trial {id} ({:?}) live-set mismatch", t.state));
+                }
+                if t.state == TrialState::Queued && t.queued_ms.is_none() {
+                    problems.push(format!("queued trial {id} has no queue clock"));
+                }
+            }
             for t in state.trials.values().filter(|t| t.is_placed()) {
                 let total: u32 = t.layout.iter().map(|(_, s)| *s).sum();
                 if total != t.slots.max(1) {
@@ -1722,6 +1743,13 @@ impl World<'_> {
                 }
                 for (node, slots) in &t.layout {
                     *used.entry(*node).or_default() += slots;
+                    if let Some(&i) = self.by_id.get(node) {
+                        *pool_acc.entry(self.nodes[i].group).or_default() +=
+                            f64::from(*slots) * SAMPLE_EVERY_MS as f64;
+                    }
+                }
+                if t.layout.len() > 1 {
+                    gangs.push((t.experiment, t.request_id.0));
                 }
             }
             for (node, u) in &used {
@@ -1745,7 +1773,10 @@ impl World<'_> {
                     }
                 }
             }
-            // GPU time per group while every group has demand (fairness).
+            // GPU time per group while every group has work waiting in the queue:
+            // then each wants more than it holds, and max-min fair share promises
+            // each its weighted share. (A group whose demand is below its share
+            // leaves the rest to others, which is fair and not counted.)
             let group_of = |exp: u64| {
                 state
                     .experiments
@@ -1755,25 +1786,24 @@ impl World<'_> {
                     .filter(|w| !w.is_empty())
                     .unwrap_or_else(|| format!("experiment {exp}"))
             };
-            let mut demand: BTreeMap<String, u32> = BTreeMap::new();
+            let mut waiting: BTreeMap<String, u32> = BTreeMap::new();
             let mut running: BTreeMap<String, u32> = BTreeMap::new();
             for (exp, e) in &state.experiments {
                 if !e.state.is_finished() {
-                    demand.entry(group_of(*exp)).or_default();
+                    waiting.entry(group_of(*exp)).or_default();
                 }
             }
             for t in state.trials.values() {
                 let g = group_of(t.experiment);
                 match t.state {
-                    TrialState::Queued => *demand.entry(g).or_default() += 1,
+                    TrialState::Queued => *waiting.entry(g).or_default() += 1,
                     TrialState::Assigned { .. } | TrialState::Running { .. } => {
-                        *demand.entry(g.clone()).or_default() += 1;
                         *running.entry(g).or_default() += t.slots.max(1);
                     }
                     _ => {}
                 }
             }
-            if demand.len() > 1 && demand.values().all(|d| *d > 0) {
+            if waiting.len() > 1 && waiting.values().all(|d| *d > 0) {
                 for (g, slots) in running {
                     *share_acc.entry(g).or_default() += f64::from(slots) * SAMPLE_EVERY_MS as f64;
                 }
@@ -1791,6 +1821,10 @@ impl World<'_> {
                 .count() as u64;
             done = Some((finished, state.experiments.len() as u64));
         }
+        for (p, ms) in pool_acc {
+            *self.pool_gpu_ms.entry(p).or_default() += ms;
+        }
+        self.multi_node_placements.extend(gangs);
         for (g, ms) in share_acc {
             *self.group_gpu_ms.entry(g).or_default() += ms;
         }
@@ -1929,6 +1963,17 @@ impl World<'_> {
                     .map(|(g, ms)| (g.clone(), if total > 0.0 { ms / total } else { 0.0 }))
                     .collect()
             },
+            gpu_s_by_pool: self
+                .pool_gpu_ms
+                .iter()
+                .map(|(p, ms)| (self.sc.pools[*p].name.clone(), ms / 1000.0))
+                .collect(),
+            gpu_cost: self
+                .pool_gpu_ms
+                .iter()
+                .map(|(p, ms)| ms / 3_600_000.0 * self.sc.pools[*p].cost_per_gpu_hour)
+                .sum(),
+            multi_node_trials: self.multi_node_placements.len() as u64,
         }
     }
 

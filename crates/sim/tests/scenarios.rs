@@ -17,7 +17,7 @@ fn load(name: &str) -> Scenario {
 /// Seeds per scenario in this test (CI's script sweeps more in release mode).
 const SEEDS: u64 = 2;
 
-const SHIPPED: [&str; 8] = [
+const SHIPPED: [&str; 9] = [
     "fairness.toml",
     "steady.toml",
     "churn.toml",
@@ -26,6 +26,7 @@ const SHIPPED: [&str; 8] = [
     "spot-burst.toml",
     "disk-loss.toml",
     "site-outage.toml",
+    "gangs-burst.toml",
 ];
 
 fn run_twice(sc: &Scenario, seed: u64) {
@@ -146,5 +147,25 @@ fn weighted_fair_share_gives_teams_their_weights() {
             "seed {seed}: shares {:?}",
             r.group_share
         );
+    }
+}
+
+#[test]
+fn gangs_span_nodes_and_waiting_work_bursts_to_the_cheapest_cloud_pool() {
+    let sc = load("gangs-burst.toml");
+    for seed in 0..3 {
+        let (r, _) = run(
+            &sc,
+            &Options {
+                seed,
+                ..Default::default()
+            },
+        );
+        assert!(r.violations.is_empty(), "{:#?}", r.violations);
+        assert_eq!(r.experiments_completed, r.experiments_submitted);
+        // Every 8-slot trial spans two 4-GPU nodes at least once.
+        assert!(r.multi_node_trials >= 6, "seed {seed}: {r:?}");
+        let used = |pool: &str| r.gpu_s_by_pool.get(pool).copied().unwrap_or(0.0);
+        assert!(used("onprem") > used("spot") && used("spot") > 0.0, "{r:?}");
     }
 }
