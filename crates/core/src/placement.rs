@@ -108,15 +108,17 @@ fn experiments(state: &ClusterState) -> (BTreeMap<u64, ExperimentView<'_>>, Vec<
     (views, pools)
 }
 
-/// What to start and what to preempt now, over every pool.
-pub fn place(state: &ClusterState) -> Decision {
-    let now = state.now_ms;
-    let mut nodes: BTreeMap<&str, Vec<Node>> = BTreeMap::new();
+/// The alive nodes of each pool, as the scheduler sees them.
+pub type PoolNodes = BTreeMap<String, Vec<Node>>;
+
+/// The alive nodes by pool.
+pub fn pool_nodes(state: &ClusterState) -> PoolNodes {
+    let mut nodes = PoolNodes::new();
     for (id, n) in &state.nodes {
         if n.state != NodeState::Alive {
             continue;
         }
-        nodes.entry(n.info.pool.as_str()).or_default().push(Node {
+        nodes.entry(n.info.pool.clone()).or_default().push(Node {
             id: *id,
             slots: n.info.slots,
             site: n.info.site.clone(),
@@ -124,8 +126,18 @@ pub fn place(state: &ClusterState) -> Decision {
             cost_per_slot_hour_micros: n.info.cost_per_slot_hour_micros,
         });
     }
+    nodes
+}
+
+/// What to start and what to preempt now, over every pool.
+pub fn place(state: &ClusterState) -> Decision {
+    let now = state.now_ms;
+    let nodes = state.pool_nodes();
     let (views, pools) = experiments(state);
-    let mut tasks: Vec<Vec<Task>> = vec![Vec::new(); pools.len()];
+    let per_pool = state.live_trials().len() / pools.len().max(1);
+    let mut tasks: Vec<Vec<Task>> = (0..pools.len())
+        .map(|_| Vec::with_capacity(per_pool))
+        .collect();
     for id in state.live_trials() {
         let Some(t) = state.trials.get(id) else {
             continue;

@@ -314,6 +314,10 @@ pub struct ClusterState {
     /// costs the same however much history the state holds. Derived, not stored.
     #[serde(skip)]
     live: BTreeSet<TrialId>,
+    /// The alive nodes as the scheduler sees them, by pool: rebuilt only when a
+    /// node changes (derived).
+    #[serde(skip)]
+    pool_nodes: Option<placement::PoolNodes>,
 }
 
 /// Why a snapshot could not be decoded.
@@ -328,6 +332,15 @@ impl ClusterState {
     /// The trials that are not finished.
     pub fn live_trials(&self) -> &BTreeSet<TrialId> {
         &self.live
+    }
+
+    /// The alive nodes by pool, as the scheduler sees them (cached between node
+    /// changes).
+    pub fn pool_nodes(&self) -> std::borrow::Cow<'_, placement::PoolNodes> {
+        match &self.pool_nodes {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => std::borrow::Cow::Owned(placement::pool_nodes(self)),
+        }
     }
 
     /// A pool's settings (the defaults when it has none).
@@ -355,6 +368,7 @@ impl ClusterState {
         if self.nodes.contains_key(&node) {
             return;
         }
+        self.pool_nodes = None;
         if let Some(settings) = &info.pool_settings {
             if !self.pools.contains_key(&info.pool) {
                 self.pools.insert(info.pool.clone(), settings.clone());
@@ -375,6 +389,7 @@ impl ClusterState {
     pub fn remove_node(&mut self, node: NodeId, changes: &mut Vec<Change>) {
         self.requeue_from(node, changes);
         self.nodes.remove(&node);
+        self.pool_nodes = None;
         self.placement_dirty = true;
         self.schedule(changes);
     }
@@ -431,6 +446,15 @@ impl ClusterState {
                 | Command::Noop
         ) {
             self.placement_dirty = true;
+        }
+        if matches!(
+            command,
+            Command::NodeLost { .. }
+                | Command::NodeDraining { .. }
+                | Command::NodeAlive { .. }
+                | Command::NodeCapacity { .. }
+        ) {
+            self.pool_nodes = None;
         }
         match command {
             Command::Noop => Reply::Ok,
@@ -1104,6 +1128,9 @@ impl ClusterState {
             return;
         }
         let now = self.now_ms;
+        if self.pool_nodes.is_none() {
+            self.pool_nodes = Some(placement::pool_nodes(self));
+        }
         let decision = placement::place(self);
         for (trial, layout) in decision.assign {
             let Some(t) = self.trials.get_mut(&trial) else {

@@ -40,12 +40,19 @@ pub struct Placer {
     sites: Vec<String>,
     capacity: u32,
     owned: u32,
+    /// The smallest gang that failed to fit since slots were last given back,
+    /// without and with burst capacity: free slots only shrink until then, so
+    /// any gang at least as large fails too (a full cluster answers at once).
+    failed_min: [u32; 2],
 }
 
 impl Placer {
     /// The free slots of `nodes` once the `running` layouts are subtracted.
     pub fn new<'a>(nodes: &[Node], running: impl IntoIterator<Item = &'a Layout>) -> Self {
-        let mut p = Placer::default();
+        let mut p = Placer {
+            failed_min: [u32::MAX; 2],
+            ..Placer::default()
+        };
         for n in nodes {
             let site = match p.sites.iter().position(|s| *s == n.site) {
                 Some(i) => i,
@@ -100,9 +107,22 @@ impl Placer {
 
     /// Finds a layout for `task` and reserves its slots.
     pub fn place(&mut self, task: &Task) -> Option<Layout> {
-        let layout = self.find(task)?;
+        let burst = usize::from(self.may_burst(task));
+        if task.slots >= self.failed_min[burst] {
+            return None;
+        }
+        let Some(layout) = self.find(task) else {
+            self.failed_min[burst] = self.failed_min[burst].min(task.slots);
+            return None;
+        };
         self.take(&layout);
         Some(layout)
+    }
+
+    /// Burst capacity only for a trial that waited long enough, or that owned
+    /// capacity can never fit.
+    fn may_burst(&self, task: &Task) -> bool {
+        task.may_burst || task.slots > self.owned
     }
 
     /// Reserves the slots of `layout` (unknown nodes are ignored).
@@ -117,6 +137,7 @@ impl Placer {
         for (n, s) in layout {
             self.adjust(*n, i64::from(*s));
         }
+        self.failed_min = [u32::MAX; 2];
     }
 
     /// Where `task` would go now, without reserving anything.
@@ -125,9 +146,7 @@ impl Placer {
         if s == 0 || s > self.capacity {
             return None;
         }
-        // Burst capacity only for a trial that waited long enough, or that owned
-        // capacity can never fit.
-        let may_burst = task.may_burst || s > self.owned;
+        let may_burst = self.may_burst(task);
         let owned: Vec<Tier> = self.tiers(false);
         for tier in &owned {
             if let Some(n) = self.fit_one(*tier, task) {

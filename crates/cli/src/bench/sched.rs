@@ -1,7 +1,7 @@
 //! `resolute bench sched`: the cost of the scheduler on apply.
 //!
 //! 1,000 nodes x 8 GPUs and 20,000 queued trials in 50 experiments (gangs of 1, 2,
-//! 4 and 8 slots), built through the replicated state machine's own commands.
+//! 4, 8 and 16 slots; 16 spans two nodes), built through the replicated state machine's own commands.
 //! Measured: placements per second while the cluster fills, then the cost of one
 //! apply (a trial exits, the scheduler places the next) at the p50 and p99 — and
 //! the same again after 10x as much finished history is in the state.
@@ -58,6 +58,9 @@ impl Sm {
     }
 }
 
+/// Slots per trial of the experiments, in turn: 16 spans two 8-GPU nodes.
+const GANG_SLOTS: [u32; 5] = [1, 2, 4, 8, 16];
+
 fn experiment(slots: u32, trials: u64) -> Command {
     let yaml = format!(
         "hyperparameters: {{lr: {{type: double, minval: 0.001, maxval: 0.1}}}}
@@ -74,11 +77,18 @@ resources: {{slots_per_trial: {slots}, weight: {}}}\n",
     }
 }
 
+/// Trials placed (a multi-node gang is one placement with one change per node).
 fn placed(changes: &[Change]) -> u64 {
-    changes
+    let mut trials: Vec<u64> = changes
         .iter()
-        .filter(|c| matches!(c, Change::Assigned { .. }))
-        .count() as u64
+        .filter_map(|c| match c {
+            Change::Assigned { trial, .. } => Some(*trial),
+            _ => None,
+        })
+        .collect();
+    trials.sort_unstable();
+    trials.dedup();
+    trials.len() as u64
 }
 
 /// Applies `SAMPLES` trial exits (each frees a gang and lets the scheduler place
@@ -122,7 +132,7 @@ pub fn run() -> Report {
     let mut placements = 0;
     let mut placing = 0.0;
     for g in 0..GROUPS {
-        let slots = [1, 2, 4, 8][(g % 4) as usize];
+        let slots = GANG_SLOTS[(g % 5) as usize];
         let start = Instant::now();
         let changes = sm.apply(experiment(slots, TRIALS_PER_GROUP));
         placing += start.elapsed().as_secs_f64();
@@ -131,7 +141,7 @@ pub fn run() -> Report {
     let mut now = churn(&mut sm);
     // Ten times as much finished history: experiments created and killed.
     for g in 0..GROUPS * 10 {
-        let slots = [1, 2, 4, 8][(g % 4) as usize];
+        let slots = GANG_SLOTS[(g % 5) as usize];
         sm.apply(experiment(slots, TRIALS_PER_GROUP));
         let id = *sm.state.experiments.keys().next_back().unwrap_or(&0);
         sm.apply(Command::ExperimentControl {
