@@ -12,7 +12,12 @@ fn resolute(args: &[&str]) -> Output {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    // At run time: a test binary reused from another checkout's build must not
+    // look in that checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../..")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 use resolute_sim::{run, Options, Scenario};
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../simulations")
+    // At run time: a test binary reused from another checkout's build must not
+    // look in that checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../../simulations")
 }
 
 fn load(name: &str) -> Scenario {

@@ -271,13 +271,15 @@ fn random_bytes_and_random_yaml_never_panic() {
         let text: String = (0..n).map(|_| g.pick(&tokens)).collect();
         let _ = parse_str("fuzz.yaml", &text, &[]);
     }
-    let examples: Vec<String> = std::fs::read_dir(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/searchers"
-    ))
-    .expect("examples")
-    .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-    .collect();
+    // Read at run time: a test binary reused from a build in another checkout
+    // must not look in that checkout.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let examples: Vec<String> = std::fs::read_dir(dir.join("../../examples/searchers"))
+        .expect("examples")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect();
     for text in &examples {
         for _ in 0..500 {
             let mut bytes = text.clone().into_bytes();
