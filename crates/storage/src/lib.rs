@@ -15,9 +15,13 @@
 //! Both share [`wal`]'s encoding and recovery, so the simulator exercises the real
 //! recovery code.
 //!
+//! [`blob::BlobStore`] keeps content-addressed blobs (checkpoints, model
+//! directories) whose chunks are verified one by one as they arrive.
+//!
 //! The store knows nothing about raft-rs's types: [`LogEntry`], [`HardState`] and
 //! [`SnapshotRecord`] are plain data that `core` converts to and from.
 
+pub mod blob;
 mod durable;
 mod sim;
 pub mod wal;
