@@ -37,6 +37,10 @@ const CHUNK_ATTEMPTS_MAX: u32 = 8;
 const IDLE_CONNECTION_TIMEOUT_S: u64 = 300;
 /// How long a connection may take to set up (pnet, noise, yamux).
 const UPGRADE_TIMEOUT_S: u64 = 20;
+/// Connections a blob fetch keeps to each holder: chunk requests go round-robin
+/// over a peer's connections, so each connection's encryption runs on its own
+/// task (one noise session tops out near one core).
+const FETCH_CONNECTIONS_PER_HOLDER: u32 = 2;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -596,6 +600,15 @@ impl EventLoop {
             .iter()
             .filter_map(|n| self.peers.get(n).copied())
             .collect();
+        for peer in &holders {
+            let have = self.connections.get(peer).copied().unwrap_or(0);
+            for _ in have..FETCH_CONNECTIONS_PER_HOLDER {
+                let opts = DialOpts::peer_id(*peer)
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                    .build();
+                let _ = self.swarm.dial(opts);
+            }
+        }
         let id = self.next_fetch;
         self.next_fetch += 1;
         self.fetches.insert(

@@ -374,11 +374,12 @@ async fn a_peer_outside_the_membership_cannot_send_raft_or_read_blobs() {
     assert!(matches!(blob, Err(NetError::Fetch { .. })), "{blob:?}");
     // Only the member's message reached the node.
     let from_member = member.handle.node_id;
-    expect(&mut a.events, "the member's message", |e| match e {
-        NetEvent::Message { from, .. } => Some(assert_eq!(*from, from_member)),
+    let from = expect(&mut a.events, "the member's message", |e| match e {
+        NetEvent::Message { from, .. } => Some(*from),
         _ => None,
     })
     .await;
+    assert_eq!(from, from_member);
     // Admitted as a joiner, the outsider may.
     a.handle
         .admit(outsider.handle.node_id)

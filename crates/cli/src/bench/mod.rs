@@ -1,8 +1,10 @@
 //! `resolute bench`: benchmarks that print figures, each measured against a
 //! reference in the same run (these machines are shared and noisy).
 
+pub mod gossip;
 pub mod log;
 pub mod sched;
+pub mod transfer;
 
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
 pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
