@@ -423,3 +423,25 @@ async fn an_oversized_message_is_rejected_with_a_clear_error() {
         .await
         .expect("small message");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_survives_a_restart_and_bootstrap_peers_are_dialed() {
+    let a = peer(26).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen: Multiaddr = "/ip4/127.0.0.27/tcp/0".parse().expect("addr");
+    let mut config = NetConfig::new(dir.path().to_path_buf(), listen);
+    config.bootstrap = vec![a.addr.clone()];
+    let (first, mut events, task) = spawn(config.clone()).await.expect("swarm");
+    let node_a = a.handle.node_id;
+    expect(&mut events, "the bootstrap connection", |e| match e {
+        NetEvent::Connected(n) if *n == node_a => Some(()),
+        _ => None,
+    })
+    .await;
+    let id = first.node_id;
+    first.shutdown().await;
+    let _ = task.await;
+    let (second, _events, _task) = spawn(config).await.expect("restarted swarm");
+    assert_eq!(second.node_id, id, "the same key, the same node id");
+    assert_eq!(second.peer_id, first.peer_id);
+}

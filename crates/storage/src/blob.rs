@@ -166,6 +166,12 @@ impl Manifest {
     }
 }
 
+/// A number for temporary file names, unique within the process.
+fn next_temp() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Checks that `digest` is a well-formed digest (it becomes a file name).
 pub fn check_digest(digest: &str) -> Result<(), BlobError> {
     let ok = digest.len() == 64
@@ -230,10 +236,10 @@ impl BlobStore {
     /// Copies the file at `src` into the store; returns its manifest.
     pub fn put_file(&self, src: &Path) -> Result<Manifest, BlobError> {
         let mut input = File::open(src).map_err(io_err(src))?;
-        let tmp = self
-            .root
-            .join("partial")
-            .join(format!(".put-{}", std::process::id()));
+        let tmp =
+            self.root
+                .join("partial")
+                .join(format!(".put-{}-{}", std::process::id(), next_temp()));
         let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut size = 0u64;
         let mut chunks = Vec::new();
@@ -267,10 +273,11 @@ impl BlobStore {
 
     /// Stores `bytes` as a blob; returns its manifest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Manifest, BlobError> {
-        let tmp = self
-            .root
-            .join("partial")
-            .join(format!(".bytes-{}", std::process::id()));
+        let tmp = self.root.join("partial").join(format!(
+            ".bytes-{}-{}",
+            std::process::id(),
+            next_temp()
+        ));
         fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
         let m = self.put_file(&tmp);
         let _ = fs::remove_file(&tmp);

@@ -1,0 +1,94 @@
+//! The blob store: digests over chunk-hash manifests, verified and resumable
+//! downloads, and hostile names and bytes refused.
+
+use resolute_storage::blob::{check_digest, BlobError, BlobStore, Manifest, BLOB_CHUNK_BYTES};
+
+fn bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("resolute-blob-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn a_download_resumes_from_verified_chunks_and_lands_only_when_whole() {
+    let src = BlobStore::open(&dir("src")).expect("store");
+    let data = bytes(2 * BLOB_CHUNK_BYTES as usize + 1000, 1);
+    let m = src.put_bytes(&data).expect("put");
+    assert_eq!(m.chunk_count(), 3);
+    let digest = m.digest();
+    let dst_dir = dir("dst");
+    let dst = BlobStore::open(&dst_dir).expect("store");
+    let mut d = dst.download(&m).expect("download");
+    d.write_chunk(0, &src.read_chunk(&m, 0).expect("chunk"))
+        .expect("chunk 0");
+    // A wrong chunk is refused and not written.
+    let wrong = src.read_chunk(&m, 2).expect("chunk");
+    assert!(matches!(
+        d.write_chunk(1, &wrong),
+        Err(BlobError::BadChunk { index: 1, .. })
+    ));
+    drop(d);
+    assert!(!dst.has(&digest), "nothing visible before it is whole");
+    // A new download (after a crash, say) keeps chunk 0 and only needs 1 and 2.
+    let mut d = dst.download(&m).expect("resume");
+    assert_eq!(d.missing(), vec![1, 2]);
+    for i in [1, 2] {
+        d.write_chunk(i, &src.read_chunk(&m, i).expect("chunk"))
+            .expect("write");
+    }
+    let path = d.finish().expect("finish");
+    assert_eq!(std::fs::read(path).expect("read"), data);
+    assert!(dst.has(&digest));
+    assert_eq!(dst.list(), vec![digest]);
+}
+
+#[test]
+fn manifests_that_do_not_hash_to_their_digest_are_refused() {
+    let store = BlobStore::open(&dir("manifest")).expect("store");
+    let m = store.put_bytes(&bytes(5000, 2)).expect("put");
+    let mut encoded = m.encode();
+    assert_eq!(Manifest::decode(&m.digest(), &encoded).expect("ok"), m);
+    encoded[30] ^= 1;
+    assert!(matches!(
+        Manifest::decode(&m.digest(), &encoded),
+        Err(BlobError::BadManifest { .. })
+    ));
+    assert!(Manifest::decode(&m.digest(), b"short").is_err());
+}
+
+#[test]
+fn digests_that_are_not_hex_hashes_are_refused_before_touching_files() {
+    for bad in [
+        "",
+        "../../etc/passwd",
+        &"A".repeat(64),
+        &"g".repeat(64),
+        &"a".repeat(63),
+    ] {
+        assert!(check_digest(bad).is_err(), "{bad:?}");
+    }
+    let store = BlobStore::open(&dir("names")).expect("store");
+    assert!(!store.has("../blobs"));
+    assert!(matches!(
+        store.manifest("../../x"),
+        Err(BlobError::BadDigest(_))
+    ));
+    assert!(matches!(
+        store.manifest(&"0".repeat(64)),
+        Err(BlobError::NotFound(_))
+    ));
+}
+
+#[test]
+fn an_empty_blob_is_a_blob() {
+    let store = BlobStore::open(&dir("empty")).expect("store");
+    let m = store.put_bytes(&[]).expect("put");
+    assert_eq!((m.size, m.chunk_count()), (0, 0));
+    assert!(store.has(&m.digest()));
+}
