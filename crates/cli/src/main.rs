@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 mod bench;
+mod train;
 use clap::{Parser, Subcommand};
 
 use resolute_search::simulate::{plan, run, Preview, SyntheticCurves};
@@ -33,6 +34,9 @@ enum Command {
     PreviewSearch(PreviewArgs),
     /// Run a simulation scenario (simulations/*.toml) on a virtual clock.
     Sim(SimArgs),
+    /// The built-in trainer (an MLP on the wine quality dataset): a trial
+    /// entrypoint that needs no Python.
+    Train(train::TrainArgs),
     /// Run a benchmark and print its figures.
     Bench {
         #[command(subcommand)]
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check(args),
         } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
+        Command::Train(args) => train::run(&args),
         Command::Bench {
             command: BenchCommand::Log(args),
         } => bench_log(&args),

@@ -17,6 +17,7 @@
 
 pub mod pack;
 mod service;
+pub mod trainer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
