@@ -37,6 +37,16 @@ enum Command {
     /// The built-in trainer (an MLP on the wine quality dataset): a trial
     /// entrypoint that needs no Python.
     Train(train::TrainArgs),
+    /// The GPUs this machine would offer (NVML discovery and a CUDA probe of
+    /// each); without NVIDIA GPUs, the CPU slots it would offer instead.
+    Gpus {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// List only; do not create a CUDA context on each GPU.
+        #[arg(long)]
+        no_probe: bool,
+    },
     /// Run a benchmark and print its figures.
     Bench {
         #[command(subcommand)]
@@ -150,6 +160,7 @@ fn main() -> ExitCode {
         } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
         Command::Train(args) => train::run(&args),
+        Command::Gpus { json, no_probe } => gpus(json, no_probe),
         Command::Bench {
             command: BenchCommand::Log(args),
         } => bench_log(&args),
@@ -383,6 +394,40 @@ fn print_sim_report(r: &resolute_sim::Report) {
         r.simulated_s, r.wall_s, r.sim_s_per_wall_s, r.events
     );
     println!("  digest           {}", r.digest);
+}
+
+fn gpus(json: bool, no_probe: bool) -> anyhow::Result<ExitCode> {
+    let d = resolute_trial::gpu::discover(!no_probe);
+    if json {
+        println!("{}", serde_json::to_string(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match (&d.nvml_error, &d.driver) {
+        (Some(e), _) => {
+            println!("no NVIDIA GPUs: NVML did not load ({e}); this node offers CPU slots");
+            return Ok(ExitCode::SUCCESS);
+        }
+        (None, Some(v)) => println!("NVIDIA driver {v}, {} GPUs", d.gpus.len()),
+        (None, None) => println!("{} GPUs", d.gpus.len()),
+    }
+    for g in &d.gpus {
+        println!(
+            "  {} {} {} {} MiB, compute {}.{}{}  {}",
+            g.index,
+            g.uuid,
+            g.model,
+            g.memory_mib,
+            g.compute_capability.0,
+            g.compute_capability.1,
+            if g.mig { ", MIG on" } else { "" },
+            match &g.reason {
+                None if no_probe => "listed".to_string(),
+                None => "usable (probe passed)".to_string(),
+                Some(r) => format!("disabled: {r}"),
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench_transfer(json: bool, size_mb: u64) -> anyhow::Result<ExitCode> {

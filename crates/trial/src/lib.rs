@@ -15,6 +15,7 @@
 //! it; on commit the service packs the directory ([`pack`]) into a content-addressed
 //! blob whose digest is the checkpoint's uuid.
 
+pub mod gpu;
 pub mod pack;
 mod service;
 pub mod trainer;
