@@ -148,13 +148,27 @@ fn env(name: &str) -> Option<String> {
 
 /// Runs the trainer; exit 0 when it completed or stopped when asked.
 pub fn run(args: &TrainArgs) -> anyhow::Result<std::process::ExitCode> {
-    match args.device.as_str() {
-        "cpu" => {}
-        "cuda" => bail!(
-            "--device cuda: the CUDA path of the built-in trainer is not built yet; use --device cpu"
-        ),
+    let cuda = match args.device.as_str() {
+        "cpu" => false,
+        "cuda" => {
+            let d = resolute_trial::gpu::discover(false);
+            if d.usable().next().is_none() {
+                bail!(
+                    "--device cuda: no usable NVIDIA GPU ({})",
+                    d.nvml_error.unwrap_or_else(|| "NVML lists none".into())
+                );
+            }
+            true
+        }
         other => bail!("--device {other:?}: expected cpu or cuda"),
-    }
+    };
+    let run = |data: &Data, state: State, target: u64, r: &mut dyn Reporter| {
+        if cuda {
+            resolute_trial::trainer_cuda::train(data, state, target, r)
+        } else {
+            trainer::train(data, state, target, r)
+        }
+    };
     let hparams_text = args
         .hparams
         .clone()
@@ -192,9 +206,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<std::process::ExitCode> {
                 .build()
                 .into();
             let mut endpoint = Endpoint { agent, url, token };
-            trainer::train(&data, state, target, &mut endpoint)
+            run(&data, state, target, &mut endpoint)
         }
-        _ => trainer::train(
+        _ => run(
             &data,
             state,
             target,

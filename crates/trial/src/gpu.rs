@@ -185,9 +185,7 @@ pub fn probe_gpu(ordinal: usize) -> Result<(), String> {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(PROBE_PTX))
             .map_err(|e| format!("loading the probe kernel: {e}"))?;
-        let f = module
-            .load_function("add_one")
-            .map_err(|e| e.to_string())?;
+        let f = module.load_function("add_one").map_err(|e| e.to_string())?;
         let n = PROBE_ELEMENTS as u32;
         let mut launch = stream.launch_builder(&f);
         launch.arg(&mut out).arg(&inp).arg(&n);
@@ -197,7 +195,11 @@ pub fn probe_gpu(ordinal: usize) -> Result<(), String> {
         unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }
             .map_err(|e| format!("launching the probe kernel: {e}"))?;
         let back = stream.clone_dtoh(&out).map_err(|e| e.to_string())?;
-        match back.iter().enumerate().find(|(i, v)| **v != *i as f32 + 1.0) {
+        match back
+            .iter()
+            .enumerate()
+            .find(|(i, v)| **v != *i as f32 + 1.0)
+        {
             Some((i, v)) => Err(format!("wrong result at {i}: {v}")),
             None => Ok(()),
         }

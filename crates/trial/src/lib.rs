@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod pack;
 mod service;
 pub mod trainer;
+pub mod trainer_cuda;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -94,8 +94,8 @@ impl Hparams {
 
 /// The dataset, standardized with the training split's statistics.
 pub struct Data {
-    train: Vec<(Vec<f32>, f32)>,
-    validation: Vec<(Vec<f32>, f32)>,
+    pub(crate) train: Vec<(Vec<f32>, f32)>,
+    pub(crate) validation: Vec<(Vec<f32>, f32)>,
     /// Features per row.
     pub features: usize,
 }
@@ -152,30 +152,30 @@ impl Data {
 
 /// One dense layer's parameters (row-major `out x in` weights, then biases).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Layer {
-    inputs: usize,
-    outputs: usize,
-    w: Vec<f32>,
-    b: Vec<f32>,
+pub(crate) struct Layer {
+    pub(crate) inputs: usize,
+    pub(crate) outputs: usize,
+    pub(crate) w: Vec<f32>,
+    pub(crate) b: Vec<f32>,
 }
 
 /// Everything a checkpoint holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    layers: Vec<Layer>,
-    /// Adam first and second moments, in the order of `params_mut`.
-    m: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    /// Adam first and second moments: per layer, its weights then its biases.
+    pub(crate) m: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     /// Batches trained.
     pub step: u64,
     /// Position of the dropout stream (in 32-bit words).
-    dropout_word_pos: u128,
+    pub(crate) dropout_word_pos: u128,
     /// The hyperparameters it was trained with.
-    hparams: Hparams,
-    seed: u32,
+    pub(crate) hparams: Hparams,
+    pub(crate) seed: u32,
 }
 
-fn stream(seed: u32, purpose: u64) -> ChaCha8Rng {
+pub(crate) fn stream(seed: u32, purpose: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     key[..4].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(&purpose.to_le_bytes());
@@ -183,7 +183,7 @@ fn stream(seed: u32, purpose: u64) -> ChaCha8Rng {
 }
 
 /// A uniform number in [0, 1) from 24 random bits (exact in f32).
-fn unit(rng: &mut ChaCha8Rng) -> f32 {
+pub(crate) fn unit(rng: &mut ChaCha8Rng) -> f32 {
     (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32
 }
 
@@ -390,7 +390,7 @@ pub enum Ended {
 }
 
 /// The order of epoch `epoch`'s rows (a Fisher-Yates shuffle from the seed).
-fn epoch_order(seed: u32, epoch: u64, n: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(seed: u32, epoch: u64, n: usize) -> Vec<usize> {
     let mut rng = stream(seed, 2 + epoch);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {

@@ -15,7 +15,10 @@ fn discovery_reports_gpus_or_why_there_are_none() {
         }
         None => {
             for g in &d.gpus {
-                assert!(g.uuid.starts_with("GPU-") || g.uuid.starts_with("MIG-"), "{g:?}");
+                assert!(
+                    g.uuid.starts_with("GPU-") || g.uuid.starts_with("MIG-"),
+                    "{g:?}"
+                );
                 assert!(g.memory_mib > 0, "{g:?}");
                 assert!(g.usable, "a healthy GPU passes its probe: {g:?}");
             }

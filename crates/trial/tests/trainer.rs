@@ -142,3 +142,64 @@ fn bad_hyperparameters_are_named() {
         assert!(err.contains(field), "{json}: {err}");
     }
 }
+
+#[test]
+fn on_a_gpu_the_cuda_path_matches_the_cpu_bit_for_bit() {
+    if resolute_trial::gpu::discover(false)
+        .usable()
+        .next()
+        .is_none()
+    {
+        eprintln!("skipped: no usable NVIDIA GPU here");
+        return;
+    }
+    let data = Data::wine();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cpu = Record {
+        dir: dir.path().join("cpu"),
+        ..Record::default()
+    };
+    train(
+        &data,
+        State::new(&hparams(), data.features, 3),
+        300,
+        &mut cpu,
+    )
+    .expect("cpu");
+    let mut gpu = Record {
+        dir: dir.path().join("gpu"),
+        ..Record::default()
+    };
+    let ended = resolute_trial::trainer_cuda::train(
+        &data,
+        State::new(&hparams(), data.features, 3),
+        300,
+        &mut gpu,
+    );
+    assert_eq!(ended, Ok(Ended::Completed));
+    assert_eq!(gpu.metrics.len(), cpu.metrics.len());
+    for (g, c) in gpu.metrics.iter().zip(&cpu.metrics) {
+        assert_eq!((g.0, g.1), (c.0, c.1));
+        assert_eq!(
+            g.2.to_bits(),
+            c.2.to_bits(),
+            "step {} {}: gpu {} cpu {}",
+            g.0,
+            g.1,
+            g.2,
+            c.2
+        );
+    }
+    // A GPU checkpoint resumes on the CPU and gives the same numbers.
+    let state = State::load(&dir.path().join("gpu/200")).expect("gpu checkpoint");
+    let mut resumed = Record {
+        dir: dir.path().join("resumed"),
+        ..Record::default()
+    };
+    train(&data, state, 300, &mut resumed).expect("resume on cpu");
+    let tail: Vec<_> = cpu.metrics.iter().filter(|m| m.0 > 200).copied().collect();
+    assert_eq!(resumed.metrics.len(), tail.len());
+    for (r, c) in resumed.metrics.iter().zip(&tail) {
+        assert_eq!(r.2.to_bits(), c.2.to_bits());
+    }
+}
