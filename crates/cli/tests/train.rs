@@ -16,6 +16,7 @@ fn launch(trial: u64, incarnation: u64, checkpoint: Option<String>) -> Launch {
         experiment: 1,
         entrypoint: format!("{} train", env!("CARGO_BIN_EXE_resolute")),
         model_dir: None,
+        model_digest: None,
         hparams: serde_json::json!({"lr": 0.004, "hidden": 32, "depth": 2, "dropout": 0.1, "validate_every": 100}),
         seed: 5,
         latest_checkpoint: checkpoint,

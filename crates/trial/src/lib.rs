@@ -93,6 +93,10 @@ pub struct Launch {
     pub entrypoint: String,
     /// The model directory (copied per trial incarnation), if any.
     pub model_dir: Option<PathBuf>,
+    /// Or the model directory as a packed blob in the local store (unpacked once
+    /// per node, then copied per incarnation; the node fetches it from a peer
+    /// first when it is missing).
+    pub model_digest: Option<String>,
     /// Hyperparameters, as JSON.
     pub hparams: serde_json::Value,
     /// The trial seed.

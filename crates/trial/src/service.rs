@@ -178,6 +178,11 @@ impl TrialService {
         if let Some(model) = &launch.model_dir {
             copy_dir(model, &work)?;
         }
+        if let Some(digest) = &launch.model_digest {
+            let models = shared.config.work_root.join("models");
+            let model = unpack_checkpoint(&shared.store, &models, digest)?;
+            copy_dir(&model, &work)?;
+        }
         let latest = match &launch.latest_checkpoint {
             Some(digest) => Some(unpack_checkpoint(&shared.store, &dir, digest)?),
             None => None,
@@ -500,7 +505,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), TrialError> {
     Ok(())
 }
 
-/// Unpacks a checkpoint blob once per trial directory; returns where it is.
+/// Unpacks a packed-directory blob (a checkpoint, a model directory) once under
+/// `dir/checkpoints/`; returns where it is.
 fn unpack_checkpoint(store: &BlobStore, dir: &Path, digest: &str) -> Result<PathBuf, TrialError> {
     resolute_storage::blob::check_digest(digest).map_err(|e| TrialError::Io(e.to_string()))?;
     let dest = dir.join("checkpoints").join(digest);

@@ -36,6 +36,7 @@ fn launch(trial: u64, incarnation: u64, entrypoint: &str, model_dir: Option<Path
         experiment: 1,
         entrypoint: entrypoint.to_string(),
         model_dir,
+        model_digest: None,
         hparams: serde_json::json!({"lr": 0.1, "checkpoint_every": 20, "width": 16}),
         seed: 7,
         latest_checkpoint: None,
@@ -399,4 +400,27 @@ async fn the_pytorch_example_runs_when_torch_is_importable() {
         svc.logs(6)
     );
     assert_eq!(validation_steps(&got), vec![10, 20, 30]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_directory_stored_once_as_a_blob_serves_every_trial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (svc, mut events) = service(dir.path(), 1_000).await;
+    let packed = dir.path().join("model.pack");
+    resolute_trial::pack::pack_dir(&repo().join("examples/python-core"), &packed).expect("pack");
+    let digest = svc.store().put_file(&packed).expect("store").digest();
+    for trial in [21, 22] {
+        let mut l = launch(trial, 1, "python3 train.py", None);
+        l.model_digest = Some(digest.clone());
+        l.target = Some(40);
+        svc.launch(l).await.expect("launch");
+        let got = until_exit(&mut events, trial, 1).await;
+        assert_eq!(
+            outcome(&got).0,
+            TrialOutcome::Completed,
+            "{:?}",
+            svc.logs(trial)
+        );
+        assert_eq!(validation_steps(&got), vec![20, 40]);
+    }
 }
