@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 mod bench;
+mod client;
 mod train;
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,32 @@ enum Command {
     PreviewSearch(PreviewArgs),
     /// Run a simulation scenario (simulations/*.toml) on a virtual clock.
     Sim(SimArgs),
+    /// Runs or controls a node of the cluster.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Submits and controls experiments on the cluster.
+    Experiment {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: client::ExperimentCommand,
+    },
+    /// Looks at trials.
+    Trial {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: client::TrialCommand,
+    },
+    /// The cluster as a node sees it.
+    Cluster {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// The built-in trainer (an MLP on the wine quality dataset): a trial
     /// entrypoint that needs no Python.
     Train(train::TrainArgs),
@@ -70,6 +97,41 @@ struct SimArgs {
     /// Write a Chrome trace-event timeline (open it in Perfetto).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Starts a node: it bootstraps a new cluster, or joins one through `--join`.
+    Start {
+        /// The node config (see config/*.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// A member's multiaddr to join through (repeatable).
+        #[arg(long)]
+        join: Vec<String>,
+        /// Where the node keeps its log, blobs and identity.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides api.listen.
+        #[arg(long)]
+        api: Option<String>,
+        /// Overrides net.listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Asks a node to drain: its trials checkpoint and move elsewhere.
+    Drain {
+        #[command(flatten)]
+        target: client::Target,
+        /// The node id (hex, as `cluster status` prints it).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Nodes, slots, leader, voters, queue.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -160,6 +222,25 @@ fn main() -> ExitCode {
         } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
         Command::Train(args) => train::run(&args),
+        Command::Node {
+            command:
+                NodeCommand::Start {
+                    config,
+                    join,
+                    data_dir,
+                    api,
+                    listen,
+                },
+        } => node_start(&config, &join, data_dir.as_deref(), api, listen),
+        Command::Node {
+            command: NodeCommand::Drain { target, id },
+        } => client::node_drain(&target, &id),
+        Command::Experiment { target, command } => client::experiment(&target, &command),
+        Command::Trial { target, command } => client::trial(&target, &command),
+        Command::Cluster {
+            target,
+            command: ClusterCommand::Status,
+        } => client::cluster_status(&target),
         Command::Gpus { json, no_probe } => gpus(json, no_probe),
         Command::Bench {
             command: BenchCommand::Log(args),
@@ -394,6 +475,52 @@ fn print_sim_report(r: &resolute_sim::Report) {
         r.simulated_s, r.wall_s, r.sim_s_per_wall_s, r.events
     );
     println!("  digest           {}", r.digest);
+}
+
+fn node_start(
+    config: &std::path::Path,
+    join: &[String],
+    data_dir: Option<&std::path::Path>,
+    api: Option<String>,
+    listen: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut file = resolute_node::config::load(config).map_err(anyhow::Error::msg)?;
+    if let Some(a) = api {
+        file.api.listen = a;
+    }
+    if let Some(l) = listen {
+        file.net.listen = vec![l];
+    }
+    let data_dir = resolute_node::daemon::data_dir(&file, data_dir);
+    let join = join
+        .iter()
+        .map(|j| j.parse().with_context(|| format!("--join {j}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async move {
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        resolute_node::serve(
+            resolute_node::Options {
+                config: file,
+                data_dir,
+                join,
+            },
+            stop,
+        )
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gpus(json: bool, no_probe: bool) -> anyhow::Result<ExitCode> {

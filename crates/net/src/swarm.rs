@@ -214,7 +214,9 @@ struct Fetch {
     digest: String,
     /// Holders still worth asking.
     holders: Vec<PeerId>,
-    reply: Option<oneshot::Sender<Result<FetchReport, NetError>>>,
+    /// Everyone waiting for this blob (a second fetch of the same digest joins
+    /// the first instead of racing it for the same partial file).
+    replies: Vec<oneshot::Sender<Result<FetchReport, NetError>>>,
     download: Option<Download>,
     /// Chunks not yet asked for (or to ask again).
     queue: VecDeque<u32>,
@@ -600,6 +602,15 @@ impl EventLoop {
             .iter()
             .filter_map(|n| self.peers.get(n).copied())
             .collect();
+        if let Some(f) = self.fetches.values_mut().find(|f| f.digest == digest) {
+            f.replies.push(reply);
+            for h in holders {
+                if !f.holders.contains(&h) {
+                    f.holders.push(h);
+                }
+            }
+            return;
+        }
         for peer in &holders {
             let have = self.connections.get(peer).copied().unwrap_or(0);
             for _ in have..FETCH_CONNECTIONS_PER_HOLDER {
@@ -616,7 +627,7 @@ impl EventLoop {
             Fetch {
                 digest,
                 holders,
-                reply: Some(reply),
+                replies: vec![reply],
                 download: None,
                 queue: VecDeque::new(),
                 in_flight: 0,
@@ -802,8 +813,8 @@ impl EventLoop {
                 reason: e.to_string(),
             }),
         };
-        if let Some(r) = f.reply.take() {
-            let _ = r.send(result);
+        for r in f.replies.drain(..) {
+            let _ = r.send(result.clone());
         }
     }
 
@@ -811,11 +822,12 @@ impl EventLoop {
         let Some(mut f) = self.fetches.remove(&id) else {
             return;
         };
-        if let Some(r) = f.reply.take() {
-            let _ = r.send(Err(NetError::Fetch {
-                digest: f.digest.clone(),
-                reason: format!("no holder left: {}", f.last_error),
-            }));
+        let err = NetError::Fetch {
+            digest: f.digest.clone(),
+            reason: format!("no holder left: {}", f.last_error),
+        };
+        for r in f.replies.drain(..) {
+            let _ = r.send(Err(err.clone()));
         }
     }
 }

@@ -516,10 +516,20 @@ fn unpack_checkpoint(store: &BlobStore, dir: &Path, digest: &str) -> Result<Path
     if !store.has(digest) {
         return Err(TrialError::MissingCheckpoint(digest.to_string()));
     }
-    let tmp = dir.join("checkpoints").join(format!(".{digest}.unpacking"));
-    let _ = std::fs::remove_dir_all(&tmp);
+    // A unique temporary name: two launches may unpack the same blob at once;
+    // the first rename wins and the other copy is dropped.
+    static UNPACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UNPACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir
+        .join("checkpoints")
+        .join(format!(".{digest}.unpacking-{}-{n}", std::process::id()));
     pack::unpack(&store.path(digest), &tmp).map_err(|e| TrialError::Io(e.to_string()))?;
-    std::fs::rename(&tmp, &dest).map_err(|e| TrialError::Io(format!("{}: {e}", dest.display())))?;
+    if let Err(e) = std::fs::rename(&tmp, &dest) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dest.exists() {
+            return Err(TrialError::Io(format!("{}: {e}", dest.display())));
+        }
+    }
     Ok(dest)
 }
 

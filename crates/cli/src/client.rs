@@ -1,0 +1,378 @@
+//! The commands that talk to a running node over its REST API (`-m/--node URL`
+//! or `RESOLUTE_NODE`). Exit codes: 0 success, 1 user error, 2 cluster
+//! unavailable.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+/// Exit code when the node cannot be reached or the cluster has no quorum.
+pub const EXIT_UNAVAILABLE: u8 = 2;
+
+/// Where the node's API is.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// The node's REST API.
+    #[arg(
+        short = 'm',
+        long = "node",
+        env = "RESOLUTE_NODE",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub node: String,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `resolute experiment ...`
+#[derive(Subcommand)]
+pub enum ExperimentCommand {
+    /// Submits an experiment (and its model directory, uploaded once as a blob).
+    Create {
+        /// The experiment config (Determined's format).
+        file: PathBuf,
+        /// The model directory the entrypoint runs in.
+        dir: Option<PathBuf>,
+        /// Overrides `key.path=value`.
+        #[arg(long = "config")]
+        overrides: Vec<String>,
+        /// Wait until it ends, showing progress.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Lists experiments.
+    List,
+    /// Describes one.
+    Describe {
+        /// Its id.
+        id: u64,
+    },
+    /// Its trials.
+    Trials {
+        /// Its id.
+        id: u64,
+    },
+    /// Stops scheduling its trials (they checkpoint and pause).
+    Pause {
+        /// Its id.
+        id: u64,
+    },
+    /// Resumes a paused experiment.
+    Activate {
+        /// Its id.
+        id: u64,
+    },
+    /// Ends it; trials checkpoint and stop.
+    Cancel {
+        /// Its id.
+        id: u64,
+    },
+    /// Ends it at once.
+    Kill {
+        /// Its id.
+        id: u64,
+    },
+    /// Waits until it ends, with a progress line.
+    Wait {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// `resolute trial ...`
+#[derive(Subcommand)]
+pub enum TrialCommand {
+    /// Describes a trial.
+    Describe {
+        /// Its id.
+        id: u64,
+    },
+    /// Its metrics.
+    Metrics {
+        /// Its id.
+        id: u64,
+    },
+    /// Its output (as kept by the node that ran it).
+    Logs {
+        /// Its id.
+        id: u64,
+    },
+}
+
+enum Failure {
+    User(String),
+    Unavailable(String),
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn call(t: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+    let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
+    let a = agent();
+    let resp = match (method, body) {
+        ("GET", _) => a.get(&url).call(),
+        (_, Some(b)) => a.post(&url).send_json(b),
+        (_, None) => a.post(&url).send_json(json!({})),
+    };
+    let mut resp = resp.map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let v: Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    match status {
+        200..=299 => Ok(v),
+        503 => Err(Failure::Unavailable(
+            v["message"].as_str().unwrap_or("").to_string(),
+        )),
+        _ => Err(Failure::User(format!(
+            "{}: {}",
+            v["code"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        ))),
+    }
+}
+
+fn finish(r: Result<(), Failure>) -> anyhow::Result<ExitCode> {
+    match r {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(Failure::User(m)) => {
+            eprintln!("error: {m}");
+            Ok(ExitCode::from(1))
+        }
+        Err(Failure::Unavailable(m)) => {
+            eprintln!("error: cluster unavailable: {m}");
+            Ok(ExitCode::from(EXIT_UNAVAILABLE))
+        }
+    }
+}
+
+fn print(t: &Target, v: &Value, human: impl FnOnce(&Value)) {
+    if t.json {
+        println!("{v}");
+    } else {
+        human(v);
+    }
+}
+
+fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
+    let tmp = std::env::temp_dir().join(format!("resolute-upload-{}.pack", std::process::id()));
+    resolute_trial::pack::pack_dir(dir, &tmp).map_err(|e| Failure::User(e.to_string()))?;
+    let bytes = std::fs::read(&tmp).map_err(|e| Failure::User(e.to_string()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let url = format!("{}/api/v1/blobs", t.node.trim_end_matches('/'));
+    let mut resp = agent()
+        .post(&url)
+        .send(&bytes[..])
+        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let v: Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
+    v["digest"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Failure::User(format!("upload: {v}")))
+}
+
+fn wait(t: &Target, id: u64) -> Result<(), Failure> {
+    loop {
+        let v = call(t, "GET", &format!("/experiments/{id}"), None)?;
+        let state = v["state"].as_str().unwrap_or("");
+        let progress = v["progress"].as_f64().unwrap_or(0.0);
+        if !t.json {
+            let width = 30;
+            let filled = (progress * width as f64).round() as usize;
+            eprint!(
+                "\rexperiment {id} [{}{}] {:>5.1}% {state:<10}",
+                "#".repeat(filled.min(width)),
+                ".".repeat(width - filled.min(width)),
+                progress * 100.0
+            );
+        }
+        if matches!(state, "Completed" | "Canceled" | "Errored") {
+            if !t.json {
+                eprintln!();
+            }
+            print(t, &v, |v| {
+                println!(
+                    "experiment {id}: {state}, best {} {}",
+                    v["searcher_metric"], v["best_metric"]
+                )
+            });
+            return if state == "Completed" {
+                Ok(())
+            } else {
+                Err(Failure::User(format!("experiment {id} ended {state}")))
+            };
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs `resolute experiment ...`.
+pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCode> {
+    let r = (|| -> Result<(), Failure> {
+        match cmd {
+            ExperimentCommand::Create {
+                file,
+                dir,
+                overrides,
+                follow,
+            } => {
+                let config = std::fs::read_to_string(file)
+                    .map_err(|e| Failure::User(format!("{}: {e}", file.display())))?;
+                // Errors with the file's own name and lines, before anything is sent.
+                resolute_types::config::parse_str(&file.display().to_string(), &config, overrides)
+                    .map_err(|e| Failure::User(e.to_string()))?;
+                let model_digest = match dir {
+                    Some(d) => upload_dir(t, d)?,
+                    None => String::new(),
+                };
+                let v = call(
+                    t,
+                    "POST",
+                    "/experiments",
+                    Some(
+                        json!({"config": config, "overrides": overrides, "model_digest": model_digest,
+                        "owner": std::env::var("USER").unwrap_or_default()}),
+                    ),
+                )?;
+                let id = v["id"].as_u64().unwrap_or(0);
+                print(t, &v, |_| println!("created experiment {id}"));
+                if *follow {
+                    wait(t, id)?;
+                }
+                Ok(())
+            }
+            ExperimentCommand::List => {
+                let v = call(t, "GET", "/experiments", None)?;
+                print(t, &v, |v| {
+                    println!(
+                        "{:>4}  {:<24} {:<10} {:>8}  best",
+                        "id", "name", "state", "progress"
+                    );
+                    for e in v.as_array().into_iter().flatten() {
+                        println!(
+                            "{:>4}  {:<24} {:<10} {:>7.1}%  {}",
+                            e["id"],
+                            e["name"].as_str().unwrap_or(""),
+                            e["state"].as_str().unwrap_or(""),
+                            e["progress"].as_f64().unwrap_or(0.0) * 100.0,
+                            e["best_metric"]
+                        );
+                    }
+                });
+                Ok(())
+            }
+            ExperimentCommand::Describe { id } => {
+                let v = call(t, "GET", &format!("/experiments/{id}"), None)?;
+                print(t, &v, |v| {
+                    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+                });
+                Ok(())
+            }
+            ExperimentCommand::Trials { id } => {
+                let v = call(t, "GET", &format!("/experiments/{id}/trials"), None)?;
+                print(t, &v, |v| {
+                    for tr in v.as_array().into_iter().flatten() {
+                        println!(
+                            "trial {:>4}  {:<24} steps {:>6}  restarts {}",
+                            tr["id"],
+                            tr["state"].as_str().unwrap_or(""),
+                            tr["steps_completed"],
+                            tr["restarts"]
+                        );
+                    }
+                });
+                Ok(())
+            }
+            ExperimentCommand::Pause { id }
+            | ExperimentCommand::Activate { id }
+            | ExperimentCommand::Cancel { id }
+            | ExperimentCommand::Kill { id } => {
+                let action = match cmd {
+                    ExperimentCommand::Pause { .. } => "pause",
+                    ExperimentCommand::Activate { .. } => "activate",
+                    ExperimentCommand::Cancel { .. } => "cancel",
+                    _ => "kill",
+                };
+                call(t, "POST", &format!("/experiments/{id}/{action}"), None)?;
+                Ok(())
+            }
+            ExperimentCommand::Wait { id } => wait(t, *id),
+        }
+    })();
+    finish(r)
+}
+
+/// Runs `resolute trial ...`.
+pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
+    let r = (|| -> Result<(), Failure> {
+        let (path, id) = match cmd {
+            TrialCommand::Describe { id } => (format!("/trials/{id}"), id),
+            TrialCommand::Metrics { id } => (format!("/trials/{id}/metrics"), id),
+            TrialCommand::Logs { id } => (format!("/trials/{id}/logs"), id),
+        };
+        let _ = id;
+        let v = call(t, "GET", &path, None)?;
+        print(t, &v, |v| match cmd {
+            TrialCommand::Logs { .. } => {
+                for l in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{} {}",
+                        l["stream"].as_str().unwrap_or(""),
+                        l["line"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        });
+        Ok(())
+    })();
+    finish(r)
+}
+
+/// Runs `resolute cluster status`.
+pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
+    let r = call(t, "GET", "/cluster", None).map(|v| {
+        print(t, &v, |v| {
+            println!(
+                "leader {}  queue {}  applied {}",
+                v["leader"], v["queue"], v["applied"]
+            );
+            for n in v["nodes"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} {:<8} site {:<10} slots {}/{} {}",
+                    n["id"].as_str().unwrap_or(""),
+                    n["state"].as_str().unwrap_or(""),
+                    n["site"].as_str().unwrap_or(""),
+                    n["slots_used"],
+                    n["slots"],
+                    if n["voter"] == json!(true) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                );
+            }
+        })
+    });
+    finish(r)
+}
+
+/// Runs `resolute node drain ID`.
+pub fn node_drain(t: &Target, id: &str) -> anyhow::Result<ExitCode> {
+    finish(call(t, "POST", &format!("/nodes/{id}/drain"), None).map(|_| ()))
+}

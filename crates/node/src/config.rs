@@ -1,0 +1,194 @@
+//! A node's config file (`config/*.toml`): every key documented in the shipped
+//! examples, unknown keys refused with the file, line and column.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A node's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Where the log, blobs, identity and trial files live.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Site (data centre, region): voters spread across sites.
+    #[serde(default = "default_site")]
+    pub site: String,
+    /// Slots offered when no NVIDIA GPU is found (or `gpus = "none"`).
+    #[serde(default = "one")]
+    pub cpu_slots: u32,
+    /// `auto` (NVML discovery) or `none` (CPU slots only).
+    #[serde(default = "auto")]
+    pub gpus: String,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The resource pool this node serves, and the pool's settings.
+    #[serde(default)]
+    pub pool: Pool,
+    /// Networking.
+    #[serde(default)]
+    pub net: Net,
+    /// The REST API.
+    #[serde(default)]
+    pub api: Api,
+    /// Timing.
+    #[serde(default)]
+    pub node: Timing,
+}
+
+fn default_site() -> String {
+    "local".into()
+}
+fn one() -> u32 {
+    1
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+/// The `[pool]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Pool name ("" is the default pool).
+    pub name: String,
+    /// Spot/preemptible capacity (burst).
+    pub preemptible: bool,
+    /// What a slot costs per hour (> 0 makes it burst capacity).
+    pub cost_per_slot_hour: f64,
+    /// `fair_share` or `priority`.
+    pub policy: String,
+    /// With `priority`: preempt lower priorities.
+    pub preemption: bool,
+    /// Seconds a trial waits for owned capacity before it may burst.
+    pub burst_after_s: u64,
+    /// Seconds after its start during which a trial is not preempted.
+    pub min_runtime_s: u64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        let d = resolute_core::placement::PoolSettings::default();
+        Pool {
+            name: String::new(),
+            preemptible: false,
+            cost_per_slot_hour: 0.0,
+            policy: "fair_share".into(),
+            preemption: false,
+            burst_after_s: d.burst_after_s,
+            min_runtime_s: d.min_runtime_s,
+        }
+    }
+}
+
+/// The `[net]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Net {
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Peers to join through (multiaddrs); `--join` adds more.
+    pub bootstrap: Vec<String>,
+    /// The cluster's name (its gossip topic).
+    pub cluster: String,
+    /// 64 hex characters: a pre-shared key that keeps strangers out.
+    pub cluster_key: Option<String>,
+    /// Discover peers on the LAN.
+    pub mdns: bool,
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Net {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            bootstrap: Vec::new(),
+            cluster: "resolute".into(),
+            cluster_key: None,
+            mdns: false,
+        }
+    }
+}
+
+/// The `[api]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Address of the REST API (`127.0.0.1:0` picks a port).
+    pub listen: String,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// The `[node]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    /// Raft tick, in milliseconds.
+    pub tick_ms: u64,
+    /// A node silent this long is declared lost.
+    pub lease_timeout_ms: u64,
+    /// Voters in the Raft group.
+    pub voters: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            tick_ms: 100,
+            lease_timeout_ms: resolute_core::node::LEASE_TIMEOUT_DEFAULT_MS,
+            voters: 3,
+        }
+    }
+}
+
+/// Reads and checks a config file; errors name the file and line.
+pub fn load(path: &Path) -> Result<NodeFile, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// Parses config text (`name` is used in errors).
+pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
+    let f: NodeFile = toml::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+    let bad = |m: String| Err(format!("{name}: {m}"));
+    if f.cpu_slots == 0 || f.cpu_slots > 1024 {
+        return bad("cpu_slots must be between 1 and 1024".into());
+    }
+    if f.gpus != "auto" && f.gpus != "none" {
+        return bad(format!(
+            "gpus must be \"auto\" or \"none\", not {:?}",
+            f.gpus
+        ));
+    }
+    if f.pool.policy != "fair_share" && f.pool.policy != "priority" {
+        return bad(format!(
+            "pool.policy must be \"fair_share\" or \"priority\", not {:?}",
+            f.pool.policy
+        ));
+    }
+    if !(f.pool.cost_per_slot_hour >= 0.0 && f.pool.cost_per_slot_hour.is_finite()) {
+        return bad("pool.cost_per_slot_hour must not be negative".into());
+    }
+    if let Some(k) = &f.net.cluster_key {
+        resolute_net::config::parse_cluster_key(k).map_err(|e| format!("{name}: net.{e}"))?;
+    }
+    if !(1..=7).contains(&f.node.voters) {
+        return bad("node.voters must be between 1 and 7".into());
+    }
+    if f.node.tick_ms == 0 || f.node.lease_timeout_ms < 5 * f.node.tick_ms {
+        return bad(
+            "node.tick_ms must be positive and node.lease_timeout_ms at least 5 ticks".into(),
+        );
+    }
+    Ok(f)
+}

@@ -1,0 +1,889 @@
+//! The node daemon's event loop: one task owns `core::Node` and carries out its
+//! outputs against the durable store (fsync before `Persisted`), the swarm
+//! (`crates/net`) and the trial service (`crates/trial`); network events, trial
+//! events, API requests and ticks are its inputs. Blob fetches and trial launches
+//! run as their own tasks and report back through the same loop.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use tokio::sync::{mpsc, oneshot};
+
+use resolute_core::command::{Command, MetricRecord};
+use resolute_core::node::{Effect, NodeError};
+use resolute_core::state::{Signal, TrialState};
+use resolute_core::{Input, Node, NodeConfig, NodeId, NodeInfo, Output, ProposalId, Reply};
+use resolute_net::{NetConfig, NetEvent, NetHandle};
+use resolute_storage::{DurableStore, LogStore};
+use resolute_trial::{Launch, ServiceConfig, TrialEvent, TrialService};
+
+use crate::config::NodeFile;
+
+/// Delay before a proposal that found no leader (or timed out) is retried with
+/// the same id (so it applies at most once).
+const PROPOSAL_RETRY_MS: u64 = 300;
+/// Copies of each trial's latest checkpoint kept on distinct nodes.
+pub const CHECKPOINT_REPLICAS: usize = 2;
+/// Ticks between this node's gossiped records.
+const ANNOUNCE_EVERY_TICKS: u64 = 10;
+/// How long a gossiped record is believed.
+const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
+/// Depth of the channel from the API and helper tasks to the loop.
+const LOOP_CHANNEL_DEPTH: usize = 1024;
+
+/// What the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The parsed config file.
+    pub config: NodeFile,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Peers to join through.
+    pub join: Vec<Multiaddr>,
+}
+
+/// A request from the REST API (answered on its oneshot).
+pub enum ApiCall {
+    /// Propose a command; the reply when applied (or why not).
+    Propose {
+        /// What to apply.
+        command: Command,
+        /// The answer.
+        reply: oneshot::Sender<Result<Reply, NodeError>>,
+    },
+    /// Read the state: the closure runs on the loop with the node.
+    Read {
+        /// Builds the answer.
+        read: Box<dyn FnOnce(&Node, &Local) -> serde_json::Value + Send>,
+        /// The answer.
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// What only this node knows (its trials' logs, its identity, its API address).
+pub struct Local {
+    /// The trial service (logs of trials that ran here).
+    pub trials: TrialService,
+    /// This node's id.
+    pub node: NodeId,
+    /// Where the REST API listens.
+    pub api: String,
+    /// Its multiaddrs.
+    pub listen: Vec<Multiaddr>,
+}
+
+/// Messages to the loop from helper tasks.
+enum Internal {
+    Launched {
+        trial: u64,
+        incarnation: u64,
+    },
+    LaunchFailed {
+        trial: u64,
+        incarnation: u64,
+        reason: String,
+    },
+    Replicated {
+        uuid: String,
+    },
+    ReplicationFailed {
+        uuid: String,
+    },
+}
+
+/// The running node.
+pub struct Daemon {
+    node: Node,
+    store: DurableStore,
+    net: NetHandle,
+    net_events: mpsc::Receiver<NetEvent>,
+    trials: TrialService,
+    trial_events: mpsc::Receiver<TrialEvent>,
+    api: mpsc::Receiver<ApiCall>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal: mpsc::Receiver<Internal>,
+    local: Local,
+    tick_ms: u64,
+    /// API proposals waiting for their reply.
+    waiting: BTreeMap<ProposalId, oneshot::Sender<Result<Reply, NodeError>>>,
+    /// Own proposals (trial reports) retried until applied.
+    own: BTreeMap<ProposalId, (Command, Option<tokio::time::Instant>)>,
+    next_proposal: u128,
+    connected: BTreeSet<NodeId>,
+    members: Vec<NodeId>,
+    /// Join targets until this node is a member.
+    joining: bool,
+    metrics: Vec<MetricRecord>,
+    replicating: BTreeSet<String>,
+    gpus: Vec<String>,
+    /// Slots handed to running incarnations: (trial, incarnation) -> slot indices.
+    slots_in_use: BTreeMap<(u64, u64), Vec<usize>>,
+    slot_count: u32,
+    ticks: u64,
+    announce_seq: u64,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Storage, network or trial service setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Setup(e.to_string())
+}
+
+/// A random 128-bit start for this process's proposal ids (so ids from different
+/// runs of the same node never collide).
+fn proposal_base() -> u128 {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u128::from_le_bytes(b) & !(1u128 << 127)
+}
+
+impl Daemon {
+    /// Opens the data dir, starts the swarm, the trial service and the node.
+    pub async fn start(
+        opts: Options,
+        api: mpsc::Receiver<ApiCall>,
+        api_addr: String,
+    ) -> Result<Daemon, DaemonError> {
+        let c = &opts.config;
+        std::fs::create_dir_all(&opts.data_dir).map_err(setup)?;
+        let (store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(setup)?;
+        let listen = c
+            .net
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse::<Multiaddr>()
+                    .map_err(|e| setup(format!("net.listen {a}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut net_config = NetConfig::new(opts.data_dir.clone(), listen[0].clone());
+        net_config.listen = listen;
+        net_config.cluster = c.net.cluster.clone();
+        net_config.mdns = c.net.mdns;
+        net_config.cluster_key = c
+            .net
+            .cluster_key
+            .as_deref()
+            .map(resolute_net::config::parse_cluster_key)
+            .transpose()
+            .map_err(setup)?;
+        let mut join = opts.join.clone();
+        for b in &c.net.bootstrap {
+            join.push(
+                b.parse()
+                    .map_err(|e| setup(format!("net.bootstrap {b}: {e}")))?,
+            );
+        }
+        let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(setup)?;
+        let (trials, trial_events) = TrialService::start(ServiceConfig {
+            work_root: opts.data_dir.join("trials"),
+            data_dir: opts.data_dir.clone(),
+            kill_grace_ms: resolute_trial::KILL_GRACE_DEFAULT_MS,
+        })
+        .await
+        .map_err(setup)?;
+        let gpus: Vec<String> = if c.gpus == "auto" {
+            resolute_trial::gpu::discover(true)
+                .usable()
+                .map(|g| g.uuid.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let slot_count = if gpus.is_empty() {
+            c.cpu_slots
+        } else {
+            gpus.len() as u32
+        };
+        let settings = resolute_core::placement::PoolSettings {
+            policy: if c.pool.policy == "priority" {
+                resolute_core::placement::Policy::Priority {
+                    preemption: c.pool.preemption,
+                }
+            } else {
+                resolute_core::placement::Policy::FairShare
+            },
+            burst_after_s: c.pool.burst_after_s,
+            min_runtime_s: c.pool.min_runtime_s,
+            team_weights: BTreeMap::new(),
+        };
+        let info = NodeInfo {
+            site: c.site.clone(),
+            slots: slot_count,
+            pool: c.pool.name.clone(),
+            preemptible: c.pool.preemptible,
+            cost_per_slot_hour_micros: (c.pool.cost_per_slot_hour * 1e6).round() as u64,
+            pool_settings: Some(settings),
+            labels: c.labels.clone(),
+        };
+        let mut cfg = NodeConfig::new(net.node_id, info);
+        cfg.tick_ms = c.node.tick_ms;
+        cfg.lease_timeout_ms = c.node.lease_timeout_ms;
+        cfg.voters = c.node.voters;
+        let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
+        let bootstrap = fresh && join.is_empty();
+        let (node, first) = Node::new(cfg, &recovered, bootstrap).map_err(setup)?;
+        for addr in &join {
+            // A peer may not be up yet; the join is retried below.
+            let _ = net.dial(addr.clone()).await;
+        }
+        let info = net.info().await.map_err(setup)?;
+        let (internal_tx, internal) = mpsc::channel(LOOP_CHANNEL_DEPTH);
+        let node_id = net.node_id;
+        let mut d = Daemon {
+            node,
+            store,
+            net,
+            net_events,
+            trials: trials.clone(),
+            trial_events,
+            api,
+            internal_tx,
+            internal,
+            local: Local {
+                node: node_id,
+                trials,
+                api: api_addr,
+                listen: info.listen,
+            },
+            tick_ms: c.node.tick_ms,
+            waiting: BTreeMap::new(),
+            own: BTreeMap::new(),
+            next_proposal: proposal_base(),
+            connected: BTreeSet::new(),
+            members: Vec::new(),
+            joining: fresh && !bootstrap,
+            metrics: Vec::new(),
+            replicating: BTreeSet::new(),
+            gpus,
+            slots_in_use: BTreeMap::new(),
+            slot_count,
+            ticks: 0,
+            announce_seq: 0,
+        };
+        d.carry_out(first);
+        Ok(d)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.net.node_id
+    }
+
+    /// Its listen addresses.
+    pub fn listen(&self) -> &[Multiaddr] {
+        &self.local.listen
+    }
+
+    fn now(&self) -> u64 {
+        // The leader stamps entries with this clock: wall time in milliseconds.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn step(&mut self, input: Input) {
+        let now = self.now();
+        let outs = self.node.step(now, input);
+        self.carry_out(outs);
+    }
+
+    fn carry_out(&mut self, outs: Vec<Output>) {
+        let mut work: VecDeque<Output> = outs.into();
+        while let Some(out) = work.pop_front() {
+            match out {
+                Output::Send { to, msg } => {
+                    self.net.send_nowait(to, msg);
+                }
+                Output::Persist {
+                    seq,
+                    snapshot,
+                    entries,
+                    hard_state,
+                } => {
+                    // A write that fails leaves the node unable to keep its promises:
+                    // stop rather than acknowledge what is not durable.
+                    let result = (|| {
+                        if let Some(s) = &snapshot {
+                            self.store
+                                .install_snapshot(s, &hard_state.unwrap_or_default())?;
+                        }
+                        self.store.append(&entries, hard_state.as_ref())?;
+                        self.store.sync()
+                    })();
+                    if let Err(e) = result {
+                        eprintln!("fatal: the log store failed: {e}");
+                        std::process::exit(3);
+                    }
+                    if seq > 0 {
+                        let now = self.now();
+                        work.extend(self.node.step(now, Input::Persisted { seq }));
+                    }
+                }
+                Output::Reply { id, result } => self.on_reply(id, result),
+                Output::Effect(e) => self.on_effect(e),
+            }
+        }
+    }
+
+    fn on_reply(&mut self, id: ProposalId, result: Result<Reply, NodeError>) {
+        if let Some(reply) = self.waiting.remove(&id) {
+            let _ = reply.send(result);
+            return;
+        }
+        if let Some((_, retry)) = self.own.get_mut(&id) {
+            match result {
+                Ok(_) => {
+                    self.own.remove(&id);
+                }
+                Err(_) => {
+                    *retry = Some(
+                        tokio::time::Instant::now() + Duration::from_millis(PROPOSAL_RETRY_MS),
+                    );
+                }
+            }
+        }
+    }
+
+    fn propose_own(&mut self, command: Command) {
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        let id = ProposalId(self.next_proposal);
+        self.own.insert(id, (command.clone(), None));
+        self.step(Input::Propose { id, command });
+    }
+
+    fn retry_own(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(ProposalId, Command)> = self
+            .own
+            .iter()
+            .filter(|(_, (_, r))| r.is_some_and(|t| t <= now))
+            .map(|(id, (c, _))| (*id, c.clone()))
+            .collect();
+        for (id, command) in due {
+            if let Some(e) = self.own.get_mut(&id) {
+                e.1 = None;
+            }
+            self.step(Input::Propose { id, command });
+        }
+    }
+
+    fn on_effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::StartTrial {
+                trial,
+                incarnation,
+                experiment,
+                hparams,
+                seed,
+                slots,
+                node_rank,
+                layout,
+                target,
+                latest_checkpoint,
+            } => self.start_trial(
+                trial,
+                incarnation,
+                experiment,
+                hparams,
+                seed,
+                slots,
+                node_rank,
+                &layout,
+                target,
+                latest_checkpoint,
+            ),
+            Effect::SignalTrial {
+                trial,
+                incarnation,
+                signal,
+            } => match signal {
+                Signal::Stop | Signal::Pause => {
+                    let timeout_ms = self
+                        .node
+                        .state()
+                        .trials
+                        .get(&trial)
+                        .map_or(3_600_000, |t| t.preemption_timeout_s * 1000);
+                    self.trials.stop(trial, incarnation, timeout_ms);
+                }
+                Signal::Kill => self.trials.kill(trial, incarnation),
+                Signal::Target(_) => {}
+            },
+            Effect::StopAllTrials => self.trials.kill_all(),
+            Effect::Reconcile { keep } => {
+                let keep: BTreeSet<(u64, u64)> = keep.into_iter().collect();
+                let stale: Vec<(u64, u64)> = self
+                    .slots_in_use
+                    .keys()
+                    .filter(|k| !keep.contains(k))
+                    .copied()
+                    .collect();
+                for (t, i) in stale {
+                    self.trials.kill(t, i);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_trial(
+        &mut self,
+        trial: u64,
+        incarnation: u64,
+        experiment: u64,
+        hparams: resolute_types::Value,
+        seed: u32,
+        slots: u32,
+        node_rank: usize,
+        layout: &[(NodeId, u32)],
+        target: Option<u64>,
+        latest_checkpoint: Option<String>,
+    ) {
+        if self.slots_in_use.contains_key(&(trial, incarnation)) {
+            return;
+        }
+        let state = self.node.state();
+        let Some(exp) = state.experiments.get(&experiment) else {
+            return;
+        };
+        let Some(config) = exp.config() else { return };
+        let entrypoint = match &config.entrypoint {
+            Some(resolute_types::config::Entrypoint::Command(c)) => c.clone(),
+            Some(resolute_types::config::Entrypoint::Args(a)) => a.join(" "),
+            None => String::new(),
+        };
+        // Slots: GPU uuids when this node has GPUs.
+        let used: BTreeSet<usize> = self.slots_in_use.values().flatten().copied().collect();
+        let mine: Vec<usize> = (0..self.slot_count as usize)
+            .filter(|s| !used.contains(s))
+            .take(slots as usize)
+            .collect();
+        let gpus: Vec<String> = mine
+            .iter()
+            .filter_map(|s| self.gpus.get(*s).cloned())
+            .collect();
+        self.slots_in_use.insert((trial, incarnation), mine);
+        let vars = if self.gpus.is_empty() {
+            &config.environment.environment_variables.cpu
+        } else {
+            &config.environment.environment_variables.cuda
+        };
+        let env: BTreeMap<String, String> = vars
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let distributed = (layout.len() > 1).then(|| resolute_trial::Distributed {
+            rank: layout[..node_rank].iter().map(|(_, s)| *s).sum(),
+            world_size: layout.iter().map(|(_, s)| *s).sum(),
+            local_world_size: slots,
+            group_rank: node_rank as u32,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29_500,
+        });
+        let time_metric = config
+            .searcher
+            .method
+            .budget()
+            .map_or("batches".to_string(), |b| b.time_metric);
+        let model_digest = (!exp.model_digest.is_empty()).then(|| exp.model_digest.clone());
+        let members: Vec<NodeId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|n| *n != self.id())
+            .collect();
+        let checkpoint_holders: Vec<NodeId> = latest_checkpoint
+            .as_ref()
+            .and_then(|c| state.checkpoints.get(c))
+            .map(|c| {
+                c.holders
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.id())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let launch = Launch {
+            trial,
+            incarnation,
+            experiment,
+            entrypoint,
+            model_dir: None,
+            model_digest: model_digest.clone(),
+            hparams: serde_json::to_value(&hparams).unwrap_or_default(),
+            seed,
+            latest_checkpoint: latest_checkpoint.clone(),
+            target,
+            time_metric,
+            gpus,
+            distributed,
+            env,
+        };
+        let (net, trials, tx) = (
+            self.net.clone(),
+            self.trials.clone(),
+            self.internal_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let store = trials.store().clone();
+            // Fetch what is missing first: nothing unverified reaches the trial.
+            if let Some(d) = &model_digest {
+                if !store.has(d) {
+                    if let Err(e) = net.fetch(d, members.clone()).await {
+                        let _ = tx
+                            .send(Internal::LaunchFailed {
+                                trial,
+                                incarnation,
+                                reason: format!("model directory: {e}"),
+                            })
+                            .await;
+                        return;
+                    }
+                }
+            }
+            if let Some(c) = &latest_checkpoint {
+                if !store.has(c) {
+                    if let Err(e) = net.fetch(c, checkpoint_holders).await {
+                        let _ = tx
+                            .send(Internal::LaunchFailed {
+                                trial,
+                                incarnation,
+                                reason: format!("checkpoint: {e}"),
+                            })
+                            .await;
+                        return;
+                    }
+                }
+            }
+            let msg = match trials.launch(launch).await {
+                Ok(()) => Internal::Launched { trial, incarnation },
+                Err(e) => Internal::LaunchFailed {
+                    trial,
+                    incarnation,
+                    reason: e.to_string(),
+                },
+            };
+            let _ = tx.send(msg).await;
+        });
+    }
+
+    fn on_internal(&mut self, m: Internal) {
+        match m {
+            Internal::Launched { trial, incarnation } => {
+                self.propose_own(Command::TrialStarted { trial, incarnation });
+            }
+            Internal::LaunchFailed {
+                trial,
+                incarnation,
+                reason,
+            } => {
+                eprintln!("trial {trial} incarnation {incarnation}: could not start: {reason}");
+                self.slots_in_use.remove(&(trial, incarnation));
+                self.propose_own(Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome: resolute_core::command::TrialOutcome::Errored {
+                        message: reason,
+                        exit_code: None,
+                    },
+                });
+            }
+            Internal::Replicated { uuid } => {
+                let holder = self.id();
+                self.propose_own(Command::CheckpointReplicated { uuid, holder });
+            }
+            Internal::ReplicationFailed { uuid } => {
+                self.replicating.remove(&uuid);
+            }
+        }
+    }
+
+    fn on_trial_event(&mut self, e: TrialEvent) {
+        match e {
+            TrialEvent::Metrics {
+                trial,
+                incarnation,
+                kind,
+                steps_completed,
+                metrics,
+            } => self.metrics.push(MetricRecord {
+                trial,
+                incarnation,
+                kind,
+                steps_completed,
+                metrics,
+            }),
+            TrialEvent::CheckpointSaved {
+                trial,
+                incarnation,
+                uuid,
+                steps_completed,
+                size,
+                ..
+            } => {
+                self.flush_metrics();
+                let holder = self.id();
+                self.propose_own(Command::CheckpointSaved {
+                    uuid: uuid.clone(),
+                    trial,
+                    incarnation,
+                    steps_completed,
+                    size,
+                    digest: uuid,
+                    holder,
+                });
+            }
+            TrialEvent::Exited {
+                trial,
+                incarnation,
+                outcome,
+                ..
+            } => {
+                if let resolute_core::command::TrialOutcome::Errored { message, exit_code } =
+                    &outcome
+                {
+                    eprintln!(
+                        "trial {trial} incarnation {incarnation} failed ({exit_code:?}): {message}"
+                    );
+                }
+                self.flush_metrics();
+                self.slots_in_use.remove(&(trial, incarnation));
+                self.propose_own(Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome,
+                });
+            }
+            TrialEvent::Progress { .. }
+            | TrialEvent::EarlyExit { .. }
+            | TrialEvent::PreemptAcked { .. } => {}
+        }
+    }
+
+    fn flush_metrics(&mut self) {
+        if !self.metrics.is_empty() {
+            let records = std::mem::take(&mut self.metrics);
+            self.propose_own(Command::Metrics { records });
+        }
+    }
+
+    /// Keeps `CHECKPOINT_REPLICAS` copies of every live trial's latest checkpoint:
+    /// the chosen nodes (a hash of the checkpoint and the node id, lowest first,
+    /// so every node agrees without talking) fetch it and record their copy.
+    fn replicate_checkpoints(&mut self) {
+        let me = self.id();
+        let state = self.node.state();
+        let mut wanted = Vec::new();
+        for id in state.live_trials() {
+            let Some(uuid) = state
+                .trials
+                .get(id)
+                .and_then(|t| t.latest_checkpoint.clone())
+            else {
+                continue;
+            };
+            let Some(ck) = state.checkpoints.get(&uuid) else {
+                continue;
+            };
+            if ck.holders.len() >= CHECKPOINT_REPLICAS
+                || ck.holders.contains(&me)
+                || self.replicating.contains(&uuid)
+            {
+                continue;
+            }
+            let mut candidates: Vec<(u64, NodeId)> = self
+                .members
+                .iter()
+                .filter(|n| !ck.holders.contains(n))
+                .map(|n| {
+                    let h = blake3::hash(format!("{uuid}/{n}").as_bytes());
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&h.as_bytes()[..8]);
+                    (u64::from_le_bytes(b), *n)
+                })
+                .collect();
+            candidates.sort_unstable();
+            let need = CHECKPOINT_REPLICAS - ck.holders.len();
+            if candidates.iter().take(need).any(|(_, n)| *n == me) {
+                wanted.push((uuid, ck.holders.iter().copied().collect::<Vec<_>>()));
+            }
+        }
+        for (uuid, holders) in wanted {
+            self.replicating.insert(uuid.clone());
+            let (net, tx) = (self.net.clone(), self.internal_tx.clone());
+            tokio::spawn(async move {
+                let msg = match net.fetch(&uuid, holders).await {
+                    Ok(_) => Internal::Replicated { uuid },
+                    Err(_) => Internal::ReplicationFailed { uuid },
+                };
+                let _ = tx.send(msg).await;
+            });
+        }
+    }
+
+    fn on_net(&mut self, e: NetEvent) {
+        match e {
+            NetEvent::Message { from, msg } => self.step(Input::Peer { from, msg }),
+            NetEvent::Connected(n) => {
+                self.connected.insert(n);
+                if self.joining {
+                    self.step(Input::Join { via: n });
+                }
+            }
+            NetEvent::Disconnected(n) => {
+                self.connected.remove(&n);
+            }
+            NetEvent::Announcement(_) => {}
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        self.step(Input::Tick);
+        // Every connected peer is alive (a lost connection stops the heartbeat).
+        let peers: Vec<NodeId> = self.connected.iter().copied().collect();
+        for n in peers {
+            self.step(Input::Heartbeat { node: n });
+        }
+        self.flush_metrics();
+        self.retry_own();
+        let (v, l) = self.node.membership();
+        let mut members = [v, l].concat();
+        members.sort_unstable();
+        if members != self.members && !members.is_empty() {
+            self.members = members.clone();
+            let _ = self.net.set_members(members.clone()).await;
+        }
+        if self.joining && members.contains(&self.id()) {
+            self.joining = false;
+        }
+        if self.joining && self.node.applied() == 0 {
+            // Ask again through anyone connected (the first try may have raced).
+            let via = self.connected.iter().next().copied();
+            if let Some(via) = via {
+                if self.node.applied() == 0 && (self.now() / 1000) % 3 == 0 {
+                    self.step(Input::Join { via });
+                }
+            }
+        }
+        self.replicate_checkpoints();
+        self.ticks += 1;
+        if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
+            self.announce().await;
+        }
+    }
+
+    /// Gossips this node's record: how to reach it, its slots, what it holds.
+    async fn announce(&mut self) {
+        self.announce_seq += 1;
+        let used: u32 = self.slots_in_use.values().map(|s| s.len() as u32).sum();
+        let mut blobs = self.trials.store().list();
+        blobs.truncate(resolute_net::gossip::ANNOUNCED_BLOBS_MAX);
+        let a = resolute_net::Announcement {
+            node: self.id(),
+            seq: self.announce_seq,
+            ttl_ms: ANNOUNCEMENT_TTL_MS,
+            addrs: self.local.listen.iter().map(|a| a.to_string()).collect(),
+            slots_total: self.slot_count,
+            slots_free: self.slot_count.saturating_sub(used),
+            gpus: Vec::new(),
+            labels: BTreeMap::new(),
+            blobs,
+        };
+        let _ = self.net.publish(a).await;
+    }
+
+    fn on_api(&mut self, call: ApiCall) {
+        match call {
+            ApiCall::Propose { command, reply } => {
+                self.next_proposal = self.next_proposal.wrapping_add(1);
+                let id = ProposalId(self.next_proposal);
+                self.waiting.insert(id, reply);
+                self.step(Input::Propose { id, command });
+            }
+            ApiCall::Read { read, reply } => {
+                let _ = reply.send(read(&self.node, &self.local));
+            }
+        }
+    }
+
+    /// Runs until `stop` resolves: then drains (trials checkpoint and stop),
+    /// leaves the group and returns.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.node_tick_ms().max(10)));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
+                Some(e) = self.net_events.recv() => self.on_net(e),
+                Some(e) = self.trial_events.recv() => self.on_trial_event(e),
+                Some(m) = self.internal.recv() => self.on_internal(m),
+                Some(c) = self.api.recv() => self.on_api(c),
+                _ = &mut stop => break,
+            }
+        }
+        self.leave().await;
+    }
+
+    fn node_tick_ms(&self) -> u64 {
+        self.tick_ms
+    }
+
+    /// Graceful stop: ask for no new work, let local trials checkpoint and stop,
+    /// then leave the Raft group.
+    async fn leave(&mut self) {
+        let me = self.id();
+        self.propose_own(Command::NodeDraining { node: me });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
+                Some(e) = self.net_events.recv() => self.on_net(e),
+                Some(e) = self.trial_events.recv() => self.on_trial_event(e),
+                Some(m) = self.internal.recv() => self.on_internal(m),
+            }
+            let busy = self
+                .node
+                .state()
+                .trials
+                .values()
+                .any(|t| t.is_placed_on(me) && !matches!(t.state, TrialState::Done(_)));
+            if !busy && self.slots_in_use.is_empty() && self.own.is_empty() {
+                break;
+            }
+        }
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        let id = ProposalId(self.next_proposal);
+        self.step(Input::Leave { id });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
+                Some(e) = self.net_events.recv() => self.on_net(e),
+            }
+            if !self.node.membership().0.contains(&me) && !self.node.membership().1.contains(&me) {
+                break;
+            }
+        }
+        self.trials.kill_all();
+        self.net.shutdown().await;
+    }
+}
+
+/// Where the daemon keeps everything, made absolute.
+pub fn data_dir(config: &NodeFile, flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| config.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("resolute-data"))
+}
