@@ -1133,6 +1133,7 @@ impl ClusterState {
         }
         let decision = placement::place(self);
         for (trial, layout) in decision.assign {
+            self.fall_back_to_a_reachable_checkpoint(trial);
             let Some(t) = self.trials.get_mut(&trial) else {
                 continue;
             };
@@ -1163,6 +1164,39 @@ impl ClusterState {
                     signal_trial(trial, t, Signal::Stop, now, changes);
                 }
             }
+        }
+    }
+
+    /// A trial about to start resumes from its newest checkpoint that a member
+    /// not known to be lost still holds: the newest may have been only on a node
+    /// that died before another copied it. (With none left, it starts over.)
+    fn fall_back_to_a_reachable_checkpoint(&mut self, trial: TrialId) {
+        let Some(latest) = self
+            .trials
+            .get(&trial)
+            .and_then(|t| t.latest_checkpoint.clone())
+        else {
+            return;
+        };
+        let reachable = |c: &Checkpoint| {
+            c.holders.iter().any(|h| {
+                self.nodes
+                    .get(h)
+                    .is_some_and(|n| n.state != NodeState::Lost)
+            })
+        };
+        if self.checkpoints.get(&latest).is_some_and(reachable) {
+            return;
+        }
+        // Rare (a holder died): scanning the checkpoints is fine here.
+        let best = self
+            .checkpoints
+            .iter()
+            .filter(|(_, c)| c.trial == trial && reachable(c))
+            .max_by_key(|(uuid, c)| (c.steps_completed, (*uuid).clone()))
+            .map(|(uuid, _)| uuid.clone());
+        if let Some(t) = self.trials.get_mut(&trial) {
+            t.latest_checkpoint = best;
         }
     }
 

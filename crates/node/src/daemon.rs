@@ -26,6 +26,12 @@ use crate::config::NodeFile;
 const PROPOSAL_RETRY_MS: u64 = 300;
 /// Copies of each trial's latest checkpoint kept on distinct nodes.
 pub const CHECKPOINT_REPLICAS: usize = 2;
+/// Where a node keeps its peers' addresses.
+const PEERS_FILE: &str = "peers.json";
+/// Tries at fetching a blob before a launch gives up.
+const FETCH_ATTEMPTS: u64 = 8;
+/// Pause after the first failed fetch (growing linearly).
+const FETCH_RETRY_MS: u64 = 500;
 /// Ticks between this node's gossiped records.
 const ANNOUNCE_EVERY_TICKS: u64 = 10;
 /// How long a gossiped record is believed.
@@ -44,6 +50,9 @@ pub struct Options {
     pub join: Vec<Multiaddr>,
 }
 
+/// A read of the node's state, run on the loop.
+pub type ReadFn = Box<dyn FnOnce(&Node, &Local) -> serde_json::Value + Send>;
+
 /// A request from the REST API (answered on its oneshot).
 pub enum ApiCall {
     /// Propose a command; the reply when applied (or why not).
@@ -56,7 +65,7 @@ pub enum ApiCall {
     /// Read the state: the closure runs on the loop with the node.
     Read {
         /// Builds the answer.
-        read: Box<dyn FnOnce(&Node, &Local) -> serde_json::Value + Send>,
+        read: ReadFn,
         /// The answer.
         reply: oneshot::Sender<serde_json::Value>,
     },
@@ -123,6 +132,11 @@ pub struct Daemon {
     slot_count: u32,
     ticks: u64,
     announce_seq: u64,
+    /// Where each known node listens (from gossip), kept in `peers.json` so a
+    /// restarted node can find the cluster again.
+    addrs: BTreeMap<NodeId, Vec<String>>,
+    addrs_dirty: bool,
+    data_dir: PathBuf,
 }
 
 /// Why the daemon could not start.
@@ -236,6 +250,16 @@ impl Daemon {
             // A peer may not be up yet; the join is retried below.
             let _ = net.dial(addr.clone()).await;
         }
+        // Peers this node knew before a restart.
+        let known: BTreeMap<NodeId, Vec<String>> = std::fs::read(opts.data_dir.join(PEERS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for addr in known.values().flatten() {
+            if let Ok(a) = addr.parse::<Multiaddr>() {
+                let _ = net.dial(a).await;
+            }
+        }
         let info = net.info().await.map_err(setup)?;
         let (internal_tx, internal) = mpsc::channel(LOOP_CHANNEL_DEPTH);
         let node_id = net.node_id;
@@ -269,6 +293,9 @@ impl Daemon {
             slot_count,
             ticks: 0,
             announce_seq: 0,
+            addrs: BTreeMap::new(),
+            addrs_dirty: false,
+            data_dir: opts.data_dir.clone(),
         };
         d.carry_out(first);
         Ok(d)
@@ -540,7 +567,7 @@ impl Daemon {
             // Fetch what is missing first: nothing unverified reaches the trial.
             if let Some(d) = &model_digest {
                 if !store.has(d) {
-                    if let Err(e) = net.fetch(d, members.clone()).await {
+                    if let Err(e) = fetch_patiently(&net, d, &members).await {
                         let _ = tx
                             .send(Internal::LaunchFailed {
                                 trial,
@@ -554,7 +581,7 @@ impl Daemon {
             }
             if let Some(c) = &latest_checkpoint {
                 if !store.has(c) {
-                    if let Err(e) = net.fetch(c, checkpoint_holders).await {
+                    if let Err(e) = fetch_patiently(&net, c, &checkpoint_holders).await {
                         let _ = tx
                             .send(Internal::LaunchFailed {
                                 trial,
@@ -744,7 +771,12 @@ impl Daemon {
             NetEvent::Disconnected(n) => {
                 self.connected.remove(&n);
             }
-            NetEvent::Announcement(_) => {}
+            NetEvent::Announcement(a) => {
+                if self.addrs.get(&a.node) != Some(&a.addrs) {
+                    self.addrs.insert(a.node, a.addrs);
+                    self.addrs_dirty = true;
+                }
+            }
         }
     }
 
@@ -780,6 +812,35 @@ impl Daemon {
         self.ticks += 1;
         if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
             self.announce().await;
+            self.remember_and_redial().await;
+        }
+    }
+
+    /// Saves the peers' addresses, and dials members this node is not connected to.
+    async fn remember_and_redial(&mut self) {
+        if std::mem::take(&mut self.addrs_dirty) {
+            if let Ok(bytes) = serde_json::to_vec(&self.addrs) {
+                let path = self.data_dir.join(PEERS_FILE);
+                let tmp = self.data_dir.join(format!("{PEERS_FILE}.tmp"));
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        }
+        let me = self.id();
+        let missing: Vec<Multiaddr> = self
+            .members
+            .iter()
+            .filter(|n| **n != me && !self.connected.contains(n))
+            .filter_map(|n| self.addrs.get(n))
+            .flatten()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        for a in missing {
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                let _ = net.dial(a).await;
+            });
         }
     }
 
@@ -879,6 +940,25 @@ impl Daemon {
         self.trials.kill_all();
         self.net.shutdown().await;
     }
+}
+
+/// Fetches a blob, retrying for a while: a holder's address may not have reached
+/// this node by gossip yet, or a holder may be restarting. A missing blob is not
+/// the trial's fault, so it is not reported as a failure until this gives up.
+async fn fetch_patiently(
+    net: &NetHandle,
+    digest: &str,
+    holders: &[NodeId],
+) -> Result<(), resolute_net::NetError> {
+    let mut last = None;
+    for attempt in 0..FETCH_ATTEMPTS {
+        match net.fetch(digest, holders.to_vec()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(FETCH_RETRY_MS * (attempt + 1))).await;
+    }
+    Err(last.unwrap_or(resolute_net::NetError::Stopped))
 }
 
 /// Where the daemon keeps everything, made absolute.
