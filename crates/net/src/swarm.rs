@@ -298,7 +298,11 @@ impl EventLoop {
                 self.admitted.insert(node, until);
             }
             Command::Dial { addr, reply } => {
-                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                // A new local port, for the same reason as in `start_fetch`.
+                let opts = DialOpts::unknown_peer_id()
+                    .address(addr.clone())
+                    .allocate_new_port()
+                    .build();
                 let id = opts.connection_id();
                 match self.swarm.dial(opts) {
                     Ok(()) => self.dials.push((id, reply)),
@@ -614,8 +618,11 @@ impl EventLoop {
         for peer in &holders {
             let have = self.connections.get(peer).copied().unwrap_or(0);
             for _ in have..FETCH_CONNECTIONS_PER_HOLDER {
+                // A new local port: with port reuse, a second connection to the
+                // same peer would have the same address 4-tuple and reset the first.
                 let opts = DialOpts::peer_id(*peer)
                     .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                    .allocate_new_port()
                     .build();
                 let _ = self.swarm.dial(opts);
             }

@@ -615,7 +615,12 @@ impl Daemon {
                 incarnation,
                 reason,
             } => {
-                eprintln!("trial {trial} incarnation {incarnation}: could not start: {reason}");
+                eprintln!(
+                    "node {:016x}: trial {trial} incarnation {incarnation} could not start: {reason} (connected {:x?}, known addresses of {:x?})",
+                    self.id(),
+                    self.connected,
+                    self.addrs.keys().collect::<Vec<_>>()
+                );
                 self.slots_in_use.remove(&(trial, incarnation));
                 self.propose_own(Command::TrialExited {
                     trial,
