@@ -115,7 +115,7 @@ fn trials(api: &str, id: u64) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "issue 8 in progress: in debug builds, nodes that joined through the same peer often never learn each other's addresses (gossip records do not arrive), so blob fetches between them fail; run with --ignored to reproduce"]
+#[ignore = "issue 8 in progress: steps (a)-(b) pass; step (e) (the restarted node reports the leader's digest) times out in about 2 of 3 runs; run with --ignored"]
 fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = start(&dir.path().join("a"), 51, None);
