@@ -565,40 +565,30 @@ impl Daemon {
         tokio::spawn(async move {
             let store = trials.store().clone();
             // Fetch what is missing first: nothing unverified reaches the trial.
-            if let Some(d) = &model_digest {
-                if !store.has(d) {
-                    if let Err(e) = fetch_patiently(&net, d, &members).await {
-                        let _ = tx
-                            .send(Internal::LaunchFailed {
-                                trial,
-                                incarnation,
-                                reason: format!("model directory: {e}"),
-                            })
-                            .await;
-                        return;
-                    }
+            let needed = [
+                ("model directory", model_digest, members),
+                ("checkpoint", latest_checkpoint, checkpoint_holders),
+            ];
+            let mut failed = None;
+            for (what, digest, holders) in needed {
+                let Some(d) = digest.filter(|d| !store.has(d)) else {
+                    continue;
+                };
+                if let Err(e) = fetch_patiently(&net, &d, &holders).await {
+                    failed = Some(format!("{what}: {e}"));
+                    break;
                 }
             }
-            if let Some(c) = &latest_checkpoint {
-                if !store.has(c) {
-                    if let Err(e) = fetch_patiently(&net, c, &checkpoint_holders).await {
-                        let _ = tx
-                            .send(Internal::LaunchFailed {
-                                trial,
-                                incarnation,
-                                reason: format!("checkpoint: {e}"),
-                            })
-                            .await;
-                        return;
-                    }
-                }
-            }
-            let msg = match trials.launch(launch).await {
+            let msg = match failed {
+                Some(reason) => Err(reason),
+                None => trials.launch(launch).await.map_err(|e| e.to_string()),
+            };
+            let msg = match msg {
                 Ok(()) => Internal::Launched { trial, incarnation },
-                Err(e) => Internal::LaunchFailed {
+                Err(reason) => Internal::LaunchFailed {
                     trial,
                     incarnation,
-                    reason: e.to_string(),
+                    reason,
                 },
             };
             let _ = tx.send(msg).await;
@@ -711,46 +701,16 @@ impl Daemon {
     }
 
     /// Keeps `CHECKPOINT_REPLICAS` copies of every live trial's latest checkpoint:
-    /// the chosen nodes (a hash of the checkpoint and the node id, lowest first,
-    /// so every node agrees without talking) fetch it and record their copy.
+    /// the nodes the state chooses (`ClusterState::checkpoints_to_copy`) fetch it
+    /// and record their copy.
     fn replicate_checkpoints(&mut self) {
-        let me = self.id();
-        let state = self.node.state();
-        let mut wanted = Vec::new();
-        for id in state.live_trials() {
-            let Some(uuid) = state
-                .trials
-                .get(id)
-                .and_then(|t| t.latest_checkpoint.clone())
-            else {
-                continue;
-            };
-            let Some(ck) = state.checkpoints.get(&uuid) else {
-                continue;
-            };
-            if ck.holders.len() >= CHECKPOINT_REPLICAS
-                || ck.holders.contains(&me)
-                || self.replicating.contains(&uuid)
-            {
-                continue;
-            }
-            let mut candidates: Vec<(u64, NodeId)> = self
-                .members
-                .iter()
-                .filter(|n| !ck.holders.contains(n))
-                .map(|n| {
-                    let h = blake3::hash(format!("{uuid}/{n}").as_bytes());
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&h.as_bytes()[..8]);
-                    (u64::from_le_bytes(b), *n)
-                })
-                .collect();
-            candidates.sort_unstable();
-            let need = CHECKPOINT_REPLICAS - ck.holders.len();
-            if candidates.iter().take(need).any(|(_, n)| *n == me) {
-                wanted.push((uuid, ck.holders.iter().copied().collect::<Vec<_>>()));
-            }
-        }
+        let wanted: Vec<(String, Vec<NodeId>)> = self
+            .node
+            .state()
+            .checkpoints_to_copy(self.id(), &self.members, CHECKPOINT_REPLICAS)
+            .into_iter()
+            .filter(|(uuid, _)| !self.replicating.contains(uuid))
+            .collect();
         for (uuid, holders) in wanted {
             self.replicating.insert(uuid.clone());
             let (net, tx) = (self.net.clone(), self.internal_tx.clone());
@@ -886,7 +846,7 @@ impl Daemon {
     /// Runs until `stop` resolves: then drains (trials checkpoint and stop),
     /// leaves the group and returns.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(self.node_tick_ms().max(10)));
+        let mut tick = tokio::time::interval(Duration::from_millis(self.tick_ms.max(10)));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -899,10 +859,6 @@ impl Daemon {
             }
         }
         self.leave().await;
-    }
-
-    fn node_tick_ms(&self) -> u64 {
-        self.tick_ms
     }
 
     /// Graceful stop: ask for no new work, let local trials checkpoint and stop,

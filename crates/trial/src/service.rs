@@ -605,6 +605,18 @@ fn authorize(
     Ok(())
 }
 
+/// Checks the token and incarnation, then parses the JSON body.
+fn authorized_body<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    trial: u64,
+    incarnation: u64,
+    body: &str,
+) -> Result<T, Reply> {
+    authorize(shared, headers, trial, incarnation)?;
+    parse(body)
+}
+
 /// Parses a JSON body, or says what is wrong with it.
 fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Reply> {
     serde_json::from_str(body).map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("body: {e}")))
@@ -625,10 +637,7 @@ async fn metrics(
     body: String,
     kind: MetricKind,
 ) -> Reply {
-    if let Err(r) = authorize(&shared, &headers, trial, incarnation) {
-        return r;
-    }
-    let b: MetricsBody = match parse(&body) {
+    let b: MetricsBody = match authorized_body(&shared, &headers, trial, incarnation, &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -675,10 +684,7 @@ async fn progress(
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    if let Err(r) = authorize(&s, &headers, t, i) {
-        return r;
-    }
-    let b: ProgressBody = match parse(&body) {
+    let b: ProgressBody = match authorized_body(&s, &headers, t, i, &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -708,10 +714,7 @@ async fn early_exit(
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    if let Err(r) = authorize(&s, &headers, t, i) {
-        return r;
-    }
-    let b: ExitBody = match parse(&body) {
+    let b: ExitBody = match authorized_body(&s, &headers, t, i, &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -747,10 +750,13 @@ async fn checkpoint_begin(
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    if let Err(r) = authorize(&s, &headers, t, i) {
-        return r;
-    }
-    let begin = match parse::<BeginBody>(if body.is_empty() { "{}" } else { &body }) {
+    let begin = match authorized_body::<BeginBody>(
+        &s,
+        &headers,
+        t,
+        i,
+        if body.is_empty() { "{}" } else { &body },
+    ) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -788,10 +794,7 @@ async fn checkpoint_commit(
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    if let Err(r) = authorize(&s, &headers, t, i) {
-        return r;
-    }
-    let mut b: CommitBody = match parse(&body) {
+    let mut b: CommitBody = match authorized_body(&s, &headers, t, i, &body) {
         Ok(b) => b,
         Err(r) => return r,
     };

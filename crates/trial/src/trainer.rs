@@ -355,13 +355,23 @@ impl State {
     /// Mean squared error on `rows` (no dropout).
     fn evaluate(&self, rows: &[(Vec<f32>, f32)]) -> f32 {
         let mut acts = Vec::new();
-        let mut sum = 0.0f64;
-        for (x, y) in rows {
-            let e = self.forward(x, None, &mut acts) - y;
-            sum += f64::from(e * e);
-        }
-        (sum / rows.len().max(1) as f64) as f32
+        let preds: Vec<f32> = rows
+            .iter()
+            .map(|(x, _)| self.forward(x, None, &mut acts))
+            .collect();
+        mean_squared_error(&preds, rows)
     }
+}
+
+/// Mean squared error of `preds` against the rows' targets, summed in f64 (the
+/// CPU and CUDA paths share it, so their validation losses agree bit for bit).
+pub(crate) fn mean_squared_error(preds: &[f32], rows: &[(Vec<f32>, f32)]) -> f32 {
+    let mut sum = 0.0f64;
+    for (pred, (_, y)) in preds.iter().zip(rows) {
+        let e = pred - y;
+        sum += f64::from(e * e);
+    }
+    (sum / rows.len().max(1) as f64) as f32
 }
 
 /// Where the trainer reports; the trial endpoint in a trial process.
@@ -390,7 +400,7 @@ pub enum Ended {
 }
 
 /// The order of epoch `epoch`'s rows (a Fisher-Yates shuffle from the seed).
-pub(crate) fn epoch_order(seed: u32, epoch: u64, n: usize) -> Vec<usize> {
+fn epoch_order(seed: u32, epoch: u64, n: usize) -> Vec<usize> {
     let mut rng = stream(seed, 2 + epoch);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -398,6 +408,73 @@ pub(crate) fn epoch_order(seed: u32, epoch: u64, n: usize) -> Vec<usize> {
         order.swap(i, j);
     }
     order
+}
+
+/// The rows of each batch: epoch by epoch, in the order the seed gives each
+/// epoch, so a resumed run sees the same batches as one that never stopped.
+pub(crate) struct Batches {
+    seed: u32,
+    batch_size: usize,
+    per_epoch: u64,
+    epoch: u64,
+    order: Vec<usize>,
+}
+
+impl Batches {
+    pub(crate) fn new(state: &State, data: &Data) -> Batches {
+        let batch_size = state.hparams.batch_size;
+        Batches {
+            seed: state.seed,
+            batch_size,
+            per_epoch: data.train.len().div_ceil(batch_size) as u64,
+            epoch: u64::MAX,
+            order: Vec::new(),
+        }
+    }
+
+    /// The rows of batch `step` (counted from 0 over the whole run).
+    pub(crate) fn rows<'a>(&mut self, data: &'a Data, step: u64) -> Vec<&'a (Vec<f32>, f32)> {
+        let n = data.train.len();
+        let epoch = step / self.per_epoch;
+        if epoch != self.epoch {
+            self.order = epoch_order(self.seed, epoch, n);
+            self.epoch = epoch;
+        }
+        let start = ((step % self.per_epoch) as usize) * self.batch_size;
+        self.order[start..(start + self.batch_size).min(n)]
+            .iter()
+            .map(|i| &data.train[*i])
+            .collect()
+    }
+}
+
+/// What follows every batch, on either device: training metrics every 10
+/// batches; every `validate_every` batches and at the end, the validation loss
+/// and a checkpoint (`validate` computes both, the state as of this batch), then
+/// a stop if asked. Returns how the run ended, if it did.
+pub(crate) fn after_batch(
+    step: u64,
+    target: u64,
+    loss: f32,
+    validate_every: u64,
+    reporter: &mut dyn Reporter,
+    validate: impl FnOnce() -> Result<(f32, State), String>,
+) -> Result<Option<Ended>, String> {
+    if !loss.is_finite() {
+        return Err(format!("training diverged at batch {step} (loss {loss})"));
+    }
+    if step % 10 == 0 {
+        reporter.training(step, f64::from(loss))?;
+    }
+    if step % validate_every == 0 || step == target {
+        let (val, snapshot) = validate()?;
+        reporter.validation(step, f64::from(val))?;
+        reporter.checkpoint(step, &mut |dir| snapshot.save(dir))?;
+        if reporter.should_stop() {
+            return Ok(Some(Ended::Stopped));
+        }
+    }
+    Ok(None)
 }
 
 /// Trains from `state` until `target` batches (validating and checkpointing
@@ -408,43 +485,17 @@ pub fn train(
     target: u64,
     reporter: &mut dyn Reporter,
 ) -> Result<Ended, String> {
-    let h = state.hparams.clone();
-    let n = data.train.len();
-    let per_epoch = n.div_ceil(h.batch_size) as u64;
+    let mut batches = Batches::new(&state, data);
     let mut dropout = stream(state.seed, 0);
     dropout.set_word_pos(state.dropout_word_pos);
-    let mut order_epoch = u64::MAX;
-    let mut order = Vec::new();
     while state.step < target {
-        let epoch = state.step / per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(state.seed, epoch, n);
-            order_epoch = epoch;
-        }
-        let start = ((state.step % per_epoch) as usize) * h.batch_size;
-        let batch: Vec<&(Vec<f32>, f32)> = order[start..(start + h.batch_size).min(n)]
-            .iter()
-            .map(|i| &data.train[*i])
-            .collect();
+        let batch = batches.rows(data, state.step);
         let loss = state.train_batch(&batch, &mut dropout);
         state.dropout_word_pos = dropout.get_word_pos();
-        if !loss.is_finite() {
-            return Err(format!(
-                "training diverged at batch {} (loss {loss})",
-                state.step
-            ));
-        }
-        if state.step % 10 == 0 {
-            reporter.training(state.step, f64::from(loss))?;
-        }
-        if state.step % h.validate_every == 0 || state.step == target {
-            let val = state.evaluate(&data.validation);
-            reporter.validation(state.step, f64::from(val))?;
-            let snapshot = state.clone();
-            reporter.checkpoint(state.step, &mut |dir| snapshot.save(dir))?;
-            if reporter.should_stop() {
-                return Ok(Ended::Stopped);
-            }
+        let validate = || Ok((state.evaluate(&data.validation), state.clone()));
+        let every = state.hparams.validate_every;
+        if let Some(ended) = after_batch(state.step, target, loss, every, reporter, validate)? {
+            return Ok(ended);
         }
     }
     Ok(Ended::Completed)

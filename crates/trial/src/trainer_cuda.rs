@@ -17,7 +17,9 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 
-use crate::trainer::{epoch_order, stream, unit, Data, Ended, Reporter, State};
+use crate::trainer::{
+    after_batch, mean_squared_error, stream, unit, Batches, Data, Ended, Reporter, State,
+};
 
 const KERNELS: &str = r#"
 extern "C" __global__ void dense_forward(const float* w, const float* b, const float* in,
@@ -237,8 +239,7 @@ pub fn train(
 ) -> Result<Ended, String> {
     let h = state.hparams.clone();
     let mut gpu = Gpu::new(&state)?;
-    let n = data.train.len();
-    let per_epoch = n.div_ceil(h.batch_size) as u64;
+    let mut batches = Batches::new(&state, data);
     let mut dropout = stream(state.seed, 0);
     dropout.set_word_pos(state.dropout_word_pos);
     let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
@@ -252,19 +253,8 @@ pub fn train(
         .flat_map(|(x, _)| x.clone())
         .collect();
     let val_x = gpu.stream.clone_htod(&val_x).map_err(err)?;
-    let mut order_epoch = u64::MAX;
-    let mut order = Vec::new();
     while state.step < target {
-        let epoch = state.step / per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(state.seed, epoch, n);
-            order_epoch = epoch;
-        }
-        let start = ((state.step % per_epoch) as usize) * h.batch_size;
-        let rows: Vec<&(Vec<f32>, f32)> = order[start..(start + h.batch_size).min(n)]
-            .iter()
-            .map(|i| &data.train[*i])
-            .collect();
+        let rows = batches.rows(data, state.step);
         let bsz = rows.len();
         // Dropout masks in the CPU's draw order: sample by sample, layer by layer.
         let mut masks: Vec<Vec<f32>> = state.layers[..hidden_layers]
@@ -367,32 +357,16 @@ pub fn train(
             }
         }
         state.dropout_word_pos = dropout.get_word_pos();
-        if !loss.is_finite() {
-            return Err(format!(
-                "training diverged at batch {} (loss {loss})",
-                state.step
-            ));
-        }
-        if state.step % 10 == 0 {
-            reporter.training(state.step, f64::from(loss))?;
-        }
-        if state.step % h.validate_every == 0 || state.step == target {
+        let (step, every) = (state.step, h.validate_every);
+        let validate = || {
             let nv = data.validation.len();
             let acts = gpu.forward(val_x.clone(), nv, &[], keep)?;
             let preds = gpu.stream.clone_dtoh(&acts[acts.len() - 1]).map_err(err)?;
-            let mut sum = 0.0f64;
-            for (pred, (_, y)) in preds.iter().zip(&data.validation) {
-                let e = pred - y;
-                sum += f64::from(e * e);
-            }
-            let val = (sum / nv.max(1) as f64) as f32;
-            reporter.validation(state.step, f64::from(val))?;
             gpu.download(&mut state)?;
-            let snapshot = state.clone();
-            reporter.checkpoint(state.step, &mut |dir| snapshot.save(dir))?;
-            if reporter.should_stop() {
-                return Ok(Ended::Stopped);
-            }
+            Ok((mean_squared_error(&preds, &data.validation), state.clone()))
+        };
+        if let Some(ended) = after_batch(step, target, loss, every, reporter, validate)? {
+            return Ok(ended);
         }
     }
     Ok(Ended::Completed)
