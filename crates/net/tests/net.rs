@@ -343,8 +343,16 @@ async fn a_peer_with_the_wrong_cluster_key_cannot_connect() {
     friend.handle.dial(a.addr.clone()).await.expect("same key");
     assert!(stranger.handle.dial(a.addr.clone()).await.is_err());
     assert!(keyless.handle.dial(a.addr.clone()).await.is_err());
-    let info = a.handle.info().await.expect("info");
-    assert_eq!(info.connected, vec![friend.handle.node_id]);
+    // The dialer learns of the connection first; the listener a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = a.handle.info().await.expect("info");
+        if !info.connected.is_empty() || std::time::Instant::now() > deadline {
+            assert_eq!(info.connected, vec![friend.handle.node_id]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
