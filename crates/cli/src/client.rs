@@ -109,6 +109,55 @@ enum Failure {
     Unavailable(String),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::User(m) => write!(f, "{m}"),
+            Failure::Unavailable(m) => write!(f, "cluster unavailable: {m}"),
+        }
+    }
+}
+
+/// GETs `/api/v1{path}` from the target node.
+pub fn get_json(t: &Target, path: &str) -> anyhow::Result<Value> {
+    call(t, "GET", path, None).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Validates an experiment config (errors name `label` and the line), uploads
+/// the model directory if there is one, and creates the experiment; its id.
+fn submit(
+    t: &Target,
+    label: &str,
+    config: &str,
+    overrides: &[String],
+    dir: Option<&Path>,
+) -> Result<u64, Failure> {
+    // Errors with the file's own name and lines, before anything is sent.
+    resolute_types::config::parse_str(label, config, overrides)
+        .map_err(|e| Failure::User(e.to_string()))?;
+    let model_digest = match dir {
+        Some(d) => upload_dir(t, d)?,
+        None => String::new(),
+    };
+    let body = json!({"config": config, "overrides": overrides, "model_digest": model_digest,
+        "owner": std::env::var("USER").unwrap_or_default()});
+    let v = call(t, "POST", "/experiments", Some(body))?;
+    v["id"]
+        .as_u64()
+        .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))
+}
+
+/// Creates an experiment from config text (see `submit`); its id.
+pub fn create_experiment(
+    t: &Target,
+    label: &str,
+    config: &str,
+    overrides: &[String],
+    dir: Option<&Path>,
+) -> anyhow::Result<u64> {
+    submit(t, label, config, overrides, dir).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -233,24 +282,11 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
             } => {
                 let config = std::fs::read_to_string(file)
                     .map_err(|e| Failure::User(format!("{}: {e}", file.display())))?;
-                // Errors with the file's own name and lines, before anything is sent.
-                resolute_types::config::parse_str(&file.display().to_string(), &config, overrides)
-                    .map_err(|e| Failure::User(e.to_string()))?;
-                let model_digest = match dir {
-                    Some(d) => upload_dir(t, d)?,
-                    None => String::new(),
-                };
-                let v = call(
-                    t,
-                    "POST",
-                    "/experiments",
-                    Some(
-                        json!({"config": config, "overrides": overrides, "model_digest": model_digest,
-                        "owner": std::env::var("USER").unwrap_or_default()}),
-                    ),
-                )?;
-                let id = v["id"].as_u64().unwrap_or(0);
-                print(t, &v, |_| println!("created experiment {id}"));
+                let label = file.display().to_string();
+                let id = submit(t, &label, &config, overrides, dir.as_deref())?;
+                print(t, &json!({"id": id}), |_| {
+                    println!("created experiment {id}")
+                });
                 if *follow {
                     wait(t, id)?;
                 }

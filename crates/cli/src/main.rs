@@ -9,6 +9,8 @@ use anyhow::Context;
 
 mod bench;
 mod client;
+mod local_cluster;
+mod quickstart;
 mod train;
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The quick start: a 3-node cluster on loopback runs an adaptive ASHA search
+    /// over the built-in trainer; one node is SIGKILLed midway and its trials
+    /// resume elsewhere from their checkpoints.
+    Quickstart(quickstart::QuickstartArgs),
     /// Work with experiment configs (Determined's YAML format).
     Config {
         #[command(subcommand)]
@@ -222,6 +228,7 @@ fn main() -> ExitCode {
         } => config_check(&args),
         Command::PreviewSearch(args) => preview_search(&args),
         Command::Train(args) => train::run(&args),
+        Command::Quickstart(args) => quickstart::run(&args),
         Command::Node {
             command:
                 NodeCommand::Start {

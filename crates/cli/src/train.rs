@@ -75,7 +75,10 @@ impl Reporter for Endpoint {
     }
 
     fn validation(&mut self, step: u64, loss: f64) -> Result<(), String> {
-        let body = json!({"steps_completed": step, "metrics": {"validation_loss": loss}});
+        // `batches` too: a searcher with `time_metric: batches` reads the trial's
+        // progress from its validation metrics (Determined's contract).
+        let body =
+            json!({"steps_completed": step, "metrics": {"validation_loss": loss, "batches": step}});
         self.call("POST", "/validation", Some(body)).map(|_| ())
     }
 

@@ -1246,6 +1246,21 @@ impl ClusterState {
         wanted
     }
 
+    /// The model directories of experiments that have not finished: every node
+    /// keeps a copy, so that a trial starts without a transfer and an experiment
+    /// outlives the node it was submitted to.
+    pub fn models_to_keep(&self) -> Vec<String> {
+        let mut digests: Vec<String> = self
+            .experiments
+            .values()
+            .filter(|e| !e.state.is_finished() && !e.model_digest.is_empty())
+            .map(|e| e.model_digest.clone())
+            .collect();
+        digests.sort_unstable();
+        digests.dedup();
+        digests
+    }
+
     /// Encodes the state (searchers included) for a Raft snapshot.
     pub fn encode(&self) -> Vec<u8> {
         let searchers: BTreeMap<ExperimentId, SearcherSnapshot> = self

@@ -384,6 +384,7 @@ async fn cluster(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
             "this_node": format!("{:016x}", local.node),
             "api": local.api,
             "listen": local.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "connected": local.connected.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
             "leader": format!("{:016x}", node.leader_id()),
             "voters": voters.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
             "learners": learners.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),

@@ -28,6 +28,9 @@ const PROPOSAL_RETRY_MS: u64 = 300;
 pub const CHECKPOINT_REPLICAS: usize = 2;
 /// Where a node keeps its peers' addresses.
 const PEERS_FILE: &str = "peers.json";
+/// Where the daemon remembers the addresses it was told to join through (a
+/// restart without `--join` dials them again).
+const JOIN_FILE: &str = "join.json";
 /// Tries at fetching a blob before a launch gives up.
 const FETCH_ATTEMPTS: u64 = 8;
 /// Pause after the first failed fetch (growing linearly).
@@ -81,6 +84,8 @@ pub struct Local {
     pub api: String,
     /// Its multiaddrs.
     pub listen: Vec<Multiaddr>,
+    /// The peers it has a connection to now.
+    pub connected: BTreeSet<NodeId>,
 }
 
 /// Messages to the loop from helper tasks.
@@ -99,6 +104,10 @@ enum Internal {
     },
     ReplicationFailed {
         uuid: String,
+    },
+    /// A model directory fetch ended, done or not (the store tells which).
+    ModelFetchEnded {
+        digest: String,
     },
 }
 
@@ -120,12 +129,13 @@ pub struct Daemon {
     /// Own proposals (trial reports) retried until applied.
     own: BTreeMap<ProposalId, (Command, Option<tokio::time::Instant>)>,
     next_proposal: u128,
-    connected: BTreeSet<NodeId>,
     members: Vec<NodeId>,
     /// Join targets until this node is a member.
     joining: bool,
     metrics: Vec<MetricRecord>,
     replicating: BTreeSet<String>,
+    /// When a model directory that could not be fetched is tried again.
+    model_retry_at: BTreeMap<String, tokio::time::Instant>,
     gpus: Vec<String>,
     /// Slots handed to running incarnations: (trial, incarnation) -> slot indices.
     slots_in_use: BTreeMap<(u64, u64), Vec<usize>>,
@@ -135,6 +145,8 @@ pub struct Daemon {
     /// Where each known node listens (from gossip), kept in `peers.json` so a
     /// restarted node can find the cluster again.
     addrs: BTreeMap<NodeId, Vec<String>>,
+    /// The addresses this node joined through, dialed again while it has no peer.
+    join: Vec<Multiaddr>,
     addrs_dirty: bool,
     data_dir: PathBuf,
 }
@@ -197,6 +209,18 @@ impl Daemon {
                     .map_err(|e| setup(format!("net.bootstrap {b}: {e}")))?,
             );
         }
+        let join_file = opts.data_dir.join(JOIN_FILE);
+        let remembered_join: Vec<Multiaddr> = std::fs::read(&join_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if !join.is_empty() {
+            let list: Vec<String> = join.iter().map(|a| a.to_string()).collect();
+            write_atomically(&join_file, &serde_json::to_vec(&list).unwrap_or_default());
+        }
         let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(setup)?;
         let (trials, trial_events) = TrialService::start(ServiceConfig {
             work_root: opts.data_dir.join("trials"),
@@ -245,6 +269,9 @@ impl Daemon {
         cfg.voters = c.node.voters;
         let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
         let bootstrap = fresh && join.is_empty();
+        if join.is_empty() {
+            join = remembered_join;
+        }
         let (node, first) = Node::new(cfg, &recovered, bootstrap).map_err(setup)?;
         for addr in &join {
             // A peer may not be up yet; the join is retried below.
@@ -278,22 +305,24 @@ impl Daemon {
                 trials,
                 api: api_addr,
                 listen: info.listen,
+                connected: BTreeSet::new(),
             },
             tick_ms: c.node.tick_ms,
             waiting: BTreeMap::new(),
             own: BTreeMap::new(),
             next_proposal: proposal_base(),
-            connected: BTreeSet::new(),
             members: Vec::new(),
             joining: fresh && !bootstrap,
             metrics: Vec::new(),
             replicating: BTreeSet::new(),
+            model_retry_at: BTreeMap::new(),
             gpus,
             slots_in_use: BTreeMap::new(),
             slot_count,
             ticks: 0,
             announce_seq: 0,
-            addrs: BTreeMap::new(),
+            addrs: known,
+            join,
             addrs_dirty: false,
             data_dir: opts.data_dir.clone(),
         };
@@ -608,7 +637,7 @@ impl Daemon {
                 eprintln!(
                     "node {:016x}: trial {trial} incarnation {incarnation} could not start: {reason} (connected {:x?}, known addresses of {:x?})",
                     self.id(),
-                    self.connected,
+                    self.local.connected,
                     self.addrs.keys().collect::<Vec<_>>()
                 );
                 self.slots_in_use.remove(&(trial, incarnation));
@@ -627,6 +656,14 @@ impl Daemon {
             }
             Internal::ReplicationFailed { uuid } => {
                 self.replicating.remove(&uuid);
+            }
+            Internal::ModelFetchEnded { digest } => {
+                self.replicating.remove(&digest);
+                // Tried and (if the store lacks it) failed: not again at once.
+                let later = tokio::time::Instant::now() + Duration::from_millis(FETCH_RETRY_MS);
+                self.model_retry_at.insert(digest, later);
+                let store = self.trials.store().clone();
+                self.model_retry_at.retain(|d, _| !store.has(d));
             }
         }
     }
@@ -724,17 +761,52 @@ impl Daemon {
         }
     }
 
+    /// Fetches the model directory of every unfinished experiment that this node
+    /// lacks (`ClusterState::models_to_keep`), from any member.
+    fn keep_models(&mut self) {
+        let store = self.trials.store().clone();
+        let now = tokio::time::Instant::now();
+        let wanted: Vec<String> = self
+            .node
+            .state()
+            .models_to_keep()
+            .into_iter()
+            .filter(|d| !self.replicating.contains(d) && !store.has(d))
+            .filter(|d| self.model_retry_at.get(d).is_none_or(|t| *t <= now))
+            .collect();
+        let members: Vec<NodeId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|n| *n != self.id())
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        for digest in wanted {
+            self.replicating.insert(digest.clone());
+            let (net, tx, holders) = (self.net.clone(), self.internal_tx.clone(), members.clone());
+            let me = self.id();
+            tokio::spawn(async move {
+                if let Err(e) = net.fetch(&digest, holders).await {
+                    eprintln!("node {me:016x}: model directory {digest} not copied yet: {e}");
+                }
+                let _ = tx.send(Internal::ModelFetchEnded { digest }).await;
+            });
+        }
+    }
+
     fn on_net(&mut self, e: NetEvent) {
         match e {
             NetEvent::Message { from, msg } => self.step(Input::Peer { from, msg }),
             NetEvent::Connected(n) => {
-                self.connected.insert(n);
+                self.local.connected.insert(n);
                 if self.joining {
                     self.step(Input::Join { via: n });
                 }
             }
             NetEvent::Disconnected(n) => {
-                self.connected.remove(&n);
+                self.local.connected.remove(&n);
             }
             NetEvent::Announcement(a) => {
                 if self.addrs.get(&a.node) != Some(&a.addrs) {
@@ -748,7 +820,7 @@ impl Daemon {
     async fn on_tick(&mut self) {
         self.step(Input::Tick);
         // Every connected peer is alive (a lost connection stops the heartbeat).
-        let peers: Vec<NodeId> = self.connected.iter().copied().collect();
+        let peers: Vec<NodeId> = self.local.connected.iter().copied().collect();
         for n in peers {
             self.step(Input::Heartbeat { node: n });
         }
@@ -766,14 +838,22 @@ impl Daemon {
         }
         if self.joining && self.node.applied() == 0 {
             // Ask again through anyone connected (the first try may have raced).
-            let via = self.connected.iter().next().copied();
+            let via = self.local.connected.iter().next().copied();
             if let Some(via) = via {
                 if self.node.applied() == 0 && (self.now() / 1000) % 3 == 0 {
                     self.step(Input::Join { via });
                 }
             }
         }
+        if std::mem::take(&mut self.addrs_dirty) {
+            if let Ok(bytes) = serde_json::to_vec(&self.addrs) {
+                write_atomically(&self.data_dir.join(PEERS_FILE), &bytes);
+            }
+        }
         self.replicate_checkpoints();
+        // At once, not on the announce cadence: a short trial may checkpoint and
+        // its node die within a second of the submission.
+        self.keep_models();
         self.ticks += 1;
         if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
             self.announce().await;
@@ -783,24 +863,19 @@ impl Daemon {
 
     /// Saves the peers' addresses, and dials members this node is not connected to.
     async fn remember_and_redial(&mut self) {
-        if std::mem::take(&mut self.addrs_dirty) {
-            if let Ok(bytes) = serde_json::to_vec(&self.addrs) {
-                let path = self.data_dir.join(PEERS_FILE);
-                let tmp = self.data_dir.join(format!("{PEERS_FILE}.tmp"));
-                if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, &path);
-                }
-            }
-        }
         let me = self.id();
         let missing: Vec<Multiaddr> = self
             .members
             .iter()
-            .filter(|n| **n != me && !self.connected.contains(n))
+            .filter(|n| **n != me && !self.local.connected.contains(n))
             .filter_map(|n| self.addrs.get(n))
             .flatten()
             .filter_map(|a| a.parse().ok())
             .collect();
+        let alone = self.local.connected.is_empty();
+        let missing = missing
+            .into_iter()
+            .chain(self.join.iter().filter(|_| alone).cloned());
         for a in missing {
             let net = self.net.clone();
             tokio::spawn(async move {
@@ -920,6 +995,16 @@ async fn fetch_patiently(
         tokio::time::sleep(Duration::from_millis(FETCH_RETRY_MS * (attempt + 1))).await;
     }
     Err(last.unwrap_or(resolute_net::NetError::Stopped))
+}
+
+/// Replaces `path` with `bytes` through a temporary file and a rename (a crash
+/// leaves the old file or the new one, never half of one). Best effort: these
+/// files only speed up a restart.
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
 }
 
 /// Where the daemon keeps everything, made absolute.
