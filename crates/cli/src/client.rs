@@ -82,6 +82,11 @@ pub enum ExperimentCommand {
         /// Its id.
         id: u64,
     },
+    /// The output of all its trials (each line prefixed with its trial).
+    Logs {
+        /// Its id.
+        id: u64,
+    },
 }
 
 /// `resolute trial ...`
@@ -97,10 +102,27 @@ pub enum TrialCommand {
         /// Its id.
         id: u64,
     },
-    /// Its output (as kept by the node that ran it).
+    /// Its output, from every node that ran it, oldest first.
     Logs {
         /// Its id.
         id: u64,
+        /// Keep printing new lines until the trial ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// `resolute checkpoint ...`
+#[derive(Subcommand)]
+pub enum CheckpointCommand {
+    /// Downloads a checkpoint (from any node; it fetches the blob from a holder),
+    /// verifies it against its uuid and unpacks its files into a directory.
+    Download {
+        /// The checkpoint's uuid (as `trial describe` shows it).
+        uuid: String,
+        /// The directory to unpack into (created; must not hold files yet).
+        #[arg(short, long)]
+        output: PathBuf,
     },
 }
 
@@ -348,6 +370,26 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 Ok(())
             }
             ExperimentCommand::Wait { id } => wait(t, *id),
+            ExperimentCommand::Logs { id } => {
+                let trials = call(t, "GET", &format!("/experiments/{id}/trials"), None)?;
+                let mut all = Vec::new();
+                for tr in trials.as_array().into_iter().flatten() {
+                    let tid = tr["id"].as_u64().unwrap_or(0);
+                    let lines = call(t, "GET", &format!("/trials/{tid}/logs"), None)?;
+                    for mut l in lines.as_array().cloned().unwrap_or_default() {
+                        l["trial"] = json!(tid);
+                        all.push(l);
+                    }
+                }
+                all.sort_by_key(|l| l["time_ms"].as_u64().unwrap_or(0));
+                let v = Value::Array(all);
+                print(t, &v, |v| {
+                    for l in v.as_array().into_iter().flatten() {
+                        println!("{}", log_line(l, l["trial"].as_u64()));
+                    }
+                });
+                Ok(())
+            }
         }
     })();
     finish(r)
@@ -356,21 +398,17 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
 /// Runs `resolute trial ...`.
 pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
     let r = (|| -> Result<(), Failure> {
-        let (path, id) = match cmd {
-            TrialCommand::Describe { id } => (format!("/trials/{id}"), id),
-            TrialCommand::Metrics { id } => (format!("/trials/{id}/metrics"), id),
-            TrialCommand::Logs { id } => (format!("/trials/{id}/logs"), id),
+        let path = match cmd {
+            TrialCommand::Describe { id } => format!("/trials/{id}"),
+            TrialCommand::Metrics { id } => format!("/trials/{id}/metrics"),
+            TrialCommand::Logs { id, follow: true } => return follow_logs(t, *id),
+            TrialCommand::Logs { id, .. } => format!("/trials/{id}/logs"),
         };
-        let _ = id;
         let v = call(t, "GET", &path, None)?;
         print(t, &v, |v| match cmd {
             TrialCommand::Logs { .. } => {
                 for l in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{} {}",
-                        l["stream"].as_str().unwrap_or(""),
-                        l["line"].as_str().unwrap_or("")
-                    );
+                    println!("{}", log_line(l, None));
                 }
             }
             _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
@@ -378,6 +416,149 @@ pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
         Ok(())
     })();
     finish(r)
+}
+
+/// One log line for people: the node that read it, the stream, the text.
+fn log_line(l: &Value, trial: Option<u64>) -> String {
+    let node = l["node"].as_str().unwrap_or("");
+    let prefix = trial.map_or(String::new(), |t| format!("[trial {t}] "));
+    format!(
+        "{prefix}{} {} {}",
+        &node[..node.len().min(8)],
+        l["stream"].as_str().unwrap_or(""),
+        l["line"].as_str().unwrap_or("")
+    )
+}
+
+/// Streams a trial's log (NDJSON from the node) until the trial ends.
+fn follow_logs(t: &Target, id: u64) -> Result<(), Failure> {
+    use std::io::BufRead;
+    let url = format!(
+        "{}/api/v1/trials/{id}/logs?follow=true",
+        t.node.trim_end_matches('/')
+    );
+    // No overall timeout: a followed log stays open as long as the trial runs.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    if resp.status().as_u16() >= 300 {
+        let v: Value = resp.body_mut().read_json().unwrap_or_default();
+        return Err(Failure::User(format!(
+            "{}: {}",
+            v["code"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        )));
+    }
+    let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+    for line in reader.lines() {
+        let line = line.map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if v.get("code").is_some() && v.get("line").is_none() {
+            return Err(Failure::User(
+                v["message"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        if t.json {
+            println!("{v}");
+        } else {
+            println!("{}", log_line(&v, None));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `resolute checkpoint ...`.
+pub fn checkpoint(t: &Target, cmd: &CheckpointCommand) -> anyhow::Result<ExitCode> {
+    let CheckpointCommand::Download { uuid, output } = cmd;
+    finish(download_checkpoint(t, uuid, output))
+}
+
+fn download_checkpoint(t: &Target, uuid: &str, output: &Path) -> Result<(), Failure> {
+    if output.exists()
+        && output
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Failure::User(format!(
+            "{}: exists and is not an empty directory",
+            output.display()
+        )));
+    }
+    let url = format!("{}/api/v1/checkpoints/{uuid}", t.node.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let status = resp.status().as_u16();
+    if status >= 300 {
+        let v: Value = resp.body_mut().read_json().unwrap_or_default();
+        let m = format!(
+            "{}: {}",
+            v["code"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        );
+        return Err(if status == 503 {
+            Failure::Unavailable(m)
+        } else {
+            Failure::User(m)
+        });
+    }
+    // Into a scratch blob store beside the output: the store recomputes the
+    // digest, so nothing unverified is unpacked.
+    let scratch = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(format!(".resolute-download-{}", std::process::id()));
+    let result = (|| {
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Failure::User(format!("{}: {e}", scratch.display())))?;
+        let packed = scratch.join("download.pack");
+        let mut file = std::fs::File::create(&packed)
+            .map_err(|e| Failure::User(format!("{}: {e}", packed.display())))?;
+        let bytes = std::io::copy(&mut resp.body_mut().as_reader(), &mut file)
+            .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+        drop(file);
+        let store = resolute_storage::blob::BlobStore::open(&scratch)
+            .map_err(|e| Failure::User(e.to_string()))?;
+        let manifest = store
+            .put_file(&packed)
+            .map_err(|e| Failure::User(e.to_string()))?;
+        if manifest.digest() != uuid {
+            return Err(Failure::Unavailable(format!(
+                "the node sent {bytes} bytes that do not match checkpoint {uuid} (digest {})",
+                manifest.digest()
+            )));
+        }
+        resolute_trial::pack::unpack(&store.path(uuid), output)
+            .map_err(|e| Failure::User(format!("{}: {e}", output.display())))?;
+        Ok(bytes)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let bytes = result?;
+    print(
+        t,
+        &json!({"uuid": uuid, "bytes": bytes, "output": output.display().to_string()}),
+        |_| {
+            println!(
+                "checkpoint {uuid} ({bytes} bytes, verified) unpacked into {}",
+                output.display()
+            )
+        },
+    );
+    Ok(())
 }
 
 /// Runs `resolute cluster status`.

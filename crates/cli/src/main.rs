@@ -60,6 +60,13 @@ enum Command {
         #[command(subcommand)]
         command: client::TrialCommand,
     },
+    /// Downloads checkpoints.
+    Checkpoint {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: client::CheckpointCommand,
+    },
     /// The cluster as a node sees it.
     Cluster {
         #[command(flatten)]
@@ -222,6 +229,19 @@ struct PreviewArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Config { .. }
+            | Command::PreviewSearch(_)
+            | Command::Sim(_)
+            | Command::Experiment { .. }
+            | Command::Trial { .. }
+            | Command::Checkpoint { .. }
+            | Command::Cluster { .. }
+            | Command::Gpus { .. }
+    ) {
+        stop_quietly_when_stdout_closes();
+    }
     let result = match cli.command {
         Command::Config {
             command: ConfigCommand::Check(args),
@@ -244,6 +264,7 @@ fn main() -> ExitCode {
         } => client::node_drain(&target, &id),
         Command::Experiment { target, command } => client::experiment(&target, &command),
         Command::Trial { target, command } => client::trial(&target, &command),
+        Command::Checkpoint { target, command } => client::checkpoint(&target, &command),
         Command::Cluster {
             target,
             command: ClusterCommand::Status,
@@ -721,4 +742,15 @@ fn simulated(config: &ExperimentConfig, seed: u64) -> anyhow::Result<Preview> {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `resolute ... | head` ends like any Unix tool when `head` has read enough: Rust
+/// ignores SIGPIPE, so `println!` would panic on the closed pipe instead. Only for
+/// commands that print and exit; the daemon, the quick start and the benchmarks
+/// keep SIGPIPE ignored (their sockets report EPIPE as an error, not a death).
+#[allow(unsafe_code)]
+fn stop_quietly_when_stdout_closes() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler code, and no other thread runs yet.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }

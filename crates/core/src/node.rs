@@ -46,6 +46,11 @@ pub const VOTERS_DEFAULT: usize = 3;
 pub const VOTERS_MAX: usize = 7;
 /// Default lease: a node not heard from for this long is lost.
 pub const LEASE_TIMEOUT_DEFAULT_MS: u64 = 3000;
+/// Default grace after the last connection to a node closed: a node that does
+/// not reconnect (or send anything) within it is lost before its lease ends. A
+/// killed process's sockets are reset by its kernel at once, so this is how a
+/// crash is noticed in about a second; a silent failure still takes the lease.
+pub const DISCONNECT_GRACE_DEFAULT_MS: u64 = 1000;
 /// Default time after which an unanswered proposal fails.
 pub const PROPOSAL_TIMEOUT_DEFAULT_MS: u64 = 5000;
 /// Default: take a snapshot once this many entries were applied since the last.
@@ -76,6 +81,8 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Lease length.
     pub lease_timeout_ms: u64,
+    /// How long a node may stay disconnected before it is lost (at most the lease).
+    pub disconnect_grace_ms: u64,
     /// Proposal timeout.
     pub proposal_timeout_ms: u64,
     /// Entries applied between snapshots.
@@ -97,6 +104,7 @@ impl NodeConfig {
             election_ticks: 10,
             heartbeat_ticks: 3,
             lease_timeout_ms: LEASE_TIMEOUT_DEFAULT_MS,
+            disconnect_grace_ms: DISCONNECT_GRACE_DEFAULT_MS,
             proposal_timeout_ms: PROPOSAL_TIMEOUT_DEFAULT_MS,
             snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_DEFAULT,
@@ -131,6 +139,12 @@ pub enum Input {
     },
     /// A gossip heartbeat: `node` is alive.
     Heartbeat {
+        /// The node.
+        node: NodeId,
+    },
+    /// The last connection to `node` closed: unless it is heard from again
+    /// within `disconnect_grace_ms`, it is lost.
+    Disconnected {
         /// The node.
         node: NodeId,
     },
@@ -308,6 +322,9 @@ pub struct Node {
     acked_seq: u64,
     pending: BTreeMap<ProposalId, u64>,
     last_seen: BTreeMap<NodeId, u64>,
+    /// When the last connection to a node closed (cleared by nothing: a later
+    /// `last_seen` outweighs it).
+    disconnected_at: BTreeMap<NodeId, u64>,
     /// When this node last heard from a leader (None: not since it started).
     last_quorum_ms: Option<u64>,
     /// Trials stopped by self-fencing, reported when contact resumes.
@@ -416,6 +433,7 @@ impl Node {
             acked_seq: 0,
             pending: BTreeMap::new(),
             last_seen: BTreeMap::new(),
+            disconnected_at: BTreeMap::new(),
             last_quorum_ms: None,
             fenced_trials: Vec::new(),
             fenced: false,
@@ -530,6 +548,9 @@ impl Node {
             Input::Persisted { seq } => self.on_persisted(seq, &mut out),
             Input::Heartbeat { node } => {
                 self.last_seen.insert(node, now_ms);
+            }
+            Input::Disconnected { node } => {
+                self.disconnected_at.insert(node, now_ms);
             }
             Input::Join { via } => {
                 self.join_via = Some(via);
@@ -869,11 +890,19 @@ impl Node {
     }
 
     fn alive(&self, node: NodeId) -> bool {
-        node == self.cfg.id
-            || self
-                .last_seen
-                .get(&node)
-                .is_some_and(|t| self.now_ms.saturating_sub(*t) <= self.cfg.lease_timeout_ms)
+        if node == self.cfg.id {
+            return true;
+        }
+        let Some(seen) = self.last_seen.get(&node).copied() else {
+            return false;
+        };
+        // Gone since its connection closed, and the grace has passed.
+        let grace = self.cfg.disconnect_grace_ms.min(self.cfg.lease_timeout_ms);
+        let gone = self
+            .disconnected_at
+            .get(&node)
+            .is_some_and(|d| seen <= *d && self.now_ms.saturating_sub(*d) > grace);
+        !gone && self.now_ms.saturating_sub(seen) <= self.cfg.lease_timeout_ms
     }
 
     fn maintain_membership(&mut self) {

@@ -33,6 +33,9 @@ pub struct Announcement {
     pub ttl_ms: u64,
     /// Where it listens.
     pub addrs: Vec<String>,
+    /// Its REST API (`host:port`; empty when it has none), so that any node can
+    /// gather what only another node holds (a trial's logs).
+    pub api: String,
     /// Slots in all.
     pub slots_total: u32,
     /// Slots not in use.

@@ -69,6 +69,7 @@ fn announcement(node: u64, seq: u64) -> Announcement {
         seq,
         ttl_ms: 10_000,
         addrs: Vec::new(),
+        api: String::new(),
         slots_total: 8,
         slots_free: 3,
         gpus: Vec::new(),

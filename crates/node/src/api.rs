@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -17,10 +19,16 @@ use resolute_core::node::NodeError;
 use resolute_core::state::TrialState;
 use resolute_core::{Node, Reply};
 
-use crate::daemon::{ApiCall, Local};
+use crate::daemon::{ApiCall, BlobUnavailable, Local};
 
 /// Largest model directory upload, in bytes.
 pub const UPLOAD_MAX_BYTES: usize = 1 << 30;
+/// How long another node may take to send its share of a trial's logs.
+const PEER_LOGS_TIMEOUT_MS: u64 = 2_000;
+/// How often a followed log looks for new lines.
+const FOLLOW_POLL_MS: u64 = 500;
+/// Bytes per piece of a checkpoint download.
+const DOWNLOAD_PIECE_BYTES: usize = 1 << 20;
 
 type Res = (StatusCode, Json<Value>);
 
@@ -41,6 +49,7 @@ pub fn router(calls: mpsc::Sender<ApiCall>) -> Router {
         .route("/api/v1/trials/{id}", get(trial))
         .route("/api/v1/trials/{id}/metrics", get(metrics))
         .route("/api/v1/trials/{id}/logs", get(logs))
+        .route("/api/v1/checkpoints/{uuid}", get(checkpoint))
         .route("/api/v1/blobs", post(upload))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/nodes/{id}/drain", post(drain))
@@ -306,18 +315,242 @@ async fn metrics(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPat
     .await
 }
 
-async fn logs(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |_, local| {
-        Value::Array(
-            local
-                .trials
-                .logs(id)
-                .iter()
-                .map(|l| json!({"time_ms": l.time_ms, "stream": l.stream, "line": l.line}))
-                .collect(),
-        )
+/// `GET /trials/{id}/logs` query.
+#[derive(Deserialize, Default)]
+struct LogQuery {
+    /// Only this node's lines (what a node asks its peers for).
+    #[serde(default)]
+    local: bool,
+    /// Keep the response open and stream new lines (NDJSON) until the trial ends.
+    #[serde(default)]
+    follow: bool,
+    /// Only lines read at or after this time (ms since the Unix epoch).
+    #[serde(default)]
+    since_ms: u64,
+}
+
+/// A trial's log lines from every node that ran it (a trial that moved has
+/// lines on several), oldest first, each with the node that read it.
+async fn logs(
+    State(calls): State<mpsc::Sender<ApiCall>>,
+    UrlPath(id): UrlPath<u64>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    if q.follow {
+        return follow_logs(calls, id, q.since_ms);
+    }
+    match gather_logs(&calls, id, q.local, q.since_ms).await {
+        Ok((lines, _)) => Json(Value::Array(lines)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The lines, and whether the trial has ended.
+async fn gather_logs(
+    calls: &mpsc::Sender<ApiCall>,
+    id: u64,
+    local_only: bool,
+    since_ms: u64,
+) -> Result<(Vec<Value>, bool), Res> {
+    let (status, Json(mine)) = read(calls, move |node, local| {
+        let Some(t) = node.state().trials.get(&id) else {
+            return not_found(format!("no trial {id}"));
+        };
+        let me = format!("{:016x}", local.node);
+        let lines: Vec<Value> = local
+            .trials
+            .logs(id)
+            .iter()
+            .filter(|l| l.time_ms >= since_ms)
+            .map(|l| json!({"time_ms": l.time_ms, "node": me, "stream": l.stream, "line": l.line}))
+            .collect();
+        let peers: Vec<String> = local.peer_apis.values().cloned().collect();
+        json!({"lines": lines, "peers": peers, "ended": matches!(t.state, TrialState::Done(_))})
     })
-    .await
+    .await;
+    if status != StatusCode::OK {
+        return Err((status, Json(mine)));
+    }
+    let mut lines: Vec<Value> = mine["lines"].as_array().cloned().unwrap_or_default();
+    let ended = mine["ended"] == json!(true);
+    if !local_only {
+        let asks: Vec<_> = mine["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .map(|api| {
+                let url =
+                    format!("http://{api}/api/v1/trials/{id}/logs?local=true&since_ms={since_ms}");
+                tokio::task::spawn_blocking(move || peer_lines(&url))
+            })
+            .collect();
+        for ask in asks {
+            // A peer that is down or slow only costs its share of the lines.
+            lines.extend(ask.await.unwrap_or_default());
+        }
+    }
+    lines.sort_by_key(|l| l["time_ms"].as_u64().unwrap_or(0));
+    Ok((lines, ended))
+}
+
+fn peer_lines(url: &str) -> Vec<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_millis(PEER_LOGS_TIMEOUT_MS)))
+        .build()
+        .into();
+    agent
+        .get(url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Streams a trial's log as NDJSON: what there is, then new lines as they come,
+/// until the trial has ended (or the client goes away).
+fn follow_logs(calls: mpsc::Sender<ApiCall>, id: u64, since_ms: u64) -> Response {
+    struct Cursor {
+        calls: mpsc::Sender<ApiCall>,
+        since_ms: u64,
+        /// Lines already sent that were read at `since_ms` (the next poll
+        /// returns them again, as it includes that millisecond).
+        at_edge: Vec<Value>,
+        first: bool,
+        done: bool,
+    }
+    let cursor = Cursor {
+        calls,
+        since_ms,
+        at_edge: Vec::new(),
+        first: true,
+        done: false,
+    };
+    let stream = futures::stream::unfold(cursor, move |mut c| async move {
+        if c.done {
+            return None;
+        }
+        if !std::mem::take(&mut c.first) {
+            tokio::time::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS)).await;
+        }
+        let (lines, ended) = match gather_logs(&c.calls, id, false, c.since_ms).await {
+            Ok(x) => x,
+            Err((_, Json(e))) => {
+                c.done = true;
+                return Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(format!("{e}\n"))),
+                    c,
+                ));
+            }
+        };
+        let fresh: Vec<Value> = lines
+            .into_iter()
+            .filter(|l| !c.at_edge.contains(l))
+            .collect();
+        let mut out = String::new();
+        for l in &fresh {
+            out.push_str(&l.to_string());
+            out.push('\n');
+        }
+        if let Some(last) = fresh.iter().filter_map(|l| l["time_ms"].as_u64()).max() {
+            if last > c.since_ms {
+                c.at_edge.clear();
+                c.since_ms = last;
+            }
+            c.at_edge.extend(
+                fresh
+                    .into_iter()
+                    .filter(|l| l["time_ms"].as_u64() == Some(last)),
+            );
+        }
+        c.done = ended;
+        Some((Ok(Bytes::from(out)), c))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `GET /checkpoints/{uuid}`: the checkpoint's packed blob (fetched from a holder
+/// first when this node has no copy), verified, as `application/octet-stream`.
+async fn checkpoint(
+    State(calls): State<mpsc::Sender<ApiCall>>,
+    UrlPath(uuid): UrlPath<String>,
+) -> Response {
+    if resolute_storage::blob::check_digest(&uuid).is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("{uuid:?} is not a checkpoint uuid"),
+        )
+        .into_response();
+    }
+    let (tx, rx) = oneshot::channel();
+    let asked = calls
+        .send(ApiCall::Checkpoint {
+            uuid: uuid.clone(),
+            reply: tx,
+        })
+        .await;
+    let path = match (asked, rx.await) {
+        (Ok(()), Ok(Ok(path))) => path,
+        (Ok(()), Ok(Err(BlobUnavailable::NotFound))) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no checkpoint {uuid}"),
+            )
+            .into_response()
+        }
+        (Ok(()), Ok(Err(BlobUnavailable::Unreachable(why)))) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("checkpoint {uuid}: {why}"),
+            )
+            .into_response()
+        }
+        _ => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+                "the node is stopping",
+            )
+            .into_response()
+        }
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "io",
+                format!("{}: {e}", path.display()),
+            )
+            .into_response()
+        }
+    };
+    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = futures::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; DOWNLOAD_PIECE_BYTES];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<Bytes, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size)
+        .header("x-resolute-digest", uuid)
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn upload(State(calls): State<mpsc::Sender<ApiCall>>, body: axum::body::Bytes) -> Res {

@@ -136,6 +136,9 @@ pub struct Timing {
     pub tick_ms: u64,
     /// A node silent this long is declared lost.
     pub lease_timeout_ms: u64,
+    /// A node whose connections all closed is declared lost after this long
+    /// unless it reconnects (a crash is noticed before the lease ends).
+    pub disconnect_grace_ms: u64,
     /// Voters in the Raft group.
     pub voters: usize,
 }
@@ -145,6 +148,7 @@ impl Default for Timing {
         Timing {
             tick_ms: 100,
             lease_timeout_ms: resolute_core::node::LEASE_TIMEOUT_DEFAULT_MS,
+            disconnect_grace_ms: resolute_core::node::DISCONNECT_GRACE_DEFAULT_MS,
             voters: 3,
         }
     }

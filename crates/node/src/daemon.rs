@@ -72,6 +72,23 @@ pub enum ApiCall {
         /// The answer.
         reply: oneshot::Sender<serde_json::Value>,
     },
+    /// A checkpoint's packed blob on this node's disk, fetched from a holder
+    /// first when this node has no copy.
+    Checkpoint {
+        /// The checkpoint's uuid (its blob digest).
+        uuid: String,
+        /// Where the verified blob is, or why there is none.
+        reply: oneshot::Sender<Result<PathBuf, BlobUnavailable>>,
+    },
+}
+
+/// Why a checkpoint cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobUnavailable {
+    /// No such checkpoint was ever recorded.
+    NotFound,
+    /// It exists, but no holder could be reached.
+    Unreachable(String),
 }
 
 /// What only this node knows (its trials' logs, its identity, its API address).
@@ -86,6 +103,8 @@ pub struct Local {
     pub listen: Vec<Multiaddr>,
     /// The peers it has a connection to now.
     pub connected: BTreeSet<NodeId>,
+    /// The other nodes' REST APIs, as they announced them.
+    pub peer_apis: BTreeMap<NodeId, String>,
 }
 
 /// Messages to the loop from helper tasks.
@@ -266,6 +285,7 @@ impl Daemon {
         let mut cfg = NodeConfig::new(net.node_id, info);
         cfg.tick_ms = c.node.tick_ms;
         cfg.lease_timeout_ms = c.node.lease_timeout_ms;
+        cfg.disconnect_grace_ms = c.node.disconnect_grace_ms;
         cfg.voters = c.node.voters;
         let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
         let bootstrap = fresh && join.is_empty();
@@ -306,6 +326,7 @@ impl Daemon {
                 api: api_addr,
                 listen: info.listen,
                 connected: BTreeSet::new(),
+                peer_apis: BTreeMap::new(),
             },
             tick_ms: c.node.tick_ms,
             waiting: BTreeMap::new(),
@@ -807,8 +828,12 @@ impl Daemon {
             }
             NetEvent::Disconnected(n) => {
                 self.local.connected.remove(&n);
+                self.step(Input::Disconnected { node: n });
             }
             NetEvent::Announcement(a) => {
+                if !a.api.is_empty() {
+                    self.local.peer_apis.insert(a.node, a.api.clone());
+                }
                 if self.addrs.get(&a.node) != Some(&a.addrs) {
                     self.addrs.insert(a.node, a.addrs);
                     self.addrs_dirty = true;
@@ -895,6 +920,7 @@ impl Daemon {
             seq: self.announce_seq,
             ttl_ms: ANNOUNCEMENT_TTL_MS,
             addrs: self.local.listen.iter().map(|a| a.to_string()).collect(),
+            api: self.local.api.clone(),
             slots_total: self.slot_count,
             slots_free: self.slot_count.saturating_sub(used),
             gpus: Vec::new(),
@@ -915,7 +941,39 @@ impl Daemon {
             ApiCall::Read { read, reply } => {
                 let _ = reply.send(read(&self.node, &self.local));
             }
+            ApiCall::Checkpoint { uuid, reply } => self.serve_checkpoint(uuid, reply),
         }
+    }
+
+    fn serve_checkpoint(
+        &mut self,
+        uuid: String,
+        reply: oneshot::Sender<Result<PathBuf, BlobUnavailable>>,
+    ) {
+        let store = self.trials.store().clone();
+        let me = self.id();
+        let holders: Option<Vec<NodeId>> = self
+            .node
+            .state()
+            .checkpoints
+            .get(&uuid)
+            .map(|c| c.holders.iter().copied().filter(|n| *n != me).collect());
+        if store.has(&uuid) {
+            let _ = reply.send(Ok(store.path(&uuid)));
+            return;
+        }
+        let Some(holders) = holders else {
+            let _ = reply.send(Err(BlobUnavailable::NotFound));
+            return;
+        };
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let r = match fetch_patiently(&net, &uuid, &holders).await {
+                Ok(()) => Ok(store.path(&uuid)),
+                Err(e) => Err(BlobUnavailable::Unreachable(e.to_string())),
+            };
+            let _ = reply.send(r);
+        });
     }
 
     /// Runs until `stop` resolves: then drains (trials checkpoint and stop),

@@ -38,6 +38,7 @@ fn record(node: u64, seq: u64) -> Announcement {
         seq,
         ttl_ms: 60_000,
         addrs: Vec::new(),
+        api: String::new(),
         slots_total: 8,
         slots_free: 8,
         gpus: Vec::new(),
