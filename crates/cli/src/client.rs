@@ -145,6 +145,11 @@ pub fn get_json(t: &Target, path: &str) -> anyhow::Result<Value> {
     call(t, "GET", path, None).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// POSTs `body` to `/api/v1{path}` on the target node.
+pub fn post_json(t: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
+    call(t, "POST", path, Some(body)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Validates an experiment config (errors name `label` and the line), uploads
 /// the model directory if there is one, and creates the experiment; its id.
 fn submit(

@@ -209,6 +209,11 @@ impl LocalCluster {
         })
     }
 
+    /// Waits until every running node is connected to every other one.
+    pub fn wait_connected(&self) -> anyhow::Result<()> {
+        self.wait_formed(self.nodes.len())
+    }
+
     fn wait_formed(&self, count: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_millis(CLUSTER_FORM_TIMEOUT_MS);
         let expected = count.min(3);

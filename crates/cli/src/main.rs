@@ -175,6 +175,26 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Recovery: 3 local node processes; SIGKILL of the node running a trial,
+    /// until the cluster declares it lost and the trial runs elsewhere.
+    Recovery {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Kills (each a round; the killed node restarts between them).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Submission latency: 3 local node processes; submit to a follower until
+    /// the first trial's process has started, repeated.
+    Submit {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Submissions measured.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -283,6 +303,12 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Gossip { json },
         } => bench_gossip(json),
+        Command::Bench {
+            command: BenchCommand::Recovery { json, rounds },
+        } => bench_recovery(json, rounds),
+        Command::Bench {
+            command: BenchCommand::Submit { json, count },
+        } => bench_submit(json, count),
     };
     match result {
         Ok(code) => code,
@@ -624,6 +650,58 @@ fn bench_gossip(json: bool) -> anyhow::Result<ExitCode> {
     println!("  {:<16} {:>10.1}", "gossip_ms_p50", r.gossip_ms_p50);
     println!("  {:<16} {:>10.1}", "gossip_ms_p99", r.gossip_ms_p99);
     println!("  {:<16} {:>10.3}", "delivered", r.delivered);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_recovery(json: bool, rounds: usize) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
+    let dir = std::env::temp_dir().join(format!("resolute-bench-recovery-{}", std::process::id()));
+    let r = bench::recovery::run(&dir, rounds)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "recovery: 3 local nodes, SIGKILL of the node running a trial ({} rounds; lease {} ms, disconnect grace {} ms)",
+        r.rounds.len(),
+        r.lease_timeout_ms,
+        r.disconnect_grace_ms
+    );
+    println!("  {:<14} {:>8.0}", "detect_ms", r.detect_ms);
+    println!(
+        "  {:<14} {:>8.0}   target <= {:.0}: {}",
+        "restart_ms",
+        r.restart_ms,
+        r.restart_target_ms,
+        if r.pass { "met" } else { "NOT met" }
+    );
+    println!("  {:<14} {:>8.0}", "transfer_ms", r.transfer_ms);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_submit(json: bool, count: usize) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(count >= 1, "--count must be at least 1");
+    let dir = std::env::temp_dir().join(format!("resolute-bench-submit-{}", std::process::id()));
+    let r = bench::submit::run(&dir, count)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "submission: submit to a follower -> first trial process started ({} submissions)",
+        r.submissions
+    );
+    println!(
+        "  {:<24} {:>8.1}   target <= {:.0}: {}",
+        "submit_to_start_ms_p50",
+        r.submit_to_start_ms_p50,
+        r.p50_target_ms,
+        if r.pass { "met" } else { "NOT met" }
+    );
+    println!(
+        "  {:<24} {:>8.1}",
+        "submit_to_start_ms_p99", r.submit_to_start_ms_p99
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -586,7 +586,10 @@ fn lost_after_ms(c: &mut Cluster, leader: NodeId, victim: NodeId) -> u64 {
 fn a_crashed_node_whose_connections_close_is_lost_before_its_lease_ends() {
     let mut c = three(11);
     let leader = c.leader().expect("leader");
-    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).expect("follower");
+    let victim = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("follower");
     c.crash(victim);
     // Its kernel resets its connections: every peer hears of it at once.
     for n in [1, 2, 3].into_iter().filter(|n| *n != victim) {
@@ -602,7 +605,10 @@ fn a_crashed_node_whose_connections_close_is_lost_before_its_lease_ends() {
 fn a_silent_node_is_lost_only_when_its_lease_ends() {
     let mut c = three(12);
     let leader = c.leader().expect("leader");
-    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).expect("follower");
+    let victim = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("follower");
     c.crash(victim);
     let ms = lost_after_ms(&mut c, leader, victim);
     let lease = resolute_core::node::LEASE_TIMEOUT_DEFAULT_MS;
@@ -613,7 +619,10 @@ fn a_silent_node_is_lost_only_when_its_lease_ends() {
 fn a_node_that_reconnects_within_the_grace_stays_alive() {
     let mut c = three(13);
     let leader = c.leader().expect("leader");
-    let blip = [1, 2, 3].into_iter().find(|n| *n != leader).expect("follower");
+    let blip = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("follower");
     // The connection drops and comes back: heartbeats go on (the harness keeps
     // gossiping between live nodes), so the disconnect is outweighed.
     c.input(leader, Input::Disconnected { node: blip });

@@ -293,8 +293,15 @@ async fn trials(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath
 }
 
 async fn trial(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |node, _| {
-        trial_json(node, id).unwrap_or_else(|| not_found(format!("no trial {id}")))
+    read(&calls, move |node, local| {
+        let Some(mut t) = trial_json(node, id) else {
+            return not_found(format!("no trial {id}"));
+        };
+        // Only the node that started it knows how long the start took.
+        if let Some(l) = local.launches.get(&id) {
+            t["launched_here"] = json!({"incarnation": l.incarnation, "fetch_ms": l.fetch_ms});
+        }
+        t
     })
     .await
 }

@@ -105,6 +105,17 @@ pub struct Local {
     pub connected: BTreeSet<NodeId>,
     /// The other nodes' REST APIs, as they announced them.
     pub peer_apis: BTreeMap<NodeId, String>,
+    /// The latest launch here of each trial.
+    pub launches: BTreeMap<u64, Launched>,
+}
+
+/// A trial incarnation this node started.
+#[derive(Debug, Clone, Copy)]
+pub struct Launched {
+    /// Which incarnation.
+    pub incarnation: u64,
+    /// Milliseconds spent fetching its model directory and checkpoint first.
+    pub fetch_ms: u64,
 }
 
 /// Messages to the loop from helper tasks.
@@ -112,6 +123,8 @@ enum Internal {
     Launched {
         trial: u64,
         incarnation: u64,
+        /// Time spent fetching its model directory and checkpoint.
+        fetch_ms: u64,
     },
     LaunchFailed {
         trial: u64,
@@ -327,6 +340,7 @@ impl Daemon {
                 listen: info.listen,
                 connected: BTreeSet::new(),
                 peer_apis: BTreeMap::new(),
+                launches: BTreeMap::new(),
             },
             tick_ms: c.node.tick_ms,
             waiting: BTreeMap::new(),
@@ -620,6 +634,7 @@ impl Daemon {
                 ("checkpoint", latest_checkpoint, checkpoint_holders),
             ];
             let mut failed = None;
+            let fetch_started = tokio::time::Instant::now();
             for (what, digest, holders) in needed {
                 let Some(d) = digest.filter(|d| !store.has(d)) else {
                     continue;
@@ -629,12 +644,17 @@ impl Daemon {
                     break;
                 }
             }
+            let fetch_ms = fetch_started.elapsed().as_millis() as u64;
             let msg = match failed {
                 Some(reason) => Err(reason),
                 None => trials.launch(launch).await.map_err(|e| e.to_string()),
             };
             let msg = match msg {
-                Ok(()) => Internal::Launched { trial, incarnation },
+                Ok(()) => Internal::Launched {
+                    trial,
+                    incarnation,
+                    fetch_ms,
+                },
                 Err(reason) => Internal::LaunchFailed {
                     trial,
                     incarnation,
@@ -647,7 +667,18 @@ impl Daemon {
 
     fn on_internal(&mut self, m: Internal) {
         match m {
-            Internal::Launched { trial, incarnation } => {
+            Internal::Launched {
+                trial,
+                incarnation,
+                fetch_ms,
+            } => {
+                self.local.launches.insert(
+                    trial,
+                    Launched {
+                        incarnation,
+                        fetch_ms,
+                    },
+                );
                 self.propose_own(Command::TrialStarted { trial, incarnation });
             }
             Internal::LaunchFailed {

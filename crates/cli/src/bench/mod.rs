@@ -3,7 +3,9 @@
 
 pub mod gossip;
 pub mod log;
+pub mod recovery;
 pub mod sched;
+pub mod submit;
 pub mod transfer;
 
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
