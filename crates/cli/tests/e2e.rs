@@ -1,8 +1,9 @@
 //! End to end with separate processes on 127.0.0.x (real fsync, real libp2p):
 //! three `resolute node start` processes; an experiment submitted to a follower
-//! completes; SIGKILL of a node running trials moves them elsewhere, resuming from
-//! their latest checkpoints, without charging max_restarts; a stopped node
-//! restarts from its data dir and rejoins; every node ends with the same digest;
+//! completes with the trials per length that preview-search plans; SIGKILL of a
+//! node running trials moves them elsewhere, resuming from their latest
+//! checkpoints, without charging max_restarts; a stopped node restarts from its
+//! data dir and rejoins; every node ends with the same digest;
 //! SIGKILL of the leader during a submission never creates the experiment twice
 //! and never loses one the CLI reported as created.
 
@@ -182,6 +183,21 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
     until("the experiment completes", Duration::from_secs(120), || {
         get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
     });
+    // The trials per training length are what preview-search plans.
+    let planned = Command::new(BIN)
+        .arg("preview-search")
+        .arg(&config)
+        .args(["--config", "searcher.max_time=30000", "--json"])
+        .output()
+        .expect("preview-search");
+    let planned: Value = serde_json::from_slice(&planned.stdout).expect("preview json");
+    let mut trained = serde_json::Map::new();
+    for t in trials(&a.api, id) {
+        let key = t["steps_completed"].to_string();
+        let n = trained.get(&key).and_then(Value::as_u64).unwrap_or(0);
+        trained.insert(key, Value::from(n + 1));
+    }
+    assert_eq!(Value::Object(trained), planned, "trials per length");
     let t = get(&a.api, &["trial", "describe", &trial.to_string()]);
     assert_eq!(
         t["restarts"], 0,
