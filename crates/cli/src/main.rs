@@ -175,6 +175,9 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Search efficiency: each searcher on a lookup table of learning curves
+    /// (curves-v1), one worker, a budget of epochs; regret and epochs to the top 5%.
+    Search(SearchBenchArgs),
     /// Recovery: 3 local node processes; SIGKILL of the node running a trial,
     /// until the cluster declares it lost and the trial runs elsewhere.
     Recovery {
@@ -195,6 +198,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         count: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct SearchBenchArgs {
+    /// The curves file (curves-v1 JSON).
+    #[arg(long, default_value = "benches/curves/synthetic-v1.json")]
+    curves: PathBuf,
+    /// The metric to optimize (one of the file's `metrics`).
+    #[arg(long, default_value = "validation_loss")]
+    metric: String,
+    /// Epochs the worker may train per run (default: 20 x n_epochs).
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Seeds `A..B` (B exclusive): one run each.
+    #[arg(long, default_value = "0..50")]
+    seeds: String,
+    /// One searcher, or `all`.
+    #[arg(long, default_value = "all")]
+    searcher: String,
+    /// Print one JSON object keyed by searcher.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -303,6 +328,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Gossip { json },
         } => bench_gossip(json),
+        Command::Bench {
+            command: BenchCommand::Search(args),
+        } => bench_search(&args),
         Command::Bench {
             command: BenchCommand::Recovery { json, rounds },
         } => bench_recovery(json, rounds),
@@ -650,6 +678,52 @@ fn bench_gossip(json: bool) -> anyhow::Result<ExitCode> {
     println!("  {:<16} {:>10.1}", "gossip_ms_p50", r.gossip_ms_p50);
     println!("  {:<16} {:>10.1}", "gossip_ms_p99", r.gossip_ms_p99);
     println!("  {:<16} {:>10.3}", "delivered", r.delivered);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
+    let curves = bench::search::load(&args.curves)?;
+    let budget = args.budget.unwrap_or(20 * curves.n_epochs as u64);
+    let seeds = parse_seeds(&args.seeds)?;
+    let names: Vec<&str> = if args.searcher == "all" {
+        bench::search::SEARCHERS.to_vec()
+    } else {
+        vec![args.searcher.as_str()]
+    };
+    let mut reports = serde_json::Map::new();
+    for name in &names {
+        let r = bench::search::run(&curves, &args.metric, name, budget, seeds.clone())?;
+        reports.insert(name.to_string(), serde_json::to_value(&r)?);
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(reports));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "search: {} ({} configs, R = {} epochs), metric {}, budget {budget} epochs, seeds {}",
+        args.curves.display(),
+        curves.configs.len(),
+        curves.n_epochs,
+        args.metric,
+        args.seeds
+    );
+    println!(
+        "  {:<28} {:>12} {:>13} {:>9} {:>13} {:>8}",
+        "searcher", "mean_regret", "median_regret", "top5_hit", "top5_epochs", "trials"
+    );
+    for (name, r) in &reports {
+        println!(
+            "  {:<28} {:>12.4} {:>13.4} {:>9.2} {:>13} {:>8.1}",
+            name,
+            r["mean_regret"].as_f64().unwrap_or(0.0),
+            r["median_regret"].as_f64().unwrap_or(0.0),
+            r["top5_hit_rate"].as_f64().unwrap_or(0.0),
+            r["top5_median_epochs"]
+                .as_f64()
+                .map_or("never".to_string(), |e| format!("{e:.0}")),
+            r["trials"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,6 +5,7 @@ pub mod gossip;
 pub mod log;
 pub mod recovery;
 pub mod sched;
+pub mod search;
 pub mod submit;
 pub mod transfer;
 
