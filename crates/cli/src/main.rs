@@ -175,9 +175,34 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every benchmark: a table of figure, reference, ratio, target, pass.
+    All {
+        /// Print one JSON object keyed by benchmark.
+        #[arg(long)]
+        json: bool,
+        /// Shorter runs (under 3 minutes on 2 cores).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Search efficiency: each searcher on a lookup table of learning curves
     /// (curves-v1), one worker, a budget of epochs; regret and epochs to the top 5%.
     Search(SearchBenchArgs),
+    /// The simulator's large scenario: simulated seconds per wall second, GPU
+    /// goodput, work lost, recovery p99.
+    Sim {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// One simulated hour of faults instead of 24.
+        #[arg(long)]
+        quick: bool,
+        /// The scenario.
+        #[arg(long, default_value = "simulations/large.toml")]
+        file: PathBuf,
+        /// Its seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Recovery: 3 local node processes; SIGKILL of the node running a trial,
     /// until the cluster declares it lost and the trial runs elsewhere.
     Recovery {
@@ -329,8 +354,20 @@ fn main() -> ExitCode {
             command: BenchCommand::Gossip { json },
         } => bench_gossip(json),
         Command::Bench {
+            command: BenchCommand::All { json, quick },
+        } => bench_all(json, quick),
+        Command::Bench {
             command: BenchCommand::Search(args),
         } => bench_search(&args),
+        Command::Bench {
+            command:
+                BenchCommand::Sim {
+                    json,
+                    quick,
+                    file,
+                    seed,
+                },
+        } => bench_sim(json, quick, &file, seed),
         Command::Bench {
             command: BenchCommand::Recovery { json, rounds },
         } => bench_recovery(json, rounds),
@@ -681,6 +718,53 @@ fn bench_gossip(json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_all(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    let scratch = std::env::temp_dir().join(format!("resolute-bench-all-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let (rows, object) = bench::all::run(
+        quick,
+        &scratch,
+        std::path::Path::new("benches/curves/synthetic-v1.json"),
+    );
+    if json {
+        println!("{object}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "resolute bench all{} ({:.0} s)",
+        if quick { " --quick" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {:<9} {:<34} {:>12}  {:<26} {:>12} {:>7}  {:<30} pass",
+        "bench", "figure", "value", "reference", "ref value", "ratio", "target"
+    );
+    for r in &rows {
+        let (ref_name, ref_value) = r
+            .reference
+            .as_ref()
+            .map_or((String::new(), String::new()), |(n, v)| {
+                (n.clone(), format!("{v:.2}"))
+            });
+        println!(
+            "  {:<9} {:<34} {:>12.2}  {:<26} {:>12} {:>7}  {:<30} {}",
+            r.bench,
+            r.figure,
+            r.value,
+            ref_name,
+            ref_value,
+            r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
+            r.target,
+            match r.pass {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
     let curves = bench::search::load(&args.curves)?;
     let budget = args.budget.unwrap_or(20 * curves.n_epochs as u64);
@@ -724,6 +808,42 @@ fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
             r["trials"].as_f64().unwrap_or(0.0)
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_sim(
+    json: bool,
+    quick: bool,
+    file: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<ExitCode> {
+    let r = bench::sim::run(file, seed, quick)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "simulator: {} seed {} ({:.0} simulated s in {:.1} wall s)",
+        r.scenario, r.seed, r.simulated_s, r.wall_s
+    );
+    println!(
+        "  {:<18} {:>10.0}   target >= {:.0}: {}",
+        "sim_s_per_wall_s",
+        r.sim_s_per_wall_s,
+        r.sim_s_per_wall_s_target,
+        met(r.sim_s_per_wall_s >= r.sim_s_per_wall_s_target)
+    );
+    println!(
+        "  {:<18} {:>10.3}   target >= {:.2}: {}",
+        "gpu_goodput",
+        r.gpu_goodput,
+        r.gpu_goodput_target,
+        met(r.gpu_goodput >= r.gpu_goodput_target)
+    );
+    println!("  {:<18} {:>10.0}", "work_lost_gpu_s", r.work_lost_gpu_s);
+    println!("  {:<18} {:>10.1}", "recovery_s_p99", r.recovery_s_p99);
+    println!("  {:<18} {:>10}", "violations", r.violations);
     Ok(ExitCode::SUCCESS)
 }
 

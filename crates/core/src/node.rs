@@ -573,9 +573,19 @@ impl Node {
         let now = (self.raw.raft.term, self.raw.raft.state);
         if now != self.last_term_role {
             if now.1 == StateRole::Leader {
+                // Except those whose connections this node saw close and that have
+                // not been heard from since: that is first-hand evidence, and a
+                // fresh lease would hide a crashed leader's death for a whole lease.
                 let members: Vec<NodeId> = self.state.nodes.keys().copied().collect();
                 for n in members {
-                    self.last_seen.insert(n, self.now_ms);
+                    let seen = self.last_seen.get(&n).copied();
+                    let gone = self
+                        .disconnected_at
+                        .get(&n)
+                        .is_some_and(|d| seen.is_none_or(|s| s <= *d));
+                    if !gone {
+                        self.last_seen.insert(n, self.now_ms);
+                    }
                 }
                 self.proposed.clear();
             }

@@ -630,3 +630,23 @@ fn a_node_that_reconnects_within_the_grace_stays_alive() {
     let state = c.members[&leader].node.state().nodes[&blip].state;
     assert_eq!(state, resolute_core::state::NodeState::Alive);
 }
+
+#[test]
+fn a_crashed_leader_is_lost_soon_after_the_election_not_a_lease_later() {
+    let mut c = three(14);
+    let old = c.leader().expect("leader");
+    c.crash(old);
+    for n in [1, 2, 3].into_iter().filter(|n| *n != old) {
+        c.input(n, Input::Disconnected { node: old });
+    }
+    let start = c.now_ms;
+    c.until(10_000, "a new leader", |c| c.leader().is_some_and(|l| l != old));
+    let elected_ms = c.now_ms - start;
+    let leader = c.leader().expect("leader");
+    let ms = elected_ms + lost_after_ms(&mut c, leader, old);
+    let lease = resolute_core::node::LEASE_TIMEOUT_DEFAULT_MS;
+    assert!(
+        ms < elected_ms + lease / 2,
+        "elected after {elected_ms} ms, lost after {ms} ms"
+    );
+}

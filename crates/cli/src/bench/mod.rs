@@ -1,11 +1,13 @@
 //! `resolute bench`: benchmarks that print figures, each measured against a
 //! reference in the same run (these machines are shared and noisy).
 
+pub mod all;
 pub mod gossip;
 pub mod log;
 pub mod recovery;
 pub mod sched;
 pub mod search;
+pub mod sim;
 pub mod submit;
 pub mod transfer;
 

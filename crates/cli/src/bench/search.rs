@@ -64,9 +64,9 @@ pub struct Curves {
 pub struct CurveConfig {
     /// Its id.
     pub id: serde_json::Value,
-    /// Its hyperparameters (shown, not used).
-    #[serde(default)]
-    pub params: serde_json::Value,
+    /// Its hyperparameters (not used: the searchers sample the config's index).
+    #[serde(default, rename = "params")]
+    pub _params: serde_json::Value,
     /// `n_seeds` maps of metric name to its values after epochs 1..=R.
     pub seeds: Vec<BTreeMap<String, Vec<f64>>>,
 }
