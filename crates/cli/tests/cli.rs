@@ -169,3 +169,108 @@ fn sim_prints_its_report_as_json_and_exits_0_when_clean() {
     assert_eq!(json["seed"], 1);
     assert_eq!(json["violations"].as_array().map(Vec::len), Some(0));
 }
+
+#[test]
+fn bench_search_reports_every_searcher_on_the_shipped_curves() {
+    let out = resolute(&["bench", "search", "--seeds", "0..4", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for name in [
+        "random",
+        "async_halving",
+        "adaptive_asha_standard",
+        "adaptive_asha_aggressive",
+        "adaptive_asha_conservative",
+        "asha_pause_resume",
+        "hyperband",
+    ] {
+        let r = &v[name];
+        for key in [
+            "mean_regret",
+            "median_regret",
+            "top5_hit_rate",
+            "top5_median_epochs",
+            "trials",
+        ] {
+            assert!(r.get(key).is_some(), "{name}.{key} missing: {r}");
+        }
+        let regret = r["mean_regret"].as_f64().expect("regret");
+        assert!(regret >= 0.0 && regret < 3.0, "{name}: {regret}");
+    }
+    // Halving trains many short trials where random trains few long ones.
+    assert!(v["asha_pause_resume"]["trials"].as_f64() > v["random"]["trials"].as_f64());
+}
+
+#[test]
+fn bench_search_is_deterministic_for_a_seed() {
+    let args = [
+        "bench",
+        "search",
+        "--seeds",
+        "3..5",
+        "--searcher",
+        "adaptive_asha_standard",
+        "--json",
+    ];
+    let a = resolute(&args);
+    let b = resolute(&args);
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn a_malformed_curves_file_is_refused_with_the_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.json");
+    let bad = r#"{"format": "curves-v1", "n_epochs": 3, "n_seeds": 1,
+        "metrics": {"loss": "min"},
+        "configs": [{"id": 0, "params": {}, "seeds": [{"loss": [1.0, 0.5, 0.2]}]},
+                    {"id": 1, "params": {}, "seeds": [{"loss": [1.0, 0.5]}]}]}"#;
+    std::fs::write(&file, bad).expect("write");
+    let path = file.to_str().expect("utf-8");
+    let out = resolute(&["bench", "search", "--curves", path, "--metric", "loss"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("configs[1].seeds[0].loss: 2 values"), "{err}");
+}
+
+#[test]
+fn a_tiny_table_is_searched_to_its_best_config() {
+    // Two configs, one clearly better at the end although worse early (the
+    // curves cross): with enough budget every searcher ends on it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tiny.json");
+    let slow: Vec<f64> = (1..=9).map(|e| 2.0 - 0.2 * e as f64).collect();
+    let fast: Vec<f64> = (1..=9).map(|e| 0.9 - 0.01 * e as f64).collect();
+    let table = serde_json::json!({
+        "format": "curves-v1", "n_epochs": 9, "n_seeds": 1,
+        "metrics": {"loss": "min"},
+        "configs": [{"id": "fast", "params": {}, "seeds": [{"loss": fast}]},
+                    {"id": "slow", "params": {}, "seeds": [{"loss": slow}]}]
+    });
+    std::fs::write(&file, table.to_string()).expect("write");
+    let path = file.to_str().expect("utf-8");
+    let out = resolute(&[
+        "bench",
+        "search",
+        "--curves",
+        path,
+        "--metric",
+        "loss",
+        "--budget",
+        "200",
+        "--seeds",
+        "0..5",
+        "--searcher",
+        "random",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["random"]["mean_regret"], 0.0, "{v}");
+    assert_eq!(v["random"]["top5_hit_rate"], 1.0, "{v}");
+    let out = resolute(&["bench", "search", "--curves", path, "--metric", "accuracy"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("--metric accuracy"), "{err}");
+}

@@ -640,7 +640,9 @@ fn a_crashed_leader_is_lost_soon_after_the_election_not_a_lease_later() {
         c.input(n, Input::Disconnected { node: old });
     }
     let start = c.now_ms;
-    c.until(10_000, "a new leader", |c| c.leader().is_some_and(|l| l != old));
+    c.until(10_000, "a new leader", |c| {
+        c.leader().is_some_and(|l| l != old)
+    });
     let elected_ms = c.now_ms - start;
     let leader = c.leader().expect("leader");
     let ms = elected_ms + lost_after_ms(&mut c, leader, old);
