@@ -242,6 +242,9 @@ struct SearchBenchArgs {
     /// One searcher, or `all`.
     #[arg(long, default_value = "all")]
     searcher: String,
+    /// Workers training at once (the parallel view: wall-clock time to the top 5%).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Print one JSON object keyed by searcher.
     #[arg(long)]
     json: bool,
@@ -776,7 +779,14 @@ fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut reports = serde_json::Map::new();
     for name in &names {
-        let r = bench::search::run(&curves, &args.metric, name, budget, seeds.clone())?;
+        let r = bench::search::run(
+            &curves,
+            &args.metric,
+            name,
+            budget,
+            seeds.clone(),
+            args.workers,
+        )?;
         reports.insert(name.to_string(), serde_json::to_value(&r)?);
     }
     if args.json {
@@ -784,20 +794,27 @@ fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "search: {} ({} configs, R = {} epochs), metric {}, budget {budget} epochs, seeds {}",
+        "search: {} ({} configs, R = {} epochs), metric {}, budget {budget} epochs, seeds {}, {} worker(s)",
         args.curves.display(),
         curves.configs.len(),
         curves.n_epochs,
         args.metric,
-        args.seeds
+        args.seeds,
+        args.workers
     );
     println!(
-        "  {:<28} {:>12} {:>13} {:>9} {:>13} {:>8}",
-        "searcher", "mean_regret", "median_regret", "top5_hit", "top5_epochs", "trials"
+        "  {:<28} {:>12} {:>13} {:>9} {:>13} {:>8} {:>10}",
+        "searcher",
+        "mean_regret",
+        "median_regret",
+        "top5_hit",
+        "top5_epochs",
+        "trials",
+        "top5_wall"
     );
     for (name, r) in &reports {
         println!(
-            "  {:<28} {:>12.4} {:>13.4} {:>9.2} {:>13} {:>8.1}",
+            "  {:<28} {:>12.4} {:>13.4} {:>9.2} {:>13} {:>8.1} {:>10}",
             name,
             r["mean_regret"].as_f64().unwrap_or(0.0),
             r["median_regret"].as_f64().unwrap_or(0.0),
@@ -805,7 +822,10 @@ fn bench_search(args: &SearchBenchArgs) -> anyhow::Result<ExitCode> {
             r["top5_median_epochs"]
                 .as_f64()
                 .map_or("never".to_string(), |e| format!("{e:.0}")),
-            r["trials"].as_f64().unwrap_or(0.0)
+            r["trials"].as_f64().unwrap_or(0.0),
+            r["top5_median_wall_epochs"]
+                .as_f64()
+                .map_or("never".to_string(), |e| format!("{e:.0}")),
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -243,6 +243,7 @@ pub fn run(quick: bool, scratch: &Path, curves: &Path) -> (Vec<Row>, Value) {
                     name,
                     budget,
                     0..plan.search_seeds,
+                    1,
                 )?;
                 reports.insert(name.to_string(), serde_json::to_value(&r)?);
             }

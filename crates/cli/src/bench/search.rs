@@ -129,6 +129,11 @@ pub struct SearcherReport {
     pub top5_median_epochs: Option<f64>,
     /// Mean trials created per run.
     pub trials: f64,
+    /// Median wall-clock time until the incumbent first was in the top 5%, in
+    /// epoch durations (`workers` train at once; equals the epochs with one).
+    pub top5_median_wall_epochs: Option<f64>,
+    /// Workers training at once.
+    pub workers: usize,
 }
 
 /// What one run (one seed) ended with.
@@ -136,6 +141,8 @@ pub struct SearcherReport {
 struct RunResult {
     regret: f64,
     top5_epochs: Option<u64>,
+    /// Wall clock (in epoch durations) when the incumbent first was in the top 5%.
+    top5_wall: Option<u64>,
     trials: u64,
 }
 
@@ -203,6 +210,7 @@ fn searcher_yaml(
     metric: &str,
     smaller: bool,
     max_trials: u64,
+    workers: usize,
 ) -> anyhow::Result<String> {
     // Rungs down to one epoch: R / 3^(k-1) >= 1.
     let mut rungs = 1;
@@ -210,7 +218,7 @@ fn searcher_yaml(
         rungs += 1;
     }
     let common = format!(
-        "metric: {metric}, smaller_is_better: {smaller}, time_metric: epochs, max_time: {r}, max_concurrent_trials: 1"
+        "metric: {metric}, smaller_is_better: {smaller}, time_metric: epochs, max_time: {r}, max_concurrent_trials: {workers}"
     );
     let method = match name {
         "random" => format!("name: random, max_trials: {max_trials}"),
@@ -256,18 +264,24 @@ fn run_one(
     searcher: &str,
     budget: u64,
     seed: u64,
+    workers: usize,
 ) -> anyhow::Result<RunResult> {
     let r = curves.n_epochs as u64;
     let n = curves.configs.len();
     let mut spent = 0u64;
     let mut trials_total = 0u64;
     let mut incumbent: Option<(f64, usize)> = None; // (observed final, config)
-    let mut top5_epochs = None;
+                                                    // (epochs spent, wall clock) when the incumbent first was in the top 5%.
+    let mut top5: Option<(u64, u64)> = None;
+    // Wall clock in epoch durations: each worker trains one epoch per unit.
+    let mut clock = 0u64;
+    let mut exhausted = false;
     for restart in 0..RESTARTS_MAX {
+        let mut busy: BTreeMap<RequestId, u64> = BTreeMap::new();
         let yaml = format!(
             "name: bench-search\nentrypoint: \"true\"\nhyperparameters:\n  config: {{type: int, minval: 0, maxval: {}}}\nsearcher: {}\nreproducibility: {{experiment_seed: {}}}\n",
             n - 1,
-            searcher_yaml(searcher, r, metric, truth.smaller, budget.max(1))?,
+            searcher_yaml(searcher, r, metric, truth.smaller, budget.max(1), workers)?,
             (seed + restart * 1_000_003) % (1 << 31)
         );
         let loaded = resolute_types::config::parse_str("bench-search.yaml", &yaml, &[])
@@ -303,31 +317,50 @@ fn run_one(
                 .find(|(_, t)| t.status == Status::Stopping)
             {
                 t.status = Status::Closed;
+                busy.remove(&id);
                 ops.extend(s.handle(&SearchEvent::TrialExited { request_id: id })?);
                 continue 'run;
             }
-            // The worker trains the least-advanced runnable trial one epoch and
-            // validates (as Optuna's objective reports every epoch): a searcher
-            // that stops trials at rungs sees every rung.
-            let next = trials
+            // Idle workers take the least-advanced runnable trials, one epoch
+            // each, validating after it (as Optuna's objective reports every
+            // epoch): a searcher that stops trials at rungs sees every rung.
+            while busy.len() < workers {
+                let next = trials
+                    .iter()
+                    .filter(|(id, t)| {
+                        t.status == Status::Running
+                            && t.target.is_some_and(|x| x > t.time && t.time < r)
+                            && !busy.contains_key(id)
+                    })
+                    .min_by_key(|(id, t)| (t.time, **id))
+                    .map(|(id, _)| *id);
+                let Some(id) = next else {
+                    break;
+                };
+                if spent + 1 > budget {
+                    exhausted = true;
+                    break;
+                }
+                spent += 1;
+                busy.insert(id, clock + 1);
+            }
+            // The epoch that ends first (ties by trial id) is reported.
+            let Some((id, at)) = busy
                 .iter()
-                .filter(|(_, t)| {
-                    t.status == Status::Running && t.target.is_some_and(|x| x > t.time)
-                })
-                .min_by_key(|(id, t)| (t.time, **id))
-                .map(|(id, _)| *id);
-            let Some(id) = next else {
-                break 'run; // Waiting on nothing: the searcher is stuck.
+                .map(|(id, at)| (*id, *at))
+                .min_by_key(|(id, at)| (*at, *id))
+            else {
+                if exhausted {
+                    return Ok(finish(truth, incumbent, top5, trials_total));
+                }
+                break 'run; // Nothing to train: the searcher waits on nothing.
             };
-            let t = trials.get_mut(&id).expect("chosen from the map");
-            if t.time >= r {
-                t.target = Some(t.time);
-                continue 'run;
+            busy.remove(&id);
+            clock = at;
+            let t = trials.get_mut(&id).expect("a busy trial exists");
+            if t.status != Status::Running {
+                continue 'run; // Paused or stopped meanwhile: the epoch is lost.
             }
-            if spent + 1 > budget {
-                return Ok(finish(truth, incumbent, top5_epochs, trials_total));
-            }
-            spent += 1;
             t.time += 1;
             let target = t.time;
             let value = curves.configs[t.config].seeds[t.seed][metric][target as usize - 1];
@@ -335,8 +368,8 @@ fn run_one(
                 let improves = incumbent.is_none_or(|(best, _)| truth.better(value, best));
                 if improves {
                     incumbent = Some((value, t.config));
-                    if top5_epochs.is_none() && truth.in_top(truth.true_final[t.config]) {
-                        top5_epochs = Some(spent);
+                    if top5.is_none() && truth.in_top(truth.true_final[t.config]) {
+                        top5 = Some((spent, clock));
                     }
                 }
             }
@@ -350,11 +383,11 @@ fn run_one(
             })?);
             last = Some(id);
         }
-        if spent >= budget || trials_total == before {
+        if exhausted || spent >= budget || trials_total == before {
             break;
         }
     }
-    Ok(finish(truth, incumbent, top5_epochs, trials_total))
+    Ok(finish(truth, incumbent, top5, trials_total))
 }
 
 /// Applies one searcher operation to the worker's trials; the events it causes.
@@ -429,7 +462,7 @@ fn carry_out(
 fn finish(
     truth: &Truth,
     incumbent: Option<(f64, usize)>,
-    top5_epochs: Option<u64>,
+    top5: Option<(u64, u64)>,
     trials: u64,
 ) -> RunResult {
     // No trial reached R within the budget: the worst regret the table allows.
@@ -438,7 +471,8 @@ fn finish(
     });
     RunResult {
         regret,
-        top5_epochs,
+        top5_epochs: top5.map(|t| t.0),
+        top5_wall: top5.map(|t| t.1),
         trials,
     }
 }
@@ -450,11 +484,15 @@ pub fn run(
     searcher: &str,
     budget: u64,
     seeds: std::ops::Range<u64>,
+    workers: usize,
 ) -> anyhow::Result<SearcherReport> {
+    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
     let truth = Truth::new(curves, metric)?;
     let mut results = Vec::new();
     for seed in seeds {
-        results.push(run_one(curves, &truth, metric, searcher, budget, seed)?);
+        results.push(run_one(
+            curves, &truth, metric, searcher, budget, seed, workers,
+        )?);
     }
     anyhow::ensure!(!results.is_empty(), "--seeds is empty");
     let runs = results.len() as f64;
@@ -464,11 +502,18 @@ pub fn run(
         .map(|r| r.top5_epochs.map_or(f64::INFINITY, |e| e as f64))
         .collect();
     let median_epochs = super::quantile(&mut epochs, 0.5);
+    let mut walls: Vec<f64> = results
+        .iter()
+        .map(|r| r.top5_wall.map_or(f64::INFINITY, |e| e as f64))
+        .collect();
+    let median_wall = super::quantile(&mut walls, 0.5);
     Ok(SearcherReport {
         mean_regret: regrets.iter().sum::<f64>() / runs,
         median_regret: super::quantile(&mut regrets, 0.5),
         top5_hit_rate: results.iter().filter(|r| r.top5_epochs.is_some()).count() as f64 / runs,
         top5_median_epochs: median_epochs.is_finite().then_some(median_epochs),
         trials: results.iter().map(|r| r.trials as f64).sum::<f64>() / runs,
+        top5_median_wall_epochs: median_wall.is_finite().then_some(median_wall),
+        workers,
     })
 }
