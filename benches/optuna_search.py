@@ -33,7 +33,12 @@ TOP_FRACTION = 0.05
 
 
 def ensure_optuna():
-    """Imports optuna 5, installing it into the venv (and re-running there) if needed."""
+    """Imports optuna 5, installing it into the venv (and re-running there) if needed.
+    Also pins PYTHONHASHSEED: HyperbandPruner assigns brackets by hashing, and a run
+    must give the same figures twice."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
     try:
         import optuna  # noqa: F401
 
@@ -85,6 +90,7 @@ def run_one(optuna, table, truth, metric, pruner_name, budget, seed):
         ),
     }
     study = optuna.create_study(
+        study_name=f"bench-{pruner_name}-{seed}",
         direction="minimize" if truth.smaller else "maximize",
         sampler=optuna.samplers.RandomSampler(seed=seed),
         pruner=pruners[pruner_name](),

@@ -195,7 +195,7 @@ fn bench_search_reports_every_searcher_on_the_shipped_curves() {
             assert!(r.get(key).is_some(), "{name}.{key} missing: {r}");
         }
         let regret = r["mean_regret"].as_f64().expect("regret");
-        assert!(regret >= 0.0 && regret < 3.0, "{name}: {regret}");
+        assert!((0.0..3.0).contains(&regret), "{name}: {regret}");
     }
     // Halving trains many short trials where random trains few long ones.
     assert!(v["asha_pause_resume"]["trials"].as_f64() > v["random"]["trials"].as_f64());
