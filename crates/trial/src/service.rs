@@ -115,6 +115,12 @@ impl TrialService {
     ) -> Result<(TrialService, mpsc::Receiver<TrialEvent>), TrialError> {
         std::fs::create_dir_all(&config.work_root)
             .map_err(|e| TrialError::Io(format!("{}: {e}", config.work_root.display())))?;
+        let leftovers = kill_leftovers(&config.work_root);
+        if leftovers > 0 {
+            eprintln!(
+                "killed {leftovers} trial process group(s) left running by this node's previous life"
+            );
+        }
         let store = BlobStore::open(&config.data_dir).map_err(|e| TrialError::Io(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -264,6 +270,11 @@ impl TrialService {
             .spawn()
             .map_err(|e| TrialError::Io(format!("starting {:?}: {e}", launch.entrypoint)))?;
         let pgid = child.id().map(|p| p as i32);
+        if let Some(p) = pgid {
+            // Remembered on disk: if this node dies with SIGKILL, its next life
+            // kills the group (see `kill_leftovers`).
+            remember_group(&dir, launch.incarnation, p);
+        }
         {
             let mut trials = shared.trials.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(e) = trials.get_mut(&launch.trial) {
@@ -361,6 +372,63 @@ fn still_running(shared: &Shared, trial: u64, incarnation: u64) -> bool {
         .is_some_and(|e| e.incarnation == incarnation && !e.done)
 }
 
+/// File (in the trial's directory) naming a running incarnation's process group
+/// and its start time: `running-<incarnation>.pgid`.
+fn group_file(dir: &Path, incarnation: u64) -> PathBuf {
+    dir.join(format!("running-{incarnation}.pgid"))
+}
+
+fn remember_group(dir: &Path, incarnation: u64, pgid: i32) {
+    if let Some(start) = start_time(pgid) {
+        let _ = std::fs::write(group_file(dir, incarnation), format!("{pgid} {start}\n"));
+    }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22):
+/// with the pid it names the process uniquely, so a reused pid is never killed.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; count fields after its ')'.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process groups that a previous life of this node left running (it
+/// was SIGKILLed, so its trials were not): their incarnations were moved or will
+/// be restarted, and a leftover would keep using the slots and the GPU. Returns
+/// how many groups were still alive.
+fn kill_leftovers(work_root: &Path) -> usize {
+    let mut killed = 0;
+    let trial_dirs = std::fs::read_dir(work_root).into_iter().flatten().flatten();
+    for trial_dir in trial_dirs {
+        let files = std::fs::read_dir(trial_dir.path())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for f in files {
+            let path = f.path();
+            let is_group = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("running-") && n.ends_with(".pgid"));
+            if !is_group {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut parts = text.split_whitespace().map(str::parse::<u64>);
+            if let (Some(Ok(pgid)), Some(Ok(start))) = (parts.next(), parts.next()) {
+                let pgid = i32::try_from(pgid).unwrap_or(0);
+                if pgid > 1 && start_time(pgid) == Some(start) {
+                    kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
+                    killed += 1;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    killed
+}
+
 fn kill_group(pgid: i32, signal: nix::sys::signal::Signal) {
     if pgid > 1 {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
@@ -451,6 +519,8 @@ async fn exited(
             return; // A newer incarnation replaced this one.
         }
         e.done = true;
+        let dir = shared.config.work_root.join(format!("trial-{trial}"));
+        let _ = std::fs::remove_file(group_file(&dir, incarnation));
         let exit_code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
         let preempted = *e.preempt.borrow();

@@ -424,3 +424,41 @@ async fn a_model_directory_stored_once_as_a_blob_serves_every_trial() {
         assert_eq!(validation_steps(&got), vec![20, 40]);
     }
 }
+
+/// Whether a process runs (a zombie waiting to be reaped does not).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_kills_the_trials_its_previous_life_left_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, _events) = service(dir.path(), 1_000).await;
+    first
+        .launch(launch(1, 1, "sleep 60", None))
+        .await
+        .expect("launch");
+    let file = dir.path().join("work/trial-1/running-1.pgid");
+    let text = std::fs::read_to_string(&file).expect("the group is remembered");
+    let pgid: i32 = text
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pgid");
+    assert!(runs(pgid), "the trial runs");
+    // The node dies without stopping its trials (as with SIGKILL) and starts again.
+    drop(first);
+    let (_second, _events2) = service(dir.path(), 1_000).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while runs(pgid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leftover still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!file.exists(), "the record is gone with the process");
+}
