@@ -4,7 +4,7 @@
 //! node running trials moves them elsewhere, resuming from their latest
 //! checkpoints, without charging max_restarts; a stopped node restarts from its
 //! data dir and rejoins; every node ends with the same digest;
-//! SIGKILL of the leader during a submission never creates the experiment twice
+//! SIGKILL of the leader early and late in a submission never creates the experiment twice
 //! and never loses one the CLI reported as created.
 
 use std::io::{BufRead, BufReader};
@@ -231,6 +231,26 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
     agree(&alive, "the restarted node catches up");
     // (c) SIGKILL the leader during a submission to a follower: the experiment
     // exists exactly once, or the CLI said it failed (and then at most once).
+    // Early (before the creation reaches the leader: the CLI fails) and late
+    // (after it committed: the CLI succeeds); the killed node restarts between.
+    for delay_ms in [5, 40] {
+        let killed = submit_while_the_leader_dies(&mut alive, &config, &model, &env, delay_ms);
+        agree(&alive, "the two survivors agree");
+        alive.push(start(&killed.0, killed.1, None));
+        agree(&alive, "the restarted leader catches up");
+    }
+}
+
+/// Submits to a follower and SIGKILLs the leader `delay_ms` later; checks that
+/// the experiment exists once if the CLI said so, never twice. The killed
+/// node's data dir and host.
+fn submit_while_the_leader_dies(
+    alive: &mut Vec<NodeProc>,
+    config: &Path,
+    model: &Path,
+    env: &str,
+    delay_ms: u64,
+) -> (PathBuf, u8) {
     let statuses: Vec<Value> = alive
         .iter()
         .map(|n| get(&n.api, &["cluster", "status"]))
@@ -240,9 +260,15 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
         .position(|s| s["leader"] == s["this_node"])
         .expect("a leader");
     let follower = alive[(leader + 1) % alive.len()].api.clone();
+    let name = format!("exactly-once-{delay_ms}");
     let submit = {
-        let (config, model, follower, env) =
-            (config.clone(), model.clone(), follower.clone(), env.clone());
+        let (config, model, follower, env, name) = (
+            config.to_path_buf(),
+            model.to_path_buf(),
+            follower.clone(),
+            env.to_string(),
+            name.clone(),
+        );
         std::thread::spawn(move || {
             cli(
                 &follower,
@@ -252,16 +278,17 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
                     config.to_str().unwrap_or_default(),
                     model.to_str().unwrap_or_default(),
                     "--config",
-                    "name=exactly-once",
+                    &format!("name={name}"),
                     "--config",
                     &env,
                 ],
             )
         })
     };
-    // About when the CLI has uploaded the model and sent the creation.
-    std::thread::sleep(Duration::from_millis(40));
-    drop(alive.remove(leader));
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    let killed = alive.remove(leader);
+    let gone = (killed.data.clone(), killed.host);
+    drop(killed);
     let (code, out) = submit.join().expect("submit thread");
     let old_leader = statuses[leader]["this_node"].clone();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -271,7 +298,7 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
             break;
         }
         if Instant::now() > deadline {
-            for n in &alive {
+            for n in alive.iter() {
                 eprintln!("{}", get(&n.api, &["cluster", "status"]));
             }
             panic!("no new leader");
@@ -289,17 +316,17 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|e| e["name"] == "exactly-once")
+            .filter(|e| e["name"] == name.as_str())
             .count();
         true
     });
-    eprintln!("submission during the leader's death: exit {code}, {count} created");
+    eprintln!("leader killed {delay_ms} ms into a submission: exit {code}, {count} created");
     if code == 0 {
         assert_eq!(count, 1, "the CLI said it was created: {out}");
     } else {
         assert!(count <= 1, "created {count} times: {out}");
     }
-    agree(&alive, "the two survivors agree");
+    gone
 }
 
 /// Waits until every node reports the same applied index and state digest.
