@@ -364,21 +364,27 @@ async fn gather_logs(
             return not_found(format!("no trial {id}"));
         };
         let me = format!("{:016x}", local.node);
-        let lines: Vec<Value> = local
-            .trials
-            .logs(id)
-            .iter()
-            .filter(|l| l.time_ms >= since_ms)
-            .map(|l| json!({"time_ms": l.time_ms, "node": me, "stream": l.stream, "line": l.line}))
-            .collect();
+        let path = local.trials.log_path(id).display().to_string();
         let peers: Vec<String> = local.peer_apis.values().cloned().collect();
-        json!({"lines": lines, "peers": peers, "ended": matches!(t.state, TrialState::Done(_))})
+        json!({"me": me, "path": path, "peers": peers, "ended": matches!(t.state, TrialState::Done(_))})
     })
     .await;
     if status != StatusCode::OK {
         return Err((status, Json(mine)));
     }
-    let mut lines: Vec<Value> = mine["lines"].as_array().cloned().unwrap_or_default();
+    // This node's lines come from its log files, read off the node's loop.
+    let (path, me) = (
+        std::path::PathBuf::from(mine["path"].as_str().unwrap_or_default()),
+        mine["me"].as_str().unwrap_or_default().to_string(),
+    );
+    let mut lines: Vec<Value> = tokio::task::spawn_blocking(move || {
+        resolute_trial::read_logs(&path, since_ms)
+            .iter()
+            .map(|l| json!({"time_ms": l.time_ms, "node": me, "stream": l.stream, "line": l.line}))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     let ended = mine["ended"] == json!(true);
     if !local_only {
         let asks: Vec<_> = mine["peers"]

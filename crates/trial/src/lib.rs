@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use resolute_core::command::{MetricKind, TrialOutcome};
 use resolute_types::Value;
 
-pub use service::{LogLine, ServiceConfig, TrialService, KILL_GRACE_DEFAULT_MS};
+pub use service::{read_logs, LogLine, ServiceConfig, TrialService, KILL_GRACE_DEFAULT_MS};
 
 /// Why a trial operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -33,6 +33,8 @@ pub const LOG_TAIL_LINES: usize = 200;
 pub const EXIT_MESSAGE_LINES: usize = 20;
 /// Size at which a trial's log file is rotated (one older file is kept).
 pub const LOG_FILE_MAX_BYTES: u64 = 8 << 20;
+/// Lines one log request returns at most (the newest).
+pub const LOG_LINES_SERVED_MAX: usize = 10_000;
 /// Seconds between SIGTERM and SIGKILL once `preemption_timeout` has passed.
 pub const KILL_GRACE_DEFAULT_MS: u64 = 10_000;
 /// Longest a preemption long-poll waits.
@@ -160,6 +162,11 @@ impl TrialService {
             .get(&trial)
             .map(|e| e.tail.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Everything this node captured of a trial (see [`read_logs`]).
+    pub fn logs_since(&self, trial: u64, since_ms: u64) -> Vec<LogLine> {
+        read_logs(&self.log_path(trial), since_ms)
     }
 
     /// Where a trial's log file is.
@@ -370,6 +377,44 @@ fn still_running(shared: &Shared, trial: u64, incarnation: u64) -> bool {
     trials
         .get(&trial)
         .is_some_and(|e| e.incarnation == incarnation && !e.done)
+}
+
+/// Everything a node captured of a trial, read back from its log file `path`
+/// and the rotated one before it: every incarnation that ran there (so it
+/// survives a restart of the node), oldest first, from `since_ms` on, at most the
+/// newest [`LOG_LINES_SERVED_MAX`] lines. It reads files: call it off the node's
+/// loop.
+pub fn read_logs(path: &Path, since_ms: u64) -> Vec<LogLine> {
+    let mut lines = Vec::new();
+    for file in [path.with_extension("log.1"), path.to_path_buf()] {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        for l in String::from_utf8_lossy(&bytes).lines() {
+            // `<time_ms> <stream> <line>`, as `LogFile::write` wrote it.
+            let mut parts = l.splitn(3, ' ');
+            let (Some(Ok(time_ms)), Some(stream)) =
+                (parts.next().map(str::parse::<u64>), parts.next())
+            else {
+                continue;
+            };
+            if time_ms < since_ms {
+                continue;
+            }
+            lines.push(LogLine {
+                time_ms,
+                stream: if stream == "stderr" {
+                    "stderr"
+                } else {
+                    "stdout"
+                },
+                line: parts.next().unwrap_or("").to_string(),
+            });
+        }
+    }
+    let excess = lines.len().saturating_sub(LOG_LINES_SERVED_MAX);
+    lines.drain(..excess);
+    lines
 }
 
 /// File (in the trial's directory) naming a running incarnation's process group

@@ -462,3 +462,28 @@ async fn a_restarted_node_kills_the_trials_its_previous_life_left_running() {
     }
     assert!(!file.exists(), "the record is gone with the process");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trials_whole_log_is_served_after_the_node_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (svc, mut events) = service(dir.path(), 1_000).await;
+    svc.launch(launch(7, 1, "echo first; echo oops >&2", None))
+        .await
+        .expect("launch 1");
+    until_exit(&mut events, 7, 1).await;
+    svc.launch(launch(7, 2, "echo second", None))
+        .await
+        .expect("launch 2");
+    until_exit(&mut events, 7, 2).await;
+    drop(svc);
+    // A new life of the node: nothing in memory, everything on disk.
+    let (again, _events) = service(dir.path(), 1_000).await;
+    let lines = again.logs_since(7, 0);
+    let text: Vec<(&str, &str)> = lines.iter().map(|l| (l.stream, l.line.as_str())).collect();
+    assert!(text.contains(&("stdout", "first")), "{text:?}");
+    assert!(text.contains(&("stderr", "oops")), "{text:?}");
+    assert!(text.contains(&("stdout", "second")), "{text:?}");
+    assert!(lines.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
+    let later = lines.iter().map(|l| l.time_ms).max().expect("lines") + 1;
+    assert!(again.logs_since(7, later).is_empty());
+}
