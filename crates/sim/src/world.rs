@@ -104,6 +104,12 @@ enum Event {
     Restart {
         node: usize,
     },
+    /// `to`'s connections to `node` were reset (its process died; its kernel
+    /// closed its sockets).
+    ConnectionsReset {
+        to: usize,
+        node: NodeId,
+    },
     Unblock {
         node: usize,
     },
@@ -480,6 +486,11 @@ impl<'a> World<'a> {
                 self.step(to, Input::Peer { from, msg: *msg });
             }
             Event::DiskDone { node, epoch } => self.disk_done(node, epoch),
+            Event::ConnectionsReset { to, node } => {
+                if !self.nodes[to].down {
+                    self.step(to, Input::Disconnected { node });
+                }
+            }
             Event::TrialStep { process } => self.trial_step(process),
             Event::CheckpointDone {
                 process,
@@ -519,7 +530,7 @@ impl<'a> World<'a> {
                 self.note(format!("{} reconnected", self.nodes[node].name));
             }
             Event::SpotGone { node } => {
-                self.crash(node, "spot instance reclaimed");
+                self.crash(node, "spot instance reclaimed", false);
                 self.nodes[node].gone = true;
                 // A replacement instance comes later, with a fresh disk and identity.
                 let delay = self.range(self.sc.faults.restart_after_s) * 1000;
@@ -529,7 +540,7 @@ impl<'a> World<'a> {
             Event::RollingStep { next, gap_s } => {
                 if next < self.nodes.len() {
                     if !self.nodes[next].gone && !self.nodes[next].down {
-                        self.crash(next, "rolling restart");
+                        self.crash(next, "rolling restart", true);
                         self.schedule(self.now + gap_s * 500, Event::Restart { node: next });
                     }
                     self.schedule(
@@ -695,7 +706,7 @@ impl<'a> World<'a> {
         }
         if self.nodes[node].store.sync().is_err() {
             // A failed fsync leaves the node's state unknown: it crashes.
-            self.crash(node, "disk write failed");
+            self.crash(node, "disk write failed", true);
             let delay = self.range(self.sc.faults.restart_after_s).max(1) * 1000;
             self.schedule(self.now + delay, Event::Restart { node });
             return;
@@ -746,7 +757,7 @@ impl<'a> World<'a> {
         );
     }
 
-    fn crash(&mut self, node: usize, why: &str) {
+    fn crash(&mut self, node: usize, why: &str, resets: bool) {
         if self.nodes[node].down {
             return;
         }
@@ -777,6 +788,34 @@ impl<'a> World<'a> {
         self.kill_node_processes(node);
         let id = self.nodes[node].id;
         self.digest = mix(self.digest, id ^ 0xdead);
+        if resets {
+            self.reset_connections(node);
+        }
+    }
+
+    /// A process that dies has its sockets reset by its kernel: every peer it
+    /// can reach learns of it after one network latency (a machine that vanishes
+    /// resets nothing, and its peers wait for the lease).
+    fn reset_connections(&mut self, node: usize) {
+        let id = self.nodes[node].id;
+        for to in 0..self.nodes.len() {
+            let peer = &self.nodes[to];
+            if to == node || peer.down || peer.gone {
+                continue;
+            }
+            if self.blocked.contains(&(id, peer.id)) || self.muted.contains(&id) {
+                continue;
+            }
+            let range = if self.nodes[node].site == peer.site {
+                self.sc.sites[peer.site].latency_ms
+            } else {
+                self.sc.network.cross_site_latency_ms
+            };
+            self.schedule(
+                self.now + range[0].max(1),
+                Event::ConnectionsReset { to, node: id },
+            );
+        }
     }
 
     fn restart(&mut self, node: usize) {
@@ -1425,7 +1464,7 @@ impl World<'_> {
         match f.kind {
             FaultKind::Crash => {
                 if let Some(n) = target {
-                    self.crash(n, "scheduled crash");
+                    self.crash(n, "scheduled crash", false);
                     if let Some(s) = f.restart_after_s {
                         self.schedule(self.now + s * 1000, Event::Restart { node: n });
                     }
@@ -1490,7 +1529,7 @@ impl World<'_> {
                         .filter(|i| self.nodes[*i].site == site)
                         .collect();
                     for n in members {
-                        self.crash(n, "site outage");
+                        self.crash(n, "site outage", false);
                         if let Some(s) = f.restart_after_s {
                             self.schedule(self.now + s * 1000, Event::Restart { node: n });
                         }
@@ -1539,7 +1578,7 @@ impl World<'_> {
     }
 
     fn disk_loss(&mut self, node: usize, after_s: u64) {
-        self.crash(node, "disk lost");
+        self.crash(node, "disk lost", false);
         self.nodes[node].gone = true;
         self.nodes[node].blobs.clear();
         let replacement = self.replace(node);
@@ -1596,7 +1635,7 @@ impl World<'_> {
                     let after = self.range(f.restart_after_s);
                     self.disk_loss(n, after);
                 } else {
-                    self.crash(n, "random crash");
+                    self.crash(n, "random crash", true);
                     let after = self.range(f.restart_after_s).max(1);
                     self.schedule(self.now + after * 1000, Event::Restart { node: n });
                 }
