@@ -209,15 +209,46 @@ fn call(t: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Val
         .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
     match status {
         200..=299 => Ok(v),
-        503 => Err(Failure::Unavailable(
-            v["message"].as_str().unwrap_or("").to_string(),
-        )),
-        _ => Err(Failure::User(format!(
-            "{}: {}",
-            v["code"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ))),
+        _ => Err(failure(status, &v)),
     }
+}
+
+/// What a node's JSON error body (`{"code", "message"}`) with `status` means for
+/// the exit code: 503 is the cluster being unavailable, anything else the user's.
+fn failure(status: u16, v: &Value) -> Failure {
+    let message = v["message"].as_str().unwrap_or("");
+    if status == 503 {
+        Failure::Unavailable(message.to_string())
+    } else {
+        Failure::User(format!(
+            "{}: {message}",
+            v["code"].as_str().unwrap_or("error")
+        ))
+    }
+}
+
+/// GETs `/api/v1{path}` and hands back the open response to read as a stream,
+/// with no overall timeout (a followed log or a large checkpoint takes as long
+/// as it takes); an error status becomes its `Failure`.
+fn open_stream(
+    t: &Target,
+    path: &str,
+) -> Result<(String, ureq::http::Response<ureq::Body>), Failure> {
+    let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let status = resp.status().as_u16();
+    if status >= 300 {
+        let v: Value = resp.body_mut().read_json().unwrap_or_default();
+        return Err(failure(status, &v));
+    }
+    Ok((url, resp))
 }
 
 fn finish(r: Result<(), Failure>) -> anyhow::Result<ExitCode> {
@@ -438,27 +469,7 @@ fn log_line(l: &Value, trial: Option<u64>) -> String {
 /// Streams a trial's log (NDJSON from the node) until the trial ends.
 fn follow_logs(t: &Target, id: u64) -> Result<(), Failure> {
     use std::io::BufRead;
-    let url = format!(
-        "{}/api/v1/trials/{id}/logs?follow=true",
-        t.node.trim_end_matches('/')
-    );
-    // No overall timeout: a followed log stays open as long as the trial runs.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut resp = agent
-        .get(&url)
-        .call()
-        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
-    if resp.status().as_u16() >= 300 {
-        let v: Value = resp.body_mut().read_json().unwrap_or_default();
-        return Err(Failure::User(format!(
-            "{}: {}",
-            v["code"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        )));
-    }
+    let (url, mut resp) = open_stream(t, &format!("/trials/{id}/logs?follow=true"))?;
     let reader = std::io::BufReader::new(resp.body_mut().as_reader());
     for line in reader.lines() {
         let line = line.map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
@@ -497,29 +508,7 @@ fn download_checkpoint(t: &Target, uuid: &str, output: &Path) -> Result<(), Fail
             output.display()
         )));
     }
-    let url = format!("{}/api/v1/checkpoints/{uuid}", t.node.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut resp = agent
-        .get(&url)
-        .call()
-        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
-    let status = resp.status().as_u16();
-    if status >= 300 {
-        let v: Value = resp.body_mut().read_json().unwrap_or_default();
-        let m = format!(
-            "{}: {}",
-            v["code"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        );
-        return Err(if status == 503 {
-            Failure::Unavailable(m)
-        } else {
-            Failure::User(m)
-        });
-    }
+    let (url, mut resp) = open_stream(t, &format!("/checkpoints/{uuid}"))?;
     // Into a scratch blob store beside the output: the store recomputes the
     // digest, so nothing unverified is unpacked.
     let scratch = output

@@ -255,36 +255,25 @@ fn name_of(cluster: &LocalCluster, id: &str) -> String {
 
 /// Every trial with its best validation metric.
 fn trial_rows(target: &client::Target, id: u64) -> anyhow::Result<Vec<Value>> {
-    let exp = client::get_json(target, &format!("/experiments/{id}"))?;
-    let metric = exp["searcher_metric"]
-        .as_str()
-        .unwrap_or("validation_loss")
-        .to_string();
-    let smaller = !EXPERIMENT.contains("smaller_is_better: false");
+    let smaller = resolute_types::config::parse_str("quickstart.yaml", EXPERIMENT, &[])
+        .map_or(true, |l| l.config.searcher.smaller_is_better);
     let trials = client::get_json(target, &format!("/experiments/{id}/trials"))?;
-    let mut rows = Vec::new();
-    for t in trials.as_array().into_iter().flatten() {
-        let tid = t["id"].as_u64().unwrap_or(0);
-        let points = client::get_json(target, &format!("/trials/{tid}/metrics"))?;
-        let best = points
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["kind"] == "Validation")
-            .filter_map(|p| p["metrics"][&metric].as_f64())
-            .fold(None, |acc: Option<f64>, v| {
-                Some(acc.map_or(v, |a| if smaller { a.min(v) } else { a.max(v) }))
-            });
-        rows.push(json!({
-            "id": tid,
-            "state": t["state"],
-            "steps_completed": t["steps_completed"],
-            "restarts": t["restarts"],
-            "incarnation": t["incarnation"],
-            "hparams": t["hparams"],
-            "best_metric": best,
-        }));
-    }
+    let mut rows: Vec<Value> = trials
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            json!({
+                "id": t["id"],
+                "state": t["state"],
+                "steps_completed": t["steps_completed"],
+                "restarts": t["restarts"],
+                "incarnation": t["incarnation"],
+                "hparams": t["hparams"],
+                "best_metric": t["best_metric"],
+            })
+        })
+        .collect();
     rows.sort_by(|a, b| {
         let key = |r: &Value| {
             r["best_metric"]

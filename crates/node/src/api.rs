@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{FromRef, Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,6 +18,7 @@ use resolute_core::command::{Command, Control};
 use resolute_core::node::NodeError;
 use resolute_core::state::TrialState;
 use resolute_core::{Node, Reply};
+use resolute_storage::blob::BlobStore;
 
 use crate::daemon::{ApiCall, BlobUnavailable, Local};
 
@@ -39,8 +40,28 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Res {
     )
 }
 
+/// What the handlers share: the daemon loop's mailbox, and the blob store that
+/// uploads are written to directly (a large write must not stall the loop).
+#[derive(Clone)]
+struct ApiState {
+    calls: mpsc::Sender<ApiCall>,
+    blobs: BlobStore,
+}
+
+impl FromRef<ApiState> for mpsc::Sender<ApiCall> {
+    fn from_ref(s: &ApiState) -> Self {
+        s.calls.clone()
+    }
+}
+
+impl FromRef<ApiState> for BlobStore {
+    fn from_ref(s: &ApiState) -> Self {
+        s.blobs.clone()
+    }
+}
+
 /// The router, talking to the daemon loop through `calls`.
-pub fn router(calls: mpsc::Sender<ApiCall>) -> Router {
+pub fn router(calls: mpsc::Sender<ApiCall>, blobs: BlobStore) -> Router {
     Router::new()
         .route("/api/v1/experiments", post(create).get(list))
         .route("/api/v1/experiments/{id}", get(describe))
@@ -54,7 +75,7 @@ pub fn router(calls: mpsc::Sender<ApiCall>) -> Router {
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .layer(axum::extract::DefaultBodyLimit::max(UPLOAD_MAX_BYTES))
-        .with_state(calls)
+        .with_state(ApiState { calls, blobs })
 }
 
 async fn read(
@@ -162,6 +183,45 @@ async fn create(State(calls): State<mpsc::Sender<ApiCall>>, body: String) -> Res
     }
 }
 
+/// Whether the experiment's searcher metric is better when smaller.
+fn smaller_is_better(node: &Node, experiment: u64) -> bool {
+    node.state()
+        .experiments
+        .get(&experiment)
+        .and_then(|e| e.config())
+        .is_none_or(|c| c.searcher.smaller_is_better)
+}
+
+/// The better of two values of a searcher metric.
+fn better(a: f64, b: f64, smaller: bool) -> f64 {
+    if smaller {
+        a.min(b)
+    } else {
+        a.max(b)
+    }
+}
+
+/// A trial's best validation value of its experiment's searcher metric.
+fn best_validation(node: &Node, trial: u64) -> Option<f64> {
+    let experiment = node.state().trials.get(&trial)?.experiment;
+    let metric = node
+        .state()
+        .experiments
+        .get(&experiment)?
+        .config()?
+        .searcher
+        .metric
+        .clone();
+    let smaller = smaller_is_better(node, experiment);
+    node.state()
+        .metrics
+        .get(&trial)?
+        .iter()
+        .filter(|p| p.kind == resolute_core::command::MetricKind::Validation)
+        .filter_map(|p| p.metrics.get(&metric).and_then(|v| v.as_f64()))
+        .reduce(|a, b| better(a, b, smaller))
+}
+
 fn experiment_json(node: &Node, id: u64) -> Option<Value> {
     let e = node.state().experiments.get(&id)?;
     let trials: Vec<u64> = e.trials.values().copied().collect();
@@ -170,22 +230,11 @@ fn experiment_json(node: &Node, id: u64) -> Option<Value> {
         .config()
         .map(|c| c.searcher.metric.clone())
         .unwrap_or_default();
-    let smaller = e.config().is_none_or(|c| c.searcher.smaller_is_better);
+    let smaller = smaller_is_better(node, id);
     let best = trials
         .iter()
-        .filter_map(|t| {
-            node.state().metrics.get(t).and_then(|s| {
-                s.iter()
-                    .filter(|p| p.kind == resolute_core::command::MetricKind::Validation)
-                    .filter_map(|p| p.metrics.get(&metric).and_then(|v| v.as_f64()))
-                    .fold(None, |acc: Option<f64>, v| {
-                        Some(acc.map_or(v, |a| if smaller { a.min(v) } else { a.max(v) }))
-                    })
-            })
-        })
-        .fold(None, |acc: Option<f64>, v| {
-            Some(acc.map_or(v, |a| if smaller { a.min(v) } else { a.max(v) }))
-        });
+        .filter_map(|t| best_validation(node, *t))
+        .reduce(|a, b| better(a, b, smaller));
     Some(json!({
         "id": id,
         "name": name,
@@ -274,6 +323,7 @@ fn trial_json(node: &Node, id: u64) -> Option<Value> {
         "steps_completed": t.steps_completed,
         "target": t.target,
         "latest_checkpoint": t.latest_checkpoint,
+        "best_metric": best_validation(node, id),
     }))
 }
 
@@ -566,33 +616,16 @@ async fn checkpoint(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn upload(State(calls): State<mpsc::Sender<ApiCall>>, body: axum::body::Bytes) -> Res {
-    let bytes = body.to_vec();
-    let (tx, rx) = oneshot::channel();
-    let call = ApiCall::Read {
-        read: Box::new(
-            move |_, local| match local.trials.store().put_bytes(&bytes) {
-                Ok(m) => json!({"digest": m.digest(), "size": m.size}),
-                Err(e) => json!({"code": "blob", "message": e.to_string()}),
-            },
+async fn upload(State(blobs): State<BlobStore>, body: axum::body::Bytes) -> Res {
+    // Hashed and written off the daemon's loop and off the async workers.
+    let stored = tokio::task::spawn_blocking(move || blobs.put_bytes(&body)).await;
+    match stored {
+        Ok(Ok(m)) => (
+            StatusCode::OK,
+            Json(json!({"digest": m.digest(), "size": m.size})),
         ),
-        reply: tx,
-    };
-    if calls.send(call).await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the node is stopping",
-        );
-    }
-    match rx.await {
-        Ok(v) if v.get("code").is_some() => (StatusCode::BAD_REQUEST, Json(v)),
-        Ok(v) => (StatusCode::OK, Json(v)),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the node is stopping",
-        ),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "blob", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "blob", e.to_string()),
     }
 }
 

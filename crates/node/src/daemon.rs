@@ -370,6 +370,11 @@ impl Daemon {
         self.net.node_id
     }
 
+    /// The blob store (model directories and checkpoints) this node serves from.
+    pub fn blobs(&self) -> resolute_storage::blob::BlobStore {
+        self.trials.store().clone()
+    }
+
     /// Its listen addresses.
     pub fn listen(&self) -> &[Multiaddr] {
         &self.local.listen

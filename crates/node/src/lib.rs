@@ -25,7 +25,7 @@ pub async fn serve(
         .to_string();
     let (tx, rx) = mpsc::channel(1024);
     let daemon = Daemon::start(opts, rx, api_addr.clone()).await?;
-    let app = api::router(tx);
+    let app = api::router(tx, daemon.blobs());
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

@@ -14,14 +14,6 @@ use serde_json::Value;
 use crate::client;
 use crate::local_cluster::LocalCluster;
 
-/// A trial that runs until it is stopped and checkpoints every 500 batches.
-const EXPERIMENT: &str = "\
-name: bench-recovery
-entrypoint: resolute train
-hyperparameters: {lr: 0.01, hidden: 16, depth: 1, batch_size: 16, dropout: 0.0, weight_decay: 0.0001, validate_every: 500}
-searcher: {name: single, metric: validation_loss, smaller_is_better: true, max_length: {batches: 100000000}}
-max_restarts: 0
-";
 /// Target for `restart_ms` (p50).
 pub const RESTART_TARGET_MS: f64 = 3000.0;
 /// Poll period while the clock runs.
@@ -55,7 +47,13 @@ pub fn run(dir: &std::path::Path, rounds: usize) -> anyhow::Result<Report> {
     let mut cluster = LocalCluster::start(dir, 3)?;
     cluster.stop_on_signal();
     let target = cluster.nodes[0].target();
-    let id = client::create_experiment(&target, "bench-recovery.yaml", EXPERIMENT, &[], None)?;
+    let id = client::create_experiment(
+        &target,
+        "bench-recovery.yaml",
+        &super::endless_trial("bench-recovery", 500),
+        &[],
+        None,
+    )?;
     let trial = first_trial(&target, id)?;
     let mut samples = Vec::new();
     for _ in 0..rounds {

@@ -12,14 +12,6 @@ use serde_json::Value;
 use crate::client;
 use crate::local_cluster::LocalCluster;
 
-/// One trial of the built-in trainer that runs until it is killed.
-const EXPERIMENT: &str = "\
-name: bench-submit
-entrypoint: resolute train
-hyperparameters: {lr: 0.01, hidden: 16, depth: 1, batch_size: 16, dropout: 0.0, weight_decay: 0.0001, validate_every: 100000}
-searcher: {name: single, metric: validation_loss, smaller_is_better: true, max_length: {batches: 100000000}}
-max_restarts: 0
-";
 /// Target for the p50, ms.
 pub const P50_TARGET_MS: f64 = 100.0;
 /// Poll period while the clock runs.
@@ -51,7 +43,13 @@ pub fn run(dir: &std::path::Path, count: usize) -> anyhow::Result<Report> {
     let mut samples = Vec::new();
     for _ in 0..count {
         let started = Instant::now();
-        let id = client::create_experiment(&target, "bench-submit.yaml", EXPERIMENT, &[], None)?;
+        let id = client::create_experiment(
+            &target,
+            "bench-submit.yaml",
+            &super::endless_trial("bench-submit", 100000),
+            &[],
+            None,
+        )?;
         loop {
             let trials = client::get_json(&target, &format!("/experiments/{id}/trials"))?;
             let running = trials
