@@ -138,11 +138,19 @@ pub fn place(state: &ClusterState) -> Decision {
     let mut tasks: Vec<Vec<Task>> = (0..pools.len())
         .map(|_| Vec::with_capacity(per_pool))
         .collect();
-    for id in state.live_trials() {
-        let Some(t) = state.trials.get(id) else {
-            continue;
+    // Live trials come in runs of one experiment (ids are handed out per
+    // experiment), so its view is looked up once per run.
+    let mut view: Option<(u64, Option<&ExperimentView>)> = None;
+    for (id, t) in state.live_trial_entries() {
+        let e = match view {
+            Some((experiment, e)) if experiment == t.experiment => e,
+            _ => {
+                let e = views.get(&t.experiment);
+                view = Some((t.experiment, e));
+                e
+            }
         };
-        let Some(e) = views.get(&t.experiment) else {
+        let Some(e) = e else {
             continue;
         };
         let running = t.is_placed();
@@ -171,7 +179,7 @@ pub fn place(state: &ClusterState) -> Decision {
             .map(|c| c.holders.iter().copied().collect())
             .unwrap_or_default();
         tasks[e.pool_index].push(Task {
-            id: *id,
+            id,
             group: t.experiment,
             slots: t.slots.max(1),
             running_on: if running {
@@ -184,7 +192,7 @@ pub fn place(state: &ClusterState) -> Decision {
             may_burst: !running && waited,
             holders,
             priority: e.priority,
-            order: (t.experiment << 32) | (*id & 0xffff_ffff),
+            order: (t.experiment << 32) | (id & 0xffff_ffff),
         });
     }
     let mut decision = Decision::default();

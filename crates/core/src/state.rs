@@ -320,6 +320,10 @@ pub struct ClusterState {
     pool_nodes: Option<placement::PoolNodes>,
 }
 
+/// How many trial ids per live trial a walk over the live id range may pass
+/// before searching per id is cheaper (see `live_trial_entries`).
+const LIVE_WALK_SPARSENESS_MAX: u64 = 4;
+
 /// Why a snapshot could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -332,6 +336,48 @@ impl ClusterState {
     /// The trials that are not finished.
     pub fn live_trials(&self) -> &BTreeSet<TrialId> {
         &self.live
+    }
+
+    /// The unfinished trials with their records, in id order.
+    ///
+    /// Placement walks this on every pass, so it avoids one map search per trial
+    /// where it can: trial ids are handed out in sequence, and when the live ids
+    /// are dense within their range (the common case: recent experiments are the
+    /// live ones) one ordered walk over that range of `trials` is several times
+    /// cheaper than a search per id. Sparse live sets (much finished history
+    /// between them) fall back to the searches.
+    pub fn live_trial_entries(&self) -> impl Iterator<Item = (TrialId, &Trial)> + '_ {
+        let span = match (self.live.first(), self.live.last()) {
+            (Some(lo), Some(hi)) => Some((*lo, *hi)),
+            _ => None,
+        };
+        let dense = span
+            .is_some_and(|(lo, hi)| (hi - lo) / LIVE_WALK_SPARSENESS_MAX <= self.live.len() as u64);
+        let (walk, search) = match span {
+            Some((lo, hi)) if dense => (Some(self.trials.range(lo..=hi).peekable()), None),
+            _ => (None, Some(self.live.iter())),
+        };
+        let mut walk = walk;
+        let mut live = self.live.iter();
+        let mut search = search;
+        std::iter::from_fn(move || {
+            if let Some(ids) = search.as_mut() {
+                loop {
+                    let id = *ids.next()?;
+                    if let Some(t) = self.trials.get(&id) {
+                        return Some((id, t));
+                    }
+                }
+            }
+            let walk = walk.as_mut()?;
+            loop {
+                let id = *live.next()?;
+                while walk.next_if(|(k, _)| **k < id).is_some() {}
+                if let Some((k, t)) = walk.next_if(|(k, _)| **k == id) {
+                    return Some((*k, t));
+                }
+            }
+        })
     }
 
     /// The alive nodes by pool, as the scheduler sees them (cached between node

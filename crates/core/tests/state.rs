@@ -197,3 +197,55 @@ fn bad_experiment_configs_are_rejected_on_apply() {
     );
     assert!(sm.state.experiments.is_empty());
 }
+
+/// The live trials by id search, the reference `live_trial_entries` must match.
+fn live_by_search(state: &ClusterState) -> Vec<u64> {
+    state
+        .live_trials()
+        .iter()
+        .filter(|id| state.trials.contains_key(id))
+        .copied()
+        .collect()
+}
+
+fn live_by_walk(state: &ClusterState) -> Vec<u64> {
+    state.live_trial_entries().map(|(id, _)| id).collect()
+}
+
+const MANY_TRIALS: &str = "hyperparameters: {lr: {type: double, minval: 0.01, maxval: 0.1}}
+searcher: {name: random, metric: loss, max_trials: 40, max_concurrent_trials: 40}
+";
+
+#[test]
+fn live_trial_entries_match_the_live_set_dense_or_sparse() {
+    let mut sm = Sm::new();
+    // Dense: one experiment's trials, then some of them finished in the middle.
+    sm.apply(created(MANY_TRIALS));
+    assert_eq!(live_by_walk(&sm.state), live_by_search(&sm.state));
+    assert_eq!(live_by_walk(&sm.state).len(), 40);
+    for (trial, incarnation) in sm.running().into_iter().skip(2).step_by(3) {
+        sm.apply(Command::TrialExited {
+            trial,
+            incarnation,
+            outcome: TrialOutcome::Completed,
+        });
+    }
+    assert_eq!(live_by_walk(&sm.state), live_by_search(&sm.state));
+    // Sparse: much finished history between two live experiments.
+    for _ in 0..10 {
+        sm.apply(created(MANY_TRIALS));
+        let id = *sm.state.experiments.keys().next_back().unwrap();
+        sm.apply(Command::ExperimentControl {
+            experiment: id,
+            action: resolute_core::command::Control::Kill,
+        });
+    }
+    sm.apply(created(MANY_TRIALS));
+    let walked = live_by_walk(&sm.state);
+    assert_eq!(walked, live_by_search(&sm.state));
+    assert!(walked.len() > 40, "both live experiments are listed");
+    // Every entry is the trial record of that id.
+    for (id, t) in sm.state.live_trial_entries() {
+        assert_eq!(Some(t), sm.state.trials.get(&id));
+    }
+}

@@ -100,20 +100,30 @@ fn group_states(
     let mut states: Vec<GroupState> = Vec::new();
     let by_id: BTreeMap<GroupId, &Group> = groups.iter().map(|g| (g.id, g)).collect();
     let mut index: BTreeMap<GroupId, usize> = BTreeMap::new();
+    // Tasks come in runs of one group (a pass lists them in trial order), so the
+    // group's index is looked up once per run.
+    let mut last: Option<(GroupId, usize)> = None;
     for (i, t) in tasks.iter().enumerate() {
         // Work that can never fit is left out, so it cannot block others.
         if t.slots == 0 || t.slots > capacity {
             continue;
         }
-        let g = by_id.get(&t.group).copied();
-        let at = *index.entry(t.group).or_insert_with(|| {
-            states.push(GroupState::new(
-                t.group,
-                g.map_or(1.0, |g| g.weight),
-                g.map_or(u64::MAX, |g| g.order),
-            ));
-            states.len() - 1
-        });
+        let at = match last {
+            Some((group, at)) if group == t.group => at,
+            _ => {
+                let g = by_id.get(&t.group).copied();
+                let at = *index.entry(t.group).or_insert_with(|| {
+                    states.push(GroupState::new(
+                        t.group,
+                        g.map_or(1.0, |g| g.weight),
+                        g.map_or(u64::MAX, |g| g.order),
+                    ));
+                    states.len() - 1
+                });
+                last = Some((t.group, at));
+                at
+            }
+        };
         let s = &mut states[at];
         s.demand += t.slots;
         if t.is_running() {

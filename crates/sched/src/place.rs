@@ -48,11 +48,15 @@ pub struct Placer {
 
 impl Placer {
     /// The free slots of `nodes` once the `running` layouts are subtracted.
+    ///
+    /// Runs once per scheduling pass, so the indexes are bulk-built from sorted
+    /// vectors (linear) rather than by one insertion per node.
     pub fn new<'a>(nodes: &[Node], running: impl IntoIterator<Item = &'a Layout>) -> Self {
         let mut p = Placer {
             failed_min: [u32::MAX; 2],
             ..Placer::default()
         };
+        let mut free: Vec<(NodeId, Free)> = Vec::with_capacity(nodes.len());
         for n in nodes {
             let site = match p.sites.iter().position(|s| *s == n.site) {
                 Some(i) => i,
@@ -66,32 +70,36 @@ impl Placer {
             if !n.burst {
                 p.owned = p.owned.saturating_add(n.slots);
             }
-            p.nodes.insert(
+            free.push((
                 n.id,
                 Free {
                     free: n.slots,
                     tier,
                     site,
                 },
-            );
+            ));
         }
+        free.sort_by_key(|(id, _)| *id);
+        free.dedup_by_key(|(id, _)| *id);
         // Subtract the running work first, then index once (cheaper than moving
         // every node through the indexes once per running trial).
         for layout in running {
             for (n, s) in layout {
-                if let Some(f) = p.nodes.get_mut(n) {
-                    f.free = f.free.saturating_sub(*s);
+                if let Ok(i) = free.binary_search_by_key(n, |(id, _)| *id) {
+                    free[i].1.free = free[i].1.free.saturating_sub(*s);
                 }
             }
         }
-        for (id, f) in &p.nodes {
-            p.by_tier.entry(f.tier).or_default().insert((f.free, *id));
-            p.by_site
-                .entry((f.tier, f.site))
-                .or_default()
-                .insert((f.free, *id));
+        let mut by_tier: Vec<(Tier, u32, NodeId)> = Vec::with_capacity(free.len());
+        let mut by_site: Vec<((Tier, usize), u32, NodeId)> = Vec::with_capacity(free.len());
+        for (id, f) in &free {
+            by_tier.push((f.tier, f.free, *id));
+            by_site.push(((f.tier, f.site), f.free, *id));
             *p.free_by_tier.entry(f.tier).or_default() += u64::from(f.free);
         }
+        p.by_tier = group_sorted(by_tier);
+        p.by_site = group_sorted(by_site);
+        p.nodes = free.into_iter().collect();
         p
     }
 
@@ -271,4 +279,20 @@ impl Placer {
             *total = *total - u64::from(old) + u64::from(new);
         }
     }
+}
+
+/// `(key, free, node)` entries grouped into one ordered set per key.
+fn group_sorted<K: Ord + Copy>(
+    mut entries: Vec<(K, u32, NodeId)>,
+) -> BTreeMap<K, BTreeSet<(u32, NodeId)>> {
+    entries.sort_unstable();
+    let mut groups = BTreeMap::new();
+    let mut rest = entries.as_slice();
+    while let Some((key, _, _)) = rest.first() {
+        let end = rest.partition_point(|(k, _, _)| k == key);
+        let set: BTreeSet<(u32, NodeId)> = rest[..end].iter().map(|(_, f, n)| (*f, *n)).collect();
+        groups.insert(*key, set);
+        rest = &rest[end..];
+    }
+    groups
 }
