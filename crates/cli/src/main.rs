@@ -704,6 +704,10 @@ fn bench_transfer(json: bool, size_mb: u64) -> anyhow::Result<ExitCode> {
         "raw_tcp_to_disk_mb_s", r.raw_tcp_to_disk_mb_s
     );
     println!("  {:<20} {:>10.2}   target >= 0.5", "ratio", r.ratio);
+    println!(
+        "  cpu s per GiB (both peers, {} cores): libp2p {:.2}, raw TCP {:.2}",
+        r.cores, r.libp2p_cpu_s_per_gib, r.raw_tcp_cpu_s_per_gib
+    );
     Ok(ExitCode::SUCCESS)
 }
 

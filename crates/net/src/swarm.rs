@@ -21,6 +21,8 @@ use tokio::time::Instant;
 use resolute_core::{NodeId, PeerMessage};
 use resolute_storage::blob::{check_digest, BlobStore, Download, Manifest};
 
+use std::path::PathBuf;
+
 use crate::config::{NetConfig, CHANNEL_DEPTH};
 use crate::gossip::Announcement;
 use crate::identity::{self, node_id};
@@ -40,7 +42,43 @@ const UPGRADE_TIMEOUT_S: u64 = 20;
 /// Connections a blob fetch keeps to each holder: chunk requests go round-robin
 /// over a peer's connections, so each connection's encryption runs on its own
 /// task (one noise session tops out near one core).
-const FETCH_CONNECTIONS_PER_HOLDER: u32 = 2;
+const FETCH_CONNECTIONS_PER_HOLDER: u32 = 4;
+/// Chunk reads for other peers running at once (each holds one chunk in memory);
+/// requests beyond it wait in a queue, so serving cannot exhaust memory.
+const CHUNK_READS_MAX: usize = 8;
+/// Chunk requests waiting for a read; beyond it a holder answers "busy" and the
+/// fetcher asks another holder or again later.
+const CHUNK_READ_QUEUE_MAX: usize = 1024;
+
+/// Disk and hashing work done on blocking threads, so that the event loop (Raft
+/// messages, heartbeats, gossip) never waits for a 4 MiB read, a chunk hash or an
+/// fsync. Each finished job comes back to the loop as one of these.
+enum IoDone {
+    /// A chunk read for a peer's request.
+    ChunkRead {
+        channel: ResponseChannel<Response>,
+        index: u32,
+        result: Result<(Vec<u8>, u32), String>,
+    },
+    /// A partial download opened (chunks already on disk re-hashed).
+    Opened {
+        fetch: u64,
+        result: Result<Download, String>,
+    },
+    /// A received chunk checked and written (`Err((bad, why))`: `bad` when the
+    /// holder sent wrong bytes rather than failed to answer).
+    ChunkWritten {
+        fetch: u64,
+        index: u32,
+        peer: PeerId,
+        result: Result<(), (bool, String)>,
+    },
+    /// A complete download made durable and moved into the store.
+    Finished {
+        fetch: u64,
+        result: Result<PathBuf, String>,
+    },
+}
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -167,6 +205,7 @@ pub(crate) async fn spawn(
     }
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (event_tx, event_rx) = mpsc::channel(CHANNEL_DEPTH);
+    let (io_tx, io_rx) = mpsc::channel(CHANNEL_DEPTH);
     let mut event_loop = EventLoop {
         swarm,
         commands: command_rx,
@@ -184,6 +223,10 @@ pub(crate) async fn spawn(
         fetches: BTreeMap::new(),
         next_fetch: 0,
         dials: Vec::new(),
+        io_tx,
+        io_rx,
+        reads_in_flight: 0,
+        read_queue: VecDeque::new(),
     };
     let task = tokio::spawn(async move { event_loop.run().await });
     let handle = NetHandle {
@@ -227,6 +270,8 @@ struct Fetch {
     attempts: BTreeMap<u32, (u32, BTreeSet<PeerId>)>,
     report: FetchReport,
     last_error: String,
+    /// Every chunk is written; the file is being made durable.
+    finishing: bool,
 }
 
 struct EventLoop {
@@ -248,6 +293,12 @@ struct EventLoop {
     fetches: BTreeMap<u64, Fetch>,
     next_fetch: u64,
     dials: Vec<(ConnectionId, oneshot::Sender<Result<(), NetError>>)>,
+    /// Finished blocking jobs come back here (bounded: the jobs in flight are).
+    io_tx: mpsc::Sender<IoDone>,
+    io_rx: mpsc::Receiver<IoDone>,
+    /// Chunk reads running for peers, and the requests waiting for one.
+    reads_in_flight: usize,
+    read_queue: VecDeque<(ResponseChannel<Response>, Manifest, u32)>,
 }
 
 impl EventLoop {
@@ -259,6 +310,7 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                 },
                 event = self.swarm.select_next_some() => self.on_swarm(event),
+                Some(done) = self.io_rx.recv() => self.on_io(done),
             }
         }
     }
@@ -522,19 +574,72 @@ impl EventLoop {
                 Ok(m) => Response::Manifest(m.encode()),
                 Err(e) => Response::NotFound(e.to_string()),
             },
-            Request::Chunk { digest, index } => match self
-                .manifest(&digest)
-                .and_then(|m| self.store.read_chunk(&m, index).map_err(|e| e.to_string()))
-            {
-                Ok(data) => Response::Chunk {
-                    index,
-                    crc32c: crc32c::crc32c(&data),
-                    data,
-                },
+            Request::Chunk { digest, index } => match self.manifest(&digest) {
+                Ok(m) if self.read_queue.len() < CHUNK_READ_QUEUE_MAX => {
+                    self.read_queue.push_back((channel, m, index));
+                    return self.start_reads();
+                }
+                Ok(_) => Response::Denied("busy serving chunks".to_string()),
                 Err(e) => Response::NotFound(e),
             },
         };
         self.respond(channel, response);
+    }
+
+    /// Starts queued chunk reads up to `CHUNK_READS_MAX` at once.
+    fn start_reads(&mut self) {
+        while self.reads_in_flight < CHUNK_READS_MAX {
+            let Some((channel, manifest, index)) = self.read_queue.pop_front() else {
+                return;
+            };
+            self.reads_in_flight += 1;
+            let store = self.store.clone();
+            let done = self.io_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = store
+                    .read_chunk(&manifest, index)
+                    .map(|data| {
+                        let crc = crc32c::crc32c(&data);
+                        (data, crc)
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = done.blocking_send(IoDone::ChunkRead {
+                    channel,
+                    index,
+                    result,
+                });
+            });
+        }
+    }
+
+    fn on_io(&mut self, done: IoDone) {
+        match done {
+            IoDone::ChunkRead {
+                channel,
+                index,
+                result,
+            } => {
+                self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
+                let response = match result {
+                    Ok((data, crc32c)) => Response::Chunk {
+                        index,
+                        crc32c,
+                        data,
+                    },
+                    Err(e) => Response::NotFound(e),
+                };
+                self.respond(channel, response);
+                self.start_reads();
+            }
+            IoDone::Opened { fetch, result } => self.on_opened(fetch, result),
+            IoDone::ChunkWritten {
+                fetch,
+                index,
+                peer,
+                result,
+            } => self.on_chunk_written(fetch, index, peer, result),
+            IoDone::Finished { fetch, result } => self.on_finished(fetch, result),
+        }
     }
 
     fn manifest(&mut self, digest: &str) -> Result<Manifest, String> {
@@ -647,6 +752,7 @@ impl EventLoop {
                     bad_chunks: 0,
                 },
                 last_error: "no holder is connected".to_string(),
+                finishing: false,
             },
         );
         self.ask_manifest(id);
@@ -685,15 +791,28 @@ impl EventLoop {
                 return self.ask_manifest(id);
             }
         };
-        match self.store.download(&manifest) {
+        // Opening re-hashes what a broken fetch left on disk: off the loop.
+        let store = self.store.clone();
+        let done = self.io_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store.download(&manifest).map_err(|e| e.to_string());
+            let _ = done.blocking_send(IoDone::Opened { fetch: id, result });
+        });
+    }
+
+    fn on_opened(&mut self, id: u64, result: Result<Download, String>) {
+        let Some(f) = self.fetches.get_mut(&id) else {
+            return;
+        };
+        match result {
             Ok(d) => {
                 f.queue = d.missing().into();
-                f.report.chunks_resumed = manifest.chunk_count() - f.queue.len() as u32;
+                f.report.chunks_resumed = d.manifest().chunk_count() - f.queue.len() as u32;
                 f.download = Some(d);
                 self.pump(id);
             }
             Err(e) => {
-                f.last_error = e.to_string();
+                f.last_error = e;
                 f.holders.clear();
                 self.fail_fetch(id);
             }
@@ -707,6 +826,9 @@ impl EventLoop {
         let Some(f) = self.fetches.get_mut(&id) else {
             return;
         };
+        if f.finishing {
+            return;
+        }
         if f.download.as_ref().is_some_and(Download::is_complete) {
             return self.complete_fetch(id);
         }
@@ -750,39 +872,70 @@ impl EventLoop {
         let Some(f) = self.fetches.get_mut(&id) else {
             return;
         };
-        f.in_flight = f.in_flight.saturating_sub(1);
-        let holder = node_id(&peer);
-        let written = match result {
+        let failed = match result {
             Ok(Response::Chunk {
                 index: got,
                 data,
                 crc32c: crc,
-            }) if got == index => {
-                if crc32c::crc32c(&data) != crc {
-                    Err((true, "chunk damaged in transit (crc32c)".to_string()))
-                } else {
-                    match f.download.as_mut().map(|d| d.write_chunk(index, &data)) {
-                        Some(Ok(())) => Ok(()),
-                        Some(Err(e)) => Err((true, e.to_string())),
-                        None => Err((false, "no download".to_string())),
-                    }
+            }) if got == index => match f.download.as_ref().map(Download::writer) {
+                Some(writer) => {
+                    // Checked and written on a blocking thread; the chunk stays
+                    // in flight (and in memory) until then, which bounds both.
+                    let done = self.io_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = if crc32c::crc32c(&data) != crc {
+                            Err((true, "chunk damaged in transit (crc32c)".to_string()))
+                        } else {
+                            writer
+                                .write(index, &data)
+                                .map_err(|e| (true, e.to_string()))
+                        };
+                        let _ = done.blocking_send(IoDone::ChunkWritten {
+                            fetch: id,
+                            index,
+                            peer,
+                            result,
+                        });
+                    });
+                    return;
                 }
-            }
+                None => (false, "no download".to_string()),
+            },
             Ok(Response::NotFound(e)) | Ok(Response::Denied(e)) => {
                 // This holder cannot serve the blob: stop asking it.
                 f.holders.retain(|h| *h != peer);
-                Err((false, e))
+                (false, e)
             }
-            Ok(other) => Err((true, format!("unexpected answer {other:?}"))),
+            Ok(other) => (true, format!("unexpected answer {other:?}")),
             Err(e) => {
                 // The connection broke or timed out: leave this holder; the chunk
                 // goes to another one, and a later fetch resumes what is on disk.
                 f.holders.retain(|h| *h != peer);
-                Err((false, e))
+                (false, e)
             }
         };
-        match written {
+        self.on_chunk_written(id, index, peer, Err(failed));
+    }
+
+    /// A chunk request ended: written, or failed (`bad`: the holder sent wrong
+    /// bytes, so the chunk is asked of another holder first).
+    fn on_chunk_written(
+        &mut self,
+        id: u64,
+        index: u32,
+        peer: PeerId,
+        result: Result<(), (bool, String)>,
+    ) {
+        let Some(f) = self.fetches.get_mut(&id) else {
+            return;
+        };
+        f.in_flight = f.in_flight.saturating_sub(1);
+        let holder = node_id(&peer);
+        match result {
             Ok(()) => {
+                if let Some(d) = f.download.as_mut() {
+                    d.mark_done(index);
+                }
                 *f.report.chunks_by_holder.entry(holder).or_default() += 1;
             }
             Err((bad, e)) => {
@@ -803,21 +956,35 @@ impl EventLoop {
         self.pump(id);
     }
 
+    /// Every chunk is written: the fsync and the move into the store run on a
+    /// blocking thread (an fsync of a large blob takes seconds on a real disk).
     fn complete_fetch(&mut self, id: u64) {
-        let Some(mut f) = self.fetches.remove(&id) else {
+        let Some(f) = self.fetches.get_mut(&id) else {
             return;
         };
         let Some(download) = f.download.take() else {
             return;
         };
-        let result = match download.finish() {
+        f.finishing = true;
+        let done = self.io_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = download.finish().map_err(|e| e.to_string());
+            let _ = done.blocking_send(IoDone::Finished { fetch: id, result });
+        });
+    }
+
+    fn on_finished(&mut self, id: u64, result: Result<PathBuf, String>) {
+        let Some(mut f) = self.fetches.remove(&id) else {
+            return;
+        };
+        let result = match result {
             Ok(path) => {
                 f.report.path = path;
                 Ok(f.report.clone())
             }
-            Err(e) => Err(NetError::Fetch {
+            Err(reason) => Err(NetError::Fetch {
                 digest: f.digest.clone(),
-                reason: e.to_string(),
+                reason,
             }),
         };
         for r in f.replies.drain(..) {

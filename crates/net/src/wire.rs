@@ -101,10 +101,11 @@ fn too_large(what: &str, size: usize, limit: usize, kind: io::ErrorKind) -> io::
     )
 }
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(
+/// Reads a frame's length and kind; returns the kind and the body's length.
+async fn read_head<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     limit: usize,
-) -> io::Result<(u8, Vec<u8>)> {
+) -> io::Result<(u8, usize)> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -121,9 +122,21 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     }
     let mut kind = [0u8; 1];
     io.read_exact(&mut kind).await?;
-    let mut body = vec![0u8; len - 1];
+    Ok((kind[0], len - 1))
+}
+
+async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
-    Ok((kind[0], body))
+    Ok(body)
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<(u8, Vec<u8>)> {
+    let (kind, len) = read_head(io, limit).await?;
+    Ok((kind, read_body(io, len).await?))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -180,21 +193,26 @@ impl libp2p::request_response::Codec for WireCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let (kind, body) = read_frame(io, self.response_limit()).await?;
+        let (kind, len) = read_head(io, self.response_limit()).await?;
         match kind {
             KIND_BINCODE => Ok(
-                match resolute_types::codec::decode::<Small>(&body).map_err(bad_data)? {
+                match resolute_types::codec::decode::<Small>(&read_body(io, len).await?)
+                    .map_err(bad_data)?
+                {
                     Small::Ack => Response::Ack,
                     Small::Denied(r) => Response::Denied(r),
                     Small::NotFound(r) => Response::NotFound(r),
                     Small::Manifest(m) => Response::Manifest(m),
                 },
             ),
-            KIND_CHUNK if body.len() >= 8 => {
-                let index = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                let crc32c = u32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                let mut data = body;
-                data.drain(..8);
+            KIND_CHUNK if len >= 8 => {
+                // The 8-byte head first, so the data lands in its own buffer
+                // (no 4 MiB shift to drop a head from the front).
+                let mut head = [0u8; 8];
+                io.read_exact(&mut head).await?;
+                let index = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+                let crc32c = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                let data = read_body(io, len - 8).await?;
                 Ok(Response::Chunk {
                     index,
                     data,

@@ -92,3 +92,58 @@ fn an_empty_blob_is_a_blob() {
     assert_eq!((m.size, m.chunk_count()), (0, 0));
     assert!(store.has(&m.digest()));
 }
+
+#[test]
+fn chunks_written_from_several_threads_land_and_an_incomplete_download_cannot_finish() {
+    let src = BlobStore::open(&dir("threads-src")).expect("store");
+    let data = bytes(5 * BLOB_CHUNK_BYTES as usize + 77, 3);
+    let m = src.put_bytes(&data).expect("put");
+    let dst = BlobStore::open(&dir("threads-dst")).expect("store");
+    // Missing one chunk: finish refuses and nothing becomes visible.
+    let mut d = dst.download(&m).expect("download");
+    for i in 0..m.chunk_count() - 1 {
+        d.write_chunk(i, &src.read_chunk(&m, i).expect("chunk"))
+            .expect("write");
+    }
+    assert!(matches!(
+        d.finish(),
+        Err(BlobError::Incomplete { index: 5, .. })
+    ));
+    assert!(!dst.has(&m.digest()));
+    // Every chunk written by its own thread through a shared writer.
+    let mut d = dst.download(&m).expect("resume");
+    assert_eq!(d.missing(), vec![5], "the chunks already there were kept");
+    let _ = std::fs::remove_file(
+        dst.path(&m.digest())
+            .parent()
+            .and_then(|p| p.parent())
+            .expect("store root")
+            .join("partial")
+            .join(m.digest()),
+    );
+    let mut d2 = dst.download(&m).expect("fresh");
+    assert_eq!(d2.missing().len(), 6);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..m.chunk_count())
+            .map(|i| {
+                let (w, chunk) = (d2.writer(), src.read_chunk(&m, i).expect("chunk"));
+                s.spawn(move || w.write(i, &chunk).map(|()| i))
+            })
+            .collect();
+        for h in handles {
+            let i = h.join().expect("thread").expect("write");
+            d2.mark_done(i);
+        }
+    });
+    // A wrong chunk through a writer is refused (the data repeats every 64 KiB,
+    // so whole chunks are alike: flip a byte).
+    let mut wrong = src.read_chunk(&m, 1).expect("chunk");
+    wrong[100] ^= 1;
+    assert!(matches!(
+        d2.writer().write(1, &wrong),
+        Err(BlobError::BadChunk { index: 1, .. })
+    ));
+    drop(d);
+    let path = d2.finish().expect("finish");
+    assert_eq!(std::fs::read(path).expect("read"), data);
+}

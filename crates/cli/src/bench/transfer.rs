@@ -6,6 +6,12 @@
 //! the bytes), so the ratio also charges the protocol for the receiver's disk
 //! writes and verification; a second reference that writes and syncs the bytes
 //! on the receiver is reported beside it.
+//!
+//! Both peers run in this process, so the process's CPU time during a transfer
+//! is what the transfer cost on this machine: reported per GiB for both paths, it
+//! shows how far a machine's cores bound the ratio (noise encrypts and decrypts
+//! every byte, and each chunk is hashed and written, on top of the kernel's own
+//! copies that raw TCP pays too).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,6 +43,21 @@ pub struct Report {
     pub ratio: f64,
     /// Every round's (libp2p, raw, raw to disk) MB/s.
     pub rounds: Vec<(f64, f64, f64)>,
+    /// Median CPU seconds (user + system, both peers) per GiB moved by libp2p.
+    pub libp2p_cpu_s_per_gib: f64,
+    /// Median CPU seconds per GiB moved by raw TCP (memory to memory).
+    pub raw_tcp_cpu_s_per_gib: f64,
+    /// CPU cores this process may use.
+    pub cores: usize,
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_s() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 + v.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
 }
 
 fn random_file(path: &Path, bytes: u64) -> anyhow::Result<()> {
@@ -126,14 +147,20 @@ async fn run_async(size_mb: u64, dir: &Path) -> anyhow::Result<Report> {
     let (b, _b_events, _b_task) = spawn(NetConfig::new(b_dir.clone(), listen(1)?)).await?;
     let a_addr = a.info().await?.listen[0].clone();
     b.dial(a_addr).await?;
+    let gib = bytes as f64 / f64::from(1u32 << 30);
     let mut rounds = Vec::new();
+    let mut p2p_cpu = Vec::new();
+    let mut raw_cpu = Vec::new();
     for _ in 0..ROUNDS {
         remove_blob(&b_dir, &digest);
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_s());
         b.fetch(&digest, vec![a.node_id]).await?;
         let p2p = bytes as f64 / 1e6 / start.elapsed().as_secs_f64();
+        p2p_cpu.push((cpu_s() - cpu) / gib);
         let blob = BlobStore::open(&a_dir)?.path(&digest);
+        let cpu = cpu_s();
         let raw = bytes as f64 / 1e6 / raw_tcp(&blob, None).await?;
+        raw_cpu.push((cpu_s() - cpu) / gib);
         let copy = dir.join("raw.bin");
         let to_disk = bytes as f64 / 1e6 / raw_tcp(&blob, Some(&copy)).await?;
         let _ = std::fs::remove_file(&copy);
@@ -153,5 +180,8 @@ async fn run_async(size_mb: u64, dir: &Path) -> anyhow::Result<Report> {
         raw_tcp_to_disk_mb_s: super::quantile(&mut to_disk, 0.5),
         ratio: super::quantile(&mut ratios, 0.5),
         rounds,
+        libp2p_cpu_s_per_gib: super::quantile(&mut p2p_cpu, 0.5),
+        raw_tcp_cpu_s_per_gib: super::quantile(&mut raw_cpu, 0.5),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
