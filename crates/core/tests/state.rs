@@ -234,7 +234,7 @@ fn live_trial_entries_match_the_live_set_dense_or_sparse() {
     // Sparse: much finished history between two live experiments.
     for _ in 0..10 {
         sm.apply(created(MANY_TRIALS));
-        let id = *sm.state.experiments.keys().next_back().unwrap();
+        let id = *sm.state.experiments.keys().next_back().expect("an experiment");
         sm.apply(Command::ExperimentControl {
             experiment: id,
             action: resolute_core::command::Control::Kill,
