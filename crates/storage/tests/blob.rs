@@ -111,7 +111,7 @@ fn chunks_written_from_several_threads_land_and_an_incomplete_download_cannot_fi
     ));
     assert!(!dst.has(&m.digest()));
     // Every chunk written by its own thread through a shared writer.
-    let mut d = dst.download(&m).expect("resume");
+    let d = dst.download(&m).expect("resume");
     assert_eq!(d.missing(), vec![5], "the chunks already there were kept");
     let _ = std::fs::remove_file(
         dst.path(&m.digest())
