@@ -516,13 +516,7 @@ impl ClusterState {
                 reply
             }
             Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive, changes),
-            Command::NodeCapacity { node, slots } => match self.nodes.get_mut(&node) {
-                Some(n) => {
-                    n.info.slots = slots;
-                    Reply::Ok
-                }
-                None => rejected(format!("unknown node {node}")),
-            },
+            Command::NodeCapacity { node, slots } => self.set_capacity(node, slots, changes),
             Command::ExperimentCreated {
                 config_yaml,
                 overrides,
@@ -606,6 +600,51 @@ impl ClusterState {
         n.state = state;
         if state == NodeState::Lost {
             self.requeue_from(node, changes);
+        }
+        Reply::Ok
+    }
+
+    /// A node's slot count changed (a GPU failed its health check, or came back).
+    /// When its placed trials no longer fit, the most recently started ones
+    /// checkpoint and stop and go back to the queue, like trials the scheduler
+    /// releases: a failed GPU is not the trials' fault, so no restart is charged.
+    /// (The state does not know which slot failed; the node that reported it does.
+    /// A trial on the failed GPU that crashes exits on its own.)
+    fn set_capacity(&mut self, node: NodeId, slots: u32, changes: &mut Vec<Change>) -> Reply {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return rejected(format!("unknown node {node}"));
+        };
+        n.info.slots = slots;
+        let mut placed: Vec<(u64, TrialId, u32)> = self
+            .live_trial_entries()
+            .filter(|(_, t)| t.is_placed())
+            .map(|(id, t)| {
+                let here: u32 = t
+                    .layout
+                    .iter()
+                    .filter(|(n, _)| *n == node)
+                    .map(|(_, s)| *s)
+                    .sum();
+                (t.started_ms, id, here)
+            })
+            .filter(|(_, _, here)| *here > 0)
+            .collect();
+        let mut used: u32 = placed.iter().map(|(_, _, here)| *here).sum();
+        // Newest first (ties: the larger trial id).
+        placed.sort_unstable_by(|a, b| b.cmp(a));
+        let now = self.now_ms;
+        for (_, id, here) in placed {
+            if used <= slots {
+                break;
+            }
+            used -= here;
+            let Some(t) = self.trials.get_mut(&id) else {
+                continue;
+            };
+            if !t.preempting {
+                t.preempting = true;
+                signal_trial(id, t, Signal::Stop, now, changes);
+            }
         }
         Reply::Ok
     }

@@ -234,7 +234,12 @@ fn live_trial_entries_match_the_live_set_dense_or_sparse() {
     // Sparse: much finished history between two live experiments.
     for _ in 0..10 {
         sm.apply(created(MANY_TRIALS));
-        let id = *sm.state.experiments.keys().next_back().expect("an experiment");
+        let id = *sm
+            .state
+            .experiments
+            .keys()
+            .next_back()
+            .expect("an experiment");
         sm.apply(Command::ExperimentControl {
             experiment: id,
             action: resolute_core::command::Control::Kill,
@@ -248,4 +253,69 @@ fn live_trial_entries_match_the_live_set_dense_or_sparse() {
     for (id, t) in sm.state.live_trial_entries() {
         assert_eq!(Some(t), sm.state.trials.get(&id));
     }
+}
+
+#[test]
+fn a_capacity_drop_stops_the_newest_trials_there_without_charging_restarts() {
+    let mut sm = Sm::new();
+    sm.apply(created(MANY_TRIALS));
+    let on = |sm: &Sm, node: u64| -> Vec<u64> {
+        sm.state
+            .trials
+            .iter()
+            .filter(|(_, t)| t.is_placed_on(node) && !t.preempting)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let before = on(&sm, 1);
+    assert_eq!(before.len(), 4, "node 1 is full");
+    // Node 1 reports that 3 of its 4 GPUs failed their health check.
+    sm.index += 1;
+    let env = Envelope {
+        version: COMMAND_VERSION,
+        id: ProposalId(u128::from(sm.index)),
+        time_ms: sm.index * 1000,
+        command: Command::NodeCapacity { node: 1, slots: 1 },
+    };
+    let (reply, changes) = sm.state.apply(sm.index, env);
+    assert_eq!(reply, Reply::Ok);
+    let stopped: Vec<u64> = changes
+        .iter()
+        .filter_map(|c| match c {
+            resolute_core::state::Change::Signal {
+                trial,
+                node: 1,
+                signal: resolute_core::state::Signal::Stop,
+                ..
+            } => Some(*trial),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stopped.len(), 3, "{changes:?}");
+    assert_eq!(on(&sm, 1), vec![before[0]], "the oldest keeps its slot");
+    assert!(on(&sm, 2).len() == 4, "node 2 is untouched");
+    // They checkpoint and stop: back in the queue, no restart charged, and node 1
+    // gets no new work beyond its one slot.
+    for trial in stopped {
+        let inc = sm.state.trials[&trial].incarnation;
+        sm.apply(Command::TrialExited {
+            trial,
+            incarnation: inc,
+            outcome: TrialOutcome::Preempted,
+        });
+        let t = &sm.state.trials[&trial];
+        assert_eq!(t.restarts, 0);
+        assert!(!t.is_placed_on(1), "not placed back on the shrunken node");
+    }
+    let slots_on_1: u32 = sm
+        .state
+        .trials
+        .values()
+        .filter(|t| t.is_placed_on(1))
+        .map(|t| t.slots)
+        .sum();
+    assert_eq!(slots_on_1, 1);
+    // The GPUs come back: the node fills again.
+    sm.apply(Command::NodeCapacity { node: 1, slots: 4 });
+    assert_eq!(on(&sm, 1).len(), 4);
 }

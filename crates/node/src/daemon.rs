@@ -41,6 +41,9 @@ const ANNOUNCE_EVERY_TICKS: u64 = 10;
 const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
 /// Depth of the channel from the API and helper tasks to the loop.
 const LOOP_CHANNEL_DEPTH: usize = 1024;
+/// How often a node with GPUs asks NVML whether they are still healthy (a GPU
+/// that disappears or reports uncorrected ECC errors leaves its capacity).
+const GPU_HEALTH_CHECK_MS: u64 = 10_000;
 
 /// What the daemon needs to start.
 #[derive(Debug, Clone)]
@@ -141,6 +144,8 @@ enum Internal {
     ModelFetchEnded {
         digest: String,
     },
+    /// NVML's view of the GPUs, from the periodic health check.
+    GpuHealth(resolute_trial::gpu::Discovery),
 }
 
 /// The running node.
@@ -172,6 +177,10 @@ pub struct Daemon {
     /// Slots handed to running incarnations: (trial, incarnation) -> slot indices.
     slots_in_use: BTreeMap<(u64, u64), Vec<usize>>,
     slot_count: u32,
+    /// GPU slots out of service (failed their last health check).
+    slots_failed: BTreeSet<usize>,
+    /// When the next GPU health check is due (None: no GPUs, or one is running).
+    gpu_check_at: Option<tokio::time::Instant>,
     ticks: u64,
     announce_seq: u64,
     /// Where each known node listens (from gossip), kept in `peers.json` so a
@@ -354,6 +363,9 @@ impl Daemon {
             gpus,
             slots_in_use: BTreeMap::new(),
             slot_count,
+            slots_failed: BTreeSet::new(),
+            gpu_check_at: (!gpus.is_empty())
+                .then(|| tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS)),
             ticks: 0,
             announce_seq: 0,
             addrs: known,
@@ -561,7 +573,7 @@ impl Daemon {
         // Slots: GPU uuids when this node has GPUs.
         let used: BTreeSet<usize> = self.slots_in_use.values().flatten().copied().collect();
         let mine: Vec<usize> = (0..self.slot_count as usize)
-            .filter(|s| !used.contains(s))
+            .filter(|s| !used.contains(s) && !self.slots_failed.contains(s))
             .take(slots as usize)
             .collect();
         let gpus: Vec<String> = mine
@@ -670,8 +682,65 @@ impl Daemon {
         });
     }
 
+    /// Slots this node offers now: its GPUs less the failed ones (or CPU slots).
+    fn slots_offered(&self) -> u32 {
+        self.slot_count
+            .saturating_sub(self.slots_failed.len() as u32)
+    }
+
+    /// Starts an NVML health check off the loop when one is due.
+    fn check_gpus(&mut self) {
+        let due = self
+            .gpu_check_at
+            .is_some_and(|at| at <= tokio::time::Instant::now());
+        if !due {
+            return;
+        }
+        self.gpu_check_at = None;
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let found = resolute_trial::gpu::discover(false);
+            let _ = tx.blocking_send(Internal::GpuHealth(found));
+        });
+    }
+
+    /// A GPU that failed its health check leaves the node's capacity (proposed
+    /// to the cluster, which stops trials that no longer fit); one that recovers
+    /// comes back.
+    fn on_gpu_health(&mut self, found: resolute_trial::gpu::Discovery) {
+        self.gpu_check_at =
+            Some(tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS));
+        let Some(healthy) = resolute_trial::gpu::healthy_slots(&self.gpus, &found) else {
+            eprintln!(
+                "node {:016x}: GPU health check: NVML unavailable ({}); capacity unchanged",
+                self.id(),
+                found.nvml_error.unwrap_or_default()
+            );
+            return;
+        };
+        let failed: BTreeSet<usize> = (0..healthy.len()).filter(|i| !healthy[*i]).collect();
+        if failed == self.slots_failed {
+            return;
+        }
+        let before = self.slots_offered();
+        self.slots_failed = failed;
+        let slots = self.slots_offered();
+        eprintln!(
+            "node {:016x}: GPU health changed: {slots} of {} GPUs healthy (was {before}); failed: {:?}",
+            self.id(),
+            self.slot_count,
+            self.slots_failed
+                .iter()
+                .filter_map(|i| self.gpus.get(*i))
+                .collect::<Vec<_>>()
+        );
+        let node = self.id();
+        self.propose_own(Command::NodeCapacity { node, slots });
+    }
+
     fn on_internal(&mut self, m: Internal) {
         match m {
+            Internal::GpuHealth(found) => self.on_gpu_health(found),
             Internal::Launched {
                 trial,
                 incarnation,
@@ -887,6 +956,7 @@ impl Daemon {
         }
         self.flush_metrics();
         self.retry_own();
+        self.check_gpus();
         let (v, l) = self.node.membership();
         let mut members = [v, l].concat();
         members.sort_unstable();
@@ -957,8 +1027,8 @@ impl Daemon {
             ttl_ms: ANNOUNCEMENT_TTL_MS,
             addrs: self.local.listen.iter().map(|a| a.to_string()).collect(),
             api: self.local.api.clone(),
-            slots_total: self.slot_count,
-            slots_free: self.slot_count.saturating_sub(used),
+            slots_total: self.slots_offered(),
+            slots_free: self.slots_offered().saturating_sub(used),
             gpus: Vec::new(),
             labels: BTreeMap::new(),
             blobs,

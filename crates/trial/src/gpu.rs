@@ -52,6 +52,23 @@ impl Discovery {
     }
 }
 
+/// Which of the GPUs a node offers (their uuids, in slot order) are healthy now:
+/// NVML still lists the GPU and finds nothing wrong with it (it has a uuid and no
+/// uncorrected ECC errors). A GPU that disappears or starts failing leaves the
+/// node's capacity; one that recovers comes back. `None` when NVML itself could
+/// not be asked (then nothing is known, and nothing should change).
+pub fn healthy_slots(offered: &[String], now: &Discovery) -> Option<Vec<bool>> {
+    if now.nvml_error.is_some() {
+        return None;
+    }
+    Some(
+        offered
+            .iter()
+            .map(|uuid| now.gpus.iter().any(|g| g.uuid == *uuid && g.usable))
+            .collect(),
+    )
+}
+
 /// Lists the GPUs and probes each one (with `probe` false, only lists them).
 pub fn discover(probe: bool) -> Discovery {
     let nvml = match nvml_wrapper::Nvml::init() {
