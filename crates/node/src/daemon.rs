@@ -278,6 +278,8 @@ impl Daemon {
         } else {
             Vec::new()
         };
+        let gpu_check_at = (!gpus.is_empty())
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS));
         let slot_count = if gpus.is_empty() {
             c.cpu_slots
         } else {
@@ -364,8 +366,7 @@ impl Daemon {
             slots_in_use: BTreeMap::new(),
             slot_count,
             slots_failed: BTreeSet::new(),
-            gpu_check_at: (!gpus.is_empty())
-                .then(|| tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS)),
+            gpu_check_at,
             ticks: 0,
             announce_seq: 0,
             addrs: known,
