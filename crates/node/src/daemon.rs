@@ -41,6 +41,37 @@ const ANNOUNCE_EVERY_TICKS: u64 = 10;
 const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
 /// Depth of the channel from the API and helper tasks to the loop.
 const LOOP_CHANNEL_DEPTH: usize = 1024;
+/// torchrun rendezvous ports: `MASTER_PORT_BASE` plus a value derived from the
+/// trial and incarnation (every node of a gang computes the same one; two gangs
+/// whose rank 0 shares a node rarely collide, and a new incarnation moves on).
+const MASTER_PORT_BASE: u16 = 29_500;
+/// How many ports the rendezvous ports spread over.
+const MASTER_PORT_SPAN: u64 = 2_000;
+/// `MASTER_ADDR` when rank 0's address is unknown (a single-node gang).
+const LOOPBACK_HOST: &str = "127.0.0.1";
+
+/// The rendezvous port of one incarnation of a trial.
+fn master_port(trial: u64, incarnation: u64) -> u16 {
+    // splitmix64's finalizer: consecutive trials land far apart.
+    let mut z = trial ^ incarnation.rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let spread = (z ^ (z >> 31)) % MASTER_PORT_SPAN;
+    MASTER_PORT_BASE + spread as u16
+}
+
+/// The IP address of a multiaddr (`/ip4/10.0.0.5/tcp/7000` -> `10.0.0.5`);
+/// unspecified addresses (0.0.0.0, ::) name no host.
+fn host_of(addr: &Multiaddr) -> Option<String> {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) if !ip.is_unspecified() => Some(ip.to_string()),
+        Protocol::Ip6(ip) if !ip.is_unspecified() => Some(ip.to_string()),
+        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => Some(h.to_string()),
+        _ => None,
+    })
+}
+
 /// How often a node with GPUs asks NVML whether they are still healthy (a GPU
 /// that disappears or reports uncorrected ECC errors leaves its capacity).
 const GPU_HEALTH_CHECK_MS: u64 = 10_000;
@@ -597,8 +628,8 @@ impl Daemon {
             world_size: layout.iter().map(|(_, s)| *s).sum(),
             local_world_size: slots,
             group_rank: node_rank as u32,
-            master_addr: "127.0.0.1".into(),
-            master_port: 29_500,
+            master_addr: self.rank0_host(layout),
+            master_port: master_port(trial, incarnation),
         });
         let time_metric = config
             .searcher
@@ -681,6 +712,24 @@ impl Daemon {
             };
             let _ = tx.send(msg).await;
         });
+    }
+
+    /// The host of a gang's node rank 0 for torchrun's `MASTER_ADDR`: the IP
+    /// of its first listen address (this node's own, or what gossip told us).
+    fn rank0_host(&self, layout: &[(NodeId, u32)]) -> String {
+        let Some(&(rank0, _)) = layout.first() else {
+            return LOOPBACK_HOST.to_string();
+        };
+        let addrs: Vec<String> = if rank0 == self.id() {
+            self.local.listen.iter().map(|a| a.to_string()).collect()
+        } else {
+            self.addrs.get(&rank0).cloned().unwrap_or_default()
+        };
+        addrs
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .find_map(|a| host_of(&a))
+            .unwrap_or_else(|| LOOPBACK_HOST.to_string())
     }
 
     /// Slots this node offers now: its GPUs less the failed ones (or CPU slots).
@@ -1177,4 +1226,37 @@ pub fn data_dir(config: &NodeFile, flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
         .or_else(|| config.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("resolute-data"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank0_hosts_come_from_listen_addresses_and_ports_from_the_incarnation() {
+        let parse = |a: &str| a.parse::<Multiaddr>().expect("multiaddr");
+        assert_eq!(
+            host_of(&parse("/ip4/10.1.2.3/tcp/7000")).as_deref(),
+            Some("10.1.2.3")
+        );
+        assert_eq!(
+            host_of(&parse("/ip6/fd00::5/tcp/7000")).as_deref(),
+            Some("fd00::5")
+        );
+        assert_eq!(
+            host_of(&parse("/dns4/gpu-7.lab/tcp/7000")).as_deref(),
+            Some("gpu-7.lab")
+        );
+        assert_eq!(host_of(&parse("/ip4/0.0.0.0/tcp/7000")), None);
+        let p = master_port(42, 1);
+        assert!((MASTER_PORT_BASE..MASTER_PORT_BASE + MASTER_PORT_SPAN as u16).contains(&p));
+        assert_eq!(p, master_port(42, 1), "every node of the gang agrees");
+        assert_ne!(p, master_port(42, 2), "a new incarnation moves on");
+        let ports: BTreeSet<u16> = (0..100).map(|t| master_port(t, 1)).collect();
+        assert!(
+            ports.len() > 95,
+            "trials spread over the range: {}",
+            ports.len()
+        );
+    }
 }
