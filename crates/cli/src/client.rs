@@ -577,6 +577,15 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                         "learner"
                     }
                 );
+                // GPUs as the node last gossiped them (a failed one is left out).
+                for g in n["gpus"].as_array().into_iter().flatten() {
+                    println!(
+                        "      {} {} {} MiB",
+                        g["uuid"].as_str().unwrap_or(""),
+                        g["model"].as_str().unwrap_or(""),
+                        g["memory_mib"]
+                    );
+                }
             }
         })
     });

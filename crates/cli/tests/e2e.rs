@@ -127,6 +127,23 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
         let v = get(&c.api, &["cluster", "status"]);
         v["voters"].as_array().is_some_and(|x| x.len() == 3)
     });
+    // Every node's gossiped record (labels, GPUs: none here) reaches the others.
+    until(
+        "gossiped labels of every node",
+        Duration::from_secs(30),
+        || {
+            let v = get(&c.api, &["cluster", "status"]);
+            v["nodes"].as_array().is_some_and(|nodes| {
+                nodes.len() == 3
+                    && nodes.iter().all(|n| {
+                        n["labels"]["site"].is_string()
+                            && n["labels"]["pool"].is_string()
+                            && n["labels"]["preemptible"] == "false"
+                            && n["gpus"].as_array().is_some_and(Vec::is_empty)
+                    })
+            })
+        },
+    );
     // (a) Submit to a follower (c; a bootstrapped and leads at first).
     let python = repo().join("python");
     let env = format!(

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use resolute_core::{NodeId, PeerMessage};
 
 pub use config::NetConfig;
-pub use gossip::Announcement;
+pub use gossip::{Announcement, Gpu};
 pub use identity::node_id;
 
 /// Why a network operation failed.

@@ -643,6 +643,8 @@ async fn cluster(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
             .nodes
             .iter()
             .map(|(id, n)| {
+                // GPUs and labels as the node last gossiped them (soft state).
+                let record = local.records.get(id);
                 json!({
                     "id": format!("{id:016x}"),
                     "site": n.info.site,
@@ -651,6 +653,12 @@ async fn cluster(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
                     "slots": n.info.slots,
                     "slots_used": used.get(id).copied().unwrap_or(0),
                     "voter": voters.contains(id),
+                    "gpus": record.map(|r| r.gpus.iter().map(|g| json!({
+                        "uuid": g.uuid,
+                        "model": g.model,
+                        "memory_mib": g.memory_mib,
+                    })).collect::<Vec<_>>()).unwrap_or_default(),
+                    "labels": record.map(|r| r.labels.clone()).unwrap_or_default(),
                 })
             })
             .collect();

@@ -141,6 +141,9 @@ pub struct Local {
     pub peer_apis: BTreeMap<NodeId, String>,
     /// The latest launch here of each trial.
     pub launches: BTreeMap<u64, Launched>,
+    /// Each node's latest gossiped record (this node's own included): its GPUs,
+    /// labels and free slots as it last told everyone.
+    pub records: BTreeMap<NodeId, resolute_net::Announcement>,
 }
 
 /// A trial incarnation this node started.
@@ -208,6 +211,11 @@ pub struct Daemon {
     /// Slots handed to running incarnations: (trial, incarnation) -> slot indices.
     slots_in_use: BTreeMap<(u64, u64), Vec<usize>>,
     slot_count: u32,
+    /// Each GPU slot's uuid, model and memory, for the gossiped record.
+    gpu_records: Vec<resolute_net::Gpu>,
+    /// What the gossiped record says of this node besides its slots: the config's
+    /// labels, with its site, pool, cost and whether it is preemptible.
+    labels: BTreeMap<String, String>,
     /// GPU slots out of service (failed their last health check).
     slots_failed: BTreeSet<usize>,
     /// When the next GPU health check is due (None: no GPUs, or one is running).
@@ -301,14 +309,19 @@ impl Daemon {
         })
         .await
         .map_err(setup)?;
-        let gpus: Vec<String> = if c.gpus == "auto" {
+        let gpu_records: Vec<resolute_net::Gpu> = if c.gpus == "auto" {
             resolute_trial::gpu::discover(true)
                 .usable()
-                .map(|g| g.uuid.clone())
+                .map(|g| resolute_net::Gpu {
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    memory_mib: g.memory_mib,
+                })
                 .collect()
         } else {
             Vec::new()
         };
+        let gpus: Vec<String> = gpu_records.iter().map(|g| g.uuid.clone()).collect();
         let gpu_check_at = (!gpus.is_empty())
             .then(|| tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS));
         let slot_count = if gpus.is_empty() {
@@ -337,6 +350,14 @@ impl Daemon {
             pool_settings: Some(settings),
             labels: c.labels.clone(),
         };
+        let mut labels = info.labels.clone();
+        labels.insert("site".into(), info.site.clone());
+        labels.insert("pool".into(), info.pool.clone());
+        labels.insert("preemptible".into(), info.preemptible.to_string());
+        labels.insert(
+            "cost_per_slot_hour".into(),
+            format!("{}", c.pool.cost_per_slot_hour),
+        );
         let mut cfg = NodeConfig::new(net.node_id, info);
         cfg.tick_ms = c.node.tick_ms;
         cfg.lease_timeout_ms = c.node.lease_timeout_ms;
@@ -383,6 +404,7 @@ impl Daemon {
                 connected: BTreeSet::new(),
                 peer_apis: BTreeMap::new(),
                 launches: BTreeMap::new(),
+                records: BTreeMap::new(),
             },
             tick_ms: c.node.tick_ms,
             waiting: BTreeMap::new(),
@@ -397,6 +419,8 @@ impl Daemon {
             slots_in_use: BTreeMap::new(),
             slot_count,
             slots_failed: BTreeSet::new(),
+            gpu_records,
+            labels,
             gpu_check_at,
             ticks: 0,
             announce_seq: 0,
@@ -989,6 +1013,7 @@ impl Daemon {
                 if !a.api.is_empty() {
                     self.local.peer_apis.insert(a.node, a.api.clone());
                 }
+                self.local.records.insert(a.node, a.clone());
                 if self.addrs.get(&a.node) != Some(&a.addrs) {
                     self.addrs.insert(a.node, a.addrs);
                     self.addrs_dirty = true;
@@ -1079,10 +1104,17 @@ impl Daemon {
             api: self.local.api.clone(),
             slots_total: self.slots_offered(),
             slots_free: self.slots_offered().saturating_sub(used),
-            gpus: Vec::new(),
-            labels: BTreeMap::new(),
+            gpus: self
+                .gpu_records
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !self.slots_failed.contains(i))
+                .map(|(_, g)| g.clone())
+                .collect(),
+            labels: self.labels.clone(),
             blobs,
         };
+        self.local.records.insert(a.node, a.clone());
         let _ = self.net.publish(a).await;
     }
 
