@@ -577,10 +577,14 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                         "learner"
                     }
                 );
-                // GPUs as the node last gossiped them (a failed one is left out).
+                // GPUs as the node last gossiped them, a disabled one with why.
                 for g in n["gpus"].as_array().into_iter().flatten() {
+                    let state = match g["disabled"].as_str() {
+                        Some(why) => format!("disabled: {why}"),
+                        None => "offered".to_string(),
+                    };
                     println!(
-                        "      {} {} {} MiB",
+                        "      {} {} {} MiB  {state}",
                         g["uuid"].as_str().unwrap_or(""),
                         g["model"].as_str().unwrap_or(""),
                         g["memory_mib"]

@@ -19,6 +19,9 @@ pub struct Gpu {
     pub model: String,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// Why it is not offered as a slot (its probe failed, or it failed a later
+    /// health check); `None` when it is.
+    pub disabled: Option<String>,
 }
 
 /// A node's gossiped record. It travels in a gossipsub message signed by the
@@ -40,7 +43,7 @@ pub struct Announcement {
     pub slots_total: u32,
     /// Slots not in use.
     pub slots_free: u32,
-    /// Its GPUs (empty: CPU slots).
+    /// Its GPUs (empty: CPU slots), the disabled ones with the reason.
     pub gpus: Vec<Gpu>,
     /// Its labels (site, pool, ...).
     pub labels: BTreeMap<String, String>,

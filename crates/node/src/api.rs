@@ -657,6 +657,7 @@ async fn cluster(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
                         "uuid": g.uuid,
                         "model": g.model,
                         "memory_mib": g.memory_mib,
+                        "disabled": g.disabled,
                     })).collect::<Vec<_>>()).unwrap_or_default(),
                     "labels": record.map(|r| r.labels.clone()).unwrap_or_default(),
                 })

@@ -211,8 +211,11 @@ pub struct Daemon {
     /// Slots handed to running incarnations: (trial, incarnation) -> slot indices.
     slots_in_use: BTreeMap<(u64, u64), Vec<usize>>,
     slot_count: u32,
-    /// Each GPU slot's uuid, model and memory, for the gossiped record.
+    /// Every GPU NVML listed at start, for the gossiped record: the ones that
+    /// passed their probe are the slots (`gpus`), the others say why not.
     gpu_records: Vec<resolute_net::Gpu>,
+    /// Why a slot's GPU failed its last health check, by uuid.
+    gpu_failures: BTreeMap<String, String>,
     /// What the gossiped record says of this node besides its slots: the config's
     /// labels, with its site, pool, cost and whether it is preemptible.
     labels: BTreeMap<String, String>,
@@ -311,17 +314,24 @@ impl Daemon {
         .map_err(setup)?;
         let gpu_records: Vec<resolute_net::Gpu> = if c.gpus == "auto" {
             resolute_trial::gpu::discover(true)
-                .usable()
+                .gpus
+                .iter()
                 .map(|g| resolute_net::Gpu {
                     uuid: g.uuid.clone(),
                     model: g.model.clone(),
                     memory_mib: g.memory_mib,
+                    disabled: (!g.usable).then(|| g.reason.clone().unwrap_or_default()),
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        let gpus: Vec<String> = gpu_records.iter().map(|g| g.uuid.clone()).collect();
+        // The slots: the GPUs that passed their probe, in NVML order.
+        let gpus: Vec<String> = gpu_records
+            .iter()
+            .filter(|g| g.disabled.is_none())
+            .map(|g| g.uuid.clone())
+            .collect();
         let gpu_check_at = (!gpus.is_empty())
             .then(|| tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS));
         let slot_count = if gpus.is_empty() {
@@ -420,6 +430,7 @@ impl Daemon {
             slot_count,
             slots_failed: BTreeSet::new(),
             gpu_records,
+            gpu_failures: BTreeMap::new(),
             labels,
             gpu_check_at,
             ticks: 0,
@@ -796,6 +807,19 @@ impl Daemon {
         if failed == self.slots_failed {
             return;
         }
+        self.gpu_failures = failed
+            .iter()
+            .filter_map(|i| self.gpus.get(*i))
+            .map(|uuid| {
+                let why = found
+                    .gpus
+                    .iter()
+                    .find(|g| g.uuid == *uuid)
+                    .and_then(|g| g.reason.clone())
+                    .unwrap_or_else(|| "NVML no longer lists it".to_string());
+                (uuid.clone(), why)
+            })
+            .collect();
         let before = self.slots_offered();
         self.slots_failed = failed;
         let slots = self.slots_offered();
@@ -1107,9 +1131,13 @@ impl Daemon {
             gpus: self
                 .gpu_records
                 .iter()
-                .enumerate()
-                .filter(|(i, _)| !self.slots_failed.contains(i))
-                .map(|(_, g)| g.clone())
+                .map(|g| match self.gpu_failures.get(&g.uuid) {
+                    Some(why) if g.disabled.is_none() => resolute_net::Gpu {
+                        disabled: Some(format!("failed its health check: {why}")),
+                        ..g.clone()
+                    },
+                    _ => g.clone(),
+                })
                 .collect(),
             labels: self.labels.clone(),
             blobs,
