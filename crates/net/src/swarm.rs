@@ -22,6 +22,7 @@ use resolute_core::{NodeId, PeerMessage};
 use resolute_storage::blob::{check_digest, BlobStore, Download, Manifest};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::config::{NetConfig, CHANNEL_DEPTH};
 use crate::gossip::Announcement;
@@ -46,9 +47,10 @@ const FETCH_CONNECTIONS_PER_HOLDER: u32 = 4;
 /// Chunk reads for other peers running at once (each holds one chunk in memory);
 /// requests beyond it wait in a queue, so serving cannot exhaust memory.
 const CHUNK_READS_MAX: usize = 8;
-/// Chunk requests waiting for a read; beyond it a holder answers "busy" and the
-/// fetcher asks another holder or again later.
-const CHUNK_READ_QUEUE_MAX: usize = 1024;
+/// Chunk requests waiting for a read (each a response channel and an index:
+/// small); beyond it a holder answers "busy", and the fetcher leaves it for the
+/// other holders (a fetch with none left fails and is retried by its caller).
+const CHUNK_READ_QUEUE_MAX: usize = 4096;
 
 /// Disk and hashing work done on blocking threads, so that the event loop (Raft
 /// messages, heartbeats, gossip) never waits for a 4 MiB read, a chunk hash or an
@@ -281,7 +283,8 @@ struct EventLoop {
     topic: gossipsub::IdentTopic,
     config: NetConfig,
     store: BlobStore,
-    manifests: BTreeMap<String, Manifest>,
+    /// Shared, not copied per request: a large blob's manifest is megabytes.
+    manifests: BTreeMap<String, Arc<Manifest>>,
     peers: BTreeMap<NodeId, PeerId>,
     connections: BTreeMap<PeerId, u32>,
     /// The Raft membership (None: not known yet, everyone with the key is let in).
@@ -298,7 +301,7 @@ struct EventLoop {
     io_rx: mpsc::Receiver<IoDone>,
     /// Chunk reads running for peers, and the requests waiting for one.
     reads_in_flight: usize,
-    read_queue: VecDeque<(ResponseChannel<Response>, Manifest, u32)>,
+    read_queue: VecDeque<(ResponseChannel<Response>, Arc<Manifest>, u32)>,
 }
 
 impl EventLoop {
@@ -642,15 +645,15 @@ impl EventLoop {
         }
     }
 
-    fn manifest(&mut self, digest: &str) -> Result<Manifest, String> {
+    fn manifest(&mut self, digest: &str) -> Result<Arc<Manifest>, String> {
         if let Some(m) = self.manifests.get(digest) {
-            return Ok(m.clone());
+            return Ok(Arc::clone(m));
         }
-        let m = self.store.manifest(digest).map_err(|e| e.to_string())?;
+        let m = Arc::new(self.store.manifest(digest).map_err(|e| e.to_string())?);
         if self.manifests.len() >= MANIFEST_CACHE_MAX {
             self.manifests.pop_first();
         }
-        self.manifests.insert(digest.to_string(), m.clone());
+        self.manifests.insert(digest.to_string(), Arc::clone(&m));
         Ok(m)
     }
 
