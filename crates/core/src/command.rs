@@ -153,6 +153,9 @@ pub enum Command {
         node: NodeId,
         /// Its slots now.
         slots: u32,
+        /// Trials to stop first when its placed trials no longer fit: the ones
+        /// on the failed GPUs, which only the node knows.
+        stop_first: Vec<TrialId>,
     },
     /// A node came back (after a lost lease) and is alive again.
     NodeAlive {

@@ -516,7 +516,11 @@ impl ClusterState {
                 reply
             }
             Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive, changes),
-            Command::NodeCapacity { node, slots } => self.set_capacity(node, slots, changes),
+            Command::NodeCapacity {
+                node,
+                slots,
+                stop_first,
+            } => self.set_capacity(node, slots, &stop_first, changes),
             Command::ExperimentCreated {
                 config_yaml,
                 overrides,
@@ -605,12 +609,18 @@ impl ClusterState {
     }
 
     /// A node's slot count changed (a GPU failed its health check, or came back).
-    /// When its placed trials no longer fit, the most recently started ones
-    /// checkpoint and stop and go back to the queue, like trials the scheduler
-    /// releases: a failed GPU is not the trials' fault, so no restart is charged.
-    /// (The state does not know which slot failed; the node that reported it does.
-    /// A trial on the failed GPU that crashes exits on its own.)
-    fn set_capacity(&mut self, node: NodeId, slots: u32, changes: &mut Vec<Change>) -> Reply {
+    /// When its placed trials no longer fit, trials checkpoint and stop and go
+    /// back to the queue, like trials the scheduler releases (a failed GPU is not
+    /// their fault, so no restart is charged): first those the node named (they
+    /// ran on the failed GPUs; only the node knows which slot is which), then the
+    /// most recently started.
+    fn set_capacity(
+        &mut self,
+        node: NodeId,
+        slots: u32,
+        stop_first: &[TrialId],
+        changes: &mut Vec<Change>,
+    ) -> Reply {
         let Some(n) = self.nodes.get_mut(&node) else {
             return rejected(format!("unknown node {node}"));
         };
@@ -630,8 +640,11 @@ impl ClusterState {
             .filter(|(_, _, here)| *here > 0)
             .collect();
         let mut used: u32 = placed.iter().map(|(_, _, here)| *here).sum();
-        // Newest first (ties: the larger trial id).
-        placed.sort_unstable_by(|a, b| b.cmp(a));
+        // Named first, then newest first (ties: the larger trial id).
+        placed.sort_unstable_by(|a, b| {
+            let named = |t: &(u64, TrialId, u32)| stop_first.contains(&t.1);
+            named(b).cmp(&named(a)).then(b.cmp(a))
+        });
         let now = self.now_ms;
         for (_, id, here) in placed {
             if used <= slots {

@@ -275,7 +275,11 @@ fn a_capacity_drop_stops_the_newest_trials_there_without_charging_restarts() {
         version: COMMAND_VERSION,
         id: ProposalId(u128::from(sm.index)),
         time_ms: sm.index * 1000,
-        command: Command::NodeCapacity { node: 1, slots: 1 },
+        command: Command::NodeCapacity {
+            node: 1,
+            slots: 1,
+            stop_first: Vec::new(),
+        },
     };
     let (reply, changes) = sm.state.apply(sm.index, env);
     assert_eq!(reply, Reply::Ok);
@@ -316,6 +320,21 @@ fn a_capacity_drop_stops_the_newest_trials_there_without_charging_restarts() {
         .sum();
     assert_eq!(slots_on_1, 1);
     // The GPUs come back: the node fills again.
-    sm.apply(Command::NodeCapacity { node: 1, slots: 4 });
+    sm.apply(Command::NodeCapacity {
+        node: 1,
+        slots: 4,
+        stop_first: Vec::new(),
+    });
     assert_eq!(on(&sm, 1).len(), 4);
+    // The node names the trial on its failed GPU: that one stops, though it is
+    // the oldest there (the one that kept its slot above).
+    let oldest = before[0];
+    assert!(on(&sm, 1).contains(&oldest));
+    sm.apply(Command::NodeCapacity {
+        node: 1,
+        slots: 3,
+        stop_first: vec![oldest],
+    });
+    assert!(sm.state.trials[&oldest].preempting, "the named trial stops");
+    assert_eq!(on(&sm, 1).len(), 3, "and only it");
 }

@@ -180,6 +180,15 @@ enum Internal {
     },
     /// NVML's view of the GPUs, from the periodic health check.
     GpuHealth(resolute_trial::gpu::Discovery),
+    /// A trial on GPUs exited with an error, and NVML was asked about its GPUs
+    /// before the exit is reported (a GPU that failed under it is not its fault).
+    ErroredOnGpus {
+        trial: u64,
+        incarnation: u64,
+        outcome: resolute_core::command::TrialOutcome,
+        slots: Vec<usize>,
+        found: resolute_trial::gpu::Discovery,
+    },
 }
 
 /// The running node.
@@ -792,7 +801,7 @@ impl Daemon {
     /// A GPU that failed its health check leaves the node's capacity (proposed
     /// to the cluster, which stops trials that no longer fit); one that recovers
     /// comes back.
-    fn on_gpu_health(&mut self, found: resolute_trial::gpu::Discovery) {
+    fn on_gpu_health(&mut self, found: resolute_trial::gpu::Discovery, exited: Option<u64>) {
         self.gpu_check_at =
             Some(tokio::time::Instant::now() + Duration::from_millis(GPU_HEALTH_CHECK_MS));
         let Some(healthy) = resolute_trial::gpu::healthy_slots(&self.gpus, &found) else {
@@ -832,13 +841,51 @@ impl Daemon {
                 .filter_map(|i| self.gpus.get(*i))
                 .collect::<Vec<_>>()
         );
+        // The trials on the failed GPUs stop first (only this node knows which
+        // slot is which); `exited` just exited on one of this node's GPUs.
+        let mut stop_first: Vec<u64> = self
+            .slots_in_use
+            .iter()
+            .filter(|(_, s)| s.iter().any(|i| self.slots_failed.contains(i)))
+            .map(|((trial, _), _)| *trial)
+            .collect();
+        stop_first.extend(exited);
         let node = self.id();
-        self.propose_own(Command::NodeCapacity { node, slots });
+        self.propose_own(Command::NodeCapacity {
+            node,
+            slots,
+            stop_first,
+        });
     }
 
     fn on_internal(&mut self, m: Internal) {
         match m {
-            Internal::GpuHealth(found) => self.on_gpu_health(found),
+            Internal::GpuHealth(found) => self.on_gpu_health(found, None),
+            Internal::ErroredOnGpus {
+                trial,
+                incarnation,
+                outcome,
+                slots,
+                found,
+            } => {
+                self.on_gpu_health(found, Some(trial));
+                let outcome = if slots.iter().any(|s| self.slots_failed.contains(s)) {
+                    // Lost to hardware, like a lost node: back to the queue
+                    // without charging a restart.
+                    eprintln!(
+                        "trial {trial} incarnation {incarnation}: its GPU failed under it; \
+                         requeued, no restart charged"
+                    );
+                    resolute_core::command::TrialOutcome::Preempted
+                } else {
+                    outcome
+                };
+                self.propose_own(Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome,
+                });
+            }
             Internal::Launched {
                 trial,
                 incarnation,
@@ -941,7 +988,30 @@ impl Daemon {
                     );
                 }
                 self.flush_metrics();
-                self.slots_in_use.remove(&(trial, incarnation));
+                let slots = self
+                    .slots_in_use
+                    .remove(&(trial, incarnation))
+                    .unwrap_or_default();
+                let errored = matches!(
+                    outcome,
+                    resolute_core::command::TrialOutcome::Errored { .. }
+                );
+                if errored && !self.gpus.is_empty() && !slots.is_empty() {
+                    // Ask NVML before reporting: the exit is reported when the
+                    // answer is back (off the loop; milliseconds).
+                    let tx = self.internal_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let found = resolute_trial::gpu::discover(false);
+                        let _ = tx.blocking_send(Internal::ErroredOnGpus {
+                            trial,
+                            incarnation,
+                            outcome,
+                            slots,
+                            found,
+                        });
+                    });
+                    return;
+                }
                 self.propose_own(Command::TrialExited {
                     trial,
                     incarnation,
