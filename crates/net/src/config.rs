@@ -14,6 +14,10 @@ pub const FETCH_PARALLEL_CHUNKS_DEFAULT: usize = 8;
 pub const ADMISSION_WINDOW_DEFAULT_MS: u64 = 120_000;
 /// How long a gossiped node record is believed without a newer one.
 pub const ANNOUNCEMENT_TTL_DEFAULT_MS: u64 = 30_000;
+/// Chunk reads a holder runs at once for its peers (memory: this many chunks).
+pub const SERVE_READS_DEFAULT: usize = 8;
+/// Chunk requests a holder lets wait for a read before it answers "busy".
+pub const SERVE_QUEUE_DEFAULT: usize = 4096;
 /// Depth of the channels between the swarm and the node (commands, events).
 pub const CHANNEL_DEPTH: usize = 1024;
 
@@ -43,6 +47,10 @@ pub struct NetConfig {
     pub admission_window_ms: u64,
     /// How long a gossiped record is believed.
     pub announcement_ttl_ms: u64,
+    /// Chunk reads this node runs at once for its peers.
+    pub serve_reads: usize,
+    /// Chunk requests that may wait for a read before the answer is "busy".
+    pub serve_queue: usize,
 }
 
 impl NetConfig {
@@ -60,6 +68,8 @@ impl NetConfig {
             fetch_parallel_chunks: FETCH_PARALLEL_CHUNKS_DEFAULT,
             admission_window_ms: ADMISSION_WINDOW_DEFAULT_MS,
             announcement_ttl_ms: ANNOUNCEMENT_TTL_DEFAULT_MS,
+            serve_reads: SERVE_READS_DEFAULT,
+            serve_queue: SERVE_QUEUE_DEFAULT,
         }
     }
 }

@@ -102,6 +102,8 @@ pub struct FetchReport {
     pub chunks_by_holder: BTreeMap<NodeId, u32>,
     /// Chunks that failed verification (and were fetched again).
     pub bad_chunks: u32,
+    /// "Busy" answers (a holder's queue was full; asked again after a pause).
+    pub busy_answers: u32,
 }
 
 /// This node's network identity and connections.

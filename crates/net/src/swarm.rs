@@ -44,13 +44,9 @@ const UPGRADE_TIMEOUT_S: u64 = 20;
 /// over a peer's connections, so each connection's encryption runs on its own
 /// task (one noise session tops out near one core).
 const FETCH_CONNECTIONS_PER_HOLDER: u32 = 4;
-/// Chunk reads for other peers running at once (each holds one chunk in memory);
-/// requests beyond it wait in a queue, so serving cannot exhaust memory.
-const CHUNK_READS_MAX: usize = 8;
-/// Chunk requests waiting for a read (each a response channel and an index:
-/// small); beyond it a holder answers "busy", and the fetcher leaves it for the
-/// other holders (a fetch with none left fails and is retried by its caller).
-const CHUNK_READ_QUEUE_MAX: usize = 4096;
+/// How long a fetch leaves a holder alone after it answered "busy" (its queue of
+/// chunk requests was full: `NetConfig::serve_queue`).
+const BUSY_BACKOFF_MS: u64 = 200;
 
 /// Disk and hashing work done on blocking threads, so that the event loop (Raft
 /// messages, heartbeats, gossip) never waits for a 4 MiB read, a chunk hash or an
@@ -274,6 +270,8 @@ struct Fetch {
     last_error: String,
     /// Every chunk is written; the file is being made durable.
     finishing: bool,
+    /// Holders that answered "busy", left alone until then.
+    busy_until: BTreeMap<PeerId, Instant>,
 }
 
 struct EventLoop {
@@ -306,8 +304,12 @@ struct EventLoop {
 
 impl EventLoop {
     async fn run(&mut self) {
+        // Wakes fetches whose every holder answered "busy" once their pause ends.
+        let mut backoff = tokio::time::interval(Duration::from_millis(BUSY_BACKOFF_MS));
+        backoff.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = backoff.tick() => self.pump_waiting(),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => return,
                     Some(c) => self.on_command(c),
@@ -578,20 +580,20 @@ impl EventLoop {
                 Err(e) => Response::NotFound(e.to_string()),
             },
             Request::Chunk { digest, index } => match self.manifest(&digest) {
-                Ok(m) if self.read_queue.len() < CHUNK_READ_QUEUE_MAX => {
+                Ok(m) if self.read_queue.len() < self.config.serve_queue => {
                     self.read_queue.push_back((channel, m, index));
                     return self.start_reads();
                 }
-                Ok(_) => Response::Denied("busy serving chunks".to_string()),
+                Ok(_) => Response::Busy,
                 Err(e) => Response::NotFound(e),
             },
         };
         self.respond(channel, response);
     }
 
-    /// Starts queued chunk reads up to `CHUNK_READS_MAX` at once.
+    /// Starts queued chunk reads up to `serve_reads` at once.
     fn start_reads(&mut self) {
-        while self.reads_in_flight < CHUNK_READS_MAX {
+        while self.reads_in_flight < self.config.serve_reads.max(1) {
             let Some((channel, manifest, index)) = self.read_queue.pop_front() else {
                 return;
             };
@@ -707,6 +709,7 @@ impl EventLoop {
                 chunks_resumed: 0,
                 chunks_by_holder: BTreeMap::new(),
                 bad_chunks: 0,
+                busy_answers: 0,
             }));
             return;
         }
@@ -753,9 +756,11 @@ impl EventLoop {
                     chunks_resumed: 0,
                     chunks_by_holder: BTreeMap::new(),
                     bad_chunks: 0,
+                    busy_answers: 0,
                 },
                 last_error: "no holder is connected".to_string(),
                 finishing: false,
+                busy_until: BTreeMap::new(),
             },
         );
         self.ask_manifest(id);
@@ -841,8 +846,16 @@ impl EventLoop {
             }
             return;
         }
+        let now = Instant::now();
+        f.busy_until.retain(|_, until| *until > now);
+        let ready: Vec<PeerId> = f
+            .holders
+            .iter()
+            .filter(|h| !f.busy_until.contains_key(*h))
+            .copied()
+            .collect();
         let mut requests = Vec::new();
-        while f.in_flight < parallel {
+        while f.in_flight < parallel && !ready.is_empty() {
             let Some(index) = f.queue.pop_front() else {
                 break;
             };
@@ -851,11 +864,11 @@ impl EventLoop {
                 .get(&index)
                 .map(|(_, b)| b.clone())
                 .unwrap_or_default();
-            let n = f.holders.len();
+            let n = ready.len();
             let pick = (0..n)
-                .map(|k| f.holders[(f.turn + k) % n])
+                .map(|k| ready[(f.turn + k) % n])
                 .find(|h| !bad.contains(h))
-                .unwrap_or(f.holders[f.turn % n]);
+                .unwrap_or(ready[f.turn % n]);
             f.turn = (f.turn + 1) % n;
             f.in_flight += 1;
             requests.push((index, pick, f.digest.clone()));
@@ -904,6 +917,18 @@ impl EventLoop {
                 }
                 None => (false, "no download".to_string()),
             },
+            Ok(Response::Busy) => {
+                // Back-pressure, not a failure: the chunk waits, and this holder
+                // is left alone for a moment (the others go on).
+                f.in_flight = f.in_flight.saturating_sub(1);
+                f.report.busy_answers += 1;
+                f.busy_until.insert(
+                    peer,
+                    Instant::now() + Duration::from_millis(BUSY_BACKOFF_MS),
+                );
+                f.queue.push_front(index);
+                return self.pump(id);
+            }
             Ok(Response::NotFound(e)) | Ok(Response::Denied(e)) => {
                 // This holder cannot serve the blob: stop asking it.
                 f.holders.retain(|h| *h != peer);
@@ -957,6 +982,20 @@ impl EventLoop {
             }
         }
         self.pump(id);
+    }
+
+    /// Pumps the fetches that have chunks waiting and nothing in flight (every
+    /// holder answered "busy" a moment ago).
+    fn pump_waiting(&mut self) {
+        let waiting: Vec<u64> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| !f.busy_until.is_empty() && f.in_flight == 0 && !f.queue.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.pump(id);
+        }
     }
 
     /// Every chunk is written: the fsync and the move into the store run on a

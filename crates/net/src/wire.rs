@@ -55,6 +55,9 @@ pub enum Response {
     Denied(String),
     /// The receiver does not have the blob.
     NotFound(String),
+    /// The receiver has the blob but too many chunk requests are waiting: ask
+    /// again a little later (back-pressure; the holder is still good).
+    Busy,
     /// A blob's manifest bytes (the receiver checks them against the digest).
     Manifest(Vec<u8>),
     /// A chunk and the crc32c of its bytes (catches damage in transit cheaply;
@@ -76,6 +79,7 @@ enum Small {
     Denied(String),
     NotFound(String),
     Manifest(Vec<u8>),
+    Busy,
 }
 
 /// Frames [`Request`]s and [`Response`]s with size limits.
@@ -203,6 +207,7 @@ impl libp2p::request_response::Codec for WireCodec {
                     Small::Denied(r) => Response::Denied(r),
                     Small::NotFound(r) => Response::NotFound(r),
                     Small::Manifest(m) => Response::Manifest(m),
+                    Small::Busy => Response::Busy,
                 },
             ),
             KIND_CHUNK if len >= 8 => {
@@ -261,6 +266,7 @@ impl libp2p::request_response::Codec for WireCodec {
             Response::Denied(r) => Small::Denied(r),
             Response::NotFound(r) => Small::NotFound(r),
             Response::Manifest(m) => Small::Manifest(m),
+            Response::Busy => Small::Busy,
         };
         let body = encode(&small)?;
         write_frame(io, KIND_BINCODE, &[&body], limit).await

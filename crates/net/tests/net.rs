@@ -454,3 +454,31 @@ async fn identity_survives_a_restart_and_bootstrap_peers_are_dialed() {
     assert_eq!(second.node_id, id, "the same key, the same node id");
     assert_eq!(second.peer_id, first.peer_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_holder_pushes_back_and_the_fetch_still_completes() {
+    // A holder that reads one chunk at a time and lets one more wait: a fetch
+    // with 8 chunk requests in flight gets "busy" for the rest, pauses, asks
+    // again, and neither drops the holder nor fails.
+    let a = peer_with(27, |cfg| {
+        cfg.serve_reads = 1;
+        cfg.serve_queue = 1;
+    })
+    .await;
+    let b = peer_with(28, |cfg| cfg.fetch_parallel_chunks = 8).await;
+    const SIZE: u64 = 64 << 20;
+    let digest = store_blob(&a, SIZE, 5);
+    b.handle.dial(a.addr.clone()).await.expect("dial");
+    let report = b
+        .handle
+        .fetch(&digest, vec![a.handle.node_id])
+        .await
+        .expect("fetch from a busy holder");
+    assert!(report.busy_answers > 0, "{report:?}");
+    let total = (SIZE / u64::from(BLOB_CHUNK_BYTES)) as u32;
+    assert_eq!(report.chunks_by_holder[&a.handle.node_id], total);
+    assert_eq!(
+        std::fs::read(&report.path).expect("fetched"),
+        std::fs::read(BlobStore::open(&a.dir).expect("store").path(&digest)).expect("source")
+    );
+}
