@@ -813,7 +813,17 @@ impl Daemon {
             return;
         };
         let failed: BTreeSet<usize> = (0..healthy.len()).filter(|i| !healthy[*i]).collect();
-        if failed == self.slots_failed {
+        // The cluster's record can be stale too: a node that restarted after a
+        // GPU came back registers what its probe found, but the state keeps the
+        // capacity it proposed before.
+        let recorded = self
+            .node
+            .state()
+            .nodes
+            .get(&self.id())
+            .map(|n| n.info.slots);
+        let offered = self.slot_count.saturating_sub(failed.len() as u32);
+        if failed == self.slots_failed && recorded.is_none_or(|r| r == offered) {
             return;
         }
         self.gpu_failures = failed
