@@ -561,9 +561,12 @@ fn print_sim_report(r: &resolute_sim::Report) {
         r.gpu_goodput, r.work_lost_gpu_s
     );
     println!(
-        "  recoveries       {} (p50 {:.1} s, p99 {:.1} s)",
-        r.recoveries, r.recovery_s_p50, r.recovery_s_p99
+        "  recoveries       {} (p50 {:.1} s, p99 {:.1} s), {} restarts charged",
+        r.recoveries, r.recovery_s_p50, r.recovery_s_p99, r.restarts_charged
     );
+    if r.gpu_failures > 0 {
+        println!("  gpu failures     {}", r.gpu_failures);
+    }
     println!(
         "  queue wait       p50 {:.1} s, p99 {:.1} s",
         r.queue_wait_s_p50, r.queue_wait_s_p99

@@ -56,6 +56,11 @@ pub struct Report {
     pub gpu_cost: f64,
     /// Trials that were placed across more than one node (multi-node gangs).
     pub multi_node_trials: u64,
+    /// GPU failures injected (`gpu_failure` faults that hit a running node).
+    pub gpu_failures: u64,
+    /// Restarts charged to trials (errors): lost nodes, preemptions and failed
+    /// GPUs charge none.
+    pub restarts_charged: u64,
 }
 
 /// The value at quantile `q` of `samples` (sorted in place); 0 when empty.

@@ -361,6 +361,12 @@ pub enum FaultKind {
     Leave,
     /// Every node restarts one after another (one per `restart_after_s`).
     RollingRestart,
+    /// One GPU of the node fails, as NVML would report it: the lowest-numbered
+    /// healthy GPU that runs a trial (else the lowest healthy one). The node
+    /// proposes its smaller capacity naming that trial, whose process dies and is
+    /// requeued without a restart charged; with `restart_after_s` the GPU
+    /// recovers then and the node proposes its capacity back.
+    GpuFailure,
 }
 
 /// Why a scenario could not be loaded.
@@ -509,10 +515,23 @@ impl Scenario {
                     | FaultKind::MuteOutgoing
                     | FaultKind::Spot
                     | FaultKind::Leave
+                    | FaultKind::GpuFailure
             );
             let needs_site = matches!(e.kind, FaultKind::SplitSite | FaultKind::SiteOutage);
             if needs_node && e.node.is_none() {
                 return Err(format!("fault at {} s: {:?} needs `node`", e.at_s, e.kind));
+            }
+            if let Some(node) = &e.node {
+                let known = self
+                    .pools
+                    .iter()
+                    .any(|p| (1..=p.nodes).any(|i| format!("{}-{i}", p.name) == *node));
+                if !known {
+                    return Err(format!(
+                        "fault at {} s: no node {node:?} (nodes are named <pool>-1 to <pool>-N)",
+                        e.at_s
+                    ));
+                }
             }
             if needs_site
                 && !e

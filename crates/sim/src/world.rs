@@ -35,6 +35,9 @@ const FAULT_DRAW_EVERY_MS: u64 = 60_000;
 const RETRY_MS: u64 = 2_000;
 /// How long a client waits for any answer before retrying elsewhere, in ms.
 const CLIENT_TIMEOUT_MS: u64 = 30_000;
+/// How often a node's daemon asks NVML about its GPUs (as in crates/node): a GPU
+/// that recovers while its node is down is noticed this long after it is up.
+const GPU_HEALTH_CHECK_MS: u64 = 10_000;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -113,6 +116,11 @@ enum Event {
     Unblock {
         node: usize,
     },
+    /// A failed GPU works again.
+    GpuRecovered {
+        node: usize,
+        gpu: usize,
+    },
     SpotGone {
         node: usize,
     },
@@ -170,6 +178,8 @@ struct SimNode {
     blobs: BTreeSet<String>,
     /// GPU index of each slot in use (for the trace).
     gpu_busy: Vec<bool>,
+    /// GPUs that failed (a `gpu_failure` fault) and have not recovered.
+    gpu_failed: Vec<bool>,
     drift: f64,
     /// Its pool in the scenario.
     group: usize,
@@ -255,6 +265,8 @@ struct World<'a> {
     pool_gpu_ms: BTreeMap<usize, f64>,
     /// Trials placed across more than one node (gang placements seen).
     multi_node_placements: BTreeSet<(u64, u64)>,
+    /// GPU failures injected so far.
+    gpu_failures: u64,
     trace: Vec<serde_json::Value>,
 }
 
@@ -313,6 +325,7 @@ impl<'a> World<'a> {
             group_gpu_ms: BTreeMap::new(),
             pool_gpu_ms: BTreeMap::new(),
             multi_node_placements: BTreeSet::new(),
+            gpu_failures: 0,
             trace: Vec::new(),
         };
         let mut skew_rng = derive(4);
@@ -415,6 +428,7 @@ impl<'a> World<'a> {
             down: false,
             blobs: BTreeSet::new(),
             gpu_busy: vec![false; gpus as usize],
+            gpu_failed: vec![false; gpus as usize],
             drift,
             group,
         });
@@ -523,6 +537,7 @@ impl<'a> World<'a> {
             }
             Event::Fault(f) => self.fault(&f),
             Event::Restart { node } => self.restart(node),
+            Event::GpuRecovered { node, gpu } => self.gpu_recovered(node, gpu),
             Event::Unblock { node } => {
                 let id = self.nodes[node].id;
                 self.blocked.retain(|(a, b)| *a != id && *b != id);
@@ -1134,8 +1149,10 @@ impl World<'_> {
             c.final_loss(&config.hyperparameters, hparams)
         };
         let mut gpus = Vec::new();
-        for (i, busy) in self.nodes[node].gpu_busy.iter_mut().enumerate() {
-            if gpus.len() < slots as usize && !*busy {
+        let n = &mut self.nodes[node];
+        for (i, busy) in n.gpu_busy.iter_mut().enumerate() {
+            let failed = n.gpu_failed.get(i).copied().unwrap_or(false);
+            if gpus.len() < slots as usize && !*busy && !failed {
                 *busy = true;
                 gpus.push(i);
             }
@@ -1405,6 +1422,95 @@ impl World<'_> {
         }
     }
 
+    /// One GPU of `node` fails, and the node does what its daemon does when NVML
+    /// says so: it proposes its smaller capacity naming the trial on that GPU,
+    /// whose process dies and is reported preempted (not the trial's fault).
+    fn gpu_failure(&mut self, node: usize, recover_after_s: Option<u64>) {
+        let n = &self.nodes[node];
+        if n.down || n.gone || n.node.is_none() {
+            return;
+        }
+        let healthy: Vec<usize> = (0..n.gpu_failed.len())
+            .filter(|g| !n.gpu_failed[*g])
+            .collect();
+        let on_gpu = |g: usize| {
+            self.processes
+                .iter()
+                .find(|(_, p)| p.node == node && p.gpus.contains(&g))
+                .map(|(k, p)| (*k, p.trial, p.incarnation))
+        };
+        let gpu = healthy
+            .iter()
+            .copied()
+            .find(|g| on_gpu(*g).is_some())
+            .or(healthy.first().copied());
+        let Some(gpu) = gpu else {
+            return;
+        };
+        let victim = on_gpu(gpu);
+        self.gpu_failures += 1;
+        self.nodes[node].gpu_failed[gpu] = true;
+        let slots = (healthy.len() - 1) as u32;
+        let id = self.nodes[node].id;
+        self.note(format!(
+            "{} GPU {gpu} failed (trial on it: {:?})",
+            self.nodes[node].name,
+            victim.map(|v| v.1)
+        ));
+        self.trace_marker(node, "GPU failed");
+        self.propose(
+            node,
+            Command::NodeCapacity {
+                node: id,
+                slots,
+                stop_first: victim.map(|v| vec![v.1]).unwrap_or_default(),
+            },
+        );
+        if let Some((key, trial, incarnation)) = victim {
+            self.kill_process(key, true);
+            self.propose(
+                node,
+                Command::TrialExited {
+                    trial,
+                    incarnation,
+                    outcome: TrialOutcome::Preempted,
+                },
+            );
+        }
+        if let Some(s) = recover_after_s {
+            self.schedule(self.now + s * 1000, Event::GpuRecovered { node, gpu });
+        }
+    }
+
+    /// A failed GPU works again: the node proposes its capacity back (when it is
+    /// down, at its next health check after it is up again).
+    fn gpu_recovered(&mut self, node: usize, gpu: usize) {
+        let n = &self.nodes[node];
+        if n.gone || !n.gpu_failed.get(gpu).copied().unwrap_or(false) {
+            return;
+        }
+        if n.down || n.node.is_none() {
+            self.schedule(
+                self.now + GPU_HEALTH_CHECK_MS,
+                Event::GpuRecovered { node, gpu },
+            );
+            return;
+        }
+        self.nodes[node].gpu_failed[gpu] = false;
+        let n = &self.nodes[node];
+        let slots = n.gpu_failed.iter().filter(|f| !**f).count() as u32;
+        let id = n.id;
+        self.note(format!("{} GPU {gpu} recovered", self.nodes[node].name));
+        self.propose(
+            node,
+            Command::NodeCapacity {
+                node: id,
+                slots,
+                stop_first: Vec::new(),
+            },
+        );
+    }
+
     /// A process dies without a clean exit (crash, fence, kill).
     fn kill_process(&mut self, key: u64, interrupted: bool) {
         if let Some(p) = self.processes.get(&key) {
@@ -1537,6 +1643,11 @@ impl World<'_> {
                 }
             }
             FaultKind::HealAll => self.heal_all(),
+            FaultKind::GpuFailure => {
+                if let Some(n) = target {
+                    self.gpu_failure(n, f.restart_after_s);
+                }
+            }
             FaultKind::Spot => {
                 if let Some(n) = target {
                     self.spot(n);
@@ -1793,7 +1904,23 @@ impl World<'_> {
             }
             for (node, u) in &used {
                 let slots = state.nodes.get(node).map_or(0, |n| n.info.slots);
-                if *u > slots {
+                // After a GPU failure the node holds more than its new capacity
+                // until the trials it stopped have exited; those are the only
+                // excess allowed.
+                let shrunk = self
+                    .by_id
+                    .get(node)
+                    .is_some_and(|i| self.nodes[*i].gpu_failed.iter().any(|f| *f));
+                let staying: u32 = state
+                    .trials
+                    .values()
+                    .filter(|t| shrunk && t.is_placed() && !t.preempting)
+                    .flat_map(|t| t.layout.iter())
+                    .filter(|(n, _)| n == node)
+                    .map(|(_, s)| *s)
+                    .sum();
+                let over = if shrunk { staying > slots } else { *u > slots };
+                if over {
                     problems.push(format!("node {node} has {u} slots allocated of {slots}"));
                 }
             }
@@ -1952,13 +2079,14 @@ impl World<'_> {
 
     fn report(&mut self) -> Report {
         let state = self.freshest();
-        let (completed, trials) = state.map_or((0, 0), |s| {
+        let (completed, trials, restarts) = state.map_or((0, 0, 0), |s| {
             let c = s
                 .experiments
                 .values()
                 .filter(|e| e.state.is_finished())
                 .count() as u64;
-            (c, s.trials.len() as u64)
+            let r = s.trials.values().map(|t| u64::from(t.restarts)).sum();
+            (c, s.trials.len() as u64, r)
         });
         // Processes still running count until now.
         let keys: Vec<u64> = self.processes.keys().copied().collect();
@@ -2013,6 +2141,8 @@ impl World<'_> {
                 .map(|(p, ms)| ms / 3_600_000.0 * self.sc.pools[*p].cost_per_gpu_hour)
                 .sum(),
             multi_node_trials: self.multi_node_placements.len() as u64,
+            gpu_failures: self.gpu_failures,
+            restarts_charged: restarts,
         }
     }
 

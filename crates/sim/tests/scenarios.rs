@@ -22,8 +22,9 @@ fn load(name: &str) -> Scenario {
 /// Seeds per scenario in this test (CI's script sweeps more in release mode).
 const SEEDS: u64 = 2;
 
-const SHIPPED: [&str; 9] = [
+const SHIPPED: [&str; 10] = [
     "fairness.toml",
+    "gpu-failures.toml",
     "steady.toml",
     "churn.toml",
     "partition.toml",
@@ -130,6 +131,10 @@ fn bad_scenarios_are_clear_errors() {
     std::fs::write(&tmp, "name = \"x\"\nduration_s = 10\nliveness_bound_s = 10\n[[sites]]\nname = \"a\"\n[[pools]]\nname = \"p\"\nsite = \"b\"\nnodes = 1\ngpus = 1\n").expect("write");
     let err = Scenario::load(&tmp).expect_err("unknown site").to_string();
     assert!(err.contains("unknown site b"), "{err}");
+    // A fault that names a node the scenario does not have (nodes count from 1).
+    std::fs::write(&tmp, "name = \"x\"\nduration_s = 10\nliveness_bound_s = 10\n[[sites]]\nname = \"a\"\n[[pools]]\nname = \"p\"\nsite = \"a\"\nnodes = 2\ngpus = 1\n[[faults.events]]\nat_s = 5\nkind = \"crash\"\nnode = \"p-0\"\n").expect("write");
+    let err = Scenario::load(&tmp).expect_err("unknown node").to_string();
+    assert!(err.contains("no node \"p-0\""), "{err}");
     std::fs::remove_file(&tmp).ok();
 }
 
@@ -172,5 +177,24 @@ fn gangs_span_nodes_and_waiting_work_bursts_to_the_cheapest_cloud_pool() {
         assert!(r.multi_node_trials >= 6, "seed {seed}: {r:?}");
         let used = |pool: &str| r.gpu_s_by_pool.get(pool).copied().unwrap_or(0.0);
         assert!(used("onprem") > used("spot") && used("spot") > 0.0, "{r:?}");
+    }
+}
+
+#[test]
+fn failed_gpus_requeue_their_trials_without_charging_restarts() {
+    let sc = load("gpu-failures.toml");
+    for seed in 0..3 {
+        let (r, _) = run(
+            &sc,
+            &Options {
+                seed,
+                ..Default::default()
+            },
+        );
+        assert!(r.violations.is_empty(), "{:#?}", r.violations);
+        assert_eq!(r.experiments_completed, r.experiments_submitted);
+        // Every scheduled GPU failure hit a running node.
+        assert_eq!(r.gpu_failures, 4, "seed {seed}: {r:?}");
+        assert_eq!(r.restarts_charged, 0, "seed {seed}: {r:?}");
     }
 }
