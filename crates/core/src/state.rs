@@ -346,38 +346,25 @@ impl ClusterState {
     /// live ones) one ordered walk over that range of `trials` is several times
     /// cheaper than a search per id. Sparse live sets (much finished history
     /// between them) fall back to the searches.
-    pub fn live_trial_entries(&self) -> impl Iterator<Item = (TrialId, &Trial)> + '_ {
-        let span = match (self.live.first(), self.live.last()) {
-            (Some(lo), Some(hi)) => Some((*lo, *hi)),
-            _ => None,
+    pub fn live_trial_entries(&self) -> Box<dyn Iterator<Item = (TrialId, &Trial)> + '_> {
+        let by_search = || {
+            Box::new(
+                self.live
+                    .iter()
+                    .filter_map(|id| self.trials.get(id).map(|t| (*id, t))),
+            )
         };
-        let dense = span
-            .is_some_and(|(lo, hi)| (hi - lo) / LIVE_WALK_SPARSENESS_MAX <= self.live.len() as u64);
-        let (walk, search) = match span {
-            Some((lo, hi)) if dense => (Some(self.trials.range(lo..=hi).peekable()), None),
-            _ => (None, Some(self.live.iter())),
+        let (Some(&lo), Some(&hi)) = (self.live.first(), self.live.last()) else {
+            return by_search();
         };
-        let mut walk = walk;
-        let mut live = self.live.iter();
-        let mut search = search;
-        std::iter::from_fn(move || {
-            if let Some(ids) = search.as_mut() {
-                loop {
-                    let id = *ids.next()?;
-                    if let Some(t) = self.trials.get(&id) {
-                        return Some((id, t));
-                    }
-                }
-            }
-            let walk = walk.as_mut()?;
-            loop {
-                let id = *live.next()?;
-                while walk.next_if(|(k, _)| **k < id).is_some() {}
-                if let Some((k, t)) = walk.next_if(|(k, _)| **k == id) {
-                    return Some((*k, t));
-                }
-            }
-        })
+        if (hi - lo) / LIVE_WALK_SPARSENESS_MAX > self.live.len() as u64 {
+            return by_search();
+        }
+        let mut walk = self.trials.range(lo..=hi).peekable();
+        Box::new(self.live.iter().filter_map(move |id| {
+            while walk.next_if(|(k, _)| *k < id).is_some() {}
+            walk.next_if(|(k, _)| *k == id).map(|(k, t)| (*k, t))
+        }))
     }
 
     /// The alive nodes by pool, as the scheduler sees them (cached between node

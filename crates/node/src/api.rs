@@ -415,7 +415,13 @@ async fn gather_logs(
         };
         let me = format!("{:016x}", local.node);
         let path = local.trials.log_path(id).display().to_string();
-        let peers: Vec<String> = local.peer_apis.values().cloned().collect();
+        // The other nodes' REST APIs, as their gossiped records announce them.
+        let peers: Vec<String> = local
+            .records
+            .iter()
+            .filter(|(n, r)| **n != local.node && !r.api.is_empty())
+            .map(|(_, r)| r.api.clone())
+            .collect();
         json!({"me": me, "path": path, "peers": peers, "ended": matches!(t.state, TrialState::Done(_))})
     })
     .await;

@@ -137,8 +137,6 @@ pub struct Local {
     pub listen: Vec<Multiaddr>,
     /// The peers it has a connection to now.
     pub connected: BTreeSet<NodeId>,
-    /// The other nodes' REST APIs, as they announced them.
-    pub peer_apis: BTreeMap<NodeId, String>,
     /// The latest launch here of each trial.
     pub launches: BTreeMap<u64, Launched>,
     /// Each node's latest gossiped record (this node's own included): its GPUs,
@@ -421,7 +419,6 @@ impl Daemon {
                 api: api_addr,
                 listen: info.listen,
                 connected: BTreeSet::new(),
-                peer_apis: BTreeMap::new(),
                 launches: BTreeMap::new(),
                 records: BTreeMap::new(),
             },
@@ -681,12 +678,7 @@ impl Daemon {
             .budget()
             .map_or("batches".to_string(), |b| b.time_metric);
         let model_digest = (!exp.model_digest.is_empty()).then(|| exp.model_digest.clone());
-        let members: Vec<NodeId> = self
-            .members
-            .iter()
-            .copied()
-            .filter(|n| *n != self.id())
-            .collect();
+        let members = self.other_members();
         let checkpoint_holders: Vec<NodeId> = latest_checkpoint
             .as_ref()
             .and_then(|c| state.checkpoints.get(c))
@@ -776,6 +768,12 @@ impl Daemon {
             .unwrap_or_else(|| LOOPBACK_HOST.to_string())
     }
 
+    /// The Raft members other than this node (where blobs can come from).
+    fn other_members(&self) -> Vec<NodeId> {
+        let me = self.id();
+        self.members.iter().copied().filter(|n| *n != me).collect()
+    }
+
     /// Slots this node offers now: its GPUs less the failed ones (or CPU slots).
     fn slots_offered(&self) -> u32 {
         self.slot_count
@@ -839,9 +837,8 @@ impl Daemon {
                 (uuid.clone(), why)
             })
             .collect();
-        let before = self.slots_offered();
+        let (before, slots) = (self.slots_offered(), offered);
         self.slots_failed = failed;
-        let slots = self.slots_offered();
         eprintln!(
             "node {:016x}: GPU health changed: {slots} of {} GPUs healthy (was {before}); failed: {:?}",
             self.id(),
@@ -1078,12 +1075,7 @@ impl Daemon {
             .filter(|d| !self.replicating.contains(d) && !store.has(d))
             .filter(|d| self.model_retry_at.get(d).is_none_or(|t| *t <= now))
             .collect();
-        let members: Vec<NodeId> = self
-            .members
-            .iter()
-            .copied()
-            .filter(|n| *n != self.id())
-            .collect();
+        let members = self.other_members();
         if members.is_empty() {
             return;
         }
@@ -1114,9 +1106,6 @@ impl Daemon {
                 self.step(Input::Disconnected { node: n });
             }
             NetEvent::Announcement(a) => {
-                if !a.api.is_empty() {
-                    self.local.peer_apis.insert(a.node, a.api.clone());
-                }
                 self.local.records.insert(a.node, a.clone());
                 if self.addrs.get(&a.node) != Some(&a.addrs) {
                     self.addrs.insert(a.node, a.addrs);

@@ -35,6 +35,18 @@ const SHIPPED: [&str; 10] = [
     "gangs-burst.toml",
 ];
 
+/// One run of `sc` with `seed` and the default options.
+fn run_seed(sc: &Scenario, seed: u64) -> resolute_sim::Report {
+    run(
+        sc,
+        &Options {
+            seed,
+            ..Options::default()
+        },
+    )
+    .0
+}
+
 fn run_twice(sc: &Scenario, seed: u64) {
     let opts = Options {
         seed,
@@ -142,13 +154,7 @@ fn bad_scenarios_are_clear_errors() {
 fn weighted_fair_share_gives_teams_their_weights() {
     let sc = load("fairness.toml");
     for seed in 0..2 {
-        let (r, _) = run(
-            &sc,
-            &Options {
-                seed,
-                ..Options::default()
-            },
-        );
+        let r = run_seed(&sc, seed);
         assert!(r.violations.is_empty(), "{:#?}", r.violations);
         let a = r.group_share.get("team-a").copied().unwrap_or(0.0);
         let b = r.group_share.get("team-b").copied().unwrap_or(0.0);
@@ -164,13 +170,7 @@ fn weighted_fair_share_gives_teams_their_weights() {
 fn gangs_span_nodes_and_waiting_work_bursts_to_the_cheapest_cloud_pool() {
     let sc = load("gangs-burst.toml");
     for seed in 0..3 {
-        let (r, _) = run(
-            &sc,
-            &Options {
-                seed,
-                ..Default::default()
-            },
-        );
+        let r = run_seed(&sc, seed);
         assert!(r.violations.is_empty(), "{:#?}", r.violations);
         assert_eq!(r.experiments_completed, r.experiments_submitted);
         // Every 8-slot trial spans two 4-GPU nodes at least once.
@@ -184,13 +184,7 @@ fn gangs_span_nodes_and_waiting_work_bursts_to_the_cheapest_cloud_pool() {
 fn failed_gpus_requeue_their_trials_without_charging_restarts() {
     let sc = load("gpu-failures.toml");
     for seed in 0..3 {
-        let (r, _) = run(
-            &sc,
-            &Options {
-                seed,
-                ..Default::default()
-            },
-        );
+        let r = run_seed(&sc, seed);
         assert!(r.violations.is_empty(), "{:#?}", r.violations);
         assert_eq!(r.experiments_completed, r.experiments_submitted);
         // Every scheduled GPU failure hit a running node.
