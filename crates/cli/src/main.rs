@@ -9,6 +9,7 @@ use anyhow::Context;
 
 mod bench;
 mod client;
+mod config_file;
 mod local_cluster;
 mod quickstart;
 mod train;
@@ -389,7 +390,7 @@ fn main() -> ExitCode {
 
 /// Loads a config, printing warnings; on errors prints them and returns `None`.
 fn load(file: &std::path::Path, overrides: &[String]) -> Option<ExperimentConfig> {
-    match config::load(file, overrides) {
+    match config_file::load(file, overrides) {
         Ok(Loaded { config, warnings }) => {
             for w in &warnings {
                 eprintln!("warning: {w}");

@@ -59,7 +59,7 @@ pub struct NodeInfo {
     pub cost_per_slot_hour_micros: u64,
     /// The pool's settings as this node's config declares them; adopted when the
     /// pool has none yet (`Command::SetPool` changes them later).
-    pub pool_settings: Option<crate::placement::PoolSettings>,
+    pub pool_settings: Option<crate::pool::PoolSettings>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -131,7 +131,7 @@ pub enum Command {
         /// The pool (empty: the default pool).
         pool: String,
         /// Its settings.
-        settings: crate::placement::PoolSettings,
+        settings: crate::pool::PoolSettings,
     },
     /// Carries only the leader's clock: proposed when a time-based decision is due
     /// (a trial may burst, a protected trial may be preempted, a stopping trial

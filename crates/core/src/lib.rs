@@ -8,8 +8,9 @@
 
 pub mod command;
 mod log_cache;
+pub mod log_store;
 pub mod node;
-pub mod placement;
+pub mod pool;
 pub mod state;
 
 pub use command::{Command, Envelope, NodeId, NodeInfo, ProposalId, Reply};

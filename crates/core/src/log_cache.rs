@@ -12,7 +12,7 @@
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use resolute_storage as store;
+use crate::log_store as store;
 
 /// The in-memory log raft-rs reads.
 #[derive(Debug, Default)]

@@ -31,7 +31,7 @@ use raft::eraftpb::{
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 
-use resolute_storage as store;
+use crate::log_store as store;
 use resolute_types::{codec, Value};
 
 use crate::command::{

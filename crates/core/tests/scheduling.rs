@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use resolute_core::command::{Command, Envelope, ProposalId, COMMAND_VERSION};
 use resolute_core::node::Effect;
-use resolute_core::placement::{Policy, PoolSettings};
+use resolute_core::pool::{Policy, PoolSettings};
 use resolute_core::state::{Change, ClusterState, Signal, TrialState};
 use resolute_core::{NodeConfig, NodeInfo, Reply};
 

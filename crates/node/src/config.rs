@@ -71,7 +71,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        let d = resolute_core::placement::PoolSettings::default();
+        let d = resolute_core::pool::PoolSettings::default();
         Pool {
             name: String::new(),
             preemptible: false,

@@ -346,13 +346,13 @@ impl Daemon {
         } else {
             gpus.len() as u32
         };
-        let settings = resolute_core::placement::PoolSettings {
+        let settings = resolute_core::pool::PoolSettings {
             policy: if c.pool.policy == "priority" {
-                resolute_core::placement::Policy::Priority {
+                resolute_core::pool::Policy::Priority {
                     preemption: c.pool.preemption,
                 }
             } else {
-                resolute_core::placement::Policy::FairShare
+                resolute_core::pool::Policy::FairShare
             },
             burst_after_s: c.pool.burst_after_s,
             min_runtime_s: c.pool.min_runtime_s,

@@ -198,7 +198,7 @@ pub struct Scheduler {
 
 impl Default for Scheduler {
     fn default() -> Self {
-        let d = resolute_core::placement::PoolSettings::default();
+        let d = resolute_core::pool::PoolSettings::default();
         Scheduler {
             policy: PolicyName::FairShare,
             preemption: false,
@@ -211,8 +211,8 @@ impl Default for Scheduler {
 
 impl Scheduler {
     /// The pool settings every node declares.
-    pub fn settings(&self) -> resolute_core::placement::PoolSettings {
-        use resolute_core::placement::{Policy, PoolSettings};
+    pub fn settings(&self) -> resolute_core::pool::PoolSettings {
+        use resolute_core::pool::{Policy, PoolSettings};
         PoolSettings {
             policy: match self.policy {
                 PolicyName::FairShare => Policy::FairShare,

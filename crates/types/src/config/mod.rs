@@ -13,8 +13,6 @@ pub mod hparams;
 mod read;
 pub mod searcher;
 
-use std::path::Path;
-
 use serde::Serialize;
 
 pub use diag::Diagnostic;
@@ -245,28 +243,6 @@ fn render(errors: &[Diagnostic]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Reads and parses the config at `path`, applying `overrides` (`key.path=value`).
-pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded, ConfigErrors> {
-    let name = path.display().to_string();
-    let fail = |message: String| ConfigErrors {
-        errors: vec![Diagnostic {
-            location: name.clone(),
-            path: String::new(),
-            message,
-        }],
-        warnings: Vec::new(),
-    };
-    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    if meta.len() > CONFIG_BYTES_MAX {
-        return Err(fail(format!(
-            "file is {} bytes; a config may be at most {CONFIG_BYTES_MAX}",
-            meta.len()
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    parse_bytes(&name, &bytes, overrides)
 }
 
 /// Parses config bytes (which must be UTF-8) named `file` in messages.

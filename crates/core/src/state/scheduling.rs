@@ -10,58 +10,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
 use resolute_sched::{fair_share, priority, Decision, Group, Node, Task};
 
-use crate::state::{ClusterState, ExperimentState, NodeState, Pending, TrialState};
-
-/// Seconds a queued trial waits for owned capacity before burst nodes are offered.
-pub const BURST_AFTER_DEFAULT_S: u64 = 300;
-/// Seconds after its start during which a trial is not preempted (anti-thrash).
-pub const MIN_RUNTIME_DEFAULT_S: u64 = 60;
-
-/// How a pool shares its slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Policy {
-    /// Max-min fair share weighted by `resources.weight`, capped by `max_slots`.
-    #[default]
-    FairShare,
-    /// Lower `resources.priority` first; optionally preempting lower priorities.
-    Priority {
-        /// Preempt lower-priority trials (checkpoint and stop).
-        preemption: bool,
-    },
-}
-
-/// A resource pool's settings (from the node config, or `Command::SetPool`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PoolSettings {
-    /// How the pool shares its slots.
-    pub policy: Policy,
-    /// Seconds a queued trial waits for owned capacity before it may use burst
-    /// (preemptible or paid) nodes.
-    pub burst_after_s: u64,
-    /// Seconds after its start during which a trial is not preempted.
-    pub min_runtime_s: u64,
-    /// Fair-share weight per team (workspace); a team not listed weighs the sum
-    /// of its experiments' weights.
-    pub team_weights: BTreeMap<String, f64>,
-}
-
-/// The settings of a pool that has none of its own.
-pub static POOL_SETTINGS_DEFAULT: PoolSettings = PoolSettings {
-    policy: Policy::FairShare,
-    burst_after_s: BURST_AFTER_DEFAULT_S,
-    min_runtime_s: MIN_RUNTIME_DEFAULT_S,
-    team_weights: BTreeMap::new(),
+use super::{
+    signal_trial, Change, Checkpoint, ClusterState, ExperimentState, NodeState, Pending, Signal,
+    TrialId, TrialState,
 };
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        POOL_SETTINGS_DEFAULT.clone()
-    }
-}
+use crate::pool::{Policy, PoolSettings};
 
 /// What placement needs of an experiment, looked up once per pass.
 struct ExperimentView<'a> {
@@ -290,4 +245,85 @@ pub fn next_deadline_ms(state: &ClusterState) -> Option<u64> {
         }
     }
     deadline
+}
+
+impl ClusterState {
+    /// Runs the scheduler: starts queued trials and preempts (checkpoint and stop)
+    /// trials the policy takes back.
+    pub(super) fn schedule(&mut self, changes: &mut Vec<Change>) {
+        if !std::mem::take(&mut self.placement_dirty) {
+            return;
+        }
+        let now = self.now_ms;
+        if self.pool_nodes.is_none() {
+            self.pool_nodes = Some(pool_nodes(self));
+        }
+        let decision = place(self);
+        for (trial, layout) in decision.assign {
+            self.fall_back_to_a_reachable_checkpoint(trial);
+            let Some(t) = self.trials.get_mut(&trial) else {
+                continue;
+            };
+            let Some(&(node, _)) = layout.first() else {
+                continue;
+            };
+            if t.state != TrialState::Queued {
+                continue;
+            }
+            t.incarnation += 1;
+            t.state = TrialState::Assigned { node };
+            t.queued_ms = None;
+            t.started_ms = now;
+            t.stop_deadline_ms = None;
+            for (n, _) in &layout {
+                changes.push(Change::Assigned {
+                    trial,
+                    node: *n,
+                    incarnation: t.incarnation,
+                });
+            }
+            t.layout = layout;
+        }
+        for trial in decision.release {
+            if let Some(t) = self.trials.get_mut(&trial) {
+                if t.is_placed() {
+                    t.preempting = true;
+                    signal_trial(trial, t, Signal::Stop, now, changes);
+                }
+            }
+        }
+    }
+
+    /// A trial about to start resumes from its newest checkpoint that a member
+    /// not known to be lost still holds: the newest may have been only on a node
+    /// that died before another copied it. (With none left, it starts over.)
+    pub(super) fn fall_back_to_a_reachable_checkpoint(&mut self, trial: TrialId) {
+        let Some(latest) = self
+            .trials
+            .get(&trial)
+            .and_then(|t| t.latest_checkpoint.clone())
+        else {
+            return;
+        };
+        let reachable = |c: &Checkpoint| {
+            c.holders.iter().any(|h| {
+                self.nodes
+                    .get(h)
+                    .is_some_and(|n| n.state != NodeState::Lost)
+            })
+        };
+        if self.checkpoints.get(&latest).is_some_and(reachable) {
+            return;
+        }
+        // Rare (a holder died): scanning the checkpoints is fine here.
+        let best = self
+            .checkpoints
+            .iter()
+            .filter(|(_, c)| c.trial == trial && reachable(c))
+            .max_by_key(|(uuid, c)| (c.steps_completed, (*uuid).clone()))
+            .map(|(uuid, _)| uuid.clone());
+        if let Some(t) = self.trials.get_mut(&trial) {
+            t.latest_checkpoint = best;
+        }
+    }
 }

@@ -1,0 +1,416 @@
+//! Experiments and their searchers: creation, the searcher's operations turned
+//! into trials and signals, metric reports and trial exits.
+
+use super::*;
+
+impl ClusterState {
+    pub(super) fn create_experiment(
+        &mut self,
+        config_yaml: String,
+        overrides: Vec<String>,
+        owner: String,
+        model_digest: String,
+        default_seed: u32,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let loaded = match config::parse_str("experiment.yaml", &config_yaml, &overrides) {
+            Ok(l) => l,
+            Err(e) => return rejected(e.to_string()),
+        };
+        let config = loaded.config;
+        let seed = config
+            .reproducibility
+            .experiment_seed
+            .unwrap_or(default_seed);
+        let id = self.experiments.keys().next_back().map_or(1, |k| k + 1);
+        let mut searcher =
+            Searcher::new(&config.searcher, &config.hyperparameters, u64::from(seed));
+        let ops = searcher.initial_operations();
+        self.experiments.insert(
+            id,
+            Experiment {
+                config_yaml,
+                overrides,
+                owner,
+                model_digest,
+                seed,
+                state: ExperimentState::Active,
+                last_error: None,
+                trials: BTreeMap::new(),
+                config: Some(config),
+                searcher: Some(searcher),
+            },
+        );
+        self.run_ops(id, ops, changes);
+        Reply::ExperimentCreated { experiment: id }
+    }
+
+    /// Feeds an event to an experiment's searcher and carries out its operations.
+    pub(super) fn search_event(
+        &mut self,
+        experiment: ExperimentId,
+        event: SearchEvent,
+        changes: &mut Vec<Change>,
+    ) {
+        let Some(exp) = self.experiments.get_mut(&experiment) else {
+            return;
+        };
+        let Some(searcher) = exp.searcher.as_mut() else {
+            return;
+        };
+        match searcher.handle(&event) {
+            Ok(ops) => self.run_ops(experiment, ops, changes),
+            Err(e) => exp.last_error = Some(e.to_string()),
+        }
+    }
+
+    pub(super) fn run_ops(
+        &mut self,
+        experiment: ExperimentId,
+        ops: Vec<Operation>,
+        changes: &mut Vec<Change>,
+    ) {
+        // A searcher's operations can queue, resume or stop trials.
+        if !ops.is_empty() {
+            self.placement_dirty = true;
+        }
+        let mut queue: VecDeque<Operation> = ops.into();
+        while let Some(op) = queue.pop_front() {
+            let follow_up = self.run_op(experiment, op, changes);
+            queue.extend(follow_up);
+        }
+    }
+
+    pub(super) fn trial_of(&self, experiment: ExperimentId, request: RequestId) -> Option<TrialId> {
+        self.experiments
+            .get(&experiment)
+            .and_then(|e| e.trials.get(&request))
+            .copied()
+    }
+
+    pub(super) fn run_op(
+        &mut self,
+        experiment: ExperimentId,
+        op: Operation,
+        changes: &mut Vec<Change>,
+    ) -> Vec<Operation> {
+        let mut follow_up = Vec::new();
+        match op {
+            Operation::Create {
+                request_id,
+                hparams,
+                trial_seed,
+                warm_start,
+            } => {
+                let config = self
+                    .experiments
+                    .get(&experiment)
+                    .and_then(Experiment::config);
+                let slots = config.map_or(1, |c| c.resources.slots_per_trial);
+                let preemption_timeout_s = config
+                    .map_or(resolute_types::config::PREEMPTION_TIMEOUT_DEFAULT_S, |c| {
+                        c.preemption_timeout
+                    });
+                let warm = warm_start.and_then(|r| self.trial_of(experiment, r));
+                let id = self.trials.keys().next_back().map_or(1, |k| k + 1);
+                let latest_checkpoint = warm
+                    .and_then(|w| self.trials.get(&w))
+                    .and_then(|t| t.latest_checkpoint.clone());
+                self.trials.insert(
+                    id,
+                    Trial {
+                        experiment,
+                        request_id,
+                        hparams,
+                        seed: trial_seed,
+                        warm_start: warm,
+                        state: TrialState::Queued,
+                        incarnation: 0,
+                        restarts: 0,
+                        target: None,
+                        steps_completed: 0,
+                        latest_checkpoint,
+                        slots,
+                        pending: Pending::None,
+                        user_paused: false,
+                        preempting: false,
+                        layout: Vec::new(),
+                        queued_ms: Some(self.now_ms),
+                        started_ms: 0,
+                        preemption_timeout_s,
+                        stop_deadline_ms: None,
+                    },
+                );
+                self.live.insert(id);
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.trials.insert(request_id, id);
+                    if let Some(s) = e.searcher.as_mut() {
+                        match s.handle(&SearchEvent::TrialCreated { request_id }) {
+                            Ok(ops) => follow_up.extend(ops),
+                            Err(err) => e.last_error = Some(err.to_string()),
+                        }
+                    }
+                }
+            }
+            Operation::RunUntil { request_id, length }
+            | Operation::Resume { request_id, length } => {
+                let now = self.now_ms;
+                if let Some(t) = self
+                    .trial_of(experiment, request_id)
+                    .and_then(|id| self.trials.get_mut(&id).map(|t| (id, t)))
+                {
+                    let (id, t) = t;
+                    t.target = Some(length);
+                    t.pending = Pending::None;
+                    match t.state {
+                        TrialState::Paused => {
+                            t.state = TrialState::Queued;
+                            t.queued_ms = Some(now);
+                        }
+                        TrialState::Assigned { .. } | TrialState::Running { .. } => {
+                            signal_trial(id, t, Signal::Target(length), now, changes);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Operation::Pause { request_id } => self.request(
+                experiment,
+                request_id,
+                Pending::Pause,
+                changes,
+                &mut follow_up,
+            ),
+            Operation::Stop { request_id } => self.request(
+                experiment,
+                request_id,
+                Pending::Stop,
+                changes,
+                &mut follow_up,
+            ),
+            Operation::Shutdown { failure, .. } => {
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    if e.state != ExperimentState::Canceled {
+                        e.state = if failure {
+                            ExperimentState::Errored
+                        } else {
+                            ExperimentState::Completed
+                        };
+                    }
+                }
+            }
+        }
+        follow_up
+    }
+
+    /// A searcher's pause or stop: signal a running trial, or act at once on one
+    /// that is not running.
+    pub(super) fn request(
+        &mut self,
+        experiment: ExperimentId,
+        request_id: RequestId,
+        what: Pending,
+        changes: &mut Vec<Change>,
+        follow_up: &mut Vec<Operation>,
+    ) {
+        let Some(id) = self.trial_of(experiment, request_id) else {
+            return;
+        };
+        let Some(t) = self.trials.get_mut(&id) else {
+            return;
+        };
+        let now = self.now_ms;
+        match t.state {
+            TrialState::Assigned { .. } | TrialState::Running { .. } => {
+                t.pending = what;
+                let signal = if what == Pending::Pause {
+                    Signal::Pause
+                } else {
+                    Signal::Stop
+                };
+                signal_trial(id, t, signal, now, changes);
+            }
+            TrialState::Queued | TrialState::Paused => {
+                if what == Pending::Pause {
+                    t.state = TrialState::Paused;
+                } else {
+                    t.state = TrialState::Done(TrialOutcome::Stopped);
+                }
+                self.settle(id);
+                if what != Pending::Pause {
+                    follow_up.extend(self.close(experiment, request_id));
+                }
+            }
+            TrialState::Done(_) => {}
+        }
+    }
+
+    /// Tells the searcher a trial is closed for good.
+    pub(super) fn close(
+        &mut self,
+        experiment: ExperimentId,
+        request_id: RequestId,
+    ) -> Vec<Operation> {
+        let Some(e) = self.experiments.get_mut(&experiment) else {
+            return Vec::new();
+        };
+        let Some(s) = e.searcher.as_mut() else {
+            return Vec::new();
+        };
+        match s.handle(&SearchEvent::TrialExited { request_id }) {
+            Ok(ops) => ops,
+            Err(err) => {
+                e.last_error = Some(err.to_string());
+                Vec::new()
+            }
+        }
+    }
+
+    pub(super) fn metrics(
+        &mut self,
+        records: Vec<MetricRecord>,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let mut refused = 0usize;
+        for record in records {
+            let (experiment, request_id) = match self.current(record.trial, record.incarnation) {
+                Ok(t) => {
+                    t.steps_completed = t.steps_completed.max(record.steps_completed);
+                    (t.experiment, t.request_id)
+                }
+                Err(_) => {
+                    refused += 1;
+                    continue;
+                }
+            };
+            let series = self.metrics.entry(record.trial).or_default();
+            series.push_back(MetricPoint {
+                kind: record.kind,
+                steps_completed: record.steps_completed,
+                metrics: record.metrics.clone(),
+            });
+            if series.len() > METRIC_POINTS_PER_TRIAL_MAX {
+                let drop = series
+                    .iter()
+                    .position(|p| p.kind == MetricKind::Training)
+                    .unwrap_or(0);
+                series.remove(drop);
+            }
+            if record.kind == MetricKind::Validation {
+                self.search_event(
+                    experiment,
+                    SearchEvent::ValidationCompleted {
+                        request_id,
+                        metrics: record.metrics,
+                    },
+                    changes,
+                );
+            }
+        }
+        if refused > 0 {
+            rejected(format!("{refused} records from stale incarnations"))
+        } else {
+            Reply::Ok
+        }
+    }
+
+    pub(super) fn trial_exited(
+        &mut self,
+        trial: TrialId,
+        incarnation: u64,
+        outcome: TrialOutcome,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
+        let max_restarts = {
+            let Some(t) = self.trials.get(&trial) else {
+                return rejected(format!("unknown trial {trial}"));
+            };
+            self.experiments
+                .get(&t.experiment)
+                .and_then(Experiment::config)
+                .map_or(5, |c| c.max_restarts)
+        };
+        let (experiment, request_id, pending, unfinished) = match self.current(trial, incarnation) {
+            Ok(t) => (
+                t.experiment,
+                t.request_id,
+                t.pending,
+                t.target.is_some_and(|target| t.steps_completed < target),
+            ),
+            Err(reply) => return reply,
+        };
+        let Some(t) = self.trials.get_mut(&trial) else {
+            return Reply::Ok;
+        };
+        let preempting = std::mem::take(&mut t.preempting);
+        let mut events = Vec::new();
+        match outcome {
+            TrialOutcome::Completed | TrialOutcome::Stopped => {
+                if preempting && pending == Pending::None && outcome == TrialOutcome::Stopped {
+                    // The scheduler took its slots back: it waits in the queue and
+                    // resumes from its latest checkpoint.
+                    t.state = TrialState::Queued;
+                } else if pending == Pending::Pause {
+                    t.state = TrialState::Paused;
+                    t.pending = Pending::None;
+                } else if pending == Pending::None && (unfinished || t.user_paused) {
+                    // It exited before its target (or was paused by its user): it
+                    // resumes from its latest checkpoint.
+                    t.state = if t.user_paused {
+                        TrialState::Paused
+                    } else {
+                        TrialState::Queued
+                    };
+                } else {
+                    t.state = TrialState::Done(outcome);
+                    events.push(SearchEvent::TrialExited { request_id });
+                }
+            }
+            TrialOutcome::Preempted => t.state = TrialState::Queued,
+            TrialOutcome::Errored { .. } => {
+                t.restarts += 1;
+                if t.restarts > max_restarts || pending == Pending::Stop {
+                    t.state = TrialState::Done(outcome);
+                    events.push(SearchEvent::TrialExitedEarly {
+                        request_id,
+                        reason: ExitedReason::Errored,
+                    });
+                    events.push(SearchEvent::TrialExited { request_id });
+                } else {
+                    t.state = TrialState::Queued;
+                }
+            }
+            TrialOutcome::InvalidHyperparameters => {
+                t.state = TrialState::Done(outcome);
+                events.push(SearchEvent::TrialExitedEarly {
+                    request_id,
+                    reason: ExitedReason::InvalidHp,
+                });
+                events.push(SearchEvent::TrialExited { request_id });
+            }
+        }
+        self.settle(trial);
+        for event in events {
+            self.search_event(experiment, event, changes);
+        }
+        Reply::Ok
+    }
+
+    /// Keeps a trial's derived bookkeeping true after its state changed: a queued
+    /// trial's queue clock starts (once), a finished one leaves the live set.
+    pub(super) fn settle(&mut self, id: TrialId) {
+        let now = self.now_ms;
+        if let Some(t) = self.trials.get_mut(&id) {
+            match t.state {
+                TrialState::Queued => {
+                    t.queued_ms.get_or_insert(now);
+                }
+                TrialState::Done(_) => {
+                    t.queued_ms = None;
+                    self.live.remove(&id);
+                }
+                _ => t.queued_ms = None,
+            }
+        }
+    }
+}
