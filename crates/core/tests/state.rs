@@ -338,3 +338,75 @@ fn a_capacity_drop_stops_the_newest_trials_there_without_charging_restarts() {
     assert!(sm.state.trials[&oldest].preempting, "the named trial stops");
     assert_eq!(on(&sm, 1).len(), 3, "and only it");
 }
+
+#[test]
+fn a_second_copy_of_each_latest_checkpoint_goes_to_another_site_first() {
+    let mut sm = Sm::new();
+    let mut changes = Vec::new();
+    sm.state.add_node(
+        3,
+        NodeInfo {
+            site: "a".into(),
+            slots: 4,
+            ..Default::default()
+        },
+        &mut changes,
+    );
+    let members = [1, 2, 3];
+    sm.apply(created(EXPERIMENT));
+    let (trial, inc) = sm.running()[0];
+    assert_eq!(
+        sm.apply(Command::CheckpointSaved {
+            uuid: "ck1".into(),
+            trial,
+            incarnation: inc,
+            steps_completed: 5,
+            size: 10,
+            digest: "ck1".into(),
+            holder: 1,
+        }),
+        Reply::Ok
+    );
+    // Node 1 (site a) holds it: node 2, the only member on another site, copies.
+    let wanted = |sm: &Sm, me| sm.state.checkpoints_to_copy(me, &members);
+    assert_eq!(wanted(&sm, 2), vec![("ck1".to_string(), vec![1])]);
+    assert!(wanted(&sm, 1).is_empty(), "a holder copies nothing");
+    assert!(
+        wanted(&sm, 3).is_empty(),
+        "same site as the holder: not chosen"
+    );
+    // A snapshot rebuilds the index: the same answer on a restarted replica.
+    let restored = ClusterState::decode(&sm.state.encode()).expect("decode");
+    assert_eq!(restored.checkpoints_to_copy(2, &members), wanted(&sm, 2));
+    sm.apply(Command::CheckpointReplicated {
+        uuid: "ck1".into(),
+        holder: 2,
+    });
+    for me in members {
+        assert!(
+            wanted(&sm, me).is_empty(),
+            "two copies: node {me} copies nothing"
+        );
+    }
+    // A newer checkpoint starts over; a finished trial's checkpoints are not copied.
+    sm.apply(Command::CheckpointSaved {
+        uuid: "ck2".into(),
+        trial,
+        incarnation: inc,
+        steps_completed: 9,
+        size: 10,
+        digest: "ck2".into(),
+        holder: 1,
+    });
+    assert_eq!(wanted(&sm, 2).len(), 1);
+    sm.apply(Command::ExperimentControl {
+        experiment: 1,
+        action: resolute_core::command::Control::Kill,
+    });
+    sm.apply(Command::TrialExited {
+        trial,
+        incarnation: inc,
+        outcome: TrialOutcome::Stopped,
+    });
+    assert!(wanted(&sm, 2).is_empty(), "the trial is done");
+}

@@ -1045,7 +1045,7 @@ impl Daemon {
         let wanted: Vec<(String, Vec<NodeId>)> = self
             .node
             .state()
-            .checkpoints_to_copy(self.id(), &self.members, CHECKPOINT_REPLICAS)
+            .checkpoints_to_copy(self.id(), &self.members)
             .into_iter()
             .filter(|(uuid, _)| !self.replicating.contains(uuid))
             .collect();

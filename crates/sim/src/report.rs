@@ -61,6 +61,9 @@ pub struct Report {
     /// Restarts charged to trials (errors): lost nodes, preemptions and failed
     /// GPUs charge none.
     pub restarts_charged: u64,
+    /// Trial processes that exited before their target and were relaunched
+    /// from a checkpoint (`ClusterState::unfinished_exits`).
+    pub unfinished_exits: u64,
 }
 
 /// The value at quantile `q` of `samples` (sorted in place); 0 when empty.

@@ -38,6 +38,9 @@ const CLIENT_TIMEOUT_MS: u64 = 30_000;
 /// How often a node's daemon asks NVML about its GPUs (as in crates/node): a GPU
 /// that recovers while its node is down is noticed this long after it is up.
 const GPU_HEALTH_CHECK_MS: u64 = 10_000;
+/// How long a live trial's latest checkpoint may have a single copy while a
+/// holder and another member are up.
+const REPLICA_BOUND_MS: u64 = 600_000;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -268,6 +271,8 @@ struct World<'a> {
     /// GPU failures injected so far.
     gpu_failures: u64,
     trace: Vec<serde_json::Value>,
+    /// When each checkpoint was first seen as a live trial's latest (sampled).
+    latest_since: BTreeMap<String, u64>,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -327,6 +332,7 @@ impl<'a> World<'a> {
             multi_node_placements: BTreeSet::new(),
             gpu_failures: 0,
             trace: Vec::new(),
+            latest_since: BTreeMap::new(),
         };
         let mut skew_rng = derive(4);
         for (pi, pool) in sc.pools.iter().enumerate() {
@@ -1867,6 +1873,7 @@ impl World<'_> {
         let mut pool_acc: BTreeMap<usize, f64> = BTreeMap::new();
         let mut gangs = Vec::new();
         let mut done = None;
+        let mut first_seen = Vec::new();
         if let Some(state) = self.freshest() {
             // No node's slots are over-allocated.
             let mut used: BTreeMap<NodeId, u32> = BTreeMap::new();
@@ -1939,6 +1946,41 @@ impl World<'_> {
                     }
                 }
             }
+            // Every live trial's latest checkpoint gets a second copy on another
+            // node once it has been the latest for a while, as long as one of its
+            // holders is up to copy from and another member is up to copy to (a
+            // single copy dies with its disk).
+            if check_blobs {
+                for (id, t) in state.live_trial_entries() {
+                    let Some(uuid) = &t.latest_checkpoint else {
+                        continue;
+                    };
+                    let Some(ck) = state.checkpoints.get(uuid) else {
+                        continue;
+                    };
+                    let Some(&since) = self.latest_since.get(uuid) else {
+                        first_seen.push(uuid.clone());
+                        continue;
+                    };
+                    let up = |n: &NodeId| {
+                        self.by_id
+                            .get(n)
+                            .is_some_and(|i| !self.nodes[*i].down && !self.nodes[*i].gone)
+                    };
+                    let a_holder_is_up = ck.holders.iter().any(up);
+                    let up_members = state.nodes.keys().filter(|n| up(n)).count();
+                    if ck.holders.len() < 2
+                        && a_holder_is_up
+                        && up_members >= 2
+                        && self.now.saturating_sub(since) > REPLICA_BOUND_MS
+                    {
+                        problems.push(format!(
+                            "trial {id}: its latest checkpoint {uuid} has one copy after {} s",
+                            (self.now - since) / 1000
+                        ));
+                    }
+                }
+            }
             // GPU time per group while every group has work waiting in the queue:
             // then each wants more than it holds, and max-min fair share promises
             // each its weighted share. (A group whose demand is below its share
@@ -1999,6 +2041,9 @@ impl World<'_> {
         }
         for t in queued {
             self.queued_since.entry(t).or_insert(self.now);
+        }
+        for uuid in first_seen {
+            self.latest_since.insert(uuid, self.now);
         }
         // Prune the log-hash map below what every live node has applied.
         let floor = self
@@ -2079,6 +2124,7 @@ impl World<'_> {
 
     fn report(&mut self) -> Report {
         let state = self.freshest();
+        let unfinished_exits = state.map_or(0, |s| s.unfinished_exits);
         let (completed, trials, restarts) = state.map_or((0, 0, 0), |s| {
             let c = s
                 .experiments
@@ -2143,6 +2189,7 @@ impl World<'_> {
             multi_node_trials: self.multi_node_placements.len() as u64,
             gpu_failures: self.gpu_failures,
             restarts_charged: restarts,
+            unfinished_exits,
         }
     }
 

@@ -125,6 +125,7 @@ impl ClusterState {
                             holders,
                         },
                     );
+                    self.refresh_replication(trial);
                     Reply::Ok
                 }
                 Err(reply) => reply,
@@ -133,6 +134,8 @@ impl ClusterState {
             {
                 Some(c) => {
                     c.holders.insert(holder);
+                    let trial = c.trial;
+                    self.refresh_replication(trial);
                     Reply::Ok
                 }
                 None => rejected(format!("unknown checkpoint {uuid}")),

@@ -28,6 +28,7 @@ use resolute_types::{codec, Value};
 
 mod apply;
 mod replication;
+pub use replication::CHECKPOINT_REPLICAS;
 pub mod scheduling;
 mod search;
 
@@ -311,6 +312,10 @@ pub struct ClusterState {
     seen_order: VecDeque<ProposalId>,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
+    /// Trial processes that exited before their target (the searcher raised it
+    /// while they ran, or they stopped early on their own) and went back to the
+    /// queue to resume from a checkpoint: each costs a relaunch.
+    pub unfinished_exits: u64,
     /// Settings of the resource pools that have any (the rest use the defaults).
     pub pools: BTreeMap<String, pool::PoolSettings>,
     /// The state's clock: the largest leader time stamp applied (milliseconds).
@@ -329,6 +334,10 @@ pub struct ClusterState {
     /// costs the same however much history the state holds. Derived, not stored.
     #[serde(skip)]
     live: BTreeSet<TrialId>,
+    /// The live trials whose latest checkpoint has fewer copies than
+    /// `CHECKPOINT_REPLICAS` (see `replication`). Derived, not stored.
+    #[serde(skip)]
+    under_replicated: BTreeSet<TrialId>,
     /// The alive nodes as the scheduler sees them, by pool: rebuilt only when a
     /// node changes (derived).
     #[serde(skip)]
@@ -484,6 +493,7 @@ impl ClusterState {
             .filter(|(_, t)| !matches!(t.state, TrialState::Done(_)))
             .map(|(id, _)| *id)
             .collect();
+        state.rebuild_replication();
         Ok(state)
     }
 

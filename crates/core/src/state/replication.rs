@@ -1,29 +1,64 @@
 //! Where copies of blobs go: which member copies a live trial's latest
 //! checkpoint, which model directories every node keeps. Every node computes the
-//! same answers from the same state, so nobody has to coordinate.
+//! same answers from the same state, so nobody has to coordinate; each node's
+//! agent (`crates/agent`) asks for its own share and fetches it.
 
 use super::*;
 
+/// Copies of each live trial's latest checkpoint kept on distinct nodes (the one
+/// that made it, and this many minus one more).
+pub const CHECKPOINT_REPLICAS: usize = 2;
+
 impl ClusterState {
-    /// The live trials' latest checkpoints that `me` should copy so that each
-    /// has `replicas` holders, with their current holders. Among `members` that
-    /// lack a copy, the ones with the lowest hash of (checkpoint, node) are
-    /// chosen, so every node agrees on who copies without talking.
+    /// Keeps the under-replicated index true for `trial` after its latest
+    /// checkpoint, its liveness or that checkpoint's holders changed: the index
+    /// holds the live trials whose latest checkpoint has fewer than
+    /// [`CHECKPOINT_REPLICAS`] holders, so that asking who must copy what costs
+    /// what is missing, not what exists.
+    pub(super) fn refresh_replication(&mut self, trial: TrialId) {
+        self.under_replicated.remove(&trial);
+        if !self.live.contains(&trial) {
+            return;
+        }
+        let short = self
+            .trials
+            .get(&trial)
+            .and_then(|t| t.latest_checkpoint.as_ref())
+            .and_then(|uuid| self.checkpoints.get(uuid))
+            .is_some_and(|c| c.holders.len() < CHECKPOINT_REPLICAS);
+        if short {
+            self.under_replicated.insert(trial);
+        }
+    }
+
+    /// Rebuilds the under-replicated index (after a snapshot is decoded).
+    pub(super) fn rebuild_replication(&mut self) {
+        let live: Vec<TrialId> = self.live.iter().copied().collect();
+        for trial in live {
+            self.refresh_replication(trial);
+        }
+    }
+
+    /// The live trials' latest checkpoints that `me` should copy so that each has
+    /// [`CHECKPOINT_REPLICAS`] holders, each with its current holders. Among the
+    /// `members` that lack a copy, those on a site that holds no copy yet come
+    /// first (a site outage then loses no checkpoint), then the lowest hash of
+    /// (checkpoint, node): every node agrees on who copies without talking.
     pub fn checkpoints_to_copy(
         &self,
         me: NodeId,
         members: &[NodeId],
-        replicas: usize,
     ) -> Vec<(String, Vec<NodeId>)> {
         let rank = |uuid: &str, n: NodeId| {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
             for b in uuid.bytes().chain(n.to_le_bytes()) {
                 h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
             }
-            (h, n)
+            h
         };
+        let site = |n: &NodeId| self.nodes.get(n).map(|r| r.info.site.as_str());
         let mut wanted = Vec::new();
-        for id in &self.live {
+        for id in &self.under_replicated {
             let Some(uuid) = self
                 .trials
                 .get(id)
@@ -34,17 +69,18 @@ impl ClusterState {
             let Some(ck) = self.checkpoints.get(uuid) else {
                 continue;
             };
-            if ck.holders.len() >= replicas || ck.holders.contains(&me) {
+            if ck.holders.len() >= CHECKPOINT_REPLICAS || ck.holders.contains(&me) {
                 continue;
             }
-            let mut candidates: Vec<(u64, NodeId)> = members
+            let held_sites: BTreeSet<Option<&str>> = ck.holders.iter().map(site).collect();
+            let mut candidates: Vec<(bool, u64, NodeId)> = members
                 .iter()
                 .filter(|n| !ck.holders.contains(n))
-                .map(|n| rank(uuid, *n))
+                .map(|n| (held_sites.contains(&site(n)), rank(uuid, *n), *n))
                 .collect();
             candidates.sort_unstable();
-            let need = replicas - ck.holders.len();
-            if candidates.iter().take(need).any(|(_, n)| *n == me) {
+            let need = CHECKPOINT_REPLICAS - ck.holders.len();
+            if candidates.iter().take(need).any(|(_, _, n)| *n == me) {
                 wanted.push((uuid.clone(), ck.holders.iter().copied().collect()));
             }
         }

@@ -325,5 +325,6 @@ impl ClusterState {
         if let Some(t) = self.trials.get_mut(&trial) {
             t.latest_checkpoint = best;
         }
+        self.refresh_replication(trial);
     }
 }

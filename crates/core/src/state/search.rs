@@ -142,6 +142,7 @@ impl ClusterState {
                     },
                 );
                 self.live.insert(id);
+                self.refresh_replication(id);
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.trials.insert(request_id, id);
                     if let Some(s) = e.searcher.as_mut() {
@@ -359,6 +360,7 @@ impl ClusterState {
                     t.state = if t.user_paused {
                         TrialState::Paused
                     } else {
+                        self.unfinished_exits += 1;
                         TrialState::Queued
                     };
                 } else {
@@ -408,6 +410,7 @@ impl ClusterState {
                 TrialState::Done(_) => {
                     t.queued_ms = None;
                     self.live.remove(&id);
+                    self.refresh_replication(id);
                 }
                 _ => t.queued_ms = None,
             }

@@ -1,0 +1,164 @@
+//! What a trial incarnation is started with: its command, environment, slots,
+//! GPUs, target, checkpoint, and its place in a gang (the torchrun contract).
+//! Derived from the replicated state and the start effect, so that every shell
+//! starts the same trial the same way.
+
+use std::collections::BTreeMap;
+
+use resolute_core::command::{ExperimentId, TrialId};
+use resolute_core::state::ClusterState;
+use resolute_core::NodeId;
+use resolute_types::config::Entrypoint;
+use resolute_types::Value;
+
+/// torchrun rendezvous ports: `MASTER_PORT_BASE` plus a value derived from the
+/// trial and incarnation (every node of a gang computes the same one; two gangs
+/// whose rank 0 shares a node rarely collide, and a new incarnation moves on).
+pub const MASTER_PORT_BASE: u16 = 29_500;
+/// How many ports the rendezvous ports spread over.
+pub const MASTER_PORT_SPAN: u64 = 2_000;
+/// The unit of a trial's target when its searcher names none.
+pub const TIME_METRIC_DEFAULT: &str = "batches";
+
+/// Where one node's processes sit in a multi-node gang.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gang {
+    /// Global rank of this node's first process.
+    pub rank: u32,
+    /// Slots in the whole gang.
+    pub world_size: u32,
+    /// Slots on this node.
+    pub local_world_size: u32,
+    /// This node's rank in the gang (0 runs the chief).
+    pub group_rank: u32,
+    /// The node that runs rank 0 (the shell turns it into `MASTER_ADDR`).
+    pub rank0: NodeId,
+    /// The rendezvous port on rank 0's node.
+    pub master_port: u16,
+}
+
+/// Everything needed to start one incarnation of a trial on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSpec {
+    /// The trial.
+    pub trial: TrialId,
+    /// Its incarnation (every report must carry it).
+    pub incarnation: u64,
+    /// Its experiment.
+    pub experiment: ExperimentId,
+    /// The shell command to run (the config's `entrypoint`).
+    pub entrypoint: String,
+    /// The config's `environment_variables` for this node's kind of slot.
+    pub env: BTreeMap<String, String>,
+    /// Hyperparameters.
+    pub hparams: Value,
+    /// The trial seed.
+    pub seed: u32,
+    /// The model directory's blob digest, if the experiment has one.
+    pub model_digest: Option<String>,
+    /// The checkpoint to resume from (a blob digest), if any.
+    pub latest_checkpoint: Option<String>,
+    /// Train until this many `time_metric` units.
+    pub target: Option<u64>,
+    /// The unit of `target` (batches, epochs, ...).
+    pub time_metric: String,
+    /// This node's slot indices for the incarnation (filled in when it launches).
+    pub slots: Vec<usize>,
+    /// The GPU uuids of those slots (empty: CPU slots).
+    pub gpus: Vec<String>,
+    /// Slots it takes on this node.
+    pub slots_here: u32,
+    /// Its place in a multi-node gang (None: all its slots are here).
+    pub gang: Option<Gang>,
+}
+
+/// The rendezvous port of one incarnation of a trial.
+pub fn master_port(trial: TrialId, incarnation: u64) -> u16 {
+    // splitmix64's finalizer: consecutive trials land far apart.
+    let mut z = trial ^ incarnation.rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let spread = (z ^ (z >> 31)) % MASTER_PORT_SPAN;
+    MASTER_PORT_BASE + spread as u16
+}
+
+/// What the start effect says, in one value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    /// The trial.
+    pub trial: TrialId,
+    /// Its new incarnation.
+    pub incarnation: u64,
+    /// Its experiment.
+    pub experiment: ExperimentId,
+    /// Hyperparameters.
+    pub hparams: Value,
+    /// Seed.
+    pub seed: u32,
+    /// Slots on this node.
+    pub slots: u32,
+    /// This node's rank in the gang.
+    pub node_rank: usize,
+    /// Every node of the gang and its slots, rank 0 first.
+    pub layout: Vec<(NodeId, u32)>,
+    /// Target length.
+    pub target: Option<u64>,
+    /// Checkpoint to resume from.
+    pub latest_checkpoint: Option<String>,
+}
+
+/// The launch of `start` on a node with GPU slots (`gpus`) or CPU slots; None
+/// when its experiment is unknown here (it cannot be started).
+pub fn spec(state: &ClusterState, start: Start, gpus: bool) -> Option<LaunchSpec> {
+    let exp = state.experiments.get(&start.experiment)?;
+    let config = exp.config()?;
+    let entrypoint = match &config.entrypoint {
+        Some(Entrypoint::Command(c)) => c.clone(),
+        Some(Entrypoint::Args(a)) => a.join(" "),
+        None => String::new(),
+    };
+    let vars = if gpus {
+        &config.environment.environment_variables.cuda
+    } else {
+        &config.environment.environment_variables.cpu
+    };
+    let env = vars
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let time_metric = config
+        .searcher
+        .method
+        .budget()
+        .map_or(TIME_METRIC_DEFAULT.to_string(), |b| b.time_metric);
+    let layout = &start.layout;
+    let gang = (layout.len() > 1).then(|| Gang {
+        rank: layout[..start.node_rank.min(layout.len())]
+            .iter()
+            .map(|(_, s)| *s)
+            .sum(),
+        world_size: layout.iter().map(|(_, s)| *s).sum(),
+        local_world_size: start.slots,
+        group_rank: start.node_rank as u32,
+        rank0: layout[0].0,
+        master_port: master_port(start.trial, start.incarnation),
+    });
+    Some(LaunchSpec {
+        trial: start.trial,
+        incarnation: start.incarnation,
+        experiment: start.experiment,
+        entrypoint,
+        env,
+        hparams: start.hparams,
+        seed: start.seed,
+        model_digest: (!exp.model_digest.is_empty()).then(|| exp.model_digest.clone()),
+        latest_checkpoint: start.latest_checkpoint,
+        target: start.target,
+        time_metric,
+        slots: Vec::new(),
+        gpus: Vec::new(),
+        slots_here: start.slots,
+        gang,
+    })
+}
