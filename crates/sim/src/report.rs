@@ -61,8 +61,8 @@ pub struct Report {
     /// Restarts charged to trials (errors): lost nodes, preemptions and failed
     /// GPUs charge none.
     pub restarts_charged: u64,
-    /// Trial processes that exited before their target and were relaunched
-    /// from a checkpoint (`ClusterState::unfinished_exits`).
+    /// Trial processes that completed short of their (raised) target and were
+    /// relaunched from a checkpoint (`ClusterState::unfinished_exits`).
     pub unfinished_exits: u64,
 }
 

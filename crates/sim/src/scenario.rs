@@ -122,6 +122,9 @@ pub struct Network {
     pub duplicate: f64,
     /// Bandwidth for checkpoint transfers, in MB per second.
     pub bandwidth_mb_s: f64,
+    /// How long a request to a node that is up but cut off (a partition) takes
+    /// to fail, in milliseconds (libp2p's request timeout, in production).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for Network {
@@ -131,6 +134,7 @@ impl Default for Network {
             loss: 0.0,
             duplicate: 0.0,
             bandwidth_mb_s: 500.0,
+            request_timeout_ms: 30_000,
         }
     }
 }

@@ -312,9 +312,10 @@ pub struct ClusterState {
     seen_order: VecDeque<ProposalId>,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
-    /// Trial processes that exited before their target (the searcher raised it
-    /// while they ran, or they stopped early on their own) and went back to the
-    /// queue to resume from a checkpoint: each costs a relaunch.
+    /// Trial processes that completed on their own short of their target (the
+    /// searcher raised it while they ran) and went back to the queue to resume
+    /// from a checkpoint: each cost a relaunch that the node could have saved by
+    /// letting the process train on.
     pub unfinished_exits: u64,
     /// Settings of the resource pools that have any (the rest use the defaults).
     pub pools: BTreeMap<String, pool::PoolSettings>,

@@ -360,7 +360,9 @@ impl ClusterState {
                     t.state = if t.user_paused {
                         TrialState::Paused
                     } else {
-                        self.unfinished_exits += 1;
+                        if outcome == TrialOutcome::Completed {
+                            self.unfinished_exits += 1;
+                        }
                         TrialState::Queued
                     };
                 } else {
