@@ -208,14 +208,45 @@ class SearcherOperation:
         self.completed = True
 
 
+# Longest one ask for the next operation waits on the node, in seconds.
+NEXT_POLL_S = 30
+
+
 class SearcherContext:
-    def __init__(self, train):
+    def __init__(self, train, endpoint=None):
         self._train = train
+        self._e = endpoint
+
+    def _next_length(self, reached):
+        """Asks the node whether to go on after training to `reached`: it answers
+        once the validation reported there is in (the searcher may have raised the
+        target, e.g. a promotion on arrival), with the new length or None."""
+        if self._e is None:
+            return None
+        while True:
+            got = self._e.call(
+                "GET",
+                "/searcher/next?steps={}&timeout_s={}".format(int(reached), NEXT_POLL_S),
+                timeout=NEXT_POLL_S + 10,
+            )
+            if not got.get("pending"):
+                return got.get("length")
 
     def operations(self, searcher_mode=None, auto_ack=True):
-        """One operation: the target length the searcher set for this trial."""
+        """The searcher's operations for this trial, as Determined's: train to each
+        op's `length`, report the validation, `report_completed`, and the next one
+        comes when the searcher has one (none: the trial is done)."""
         target = os.environ.get("RESOLUTE_TARGET_LENGTH")
-        yield SearcherOperation(self._train, int(target) if target else 0)
+        length = int(target) if target else 0
+        while True:
+            op = SearcherOperation(self._train, length)
+            yield op
+            if not length:
+                return
+            following = self._next_length(length)
+            if not following or following <= length:
+                return
+            length = following
 
 
 class Context:
@@ -224,7 +255,7 @@ class Context:
         self.checkpoint = CheckpointContext(endpoint)
         self.preempt = PreemptContext(endpoint)
         self.distributed = distributed or DistributedContext()
-        self.searcher = SearcherContext(self.train)
+        self.searcher = SearcherContext(self.train, endpoint)
         self.info = ClusterInfo()
 
     def close(self):

@@ -617,16 +617,12 @@ fn node_start(
     if let Some(l) = listen {
         file.net.listen = vec![l];
     }
-    let data_dir = resolute_node::daemon::data_dir(&file, data_dir);
+    let data_dir = resolute_node::data_dir(&file, data_dir);
     let join = join
         .iter()
         .map(|j| j.parse().with_context(|| format!("--join {j}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
-    runtime.block_on(async move {
+    resolute_node::block_on(async move {
         let stop = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -13,7 +13,9 @@ use resolute_trial::trainer::{self, Data, Ended, Hparams, Reporter, State};
 
 /// Batches trained when neither the searcher nor `--target` says.
 pub const TARGET_DEFAULT_BATCHES: u64 = 1000;
-/// Seconds a report may take.
+/// Seconds one ask for the next target waits for the node's answer.
+const NEXT_POLL_S: u64 = 30;
+/// Seconds a report may take (longer than a long poll).
 const REPORT_TIMEOUT_S: u64 = 60;
 
 /// Options of `resolute train`.
@@ -95,6 +97,18 @@ impl Reporter for Endpoint {
             json!({"storage_id": begun["storage_id"], "steps_completed": step, "metadata": meta});
         self.call("POST", "/checkpoints/commit", Some(commit))
             .map(|_| ())
+    }
+
+    fn next_target(&mut self, reached: u64) -> Result<Option<u64>, String> {
+        // The node answers once this run's last validation is in (a searcher
+        // may promote the trial on arrival); ask again while it is pending.
+        let path = format!("/searcher/next?steps={reached}&timeout_s={NEXT_POLL_S}");
+        loop {
+            let answer = self.call("GET", &path, None)?;
+            if answer["pending"] != json!(true) {
+                return Ok(answer["length"].as_u64());
+            }
+        }
     }
 
     fn should_stop(&mut self) -> bool {

@@ -2,8 +2,7 @@
 //! local node, which forwards them to the leader). Errors are JSON objects with a
 //! `code` and a `message`.
 
-use std::collections::BTreeMap;
-
+use actix::Addr;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRef, Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
@@ -12,15 +11,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
 
 use resolute_core::command::{Command, Control};
 use resolute_core::node::NodeError;
-use resolute_core::state::TrialState;
-use resolute_core::{Node, Reply};
+use resolute_core::Reply;
 use resolute_storage::blob::BlobStore;
 
-use crate::daemon::{ApiCall, BlobUnavailable, Local};
+use crate::node_actor::{self, BlobUnavailable, NodeActor};
 
 /// Largest model directory upload, in bytes.
 pub const UPLOAD_MAX_BYTES: usize = 1 << 30;
@@ -40,17 +37,17 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Res {
     )
 }
 
-/// What the handlers share: the daemon loop's mailbox, and the blob store that
-/// uploads are written to directly (a large write must not stall the loop).
+/// What the handlers share: the node actor's address, and the blob store that
+/// uploads are written to directly (a large write must not stall the node).
 #[derive(Clone)]
 struct ApiState {
-    calls: mpsc::Sender<ApiCall>,
+    node: Addr<NodeActor>,
     blobs: BlobStore,
 }
 
-impl FromRef<ApiState> for mpsc::Sender<ApiCall> {
+impl FromRef<ApiState> for Addr<NodeActor> {
     fn from_ref(s: &ApiState) -> Self {
-        s.calls.clone()
+        s.node.clone()
     }
 }
 
@@ -60,8 +57,8 @@ impl FromRef<ApiState> for BlobStore {
     }
 }
 
-/// The router, talking to the daemon loop through `calls`.
-pub fn router(calls: mpsc::Sender<ApiCall>, blobs: BlobStore) -> Router {
+/// The router, talking to the node actor.
+pub fn router(node: Addr<NodeActor>, blobs: BlobStore) -> Router {
     Router::new()
         .route("/api/v1/experiments", post(create).get(list))
         .route("/api/v1/experiments/{id}", get(describe))
@@ -75,51 +72,32 @@ pub fn router(calls: mpsc::Sender<ApiCall>, blobs: BlobStore) -> Router {
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/nodes/{id}/drain", post(drain))
         .layer(axum::extract::DefaultBodyLimit::max(UPLOAD_MAX_BYTES))
-        .with_state(ApiState { calls, blobs })
+        .with_state(ApiState { node, blobs })
 }
 
-async fn read(
-    calls: &mpsc::Sender<ApiCall>,
-    f: impl FnOnce(&Node, &Local) -> Value + Send + 'static,
-) -> Res {
-    let (tx, rx) = oneshot::channel();
-    let call = ApiCall::Read {
-        read: Box::new(f),
-        reply: tx,
-    };
-    if calls.send(call).await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the node is stopping",
-        );
-    }
-    match rx.await {
-        Ok(v) if v.get("code").is_some() && v.get("message").is_some() => {
-            (StatusCode::NOT_FOUND, Json(v))
-        }
-        Ok(v) => (StatusCode::OK, Json(v)),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the node is stopping",
-        ),
+fn stopping() -> Res {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "stopping",
+        "the node is stopping",
+    )
+}
+
+/// Asks the node a query; `None` is a 404 with `missing`'s message.
+async fn query<M>(node: &Addr<NodeActor>, msg: M, missing: impl FnOnce() -> String) -> Res
+where
+    M: actix::Message<Result = Option<Value>> + Send + 'static,
+    NodeActor: actix::Handler<M>,
+{
+    match node.send(msg).await {
+        Ok(Some(v)) => (StatusCode::OK, Json(v)),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", missing()),
+        Err(_) => stopping(),
     }
 }
 
-async fn propose(calls: &mpsc::Sender<ApiCall>, command: Command) -> Result<Reply, Res> {
-    let (tx, rx) = oneshot::channel();
-    calls
-        .send(ApiCall::Propose { command, reply: tx })
-        .await
-        .map_err(|_| {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stopping",
-                "the node is stopping",
-            )
-        })?;
-    match rx.await {
+async fn propose(node: &Addr<NodeActor>, command: Command) -> Result<Reply, Res> {
+    match node.send(node_actor::Propose(command)).await {
         Ok(Ok(Reply::Rejected { reason })) => {
             Err(error(StatusCode::BAD_REQUEST, "rejected", reason))
         }
@@ -130,11 +108,7 @@ async fn propose(calls: &mpsc::Sender<ApiCall>, command: Command) -> Result<Repl
             "unavailable",
             e.to_string(),
         )),
-        Err(_) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the node is stopping",
-        )),
+        Err(_) => Err(stopping()),
     }
 }
 
@@ -150,7 +124,7 @@ struct CreateBody {
     model_digest: String,
 }
 
-async fn create(State(calls): State<mpsc::Sender<ApiCall>>, body: String) -> Res {
+async fn create(State(node): State<Addr<NodeActor>>, body: String) -> Res {
     let b: CreateBody = match serde_json::from_str(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("body: {e}")),
@@ -174,7 +148,7 @@ async fn create(State(calls): State<mpsc::Sender<ApiCall>>, body: String) -> Res
         model_digest: b.model_digest,
         default_seed: seed,
     };
-    match propose(&calls, command).await {
+    match propose(&node, command).await {
         Ok(Reply::ExperimentCreated { experiment }) => {
             (StatusCode::OK, Json(json!({"id": experiment})))
         }
@@ -183,96 +157,22 @@ async fn create(State(calls): State<mpsc::Sender<ApiCall>>, body: String) -> Res
     }
 }
 
-/// Whether the experiment's searcher metric is better when smaller.
-fn smaller_is_better(node: &Node, experiment: u64) -> bool {
-    node.state()
-        .experiments
-        .get(&experiment)
-        .and_then(|e| e.config())
-        .is_none_or(|c| c.searcher.smaller_is_better)
-}
-
-/// The better of two values of a searcher metric.
-fn better(a: f64, b: f64, smaller: bool) -> f64 {
-    if smaller {
-        a.min(b)
-    } else {
-        a.max(b)
+async fn list(State(node): State<Addr<NodeActor>>) -> Res {
+    match node.send(node_actor::ExperimentList).await {
+        Ok(v) => (StatusCode::OK, Json(v)),
+        Err(_) => stopping(),
     }
 }
 
-/// A trial's best validation value of its experiment's searcher metric.
-fn best_validation(node: &Node, trial: u64) -> Option<f64> {
-    let experiment = node.state().trials.get(&trial)?.experiment;
-    let metric = node
-        .state()
-        .experiments
-        .get(&experiment)?
-        .config()?
-        .searcher
-        .metric
-        .clone();
-    let smaller = smaller_is_better(node, experiment);
-    node.state()
-        .metrics
-        .get(&trial)?
-        .iter()
-        .filter(|p| p.kind == resolute_core::command::MetricKind::Validation)
-        .filter_map(|p| p.metrics.get(&metric).and_then(|v| v.as_f64()))
-        .reduce(|a, b| better(a, b, smaller))
-}
-
-fn experiment_json(node: &Node, id: u64) -> Option<Value> {
-    let e = node.state().experiments.get(&id)?;
-    let trials: Vec<u64> = e.trials.values().copied().collect();
-    let name = e.config().and_then(|c| c.name.clone()).unwrap_or_default();
-    let metric = e
-        .config()
-        .map(|c| c.searcher.metric.clone())
-        .unwrap_or_default();
-    let smaller = smaller_is_better(node, id);
-    let best = trials
-        .iter()
-        .filter_map(|t| best_validation(node, *t))
-        .reduce(|a, b| better(a, b, smaller));
-    Some(json!({
-        "id": id,
-        "name": name,
-        "state": format!("{:?}", e.state),
-        "owner": e.owner,
-        "progress": e.progress(),
-        "trials": trials,
-        "searcher_metric": metric,
-        "best_metric": best,
-        "last_error": e.last_error,
-    }))
-}
-
-async fn list(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
-    read(&calls, |node, _| {
-        let ids: Vec<u64> = node.state().experiments.keys().copied().collect();
-        Value::Array(
-            ids.iter()
-                .filter_map(|id| experiment_json(node, *id))
-                .collect(),
-        )
-    })
-    .await
-}
-
-fn not_found(what: String) -> Value {
-    json!({"code": "not_found", "message": what})
-}
-
-async fn describe(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |node, _| {
-        experiment_json(node, id).unwrap_or_else(|| not_found(format!("no experiment {id}")))
+async fn describe(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+    query(&node, node_actor::ExperimentView(id), || {
+        format!("no experiment {id}")
     })
     .await
 }
 
 async fn control(
-    State(calls): State<mpsc::Sender<ApiCall>>,
+    State(node): State<Addr<NodeActor>>,
     UrlPath((id, action)): UrlPath<(u64, String)>,
 ) -> Res {
     let action = match action.as_str() {
@@ -289,7 +189,7 @@ async fn control(
         }
     };
     match propose(
-        &calls,
+        &node,
         Command::ExperimentControl {
             experiment: id,
             action,
@@ -302,72 +202,23 @@ async fn control(
     }
 }
 
-fn trial_json(node: &Node, id: u64) -> Option<Value> {
-    let t = node.state().trials.get(&id)?;
-    let (state, node_id) = match &t.state {
-        TrialState::Queued => ("Queued".to_string(), None),
-        TrialState::Assigned { node } => ("Assigned".to_string(), Some(*node)),
-        TrialState::Running { node } => ("Running".to_string(), Some(*node)),
-        TrialState::Paused => ("Paused".to_string(), None),
-        TrialState::Done(o) => (format!("Done({o:?})"), None),
-    };
-    Some(json!({
-        "id": id,
-        "experiment": t.experiment,
-        "state": state,
-        "node": node_id.map(|n| format!("{n:016x}")),
-        "hparams": t.hparams,
-        "seed": t.seed,
-        "incarnation": t.incarnation,
-        "restarts": t.restarts,
-        "steps_completed": t.steps_completed,
-        "target": t.target,
-        "latest_checkpoint": t.latest_checkpoint,
-        "best_metric": best_validation(node, id),
-    }))
-}
-
-async fn trials(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |node, _| {
-        match node.state().experiments.get(&id) {
-            Some(e) => Value::Array(
-                e.trials
-                    .values()
-                    .filter_map(|t| trial_json(node, *t))
-                    .collect(),
-            ),
-            None => not_found(format!("no experiment {id}")),
-        }
+async fn trials(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+    query(&node, node_actor::ExperimentTrials(id), || {
+        format!("no experiment {id}")
     })
     .await
 }
 
-async fn trial(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |node, local| {
-        let Some(mut t) = trial_json(node, id) else {
-            return not_found(format!("no trial {id}"));
-        };
-        // Only the node that started it knows how long the start took.
-        if let Some(l) = local.launches.get(&id) {
-            t["launched_here"] = json!({"incarnation": l.incarnation, "fetch_ms": l.fetch_ms});
-        }
-        t
+async fn trial(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+    query(&node, node_actor::TrialView(id), || {
+        format!("no trial {id}")
     })
     .await
 }
 
-async fn metrics(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<u64>) -> Res {
-    read(&calls, move |node, _| match node.state().metrics.get(&id) {
-        Some(series) => Value::Array(
-            series
-                .iter()
-                .map(|p| {
-                    json!({"kind": format!("{:?}", p.kind), "steps_completed": p.steps_completed, "metrics": p.metrics})
-                })
-                .collect(),
-        ),
-        None if node.state().trials.contains_key(&id) => Value::Array(Vec::new()),
-        None => not_found(format!("no trial {id}")),
+async fn metrics(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+    query(&node, node_actor::TrialMetrics(id), || {
+        format!("no trial {id}")
     })
     .await
 }
@@ -389,14 +240,14 @@ struct LogQuery {
 /// A trial's log lines from every node that ran it (a trial that moved has
 /// lines on several), oldest first, each with the node that read it.
 async fn logs(
-    State(calls): State<mpsc::Sender<ApiCall>>,
+    State(node): State<Addr<NodeActor>>,
     UrlPath(id): UrlPath<u64>,
     Query(q): Query<LogQuery>,
 ) -> Response {
     if q.follow {
-        return follow_logs(calls, id, q.since_ms);
+        return follow_logs(node, id, q.since_ms);
     }
-    match gather_logs(&calls, id, q.local, q.since_ms).await {
+    match gather_logs(&node, id, q.local, q.since_ms).await {
         Ok((lines, _)) => Json(Value::Array(lines)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -404,35 +255,24 @@ async fn logs(
 
 /// The lines, and whether the trial has ended.
 async fn gather_logs(
-    calls: &mpsc::Sender<ApiCall>,
+    node: &Addr<NodeActor>,
     id: u64,
     local_only: bool,
     since_ms: u64,
 ) -> Result<(Vec<Value>, bool), Res> {
-    let (status, Json(mine)) = read(calls, move |node, local| {
-        let Some(t) = node.state().trials.get(&id) else {
-            return not_found(format!("no trial {id}"));
-        };
-        let me = format!("{:016x}", local.node);
-        let path = local.trials.log_path(id).display().to_string();
-        // The other nodes' REST APIs, as their gossiped records announce them.
-        let peers: Vec<String> = local
-            .records
-            .iter()
-            .filter(|(n, r)| **n != local.node && !r.api.is_empty())
-            .map(|(_, r)| r.api.clone())
-            .collect();
-        json!({"me": me, "path": path, "peers": peers, "ended": matches!(t.state, TrialState::Done(_))})
-    })
-    .await;
-    if status != StatusCode::OK {
-        return Err((status, Json(mine)));
-    }
-    // This node's lines come from its log files, read off the node's loop.
-    let (path, me) = (
-        std::path::PathBuf::from(mine["path"].as_str().unwrap_or_default()),
-        mine["me"].as_str().unwrap_or_default().to_string(),
-    );
+    let sources = match node.send(node_actor::TrialLogSources(id)).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no trial {id}"),
+            ))
+        }
+        Err(_) => return Err(stopping()),
+    };
+    // This node's lines come from its log files, read off the node's thread.
+    let (path, me) = (sources.path.clone(), sources.me.clone());
     let mut lines: Vec<Value> = tokio::task::spawn_blocking(move || {
         resolute_trial::read_logs(&path, since_ms)
             .iter()
@@ -441,13 +281,11 @@ async fn gather_logs(
     })
     .await
     .unwrap_or_default();
-    let ended = mine["ended"] == json!(true);
+    let ended = sources.ended;
     if !local_only {
-        let asks: Vec<_> = mine["peers"]
-            .as_array()
+        let asks: Vec<_> = sources
+            .peers
             .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str().map(str::to_string))
             .map(|api| {
                 let url =
                     format!("http://{api}/api/v1/trials/{id}/logs?local=true&since_ms={since_ms}");
@@ -479,9 +317,9 @@ fn peer_lines(url: &str) -> Vec<Value> {
 
 /// Streams a trial's log as NDJSON: what there is, then new lines as they come,
 /// until the trial has ended (or the client goes away).
-fn follow_logs(calls: mpsc::Sender<ApiCall>, id: u64, since_ms: u64) -> Response {
+fn follow_logs(node: Addr<NodeActor>, id: u64, since_ms: u64) -> Response {
     struct Cursor {
-        calls: mpsc::Sender<ApiCall>,
+        node: Addr<NodeActor>,
         since_ms: u64,
         /// Lines already sent that were read at `since_ms` (the next poll
         /// returns them again, as it includes that millisecond).
@@ -490,7 +328,7 @@ fn follow_logs(calls: mpsc::Sender<ApiCall>, id: u64, since_ms: u64) -> Response
         done: bool,
     }
     let cursor = Cursor {
-        calls,
+        node,
         since_ms,
         at_edge: Vec::new(),
         first: true,
@@ -503,7 +341,7 @@ fn follow_logs(calls: mpsc::Sender<ApiCall>, id: u64, since_ms: u64) -> Response
         if !std::mem::take(&mut c.first) {
             tokio::time::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS)).await;
         }
-        let (lines, ended) = match gather_logs(&c.calls, id, false, c.since_ms).await {
+        let (lines, ended) = match gather_logs(&c.node, id, false, c.since_ms).await {
             Ok(x) => x,
             Err((_, Json(e))) => {
                 c.done = true;
@@ -545,7 +383,7 @@ fn follow_logs(calls: mpsc::Sender<ApiCall>, id: u64, since_ms: u64) -> Response
 /// `GET /checkpoints/{uuid}`: the checkpoint's packed blob (fetched from a holder
 /// first when this node has no copy), verified, as `application/octet-stream`.
 async fn checkpoint(
-    State(calls): State<mpsc::Sender<ApiCall>>,
+    State(node): State<Addr<NodeActor>>,
     UrlPath(uuid): UrlPath<String>,
 ) -> Response {
     if resolute_storage::blob::check_digest(&uuid).is_err() {
@@ -556,16 +394,9 @@ async fn checkpoint(
         )
         .into_response();
     }
-    let (tx, rx) = oneshot::channel();
-    let asked = calls
-        .send(ApiCall::Checkpoint {
-            uuid: uuid.clone(),
-            reply: tx,
-        })
-        .await;
-    let path = match (asked, rx.await) {
-        (Ok(()), Ok(Ok(path))) => path,
-        (Ok(()), Ok(Err(BlobUnavailable::NotFound))) => {
+    let path = match node.send(node_actor::Checkpoint(uuid.clone())).await {
+        Ok(Ok(path)) => path,
+        Ok(Err(BlobUnavailable::NotFound)) => {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -573,7 +404,7 @@ async fn checkpoint(
             )
             .into_response()
         }
-        (Ok(()), Ok(Err(BlobUnavailable::Unreachable(why)))) => {
+        Ok(Err(BlobUnavailable::Unreachable(why))) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -581,14 +412,7 @@ async fn checkpoint(
             )
             .into_response()
         }
-        _ => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stopping",
-                "the node is stopping",
-            )
-            .into_response()
-        }
+        Err(_) => return stopping().into_response(),
     };
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
@@ -635,63 +459,15 @@ async fn upload(State(blobs): State<BlobStore>, body: axum::body::Bytes) -> Res 
     }
 }
 
-async fn cluster(State(calls): State<mpsc::Sender<ApiCall>>) -> Res {
-    read(&calls, |node, local| {
-        let state = node.state();
-        let (voters, learners) = node.membership();
-        let mut used: BTreeMap<u64, u32> = BTreeMap::new();
-        for t in state.trials.values().filter(|t| t.is_placed()) {
-            for (n, s) in &t.layout {
-                *used.entry(*n).or_default() += s;
-            }
-        }
-        let nodes: Vec<Value> = state
-            .nodes
-            .iter()
-            .map(|(id, n)| {
-                // GPUs and labels as the node last gossiped them (soft state).
-                let record = local.records.get(id);
-                json!({
-                    "id": format!("{id:016x}"),
-                    "site": n.info.site,
-                    "pool": n.info.pool,
-                    "state": format!("{:?}", n.state),
-                    "slots": n.info.slots,
-                    "slots_used": used.get(id).copied().unwrap_or(0),
-                    "voter": voters.contains(id),
-                    "gpus": record.map(|r| r.gpus.iter().map(|g| json!({
-                        "uuid": g.uuid,
-                        "model": g.model,
-                        "memory_mib": g.memory_mib,
-                        "disabled": g.disabled,
-                    })).collect::<Vec<_>>()).unwrap_or_default(),
-                    "labels": record.map(|r| r.labels.clone()).unwrap_or_default(),
-                })
-            })
-            .collect();
-        let queue = state
-            .trials
-            .values()
-            .filter(|t| t.state == TrialState::Queued)
-            .count();
-        json!({
-            "this_node": format!("{:016x}", local.node),
-            "api": local.api,
-            "listen": local.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "connected": local.connected.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
-            "leader": format!("{:016x}", node.leader_id()),
-            "voters": voters.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
-            "learners": learners.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
-            "nodes": nodes,
-            "queue": queue,
-            "applied": node.applied(),
-            "digest": state.digest(),
-        })
-    })
-    .await
+async fn cluster(State(node): State<Addr<NodeActor>>) -> Res {
+    match node.send(node_actor::ClusterView).await {
+        Ok(v) => (StatusCode::OK, Json(v)),
+        Err(_) => stopping(),
+    }
 }
 
-async fn drain(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<String>) -> Res {
+async fn drain(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<String>) -> Res {
+    let node_addr = node;
     let Ok(node) = u64::from_str_radix(id.trim_start_matches("0x"), 16) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -699,7 +475,7 @@ async fn drain(State(calls): State<mpsc::Sender<ApiCall>>, UrlPath(id): UrlPath<
             format!("node id {id:?} is not hex"),
         );
     };
-    match propose(&calls, Command::NodeDraining { node }).await {
+    match propose(&node_addr, Command::NodeDraining { node }).await {
         Ok(_) => (StatusCode::OK, Json(json!({}))),
         Err(e) => e,
     }

@@ -1,14 +1,60 @@
-//! The node daemon: `core::Node` driven by a tokio event loop ([`daemon`]) that
-//! carries its outputs to the durable store, the libp2p swarm (`crates/net`) and
-//! the trial service (`crates/trial`), with the REST API ([`api`]) on every node.
+//! The production shell: actix actors around the sans-IO node.
+//!
+//! - [`node_actor::NodeActor`] owns the `agent::Driver` (`core::Node` and the
+//!   node agent) and the durable log store, and carries out the driver's
+//!   actions;
+//! - [`net_actor::NetActor`] bridges the libp2p swarm (`crates/net`);
+//! - `resolute_trial::TrialSupervisor` runs one `TrialActor` per trial
+//!   incarnation and serves the trials' report endpoint;
+//! - [`gpu_monitor::GpuMonitor`] makes the blocking NVML calls on a thread of
+//!   its own;
+//! - [`api`] is the REST API (axum, on the same tokio runtime), which talks to
+//!   the node actor in typed messages.
+//!
+//! [`serve`] must run inside an actix `System` whose tokio runtime is
+//! multi-threaded (the CLI builds it so): the actors share the system's thread,
+//! while the swarm, the HTTP servers and blocking file work run on the
+//! runtime's workers.
 
 pub mod api;
 pub mod config;
-pub mod daemon;
+pub mod gpu_monitor;
+pub mod net_actor;
+pub mod node_actor;
+mod setup;
+mod views;
 
-use tokio::sync::mpsc;
+use actix::prelude::*;
 
-pub use daemon::{Daemon, DaemonError, Options};
+use resolute_agent::{AgentConfig, Driver};
+use resolute_storage::blob::BlobStore;
+use resolute_storage::DurableStore;
+use resolute_trial::{SupervisorConfig, TrialSupervisor};
+
+use crate::node_actor::{Local, NodeActor, Parts, Peers};
+pub use setup::{data_dir, Options};
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Storage, network or trial setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+use setup::setup as fail;
+
+/// Runs `fut` in an actix system on a multi-threaded tokio runtime (what
+/// [`serve`] needs). Building a runtime fails only when the OS refuses threads.
+pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    let runner = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("the OS refused a tokio runtime: {e}"))
+    });
+    runner.block_on(fut)
+}
 
 /// Starts a node and serves until `stop` resolves (then drains and leaves).
 /// Prints one line `ready node=<id> api=<addr> listen=<multiaddr>` once it serves.
@@ -18,27 +64,132 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let listener = tokio::net::TcpListener::bind(&opts.config.api.listen)
         .await
-        .map_err(|e| DaemonError::Setup(format!("api.listen {}: {e}", opts.config.api.listen)))?;
-    let api_addr = listener
-        .local_addr()
-        .map_err(|e| DaemonError::Setup(e.to_string()))?
-        .to_string();
-    let (tx, rx) = mpsc::channel(1024);
-    let daemon = Daemon::start(opts, rx, api_addr.clone()).await?;
-    let app = api::router(tx, daemon.blobs());
+        .map_err(|e| fail(format!("api.listen {}: {e}", opts.config.api.listen)))?;
+    let api_addr = listener.local_addr().map_err(fail)?.to_string();
+    let node = start(&opts, api_addr.clone()).await?;
+    let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
+    let app = api::router(node.addr.clone(), blobs);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     println!(
         "ready node={:016x} api={} listen={}",
-        daemon.id(),
+        node.id,
         api_addr,
-        daemon
-            .listen()
+        node.listen
             .first()
             .map(|a| a.to_string())
             .unwrap_or_default()
     );
-    daemon.run(stop).await;
+    stop.await;
+    let _ = node.addr.send(node_actor::Leave).await;
     Ok(())
+}
+
+/// A started node.
+struct Started {
+    addr: Addr<NodeActor>,
+    id: u64,
+    listen: Vec<libp2p::Multiaddr>,
+}
+
+/// Opens the data dir, starts the swarm, the trials, the NVML thread and the
+/// node actor.
+async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError> {
+    let c = &opts.config;
+    std::fs::create_dir_all(&opts.data_dir).map_err(fail)?;
+    let (store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(fail)?;
+    let net_config = setup::net_config(opts)?;
+    let (join, _) = setup::join_addresses(opts)?;
+    let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(fail)?;
+    let id = net.node_id;
+    let gpu_records = setup::gpus(c);
+    // The slots: the GPUs that passed their probe, in NVML order.
+    let gpu_uuids: Vec<String> = gpu_records
+        .iter()
+        .filter(|g| g.disabled.is_none())
+        .map(|g| g.uuid.clone())
+        .collect();
+    let slots = if gpu_uuids.is_empty() {
+        c.cpu_slots
+    } else {
+        gpu_uuids.len() as u32
+    };
+    let (info, labels) = setup::node_info(c, slots);
+    let node_cfg = setup::node_config(c, id, info);
+    let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
+    let bootstrap = fresh && join.is_empty();
+    let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
+    let agent_cfg = AgentConfig::new(id, gpu_uuids.clone(), c.cpu_slots, setup::proposal_base());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (driver, first) = Driver::new(
+        node_cfg,
+        agent_cfg,
+        &recovered,
+        bootstrap,
+        blobs.list(),
+        now,
+    )
+    .map_err(fail)?;
+    // Peers this node knew before a restart, and the ones it joins through.
+    let known = setup::known_peers(&opts.data_dir);
+    for addr in join.iter().cloned().chain(
+        known
+            .values()
+            .flatten()
+            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok()),
+    ) {
+        let _ = net.dial(addr).await;
+    }
+    let info = net.info().await.map_err(fail)?;
+    // The node's address exists before it runs, so that the actors it talks
+    // to can be given it.
+    let ctx: Context<NodeActor> = Context::new();
+    let addr = ctx.address();
+    let work_root = opts.data_dir.join("trials");
+    let (trials, _endpoint) = TrialSupervisor::start(
+        SupervisorConfig {
+            work_root: work_root.clone(),
+            data_dir: opts.data_dir.clone(),
+        },
+        addr.clone().recipient(),
+    )
+    .await
+    .map_err(fail)?;
+    let net_actor = net_actor::NetActor::start(net, net_events, addr.clone().recipient());
+    let parts = Parts {
+        driver,
+        first,
+        store,
+        blobs,
+        peers: Peers {
+            net: net_actor,
+            trials,
+            gpus: gpu_monitor::start(),
+        },
+        local: Local {
+            node: id,
+            api: api_addr,
+            listen: info.listen.clone(),
+            connected: Default::default(),
+            records: Default::default(),
+            work_root,
+        },
+        gpu_uuids,
+        gpu_records,
+        labels,
+        tick_ms: c.node.tick_ms,
+        joining: fresh && !bootstrap,
+        addrs: known,
+        join,
+        data_dir: opts.data_dir.clone(),
+    };
+    ctx.run(NodeActor::new(parts));
+    Ok(Started {
+        addr,
+        id,
+        listen: info.listen,
+    })
 }

@@ -388,6 +388,13 @@ pub trait Reporter {
     ) -> Result<(), String>;
     /// Whether to checkpoint and stop now.
     fn should_stop(&mut self) -> bool;
+    /// Trained to the target (`reached`): whether to go on, and to what target
+    /// (the searcher may raise it once the last validation is in). Nothing
+    /// raises it by default.
+    fn next_target(&mut self, reached: u64) -> Result<Option<u64>, String> {
+        let _ = reached;
+        Ok(None)
+    }
 }
 
 /// How a run ended.
@@ -488,15 +495,21 @@ pub fn train(
     let mut batches = Batches::new(&state, data);
     let mut dropout = stream(state.seed, 0);
     dropout.set_word_pos(state.dropout_word_pos);
-    while state.step < target {
-        let batch = batches.rows(data, state.step);
-        let loss = state.train_batch(&batch, &mut dropout);
-        state.dropout_word_pos = dropout.get_word_pos();
-        let validate = || Ok((state.evaluate(&data.validation), state.clone()));
-        let every = state.hparams.validate_every;
-        if let Some(ended) = after_batch(state.step, target, loss, every, reporter, validate)? {
-            return Ok(ended);
+    let mut target = target;
+    loop {
+        while state.step < target {
+            let batch = batches.rows(data, state.step);
+            let loss = state.train_batch(&batch, &mut dropout);
+            state.dropout_word_pos = dropout.get_word_pos();
+            let validate = || Ok((state.evaluate(&data.validation), state.clone()));
+            let every = state.hparams.validate_every;
+            if let Some(ended) = after_batch(state.step, target, loss, every, reporter, validate)? {
+                return Ok(ended);
+            }
+        }
+        match reporter.next_target(state.step)? {
+            Some(t) if t > state.step => target = t,
+            _ => return Ok(Ended::Completed),
         }
     }
-    Ok(Ended::Completed)
 }

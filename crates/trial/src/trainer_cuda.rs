@@ -253,121 +253,127 @@ pub fn train(
         .flat_map(|(x, _)| x.clone())
         .collect();
     let val_x = gpu.stream.clone_htod(&val_x).map_err(err)?;
-    while state.step < target {
-        let rows = batches.rows(data, state.step);
-        let bsz = rows.len();
-        // Dropout masks in the CPU's draw order: sample by sample, layer by layer.
-        let mut masks: Vec<Vec<f32>> = state.layers[..hidden_layers]
-            .iter()
-            .map(|l| vec![0.0; bsz * l.outputs])
-            .collect();
-        if p > 0.0 {
-            for r in 0..bsz {
-                for (li, l) in state.layers[..hidden_layers].iter().enumerate() {
-                    for o in 0..l.outputs {
-                        masks[li][r * l.outputs + o] =
-                            if unit(&mut dropout) < p { 1.0 } else { 0.0 };
+    let mut target = target;
+    loop {
+        while state.step < target {
+            let rows = batches.rows(data, state.step);
+            let bsz = rows.len();
+            // Dropout masks in the CPU's draw order: sample by sample, layer by layer.
+            let mut masks: Vec<Vec<f32>> = state.layers[..hidden_layers]
+                .iter()
+                .map(|l| vec![0.0; bsz * l.outputs])
+                .collect();
+            if p > 0.0 {
+                for r in 0..bsz {
+                    for (li, l) in state.layers[..hidden_layers].iter().enumerate() {
+                        for o in 0..l.outputs {
+                            masks[li][r * l.outputs + o] =
+                                if unit(&mut dropout) < p { 1.0 } else { 0.0 };
+                        }
                     }
                 }
             }
-        }
-        let masks: Vec<Option<CudaSlice<f32>>> = masks
-            .iter()
-            .map(|m| {
-                (p > 0.0)
-                    .then(|| gpu.stream.clone_htod(m).map_err(err))
-                    .transpose()
-            })
-            .collect::<Result<_, _>>()?;
-        let x: Vec<f32> = rows.iter().flat_map(|(x, _)| x.clone()).collect();
-        let x = gpu.stream.clone_htod(&x).map_err(err)?;
-        let acts = gpu.forward(x, bsz, &masks, keep)?;
-        let preds = gpu.stream.clone_dtoh(&acts[acts.len() - 1]).map_err(err)?;
-        let scale = 1.0 / bsz as f32;
-        let mut loss = 0.0f32;
-        let mut delta = Vec::with_capacity(bsz);
-        for (pred, (_, y)) in preds.iter().zip(&rows) {
-            let e = pred - y;
-            loss += e * e * scale;
-            delta.push(2.0 * e * scale);
-        }
-        let mut delta = gpu.stream.clone_htod(&delta).map_err(err)?;
-        let Gpu { stream, k, layers } = &mut gpu;
-        for li in (0..layers.len()).rev() {
-            let l = &mut layers[li];
-            let (batch, inputs, outputs) = (bsz as i32, l.inputs as i32, l.outputs as i32);
-            let mut launch = stream.launch_builder(&k.grad);
-            launch
-                .arg(&delta)
-                .arg(&acts[li])
-                .arg(&mut l.gw)
-                .arg(&mut l.gb)
-                .arg(&batch)
-                .arg(&inputs)
-                .arg(&outputs);
-            // SAFETY: dense_grad reads delta (batch*outputs) and in (batch*inputs),
-            // writes gw (outputs*inputs) and gb (outputs), guarded by k.
-            unsafe { launch.launch(cfg(l.outputs * l.inputs + l.outputs)) }.map_err(err)?;
-            if li > 0 {
-                let mut back = stream.alloc_zeros::<f32>(bsz * l.inputs).map_err(err)?;
-                let use_mask = i32::from(p > 0.0);
-                let mut launch = stream.launch_builder(&k.back);
+            let masks: Vec<Option<CudaSlice<f32>>> = masks
+                .iter()
+                .map(|m| {
+                    (p > 0.0)
+                        .then(|| gpu.stream.clone_htod(m).map_err(err))
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?;
+            let x: Vec<f32> = rows.iter().flat_map(|(x, _)| x.clone()).collect();
+            let x = gpu.stream.clone_htod(&x).map_err(err)?;
+            let acts = gpu.forward(x, bsz, &masks, keep)?;
+            let preds = gpu.stream.clone_dtoh(&acts[acts.len() - 1]).map_err(err)?;
+            let scale = 1.0 / bsz as f32;
+            let mut loss = 0.0f32;
+            let mut delta = Vec::with_capacity(bsz);
+            for (pred, (_, y)) in preds.iter().zip(&rows) {
+                let e = pred - y;
+                loss += e * e * scale;
+                delta.push(2.0 * e * scale);
+            }
+            let mut delta = gpu.stream.clone_htod(&delta).map_err(err)?;
+            let Gpu { stream, k, layers } = &mut gpu;
+            for li in (0..layers.len()).rev() {
+                let l = &mut layers[li];
+                let (batch, inputs, outputs) = (bsz as i32, l.inputs as i32, l.outputs as i32);
+                let mut launch = stream.launch_builder(&k.grad);
                 launch
                     .arg(&delta)
-                    .arg(&l.w)
                     .arg(&acts[li])
-                    .arg(&mut back)
+                    .arg(&mut l.gw)
+                    .arg(&mut l.gb)
                     .arg(&batch)
                     .arg(&inputs)
-                    .arg(&outputs)
-                    .arg(&use_mask)
-                    .arg(&inv_keep);
-                // SAFETY: dense_back reads delta (batch*outputs), w (outputs*inputs),
-                // act (batch*inputs) and writes back (batch*inputs), guarded by k.
-                unsafe { launch.launch(cfg(bsz * l.inputs)) }.map_err(err)?;
-                delta = back;
+                    .arg(&outputs);
+                // SAFETY: dense_grad reads delta (batch*outputs) and in (batch*inputs),
+                // writes gw (outputs*inputs) and gb (outputs), guarded by k.
+                unsafe { launch.launch(cfg(l.outputs * l.inputs + l.outputs)) }.map_err(err)?;
+                if li > 0 {
+                    let mut back = stream.alloc_zeros::<f32>(bsz * l.inputs).map_err(err)?;
+                    let use_mask = i32::from(p > 0.0);
+                    let mut launch = stream.launch_builder(&k.back);
+                    launch
+                        .arg(&delta)
+                        .arg(&l.w)
+                        .arg(&acts[li])
+                        .arg(&mut back)
+                        .arg(&batch)
+                        .arg(&inputs)
+                        .arg(&outputs)
+                        .arg(&use_mask)
+                        .arg(&inv_keep);
+                    // SAFETY: dense_back reads delta (batch*outputs), w (outputs*inputs),
+                    // act (batch*inputs) and writes back (batch*inputs), guarded by k.
+                    unsafe { launch.launch(cfg(bsz * l.inputs)) }.map_err(err)?;
+                    delta = back;
+                }
+            }
+            state.step += 1;
+            let t = state.step as i32;
+            let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            let (lr, wd) = (h.lr as f32, h.weight_decay as f32);
+            for l in layers.iter_mut() {
+                for (pp, g, m, v) in [
+                    (&mut l.w, &l.gw, &mut l.mw, &mut l.vw),
+                    (&mut l.b, &l.gb, &mut l.mb, &mut l.vb),
+                ] {
+                    let count = pp.len() as i32;
+                    let mut launch = stream.launch_builder(&k.adamw);
+                    launch
+                        .arg(pp)
+                        .arg(g)
+                        .arg(m)
+                        .arg(v)
+                        .arg(&count)
+                        .arg(&lr)
+                        .arg(&wd)
+                        .arg(&b1)
+                        .arg(&b2)
+                        .arg(&eps)
+                        .arg(&c1)
+                        .arg(&c2);
+                    // SAFETY: adamw reads and writes n elements of p, m, v and reads n of g.
+                    unsafe { launch.launch(cfg(count as usize)) }.map_err(err)?;
+                }
+            }
+            state.dropout_word_pos = dropout.get_word_pos();
+            let (step, every) = (state.step, h.validate_every);
+            let validate = || {
+                let nv = data.validation.len();
+                let acts = gpu.forward(val_x.clone(), nv, &[], keep)?;
+                let preds = gpu.stream.clone_dtoh(&acts[acts.len() - 1]).map_err(err)?;
+                gpu.download(&mut state)?;
+                Ok((mean_squared_error(&preds, &data.validation), state.clone()))
+            };
+            if let Some(ended) = after_batch(step, target, loss, every, reporter, validate)? {
+                return Ok(ended);
             }
         }
-        state.step += 1;
-        let t = state.step as i32;
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let (lr, wd) = (h.lr as f32, h.weight_decay as f32);
-        for l in layers.iter_mut() {
-            for (pp, g, m, v) in [
-                (&mut l.w, &l.gw, &mut l.mw, &mut l.vw),
-                (&mut l.b, &l.gb, &mut l.mb, &mut l.vb),
-            ] {
-                let count = pp.len() as i32;
-                let mut launch = stream.launch_builder(&k.adamw);
-                launch
-                    .arg(pp)
-                    .arg(g)
-                    .arg(m)
-                    .arg(v)
-                    .arg(&count)
-                    .arg(&lr)
-                    .arg(&wd)
-                    .arg(&b1)
-                    .arg(&b2)
-                    .arg(&eps)
-                    .arg(&c1)
-                    .arg(&c2);
-                // SAFETY: adamw reads and writes n elements of p, m, v and reads n of g.
-                unsafe { launch.launch(cfg(count as usize)) }.map_err(err)?;
-            }
-        }
-        state.dropout_word_pos = dropout.get_word_pos();
-        let (step, every) = (state.step, h.validate_every);
-        let validate = || {
-            let nv = data.validation.len();
-            let acts = gpu.forward(val_x.clone(), nv, &[], keep)?;
-            let preds = gpu.stream.clone_dtoh(&acts[acts.len() - 1]).map_err(err)?;
-            gpu.download(&mut state)?;
-            Ok((mean_squared_error(&preds, &data.validation), state.clone()))
-        };
-        if let Some(ended) = after_batch(step, target, loss, every, reporter, validate)? {
-            return Ok(ended);
+        match reporter.next_target(state.step)? {
+            Some(t) if t > state.step => target = t,
+            _ => return Ok(Ended::Completed),
         }
     }
-    Ok(Ended::Completed)
 }

@@ -7,115 +7,13 @@
 //! SIGKILL of the leader early and late in a submission never creates the experiment twice
 //! and never loses one the CLI reported as created.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_resolute");
-
-fn repo() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("../..")
-}
-
-struct NodeProc {
-    child: Child,
-    api: String,
-    listen: String,
-    data: PathBuf,
-    host: u8,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, host: u8, join: Option<&str>) -> NodeProc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["node", "start", "--config"])
-        .arg(repo().join("config/laptop.toml"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--api", &format!("127.0.0.{host}:0")])
-        .args(["--listen", &format!("/ip4/127.0.0.{host}/tcp/0")]);
-    if let Some(j) = join {
-        cmd.args(["--join", j]);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node process");
-    let out = child.stdout.take().expect("stdout");
-    let mut reader = BufReader::new(out);
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("ready line");
-    // Keep draining its stdout: a closed pipe would fail its later writes.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
-            sink.clear();
-        }
-    });
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-            .to_string()
-    };
-    NodeProc {
-        api: format!("http://{}", field("api=")),
-        listen: field("listen="),
-        child,
-        data: data.to_path_buf(),
-        host,
-    }
-}
-
-fn cli(api: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["-m", api, "--json"])
-        .output()
-        .expect("cli");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-fn get(api: &str, args: &[&str]) -> Value {
-    let (code, out) = cli(api, args);
-    assert_eq!(code, 0, "{args:?}: {out}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
-fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn trials(api: &str, id: u64) -> Vec<Value> {
-    let (code, out) = cli(api, &["experiment", "trials", &id.to_string()]);
-    if code != 0 {
-        return Vec::new();
-    }
-    serde_json::from_str::<Value>(out.trim())
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-}
+use resolute_tests::{bin, cli, get, repo, start, trials, until, NodeProc};
 
 #[test]
 fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
@@ -201,7 +99,7 @@ fn three_processes_submit_to_a_follower_survive_kill_9_and_agree() {
         get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
     });
     // The trials per training length are what preview-search plans.
-    let planned = Command::new(BIN)
+    let planned = Command::new(bin())
         .arg("preview-search")
         .arg(&config)
         .args(["--config", "searcher.max_time=30000", "--json"])

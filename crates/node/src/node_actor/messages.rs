@@ -1,0 +1,229 @@
+//! The node actor's typed messages from the REST API: proposals, queries (each
+//! answered from the node's state on the actor), a checkpoint download, and
+//! the graceful stop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use resolute_agent::{Event, FETCH_ATTEMPTS, FETCH_RETRY_MS};
+use resolute_core::command::{Command, Reply};
+use resolute_core::state::TrialState;
+use resolute_core::NodeError;
+
+use super::NodeActor;
+use crate::net_actor::{self, NetActor};
+use crate::views;
+
+/// Propose a command; the answer once it applied (or why not).
+#[derive(Debug)]
+pub struct Propose(pub Command);
+
+impl Message for Propose {
+    type Result = Result<Reply, NodeError>;
+}
+
+impl Handler<Propose> for NodeActor {
+    type Result = ResponseFuture<Result<Reply, NodeError>>;
+
+    fn handle(&mut self, Propose(command): Propose, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let id = self.driver.next_id();
+        self.waiting.insert(id, tx);
+        self.step(ctx, Event::Propose { id, command });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(NodeError::Refused("the node is stopping".into())))
+        })
+    }
+}
+
+/// Declares a query: a message whose answer the node computes on the spot.
+macro_rules! query {
+    ($(#[$doc:meta])* $name:ident $(($arg:ty))?, $result:ty, |$act:ident $(, $a:ident)?| $body:expr) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name $((pub $arg))?;
+
+        impl Message for $name {
+            type Result = $result;
+        }
+
+        impl Handler<$name> for NodeActor {
+            type Result = MessageResult<$name>;
+
+            #[allow(unused_variables)]
+            fn handle(&mut self, msg: $name, _ctx: &mut Context<Self>) -> Self::Result {
+                let $act = &*self;
+                $(let $a = msg.0;)?
+                MessageResult($body)
+            }
+        }
+    };
+}
+
+query!(
+    /// Every experiment.
+    ExperimentList, Value, |act| views::experiments(act.driver.node())
+);
+query!(
+    /// One experiment.
+    ExperimentView(u64), Option<Value>, |act, id| views::experiment(act.driver.node(), id)
+);
+query!(
+    /// An experiment's trials.
+    ExperimentTrials(u64), Option<Value>,
+    |act, id| views::experiment_trials(act.driver.node(), act.driver.agent(), id)
+);
+query!(
+    /// One trial.
+    TrialView(u64), Option<Value>,
+    |act, id| views::trial(act.driver.node(), act.driver.agent(), id)
+);
+query!(
+    /// A trial's metrics.
+    TrialMetrics(u64), Option<Value>, |act, id| views::trial_metrics(act.driver.node(), id)
+);
+query!(
+    /// The cluster as this node sees it.
+    ClusterView, Value, |act| views::cluster(act.driver.node(), &act.local)
+);
+query!(
+    /// Where a trial's log lines are: this node's file, the other nodes' APIs.
+    TrialLogSources(u64), Option<LogSources>, |act, id| act.log_sources(id)
+);
+
+/// Where to read a trial's log from.
+#[derive(Debug, Clone)]
+pub struct LogSources {
+    /// This node's id (hex), for the lines it serves.
+    pub me: String,
+    /// This node's log file of the trial.
+    pub path: PathBuf,
+    /// The other nodes' REST APIs, as their gossiped records announce them.
+    pub peers: Vec<String>,
+    /// Whether the trial has ended.
+    pub ended: bool,
+}
+
+impl NodeActor {
+    fn log_sources(&self, id: u64) -> Option<LogSources> {
+        let t = self.driver.node().state().trials.get(&id)?;
+        let me = self.local.node;
+        Some(LogSources {
+            me: format!("{me:016x}"),
+            path: resolute_trial::log_path(&self.local.work_root, id),
+            peers: self
+                .local
+                .records
+                .iter()
+                .filter(|(n, r)| **n != me && !r.api.is_empty())
+                .map(|(_, r)| r.api.clone())
+                .collect(),
+            ended: matches!(t.state, TrialState::Done(_)),
+        })
+    }
+}
+
+/// Why a checkpoint cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobUnavailable {
+    /// No such checkpoint was ever recorded.
+    NotFound,
+    /// It exists, but no holder could be reached.
+    Unreachable(String),
+}
+
+/// A checkpoint's packed blob on this node's disk, fetched from a holder first
+/// when this node has no copy.
+#[derive(Debug)]
+pub struct Checkpoint(pub String);
+
+impl Message for Checkpoint {
+    type Result = Result<PathBuf, BlobUnavailable>;
+}
+
+impl Handler<Checkpoint> for NodeActor {
+    type Result = ResponseFuture<Result<PathBuf, BlobUnavailable>>;
+
+    fn handle(&mut self, Checkpoint(uuid): Checkpoint, _ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.blobs.clone();
+        if store.has(&uuid) {
+            return Box::pin(async move { Ok(store.path(&uuid)) });
+        }
+        let me = self.local.node;
+        let holders: Option<Vec<u64>> = self
+            .driver
+            .node()
+            .state()
+            .checkpoints
+            .get(&uuid)
+            .map(|c| c.holders.iter().copied().filter(|n| *n != me).collect());
+        let Some(holders) = holders else {
+            return Box::pin(async { Err(BlobUnavailable::NotFound) });
+        };
+        let net = self.peers.net.clone();
+        Box::pin(async move {
+            fetch_patiently(&net, &uuid, holders)
+                .await
+                .map(|()| store.path(&uuid))
+                .map_err(BlobUnavailable::Unreachable)
+        })
+    }
+}
+
+/// Fetches a blob for a download, trying as patiently as a launch does (the
+/// agent's `FETCH_ATTEMPTS`, pauses growing by `FETCH_RETRY_MS`): a holder's
+/// address may not have reached this node yet, or a holder may be restarting.
+async fn fetch_patiently(
+    net: &Addr<NetActor>,
+    digest: &str,
+    holders: Vec<u64>,
+) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..FETCH_ATTEMPTS {
+        let asked = net
+            .send(net_actor::Fetch {
+                digest: digest.to_string(),
+                holders: holders.clone(),
+            })
+            .await;
+        match asked {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e,
+            Err(e) => last = e.to_string(),
+        }
+        let pause = FETCH_RETRY_MS * u64::from(attempt + 1);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    Err(last)
+}
+
+/// Stop gracefully: drain, let the trials checkpoint and move, leave the Raft
+/// group, stop the swarm. Answered when that is done (the agent bounds it).
+#[derive(Debug)]
+pub struct Leave;
+
+impl Message for Leave {
+    type Result = ();
+}
+
+impl Handler<Leave> for NodeActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.left {
+            let _ = tx.send(());
+        } else {
+            self.leaving.push(tx);
+            self.step(ctx, Event::Leave);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

@@ -1,0 +1,489 @@
+//! [`NodeActor`]: the node. It owns the [`Driver`] (`core::Node` and the node
+//! agent, where every decision is made) and the durable log store, feeds the
+//! driver what happens (ticks, swarm events, trial reports, fetch results,
+//! NVML's answers, API proposals) and carries out its actions: sends and
+//! gossip through the [`NetActor`], writes to the store (fsync before the
+//! acknowledgement), launches and signals through the [`TrialSupervisor`],
+//! health checks through the [`GpuMonitor`]. It also keeps what only this node
+//! knows: its connections, the peers' gossiped records and addresses.
+//!
+//! Failure: a log store that fails to write leaves the node unable to keep its
+//! promises, so the process exits with code 3 rather than acknowledge what is
+//! not durable; it restarts from its data dir.
+
+mod messages;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::prelude::*;
+use libp2p::Multiaddr;
+use tokio::sync::oneshot;
+
+use resolute_agent::{Action, Driver, Event};
+use resolute_core::command::{ProposalId, Reply};
+use resolute_core::{NodeError, NodeId};
+use resolute_net::{Announcement, NetEvent};
+use resolute_storage::blob::BlobStore;
+use resolute_storage::{DurableStore, LogStore};
+use resolute_trial::{Control, KillAll, Launch, Report, Signal, TrialSupervisor};
+
+use crate::gpu_monitor::{CheckGpus, GpuMonitor};
+use crate::net_actor::{self, FromNet, NetActor, Publish, SendPeer, SetMembers};
+use crate::setup::{host_of, write_atomically, PEERS_FILE};
+
+pub use messages::{
+    BlobUnavailable, Checkpoint, ClusterView, ExperimentList, ExperimentTrials, ExperimentView,
+    Leave, LogSources, Propose, TrialLogSources, TrialMetrics, TrialView,
+};
+
+/// Mailbox of the node: swarm events, trial reports, API calls.
+pub const NODE_MAILBOX: usize = 1024;
+/// Ticks between this node's gossiped records.
+pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
+/// How long a gossiped record is believed.
+pub const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
+/// `MASTER_ADDR` when rank 0's address is unknown.
+pub const LOOPBACK_HOST: &str = "127.0.0.1";
+
+/// What only this node knows.
+pub struct Local {
+    /// This node's id.
+    pub node: NodeId,
+    /// Where the REST API listens.
+    pub api: String,
+    /// Its multiaddrs.
+    pub listen: Vec<Multiaddr>,
+    /// The peers it has a connection to now.
+    pub connected: BTreeSet<NodeId>,
+    /// Each node's latest gossiped record (this node's own included).
+    pub records: BTreeMap<NodeId, Announcement>,
+    /// Where its trials' files are.
+    pub work_root: PathBuf,
+}
+
+/// The other actors, as the node addresses them.
+pub struct Peers {
+    /// The swarm's bridge.
+    pub net: Addr<NetActor>,
+    /// The trials.
+    pub trials: Addr<TrialSupervisor>,
+    /// NVML.
+    pub gpus: Addr<GpuMonitor>,
+}
+
+/// Everything the node actor starts with.
+pub struct Parts {
+    /// The node and its agent.
+    pub driver: Driver,
+    /// Actions to carry out first (a bootstrap write).
+    pub first: Vec<Action>,
+    /// The durable log store.
+    pub store: DurableStore,
+    /// The blob store.
+    pub blobs: BlobStore,
+    /// The other actors.
+    pub peers: Peers,
+    /// What only this node knows.
+    pub local: Local,
+    /// GPU uuid of each slot (empty: CPU slots).
+    pub gpu_uuids: Vec<String>,
+    /// Every GPU NVML listed at start, for the gossiped record.
+    pub gpu_records: Vec<resolute_net::Gpu>,
+    /// The labels the record gossips.
+    pub labels: BTreeMap<String, String>,
+    /// Milliseconds per tick.
+    pub tick_ms: u64,
+    /// Whether this node has yet to join (a fresh node that did not bootstrap).
+    pub joining: bool,
+    /// Where known nodes listen (from gossip and `peers.json`).
+    pub addrs: BTreeMap<NodeId, Vec<String>>,
+    /// The addresses this node joins through.
+    pub join: Vec<Multiaddr>,
+    /// The data dir.
+    pub data_dir: PathBuf,
+}
+
+/// The node.
+pub struct NodeActor {
+    driver: Driver,
+    store: DurableStore,
+    blobs: BlobStore,
+    peers: Peers,
+    local: Local,
+    gpu_uuids: Vec<String>,
+    gpu_records: Vec<resolute_net::Gpu>,
+    labels: BTreeMap<String, String>,
+    tick_ms: u64,
+    joining: bool,
+    addrs: BTreeMap<NodeId, Vec<String>>,
+    addrs_dirty: bool,
+    join: Vec<Multiaddr>,
+    data_dir: PathBuf,
+    first: Vec<Action>,
+    /// API proposals waiting for their reply.
+    waiting: BTreeMap<ProposalId, oneshot::Sender<Result<Reply, NodeError>>>,
+    /// The Raft members last given to the swarm.
+    members: Vec<NodeId>,
+    ticks: u64,
+    announce_seq: u64,
+    /// Who waits for the graceful stop to end.
+    leaving: Vec<oneshot::Sender<()>>,
+    left: bool,
+}
+
+impl NodeActor {
+    /// The actor, from its parts.
+    pub fn new(p: Parts) -> NodeActor {
+        NodeActor {
+            driver: p.driver,
+            store: p.store,
+            blobs: p.blobs,
+            peers: p.peers,
+            local: p.local,
+            gpu_uuids: p.gpu_uuids,
+            gpu_records: p.gpu_records,
+            labels: p.labels,
+            tick_ms: p.tick_ms,
+            joining: p.joining,
+            addrs: p.addrs,
+            addrs_dirty: false,
+            join: p.join,
+            data_dir: p.data_dir,
+            first: p.first,
+            waiting: BTreeMap::new(),
+            members: Vec::new(),
+            ticks: 0,
+            announce_seq: 0,
+            leaving: Vec::new(),
+            left: false,
+        }
+    }
+
+    fn id(&self) -> NodeId {
+        self.local.node
+    }
+
+    /// The leader stamps entries with this clock: wall time in milliseconds.
+    fn now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Steps the driver and carries out what it asks.
+    fn step(&mut self, ctx: &mut Context<Self>, event: Event) {
+        let now = self.now();
+        let actions = self.driver.step(now, event);
+        self.carry_out(ctx, actions);
+    }
+
+    /// Carries out actions in order; a write's acknowledgement is stepped at
+    /// once, and its actions join the queue.
+    fn carry_out(&mut self, ctx: &mut Context<Self>, actions: Vec<Action>) {
+        let mut work: VecDeque<Action> = actions.into();
+        while let Some(action) = work.pop_front() {
+            match action {
+                Action::Send { to, msg } => {
+                    // A full mailbox drops it: Raft and the proposers retransmit.
+                    let _ = self.peers.net.try_send(SendPeer { to, msg });
+                }
+                Action::Persist {
+                    seq,
+                    snapshot,
+                    entries,
+                    hard_state,
+                } => {
+                    let result = (|| {
+                        if let Some(s) = &snapshot {
+                            self.store
+                                .install_snapshot(s, &hard_state.unwrap_or_default())?;
+                        }
+                        self.store.append(&entries, hard_state.as_ref())?;
+                        self.store.sync()
+                    })();
+                    if let Err(e) = result {
+                        eprintln!("fatal: the log store failed: {e}");
+                        std::process::exit(3);
+                    }
+                    if seq > 0 {
+                        let now = self.now();
+                        work.extend(self.driver.step(now, Event::Persisted { seq }));
+                    }
+                }
+                Action::Reply { id, result } => {
+                    if let Some(w) = self.waiting.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
+                Action::Launch(spec) => {
+                    let master_addr = spec.gang.as_ref().map(|g| self.host_of_node(g.rank0));
+                    let launch = Launch {
+                        spec: *spec,
+                        master_addr,
+                    };
+                    tell(ctx, self, &self.peers.trials.clone(), launch);
+                }
+                Action::Preempt { trial, incarnation } => {
+                    self.control(ctx, trial, incarnation, Control::Preempt)
+                }
+                Action::Retarget {
+                    trial,
+                    incarnation,
+                    target,
+                } => self.control(ctx, trial, incarnation, Control::Retarget(target)),
+                Action::Proceed {
+                    trial,
+                    incarnation,
+                    target,
+                } => self.control(ctx, trial, incarnation, Control::Proceed(target)),
+                Action::Terminate { trial, incarnation } => {
+                    self.control(ctx, trial, incarnation, Control::Terminate)
+                }
+                Action::Kill { trial, incarnation } => {
+                    self.control(ctx, trial, incarnation, Control::Kill)
+                }
+                Action::Fetch { digest, holders } => self.fetch(ctx, digest, holders),
+                Action::CheckGpus => self.check_gpus(ctx),
+                Action::Settled { .. } => {}
+                Action::Note(text) => eprintln!("node {:016x}: {text}", self.id()),
+                Action::Left => self.finish_leaving(ctx),
+            }
+        }
+    }
+
+    fn control(&mut self, ctx: &mut Context<Self>, trial: u64, incarnation: u64, control: Control) {
+        let signal = Signal {
+            trial,
+            incarnation,
+            control,
+        };
+        tell(ctx, self, &self.peers.trials.clone(), signal);
+    }
+
+    /// Fetches a blob (at once when the store has it) and tells the driver.
+    fn fetch(&mut self, ctx: &mut Context<Self>, digest: String, holders: Vec<NodeId>) {
+        if self.blobs.has(&digest) {
+            self.step(
+                ctx,
+                Event::Fetched {
+                    digest,
+                    result: Ok(()),
+                },
+            );
+            return;
+        }
+        let fetch = net_actor::Fetch {
+            digest: digest.clone(),
+            holders,
+        };
+        let asked = self.peers.net.send(fetch);
+        ctx.spawn(asked.into_actor(self).map(move |answer, act, ctx| {
+            let result = answer.unwrap_or_else(|e| Err(e.to_string()));
+            act.step(ctx, Event::Fetched { digest, result });
+        }));
+    }
+
+    /// Asks NVML (off the actors' thread) and tells the driver.
+    fn check_gpus(&mut self, ctx: &mut Context<Self>) {
+        let asked = self.peers.gpus.send(CheckGpus(self.gpu_uuids.clone()));
+        ctx.spawn(asked.into_actor(self).map(|answer, act, ctx| {
+            act.step(ctx, Event::GpuHealth(answer.ok().flatten()));
+        }));
+    }
+
+    /// The host of a node for a gang's `MASTER_ADDR`: the IP of its first
+    /// listen address (this node's own, or what gossip told us).
+    fn host_of_node(&self, node: NodeId) -> String {
+        let addrs: Vec<String> = if node == self.id() {
+            self.local.listen.iter().map(|a| a.to_string()).collect()
+        } else {
+            self.addrs.get(&node).cloned().unwrap_or_default()
+        };
+        addrs
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .find_map(|a| host_of(&a))
+            .unwrap_or_else(|| LOOPBACK_HOST.to_string())
+    }
+
+    fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        self.step(ctx, Event::Tick);
+        // Every connected peer is alive (a lost connection stops the heartbeat).
+        let peers: Vec<NodeId> = self.local.connected.iter().copied().collect();
+        for node in peers {
+            self.step(ctx, Event::Heartbeat { node });
+        }
+        self.follow_membership(ctx);
+        if std::mem::take(&mut self.addrs_dirty) {
+            if let Ok(bytes) = serde_json::to_vec(&self.addrs) {
+                write_atomically(&self.data_dir.join(PEERS_FILE), &bytes);
+            }
+        }
+        self.ticks += 1;
+        if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
+            self.announce(ctx);
+            self.redial();
+        }
+    }
+
+    /// Gives the swarm the membership when it changed; joins until a member.
+    fn follow_membership(&mut self, ctx: &mut Context<Self>) {
+        let (v, l) = self.driver.node().membership();
+        let mut members = [v, l].concat();
+        members.sort_unstable();
+        if members != self.members && !members.is_empty() {
+            self.members = members.clone();
+            tell(
+                ctx,
+                self,
+                &self.peers.net.clone(),
+                SetMembers(members.clone()),
+            );
+        }
+        if self.joining && members.contains(&self.id()) {
+            self.joining = false;
+        }
+        if self.joining && self.driver.node().applied() == 0 && (self.now() / 1000) % 3 == 0 {
+            // Ask again through anyone connected (the first try may have raced).
+            if let Some(via) = self.local.connected.iter().next().copied() {
+                self.step(ctx, Event::Join { via });
+            }
+        }
+    }
+
+    /// Dials members this node has no connection to, and the join addresses
+    /// while it has no peer at all.
+    fn redial(&mut self) {
+        let me = self.id();
+        let missing: Vec<Multiaddr> = self
+            .members
+            .iter()
+            .filter(|n| **n != me && !self.local.connected.contains(n))
+            .filter_map(|n| self.addrs.get(n))
+            .flatten()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let alone = self.local.connected.is_empty();
+        let join = self.join.iter().filter(|_| alone).cloned();
+        for a in missing.into_iter().chain(join) {
+            let _ = self.peers.net.try_send(net_actor::Dial(a));
+        }
+    }
+
+    /// Gossips this node's record: how to reach it, its slots (as its agent
+    /// counts them), its GPUs, its labels, what it holds.
+    fn announce(&mut self, ctx: &mut Context<Self>) {
+        self.announce_seq += 1;
+        let agent = self.driver.agent();
+        let failures = agent.gpu_failures();
+        let mut blobs = self.blobs.list();
+        blobs.truncate(resolute_net::gossip::ANNOUNCED_BLOBS_MAX);
+        let a = Announcement {
+            node: self.id(),
+            seq: self.announce_seq,
+            ttl_ms: ANNOUNCEMENT_TTL_MS,
+            addrs: self.local.listen.iter().map(|a| a.to_string()).collect(),
+            api: self.local.api.clone(),
+            slots_total: agent.slots_offered(),
+            slots_free: agent.slots_free(),
+            gpus: self
+                .gpu_records
+                .iter()
+                .map(|g| match failures.get(&g.uuid) {
+                    Some(why) if g.disabled.is_none() => resolute_net::Gpu {
+                        disabled: Some(format!("failed its health check: {why}")),
+                        ..g.clone()
+                    },
+                    _ => g.clone(),
+                })
+                .collect(),
+            labels: self.labels.clone(),
+            blobs,
+        };
+        self.local.records.insert(a.node, a.clone());
+        tell(ctx, self, &self.peers.net.clone(), Publish(a));
+    }
+
+    /// Out of the group: whatever still runs is killed, the swarm stops, and
+    /// whoever waits for the stop hears of it.
+    fn finish_leaving(&mut self, ctx: &mut Context<Self>) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        tell(ctx, self, &self.peers.trials.clone(), KillAll);
+        let stopped = self.peers.net.send(net_actor::Shutdown);
+        ctx.spawn(stopped.into_actor(self).map(|_, act, _| {
+            for w in act.leaving.drain(..) {
+                let _ = w.send(());
+            }
+        }));
+    }
+}
+
+/// Sends `msg` to `to` without holding the node up: the send waits (in the
+/// node's context) for room in `to`'s bounded mailbox.
+fn tell<A, M>(ctx: &mut Context<NodeActor>, node: &NodeActor, to: &Addr<A>, msg: M)
+where
+    A: Actor + Handler<M>,
+    A::Context: actix::dev::ToEnvelope<A, M>,
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    let sent = to.send(msg);
+    ctx.spawn(
+        async move {
+            let _ = sent.await;
+        }
+        .into_actor(node),
+    );
+}
+
+impl Actor for NodeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(NODE_MAILBOX);
+        let first = std::mem::take(&mut self.first);
+        self.carry_out(ctx, first);
+        let period = Duration::from_millis(self.tick_ms.max(10));
+        ctx.run_interval(period, |act, ctx| act.on_tick(ctx));
+    }
+}
+
+impl Handler<FromNet> for NodeActor {
+    type Result = ();
+
+    fn handle(&mut self, FromNet(event): FromNet, ctx: &mut Context<Self>) {
+        match event {
+            NetEvent::Message { from, msg } => self.step(ctx, Event::Peer { from, msg }),
+            NetEvent::Connected(n) => {
+                self.local.connected.insert(n);
+                if self.joining {
+                    self.step(ctx, Event::Join { via: n });
+                }
+            }
+            NetEvent::Disconnected(n) => {
+                self.local.connected.remove(&n);
+                self.step(ctx, Event::Disconnected { node: n });
+            }
+            NetEvent::Announcement(a) => {
+                self.local.records.insert(a.node, a.clone());
+                if self.addrs.get(&a.node) != Some(&a.addrs) {
+                    self.addrs.insert(a.node, a.addrs);
+                    self.addrs_dirty = true;
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Report> for NodeActor {
+    type Result = ();
+
+    fn handle(&mut self, Report(report): Report, ctx: &mut Context<Self>) {
+        self.step(ctx, Event::Trial(report));
+    }
+}

@@ -1,0 +1,198 @@
+//! What the REST API shows, built from the node's replicated state and what
+//! only it knows. Pure functions: the node actor calls them to answer a query.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use resolute_agent::Agent;
+use resolute_core::command::MetricKind;
+use resolute_core::state::TrialState;
+use resolute_core::Node;
+
+use crate::node_actor::Local;
+
+/// Whether the experiment's searcher metric is better when smaller.
+fn smaller_is_better(node: &Node, experiment: u64) -> bool {
+    node.state()
+        .experiments
+        .get(&experiment)
+        .and_then(|e| e.config())
+        .is_none_or(|c| c.searcher.smaller_is_better)
+}
+
+/// The better of two values of a searcher metric.
+fn better(a: f64, b: f64, smaller: bool) -> f64 {
+    if smaller {
+        a.min(b)
+    } else {
+        a.max(b)
+    }
+}
+
+/// A trial's best validation value of its experiment's searcher metric.
+fn best_validation(node: &Node, trial: u64) -> Option<f64> {
+    let experiment = node.state().trials.get(&trial)?.experiment;
+    let metric = node
+        .state()
+        .experiments
+        .get(&experiment)?
+        .config()?
+        .searcher
+        .metric
+        .clone();
+    let smaller = smaller_is_better(node, experiment);
+    node.state()
+        .metrics
+        .get(&trial)?
+        .iter()
+        .filter(|p| p.kind == MetricKind::Validation)
+        .filter_map(|p| p.metrics.get(&metric).and_then(|v| v.as_f64()))
+        .reduce(|a, b| better(a, b, smaller))
+}
+
+/// One experiment.
+pub fn experiment(node: &Node, id: u64) -> Option<Value> {
+    let e = node.state().experiments.get(&id)?;
+    let trials: Vec<u64> = e.trials.values().copied().collect();
+    let name = e.config().and_then(|c| c.name.clone()).unwrap_or_default();
+    let metric = e
+        .config()
+        .map(|c| c.searcher.metric.clone())
+        .unwrap_or_default();
+    let smaller = smaller_is_better(node, id);
+    let best = trials
+        .iter()
+        .filter_map(|t| best_validation(node, *t))
+        .reduce(|a, b| better(a, b, smaller));
+    Some(json!({
+        "id": id,
+        "name": name,
+        "state": format!("{:?}", e.state),
+        "owner": e.owner,
+        "progress": e.progress(),
+        "trials": trials,
+        "searcher_metric": metric,
+        "best_metric": best,
+        "last_error": e.last_error,
+    }))
+}
+
+/// Every experiment.
+pub fn experiments(node: &Node) -> Value {
+    let ids: Vec<u64> = node.state().experiments.keys().copied().collect();
+    Value::Array(ids.iter().filter_map(|id| experiment(node, *id)).collect())
+}
+
+/// One trial; with where it launched on this node and how long that took.
+pub fn trial(node: &Node, agent: &Agent, id: u64) -> Option<Value> {
+    let t = node.state().trials.get(&id)?;
+    let (state, node_id) = match &t.state {
+        TrialState::Queued => ("Queued".to_string(), None),
+        TrialState::Assigned { node } => ("Assigned".to_string(), Some(*node)),
+        TrialState::Running { node } => ("Running".to_string(), Some(*node)),
+        TrialState::Paused => ("Paused".to_string(), None),
+        TrialState::Done(o) => (format!("Done({o:?})"), None),
+    };
+    let mut v = json!({
+        "id": id,
+        "experiment": t.experiment,
+        "state": state,
+        "node": node_id.map(|n| format!("{n:016x}")),
+        "hparams": t.hparams,
+        "seed": t.seed,
+        "incarnation": t.incarnation,
+        "restarts": t.restarts,
+        "steps_completed": t.steps_completed,
+        "target": t.target,
+        "latest_checkpoint": t.latest_checkpoint,
+        "best_metric": best_validation(node, id),
+    });
+    // Only the node that started it knows how long the start took.
+    if let Some((incarnation, prepare_ms)) = agent.launched(id) {
+        v["launched_here"] = json!({"incarnation": incarnation, "fetch_ms": prepare_ms});
+    }
+    Some(v)
+}
+
+/// An experiment's trials.
+pub fn experiment_trials(node: &Node, agent: &Agent, id: u64) -> Option<Value> {
+    let e = node.state().experiments.get(&id)?;
+    Some(Value::Array(
+        e.trials
+            .values()
+            .filter_map(|t| trial(node, agent, *t))
+            .collect(),
+    ))
+}
+
+/// A trial's metric series.
+pub fn trial_metrics(node: &Node, id: u64) -> Option<Value> {
+    match node.state().metrics.get(&id) {
+        Some(series) => Some(Value::Array(
+            series
+                .iter()
+                .map(|p| {
+                    json!({"kind": format!("{:?}", p.kind), "steps_completed": p.steps_completed, "metrics": p.metrics})
+                })
+                .collect(),
+        )),
+        None if node.state().trials.contains_key(&id) => Some(Value::Array(Vec::new())),
+        None => None,
+    }
+}
+
+/// The cluster as this node sees it.
+pub fn cluster(node: &Node, local: &Local) -> Value {
+    let state = node.state();
+    let (voters, learners) = node.membership();
+    let mut used: BTreeMap<u64, u32> = BTreeMap::new();
+    for t in state.trials.values().filter(|t| t.is_placed()) {
+        for (n, s) in &t.layout {
+            *used.entry(*n).or_default() += s;
+        }
+    }
+    let nodes: Vec<Value> = state
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            // GPUs and labels as the node last gossiped them (soft state).
+            let record = local.records.get(id);
+            json!({
+                "id": format!("{id:016x}"),
+                "site": n.info.site,
+                "pool": n.info.pool,
+                "state": format!("{:?}", n.state),
+                "slots": n.info.slots,
+                "slots_used": used.get(id).copied().unwrap_or(0),
+                "voter": voters.contains(id),
+                "gpus": record.map(|r| r.gpus.iter().map(|g| json!({
+                    "uuid": g.uuid,
+                    "model": g.model,
+                    "memory_mib": g.memory_mib,
+                    "disabled": g.disabled,
+                })).collect::<Vec<_>>()).unwrap_or_default(),
+                "labels": record.map(|r| r.labels.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let queue = state
+        .trials
+        .values()
+        .filter(|t| t.state == TrialState::Queued)
+        .count();
+    json!({
+        "this_node": format!("{:016x}", local.node),
+        "api": local.api,
+        "listen": local.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "connected": local.connected.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
+        "leader": format!("{:016x}", node.leader_id()),
+        "voters": voters.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
+        "learners": learners.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
+        "nodes": nodes,
+        "queue": queue,
+        "applied": node.applied(),
+        "digest": state.digest(),
+        "unfinished_exits": state.unfinished_exits,
+    })
+}

@@ -1,0 +1,470 @@
+//! A trial incarnation's process on disk and in the OS: its working directory
+//! (a copy of the model directory), its inputs unpacked from the blob store,
+//! its environment, its process group, its log file, and the group files that
+//! let a restarted node kill what its previous life left running. Blocking file
+//! work here runs off the actors' thread (the callers use `spawn_blocking`).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use resolute_agent::LaunchSpec;
+use resolute_storage::blob::BlobStore;
+
+use crate::{pack, TrialError};
+
+/// Lines of a trial's output kept in memory (the end of its log).
+pub const LOG_TAIL_LINES: usize = 200;
+/// Lines quoted in an errored trial's exit record.
+pub const EXIT_MESSAGE_LINES: usize = 20;
+/// Size at which a trial's log file is rotated (one older file is kept).
+pub const LOG_FILE_MAX_BYTES: u64 = 8 << 20;
+/// Lines one log request returns at most (the newest).
+pub const LOG_LINES_SERVED_MAX: usize = 10_000;
+
+/// One captured output line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    /// Milliseconds since the Unix epoch when it was read.
+    pub time_ms: u64,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+    /// The line (without its newline).
+    pub line: String,
+}
+
+/// The end of a trial's output, shared by its capture tasks and its actor.
+pub(crate) type Tail = Arc<Mutex<VecDeque<LogLine>>>;
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A trial's directory under the node's work root.
+pub fn trial_dir(work_root: &Path, trial: u64) -> PathBuf {
+    work_root.join(format!("trial-{trial}"))
+}
+
+/// Where a trial's log file is (every incarnation that ran on this node).
+pub fn log_path(work_root: &Path, trial: u64) -> PathBuf {
+    trial_dir(work_root, trial).join("trial.log")
+}
+
+/// 32 random bytes as hex (the kernel's randomness).
+pub(crate) fn secret() -> Result<String, TrialError> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| TrialError::Io(format!("/dev/urandom: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The directories an incarnation runs in.
+#[derive(Debug, Clone)]
+pub(crate) struct Dirs {
+    /// The trial's directory (logs, checkpoints, staging).
+    pub(crate) trial: PathBuf,
+    /// This incarnation's working copy of the model directory.
+    pub(crate) work: PathBuf,
+}
+
+/// Makes the working copy and unpacks the checkpoint to resume from (both
+/// verified blobs in the local store): blocking, call it off the actors' thread.
+/// Returns the directories and where the checkpoint is.
+pub(crate) fn prepare(
+    work_root: &Path,
+    store: &BlobStore,
+    spec: &LaunchSpec,
+) -> Result<(Dirs, Option<PathBuf>), TrialError> {
+    let trial = trial_dir(work_root, spec.trial);
+    let work = trial.join(format!("work-{}", spec.incarnation));
+    std::fs::create_dir_all(&work)
+        .map_err(|e| TrialError::Io(format!("{}: {e}", work.display())))?;
+    if let Some(digest) = &spec.model_digest {
+        let model = unpack(store, &work_root.join("models"), digest)?;
+        copy_dir(&model, &work)?;
+    }
+    let latest = match &spec.latest_checkpoint {
+        Some(digest) => Some(unpack(store, &trial, digest)?),
+        None => None,
+    };
+    Ok((Dirs { trial, work }, latest))
+}
+
+/// What the process needs besides its spec.
+pub(crate) struct Runtime<'a> {
+    pub(crate) dirs: &'a Dirs,
+    pub(crate) checkpoint: Option<&'a Path>,
+    pub(crate) report_url: String,
+    pub(crate) token: &'a str,
+    /// `MASTER_ADDR` of a multi-node gang.
+    pub(crate) master_addr: Option<&'a str>,
+}
+
+/// Starts the entrypoint through `/bin/sh -c` (as Determined does) in its own
+/// process group, with the trial's environment.
+pub(crate) fn spawn(
+    spec: &LaunchSpec,
+    rt: &Runtime<'_>,
+) -> Result<tokio::process::Child, TrialError> {
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&spec.entrypoint)
+        .current_dir(&rt.dirs.work)
+        .envs(&spec.env)
+        .env("RESOLUTE_TRIAL_ID", spec.trial.to_string())
+        .env("RESOLUTE_EXPERIMENT_ID", spec.experiment.to_string())
+        .env("RESOLUTE_INCARNATION", spec.incarnation.to_string())
+        .env(
+            "RESOLUTE_HPARAMS",
+            serde_json::to_string(&spec.hparams).unwrap_or_default(),
+        )
+        .env("RESOLUTE_TRIAL_SEED", spec.seed.to_string())
+        .env("RESOLUTE_REPORT_URL", &rt.report_url)
+        .env("RESOLUTE_TOKEN", rt.token)
+        .env("RESOLUTE_TIME_METRIC", &spec.time_metric)
+        .env("CUDA_VISIBLE_DEVICES", spec.gpus.join(","))
+        .env_remove("RESOLUTE_LATEST_CHECKPOINT")
+        .env_remove("RESOLUTE_TARGET_LENGTH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(t) = spec.target {
+        cmd.env("RESOLUTE_TARGET_LENGTH", t.to_string());
+    }
+    if let Some(path) = rt.checkpoint {
+        cmd.env("RESOLUTE_LATEST_CHECKPOINT", path);
+    }
+    if let Some(g) = &spec.gang {
+        cmd.env("RANK", g.rank.to_string())
+            .env("LOCAL_RANK", "0")
+            .env("WORLD_SIZE", g.world_size.to_string())
+            .env("LOCAL_WORLD_SIZE", g.local_world_size.to_string())
+            .env("GROUP_RANK", g.group_rank.to_string())
+            .env("MASTER_ADDR", rt.master_addr.unwrap_or("127.0.0.1"))
+            .env("MASTER_PORT", g.master_port.to_string());
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| TrialError::Io(format!("starting {:?}: {e}", spec.entrypoint)))?;
+    if let Some(p) = child.id() {
+        // Remembered on disk: if this node dies with SIGKILL, its next life
+        // kills the group (see `kill_leftovers`).
+        remember_group(&rt.dirs.trial, spec.incarnation, p as i32);
+    }
+    Ok(child)
+}
+
+/// A running process group: killed with SIGKILL when dropped before it exited
+/// (its actor stopped or failed), so that no trial outlives its actor.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pgid: i32,
+    exited: bool,
+}
+
+impl Group {
+    pub(crate) fn new(pgid: i32) -> Group {
+        Group {
+            pgid,
+            exited: false,
+        }
+    }
+
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
+        if !self.exited {
+            kill_group(self.pgid, signal);
+        }
+    }
+
+    /// The process ended: nothing to kill any more.
+    pub(crate) fn exited(&mut self) {
+        self.exited = true;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Reads one output stream line by line into the log file and the tail.
+pub(crate) async fn capture(
+    stream: &'static str,
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    log: Arc<Mutex<LogFile>>,
+    tail: Tail,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let entry = LogLine {
+            time_ms: now_ms(),
+            stream,
+            line,
+        };
+        log.lock().unwrap_or_else(|p| p.into_inner()).write(&entry);
+        let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.push_back(entry);
+        while tail.len() > LOG_TAIL_LINES {
+            tail.pop_front();
+        }
+    }
+}
+
+/// The last lines of a tail, for an exit report.
+pub(crate) fn last_lines(tail: &Tail) -> Vec<String> {
+    let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+    let skip = tail.len().saturating_sub(EXIT_MESSAGE_LINES);
+    tail.iter().skip(skip).map(|l| l.line.clone()).collect()
+}
+
+/// Everything a node captured of a trial, read back from its log file `path`
+/// and the rotated one before it: every incarnation that ran there (so it
+/// survives a restart of the node), oldest first, from `since_ms` on, at most the
+/// newest [`LOG_LINES_SERVED_MAX`] lines. It reads files: call it off the actors'
+/// thread.
+pub fn read_logs(path: &Path, since_ms: u64) -> Vec<LogLine> {
+    let mut lines = Vec::new();
+    for file in [path.with_extension("log.1"), path.to_path_buf()] {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        for l in String::from_utf8_lossy(&bytes).lines() {
+            // `<time_ms> <stream> <line>`, as `LogFile::write` wrote it.
+            let mut parts = l.splitn(3, ' ');
+            let (Some(Ok(time_ms)), Some(stream)) =
+                (parts.next().map(str::parse::<u64>), parts.next())
+            else {
+                continue;
+            };
+            if time_ms < since_ms {
+                continue;
+            }
+            lines.push(LogLine {
+                time_ms,
+                stream: if stream == "stderr" {
+                    "stderr"
+                } else {
+                    "stdout"
+                },
+                line: parts.next().unwrap_or("").to_string(),
+            });
+        }
+    }
+    let excess = lines.len().saturating_sub(LOG_LINES_SERVED_MAX);
+    lines.drain(..excess);
+    lines
+}
+
+/// File (in the trial's directory) naming a running incarnation's process group
+/// and its start time: `running-<incarnation>.pgid`.
+pub(crate) fn group_file(dir: &Path, incarnation: u64) -> PathBuf {
+    dir.join(format!("running-{incarnation}.pgid"))
+}
+
+fn remember_group(dir: &Path, incarnation: u64, pgid: i32) {
+    if let Some(start) = start_time(pgid) {
+        let _ = std::fs::write(group_file(dir, incarnation), format!("{pgid} {start}\n"));
+    }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22):
+/// with the pid it names the process uniquely, so a reused pid is never killed.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; count fields after its ')'.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process groups that a previous life of this node left running (it
+/// was SIGKILLed, so its trials were not): their incarnations were moved or will
+/// be restarted, and a leftover would keep using the slots and the GPU. Returns
+/// how many groups were still alive.
+pub(crate) fn kill_leftovers(work_root: &Path) -> usize {
+    let mut killed = 0;
+    let trial_dirs = std::fs::read_dir(work_root).into_iter().flatten().flatten();
+    for trial_dir in trial_dirs {
+        let files = std::fs::read_dir(trial_dir.path())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for f in files {
+            let path = f.path();
+            let is_group = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("running-") && n.ends_with(".pgid"));
+            if !is_group {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut parts = text.split_whitespace().map(str::parse::<u64>);
+            if let (Some(Ok(pgid)), Some(Ok(start))) = (parts.next(), parts.next()) {
+                let pgid = i32::try_from(pgid).unwrap_or(0);
+                if pgid > 1 && start_time(pgid) == Some(start) {
+                    kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
+                    killed += 1;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    killed
+}
+
+pub(crate) fn kill_group(pgid: i32, signal: nix::sys::signal::Signal) {
+    if pgid > 1 {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
+    }
+}
+
+/// A trial's log file, rotated at [`LOG_FILE_MAX_BYTES`] (one older file kept).
+pub(crate) struct LogFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+impl LogFile {
+    pub(crate) fn open(path: &Path) -> LogFile {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok();
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        LogFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+        }
+    }
+
+    fn write(&mut self, line: &LogLine) {
+        use std::io::Write;
+        let text = format!("{} {} {}\n", line.time_ms, line.stream, line.line);
+        if self.size + text.len() as u64 > LOG_FILE_MAX_BYTES {
+            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+            *self = LogFile::open(&self.path);
+            self.size = 0;
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(text.as_bytes()).is_ok() {
+                self.size += text.len() as u64;
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), TrialError> {
+    let io = |p: &Path, e: std::io::Error| TrialError::Io(format!("{}: {e}", p.display()));
+    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+        let entry = entry.map_err(|e| io(from, e))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let kind = entry.file_type().map_err(|e| io(&src, e))?;
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(|e| io(&dst, e))?;
+            copy_dir(&src, &dst)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst).map_err(|e| io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a packed-directory blob (a checkpoint, a model directory) once under
+/// `dir/checkpoints/`; returns where it is.
+pub(crate) fn unpack(store: &BlobStore, dir: &Path, digest: &str) -> Result<PathBuf, TrialError> {
+    resolute_storage::blob::check_digest(digest).map_err(|e| TrialError::Io(e.to_string()))?;
+    let dest = dir.join("checkpoints").join(digest);
+    if dest.exists() {
+        return Ok(dest);
+    }
+    if !store.has(digest) {
+        return Err(TrialError::MissingCheckpoint(digest.to_string()));
+    }
+    // A unique temporary name: two launches may unpack the same blob at once;
+    // the first rename wins and the other copy is dropped.
+    static UNPACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UNPACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir
+        .join("checkpoints")
+        .join(format!(".{digest}.unpacking-{}-{n}", std::process::id()));
+    pack::unpack(&store.path(digest), &tmp).map_err(|e| TrialError::Io(e.to_string()))?;
+    if let Err(e) = std::fs::rename(&tmp, &dest) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dest.exists() {
+            return Err(TrialError::Io(format!("{}: {e}", dest.display())));
+        }
+    }
+    Ok(dest)
+}
+
+/// Packs a staged checkpoint directory into the blob store; the staged files
+/// become the unpacked copy (a restore need not unpack). Blocking. Returns the
+/// checkpoint's uuid (its digest) and packed size.
+pub(crate) fn commit_checkpoint(
+    store: &BlobStore,
+    trial_dir: &Path,
+    storage_id: &str,
+    staging: &Path,
+) -> Result<(String, u64), String> {
+    let packed = trial_dir.join(format!(".{storage_id}.pack"));
+    let size = pack::pack_dir(staging, &packed).map_err(|e| e.to_string())?;
+    let stored = store.put_file(&packed).map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&packed);
+    let uuid = stored?.digest();
+    let dest = trial_dir.join("checkpoints").join(&uuid);
+    let _ = std::fs::create_dir_all(trial_dir.join("checkpoints"));
+    if !dest.exists() {
+        let _ = std::fs::rename(staging, &dest);
+    }
+    Ok((uuid, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// Whether a process runs (a zombie waiting to be reaped does not).
+    fn runs(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_group_dropped_before_its_process_exited_is_killed() {
+        // What happens when a trial actor fails: its group goes with it.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 60 & wait"])
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let pgid = child.id() as i32;
+        assert!(runs(pgid));
+        drop(Group::new(pgid));
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "killed: {status:?}");
+        // An exited group is left alone.
+        let mut done = Group::new(pgid);
+        done.exited();
+        drop(done);
+    }
+}

@@ -1,0 +1,167 @@
+//! Helpers of the multi-process tests: the `resolute` binary this workspace
+//! builds, node processes on loopback addresses, the CLI against a node's API,
+//! and waiting for a condition.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `resolute` binary of this build (target/<profile>/resolute, beside the
+/// test's own executable), brought up to date once per test process: tested
+/// alone, this package would otherwise run whatever binary an earlier build
+/// left there. `RESOLUTE_BIN` names another binary instead.
+pub fn bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RESOLUTE_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("the test's executable");
+        // target/<profile>/deps/<test> -> target/<profile>/resolute
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "resolute-cli",
+                "--bin",
+                "resolute",
+            ])
+            .current_dir(repo());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let path = profile_dir.join("resolute");
+        let built = build.status().is_ok_and(|s| s.success());
+        assert!(built && path.exists(), "could not build {}", path.display());
+        path
+    })
+    .clone()
+}
+
+/// A `resolute node start` process (killed with SIGKILL when dropped).
+pub struct NodeProc {
+    /// The process.
+    pub child: Child,
+    /// Its REST API (`http://host:port`).
+    pub api: String,
+    /// Its libp2p listen address.
+    pub listen: String,
+    /// Its data dir.
+    pub data: PathBuf,
+    /// The last byte of its 127.0.0.x address.
+    pub host: u8,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a node with the laptop config on 127.0.0.`host`, joining `join` if
+/// given; returns once it printed its ready line.
+pub fn start(data: &Path, host: u8, join: Option<&str>) -> NodeProc {
+    start_with(data, host, join, &repo().join("config/laptop.toml"))
+}
+
+/// [`start`] with another config file.
+pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> NodeProc {
+    let mut cmd = Command::new(bin());
+    cmd.args(["node", "start", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--api", &format!("127.0.0.{host}:0")])
+        .args(["--listen", &format!("/ip4/127.0.0.{host}/tcp/0")]);
+    if let Some(j) = join {
+        cmd.args(["--join", j]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node process");
+    let out = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("ready line");
+    // Keep draining its stdout: a closed pipe would fail its later writes.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+            .to_string()
+    };
+    NodeProc {
+        api: format!("http://{}", field("api=")),
+        listen: field("listen="),
+        child,
+        data: data.to_path_buf(),
+        host,
+    }
+}
+
+/// Runs the CLI against a node's API (`--json`); its exit code and stdout.
+pub fn cli(api: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .args(["-m", api, "--json"])
+        .output()
+        .expect("cli");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The CLI's JSON answer (which must succeed).
+pub fn get(api: &str, args: &[&str]) -> Value {
+    let (code, out) = cli(api, args);
+    assert_eq!(code, 0, "{args:?}: {out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Waits until `f` holds, for at most `limit`.
+pub fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An experiment's trials as the CLI shows them (none while it cannot say).
+pub fn trials(api: &str, id: u64) -> Vec<Value> {
+    let (code, out) = cli(api, &["experiment", "trials", &id.to_string()]);
+    if code != 0 {
+        return Vec::new();
+    }
+    serde_json::from_str::<Value>(out.trim())
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
