@@ -187,32 +187,7 @@ impl Agent {
     pub(crate) fn on_effect(&mut self, now_ms: u64, node: &Node, effect: Effect, out: &mut Outs) {
         self.now_ms = now_ms;
         match effect {
-            Effect::StartTrial {
-                trial,
-                incarnation,
-                experiment,
-                hparams,
-                seed,
-                slots,
-                node_rank,
-                layout,
-                target,
-                latest_checkpoint,
-            } => {
-                let start = crate::launch::Start {
-                    trial,
-                    incarnation,
-                    experiment,
-                    hparams,
-                    seed,
-                    slots,
-                    node_rank,
-                    layout,
-                    target,
-                    latest_checkpoint,
-                };
-                self.start(node, start, out);
-            }
+            Effect::StartTrial(start) => self.start(node, start, out),
             Effect::SignalTrial {
                 trial,
                 incarnation,

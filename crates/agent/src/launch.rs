@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use resolute_core::command::{ExperimentId, TrialId};
 use resolute_core::state::ClusterState;
-use resolute_core::NodeId;
+use resolute_core::{NodeId, StartTrial};
 use resolute_types::config::Entrypoint;
 use resolute_types::Value;
 
@@ -82,34 +82,9 @@ pub fn master_port(trial: TrialId, incarnation: u64) -> u16 {
     MASTER_PORT_BASE + spread as u16
 }
 
-/// What the start effect says, in one value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Start {
-    /// The trial.
-    pub trial: TrialId,
-    /// Its new incarnation.
-    pub incarnation: u64,
-    /// Its experiment.
-    pub experiment: ExperimentId,
-    /// Hyperparameters.
-    pub hparams: Value,
-    /// Seed.
-    pub seed: u32,
-    /// Slots on this node.
-    pub slots: u32,
-    /// This node's rank in the gang.
-    pub node_rank: usize,
-    /// Every node of the gang and its slots, rank 0 first.
-    pub layout: Vec<(NodeId, u32)>,
-    /// Target length.
-    pub target: Option<u64>,
-    /// Checkpoint to resume from.
-    pub latest_checkpoint: Option<String>,
-}
-
 /// The launch of `start` on a node with GPU slots (`gpus`) or CPU slots; None
 /// when its experiment is unknown here (it cannot be started).
-pub fn spec(state: &ClusterState, start: Start, gpus: bool) -> Option<LaunchSpec> {
+pub fn spec(state: &ClusterState, start: StartTrial, gpus: bool) -> Option<LaunchSpec> {
     let exp = state.experiments.get(&start.experiment)?;
     let config = exp.config()?;
     let entrypoint = match &config.entrypoint {
@@ -161,4 +136,23 @@ pub fn spec(state: &ClusterState, start: Start, gpus: bool) -> Option<LaunchSpec
         slots_here: start.slots,
         gang,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_of_a_gang_agrees_on_its_port_and_a_new_incarnation_moves_on() {
+        let p = master_port(42, 1);
+        assert!((MASTER_PORT_BASE..MASTER_PORT_BASE + MASTER_PORT_SPAN as u16).contains(&p));
+        assert_eq!(p, master_port(42, 1), "every node of the gang agrees");
+        assert_ne!(p, master_port(42, 2), "a new incarnation moves on");
+        let ports: std::collections::BTreeSet<u16> = (0..100).map(|t| master_port(t, 1)).collect();
+        assert!(
+            ports.len() > 95,
+            "trials spread over the range: {}",
+            ports.len()
+        );
+    }
 }

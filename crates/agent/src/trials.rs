@@ -27,7 +27,7 @@ use resolute_core::Node;
 
 use crate::agent::{act, note, Agent, Outs};
 use crate::io::{Action, EarlyExit, ProcessExit, TrialReport};
-use crate::launch::{self, LaunchSpec, Start};
+use crate::launch::{self, LaunchSpec};
 
 /// Where an incarnation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub(crate) struct Incarnation {
 
 impl Agent {
     /// A trial was placed here: prepare its launch.
-    pub(crate) fn start(&mut self, node: &Node, start: Start, out: &mut Outs) {
+    pub(crate) fn start(&mut self, node: &Node, start: resolute_core::StartTrial, out: &mut Outs) {
         let key = (start.trial, start.incarnation);
         if self.incarnations.contains_key(&key) {
             return; // A repeated start (after a reconcile) changes nothing.

@@ -142,6 +142,26 @@ impl Shell {
         self.step(Event::Trial(report));
     }
 
+    /// A one-trial search whose trial launches here and starts.
+    fn launch_one(&mut self) -> resolute_agent::LaunchSpec {
+        self.propose(random(1, ""));
+        let l = Shell::launches(&self.take()).remove(0);
+        self.report(TrialReport::Launched {
+            trial: l.trial,
+            incarnation: l.incarnation,
+        });
+        l
+    }
+
+    /// The process of an incarnation exited.
+    fn exited(&mut self, trial: u64, incarnation: u64, code: Option<i32>, signal: Option<i32>) {
+        self.report(TrialReport::Exited {
+            trial,
+            incarnation,
+            exit: exit(code, signal),
+        });
+    }
+
     fn trial_state(&self, trial: u64) -> TrialState {
         self.driver.node().state().trials[&trial].state.clone()
     }
@@ -234,10 +254,8 @@ fn a_launch_waits_for_its_model_directory_and_gives_up_after_the_last_try() {
 #[test]
 fn a_kill_is_sigterm_then_sigkill_after_the_grace_and_counts_as_a_stop() {
     let mut s = Shell::new(&[], 1);
-    s.propose(random(1, ""));
-    let l = Shell::launches(&s.take()).remove(0);
+    let l = s.launch_one();
     let (trial, incarnation) = (l.trial, l.incarnation);
-    s.report(TrialReport::Launched { trial, incarnation });
     s.take();
     s.propose(Command::ExperimentControl {
         experiment: 1,
@@ -367,16 +385,10 @@ fn a_trial_promoted_at_its_target_goes_on_in_the_same_process() {
 #[test]
 fn an_error_on_a_gpu_that_failed_is_not_the_trials_fault() {
     let mut s = Shell::new(&["GPU-a", "GPU-b"], 0);
-    s.propose(random(1, ""));
-    let l = Shell::launches(&s.take()).remove(0);
+    let l = s.launch_one();
     assert_eq!(l.gpus, vec!["GPU-a".to_string()]);
     let (trial, incarnation) = (l.trial, l.incarnation);
-    s.report(TrialReport::Launched { trial, incarnation });
-    s.report(TrialReport::Exited {
-        trial,
-        incarnation,
-        exit: exit(Some(1), None),
-    });
+    s.exited(trial, incarnation, Some(1), None);
     // The exit waits for NVML.
     assert!(s.take().contains(&Action::CheckGpus));
     assert!(matches!(s.trial_state(trial), TrialState::Running { .. }));
@@ -408,15 +420,9 @@ fn an_error_on_a_gpu_that_failed_is_not_the_trials_fault() {
 #[test]
 fn an_error_on_a_healthy_gpu_is_charged() {
     let mut s = Shell::new(&["GPU-a"], 0);
-    s.propose(random(1, ""));
-    let l = Shell::launches(&s.take()).remove(0);
+    let l = s.launch_one();
     let (trial, incarnation) = (l.trial, l.incarnation);
-    s.report(TrialReport::Launched { trial, incarnation });
-    s.report(TrialReport::Exited {
-        trial,
-        incarnation,
-        exit: exit(Some(1), None),
-    });
+    s.exited(trial, incarnation, Some(1), None);
     s.step(Event::GpuHealth(Some(vec![SlotHealth::Healthy])));
     assert_eq!(s.driver.node().state().trials[&trial].restarts, 1);
 }
@@ -459,10 +465,8 @@ fn exits_are_classified_from_the_code_the_signal_and_what_was_asked() {
     ];
     for (i, (code, signal, stopped, invalid_hp, expect)) in cases.into_iter().enumerate() {
         let mut s = Shell::new(&[], 1);
-        s.propose(random(1, ""));
-        let l = Shell::launches(&s.take()).remove(0);
+        let l = s.launch_one();
         let (trial, incarnation) = (l.trial, l.incarnation);
-        s.report(TrialReport::Launched { trial, incarnation });
         if stopped {
             s.propose(Command::ExperimentControl {
                 experiment: 1,
@@ -477,11 +481,7 @@ fn exits_are_classified_from_the_code_the_signal_and_what_was_asked() {
                 reason: resolute_agent::EarlyExit::InvalidHyperparameters,
             });
         }
-        s.report(TrialReport::Exited {
-            trial,
-            incarnation,
-            exit: exit(code, signal),
-        });
+        s.exited(trial, incarnation, code, signal);
         let settled = s.take().into_iter().find_map(|a| match a {
             Action::Settled {
                 command: Command::TrialExited { outcome, .. },

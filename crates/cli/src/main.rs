@@ -24,11 +24,12 @@ use resolute_types::config::{self, ConfigErrors, ExperimentConfig, Loaded, Searc
 #[command(name = "resolute", version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: CliCommand,
 }
 
+/// The `resolute` subcommands.
 #[derive(Subcommand)]
-enum Command {
+enum CliCommand {
     /// The quick start: a 3-node cluster on loopback runs an adaptive ASHA search
     /// over the built-in trainer; one node is SIGKILLed midway and its trials
     /// resume elsewhere from their checkpoints.
@@ -305,25 +306,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Config { .. }
-            | Command::PreviewSearch(_)
-            | Command::Sim(_)
-            | Command::Experiment { .. }
-            | Command::Trial { .. }
-            | Command::Checkpoint { .. }
-            | Command::Cluster { .. }
-            | Command::Gpus { .. }
+        CliCommand::Config { .. }
+            | CliCommand::PreviewSearch(_)
+            | CliCommand::Sim(_)
+            | CliCommand::Experiment { .. }
+            | CliCommand::Trial { .. }
+            | CliCommand::Checkpoint { .. }
+            | CliCommand::Cluster { .. }
+            | CliCommand::Gpus { .. }
     ) {
         stop_quietly_when_stdout_closes();
     }
     let result = match cli.command {
-        Command::Config {
+        CliCommand::Config {
             command: ConfigCommand::Check(args),
         } => config_check(&args),
-        Command::PreviewSearch(args) => preview_search(&args),
-        Command::Train(args) => train::run(&args),
-        Command::Quickstart(args) => quickstart::run(&args),
-        Command::Node {
+        CliCommand::PreviewSearch(args) => preview_search(&args),
+        CliCommand::Train(args) => train::run(&args),
+        CliCommand::Quickstart(args) => quickstart::run(&args),
+        CliCommand::Node {
             command:
                 NodeCommand::Start {
                     config,
@@ -333,37 +334,37 @@ fn main() -> ExitCode {
                     listen,
                 },
         } => node_start(&config, &join, data_dir.as_deref(), api, listen),
-        Command::Node {
+        CliCommand::Node {
             command: NodeCommand::Drain { target, id },
         } => client::node_drain(&target, &id),
-        Command::Experiment { target, command } => client::experiment(&target, &command),
-        Command::Trial { target, command } => client::trial(&target, &command),
-        Command::Checkpoint { target, command } => client::checkpoint(&target, &command),
-        Command::Cluster {
+        CliCommand::Experiment { target, command } => client::experiment(&target, &command),
+        CliCommand::Trial { target, command } => client::trial(&target, &command),
+        CliCommand::Checkpoint { target, command } => client::checkpoint(&target, &command),
+        CliCommand::Cluster {
             target,
             command: ClusterCommand::Status,
         } => client::cluster_status(&target),
-        Command::Gpus { json, no_probe } => gpus(json, no_probe),
-        Command::Bench {
+        CliCommand::Gpus { json, no_probe } => gpus(json, no_probe),
+        CliCommand::Bench {
             command: BenchCommand::Log(args),
         } => bench_log(&args),
-        Command::Sim(args) => sim(&args),
-        Command::Bench {
+        CliCommand::Sim(args) => sim(&args),
+        CliCommand::Bench {
             command: BenchCommand::Sched { json },
         } => bench_sched(json),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::Transfer { json, size_mb },
         } => bench_transfer(json, size_mb),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::Gossip { json },
         } => bench_gossip(json),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::All { json, quick },
         } => bench_all(json, quick),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::Search(args),
         } => bench_search(&args),
-        Command::Bench {
+        CliCommand::Bench {
             command:
                 BenchCommand::Sim {
                     json,
@@ -372,10 +373,10 @@ fn main() -> ExitCode {
                     seed,
                 },
         } => bench_sim(json, quick, &file, seed),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::Recovery { json, rounds },
         } => bench_recovery(json, rounds),
-        Command::Bench {
+        CliCommand::Bench {
             command: BenchCommand::Submit { json, count },
         } => bench_submit(json, count),
     };

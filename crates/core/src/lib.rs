@@ -14,4 +14,4 @@ pub mod pool;
 pub mod state;
 
 pub use command::{Command, Envelope, NodeId, NodeInfo, ProposalId, Reply};
-pub use node::{Effect, Input, Node, NodeConfig, NodeError, Output, PeerMessage};
+pub use node::{Effect, Input, Node, NodeConfig, NodeError, Output, PeerMessage, StartTrial};

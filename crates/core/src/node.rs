@@ -235,33 +235,37 @@ pub enum Output {
     },
 }
 
+/// A trial placed on this node, to start (or restart from its latest checkpoint).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartTrial {
+    /// The trial.
+    pub trial: TrialId,
+    /// Its new incarnation (its reports must carry it).
+    pub incarnation: u64,
+    /// Its experiment.
+    pub experiment: ExperimentId,
+    /// Hyperparameters.
+    pub hparams: Value,
+    /// Seed.
+    pub seed: u32,
+    /// Slots on this node.
+    pub slots: u32,
+    /// This node's rank in the trial's gang (0 runs the trial's chief; a
+    /// single-node trial is rank 0).
+    pub node_rank: usize,
+    /// Every node of the gang and its slots, rank 0 first.
+    pub layout: Vec<(NodeId, u32)>,
+    /// Target length, if the searcher set one.
+    pub target: Option<u64>,
+    /// Checkpoint to resume from.
+    pub latest_checkpoint: Option<String>,
+}
+
 /// Work for this node's trial runner.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Start (or restart from its latest checkpoint) a trial placed here.
-    StartTrial {
-        /// The trial.
-        trial: TrialId,
-        /// Its new incarnation (its reports must carry it).
-        incarnation: u64,
-        /// Its experiment.
-        experiment: ExperimentId,
-        /// Hyperparameters.
-        hparams: Value,
-        /// Seed.
-        seed: u32,
-        /// Slots on this node.
-        slots: u32,
-        /// This node's rank in the trial's gang (0 runs the trial's chief; a
-        /// single-node trial is rank 0).
-        node_rank: usize,
-        /// Every node of the gang and its slots, rank 0 first.
-        layout: Vec<(NodeId, u32)>,
-        /// Target length, if the searcher set one.
-        target: Option<u64>,
-        /// Checkpoint to resume from.
-        latest_checkpoint: Option<String>,
-    },
+    StartTrial(StartTrial),
     /// Deliver a signal to a trial running here.
     SignalTrial {
         /// The trial.
@@ -1255,7 +1259,7 @@ impl Node {
     fn start_effect(&self, trial: TrialId) -> Option<Effect> {
         let t = self.state.trials.get(&trial)?;
         let node_rank = t.node_rank(self.cfg.id)?;
-        Some(Effect::StartTrial {
+        Some(Effect::StartTrial(StartTrial {
             trial,
             incarnation: t.incarnation,
             experiment: t.experiment,
@@ -1266,7 +1270,7 @@ impl Node {
             layout: t.layout.clone(),
             target: t.target,
             latest_checkpoint: t.latest_checkpoint.clone(),
-        })
+        }))
     }
 
     /// After a restart has replayed the log, or a snapshot replaced the state: the

@@ -46,7 +46,7 @@ fn a_single_node_bootstraps_and_runs_an_experiment() {
     let started = c
         .effects
         .iter()
-        .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial { .. }))
+        .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial(_)))
         .count();
     assert_eq!(started, 2);
 }
@@ -273,9 +273,7 @@ fn trials_run_to_completion_and_the_experiment_ends() {
             .effects
             .drain(..)
             .filter_map(|(n, e)| match e {
-                Effect::StartTrial {
-                    trial, incarnation, ..
-                } => Some((n, trial, incarnation)),
+                Effect::StartTrial(s) => Some((n, s.trial, s.incarnation)),
                 _ => None,
             })
             .collect();

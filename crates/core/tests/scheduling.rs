@@ -279,7 +279,7 @@ fn the_leader_proposes_a_tick_when_a_burst_is_due() {
     c.until(5_000, "owned slots used", |c| {
         c.effects
             .iter()
-            .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial { .. }))
+            .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial(_)))
             .count()
             == 2
     });
@@ -287,13 +287,13 @@ fn the_leader_proposes_a_tick_when_a_burst_is_due() {
     assert!(
         !c.effects
             .iter()
-            .any(|(n, e)| *n == 2 && matches!(e, Effect::StartTrial { .. })),
+            .any(|(n, e)| *n == 2 && matches!(e, Effect::StartTrial(_))),
         "no burst before burst_after_s"
     );
     c.until(15_000, "burst", |c| {
         c.effects
             .iter()
-            .filter(|(n, e)| *n == 2 && matches!(e, Effect::StartTrial { .. }))
+            .filter(|(n, e)| *n == 2 && matches!(e, Effect::StartTrial(_)))
             .count()
             == 2
     });

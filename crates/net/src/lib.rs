@@ -119,7 +119,8 @@ pub struct NetInfo {
     pub connected: Vec<NodeId>,
 }
 
-pub(crate) enum Command {
+/// What a [`NetHandle`] asks of the swarm task.
+pub(crate) enum SwarmCommand {
     Send {
         to: NodeId,
         msg: PeerMessage,
@@ -156,7 +157,7 @@ pub(crate) enum Command {
 /// The node's side of the swarm: cheap to clone, every call bounded.
 #[derive(Clone)]
 pub struct NetHandle {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<SwarmCommand>,
     /// This node's peer id.
     pub peer_id: PeerId,
     /// This node's node id.
@@ -166,7 +167,7 @@ pub struct NetHandle {
 impl NetHandle {
     async fn call<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        make: impl FnOnce(oneshot::Sender<T>) -> SwarmCommand,
     ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
         self.commands
@@ -178,7 +179,7 @@ impl NetHandle {
 
     /// Sends `msg` to `to` and waits for its acknowledgement.
     pub async fn send(&self, to: NodeId, msg: PeerMessage) -> Result<(), NetError> {
-        self.call(|reply| Command::Send {
+        self.call(|reply| SwarmCommand::Send {
             to,
             msg,
             reply: Some(reply),
@@ -190,7 +191,7 @@ impl NetHandle {
     /// is full and the message was dropped.
     pub fn send_nowait(&self, to: NodeId, msg: PeerMessage) -> bool {
         self.commands
-            .try_send(Command::Send {
+            .try_send(SwarmCommand::Send {
                 to,
                 msg,
                 reply: None,
@@ -200,7 +201,7 @@ impl NetHandle {
 
     /// Publishes this node's record to the cluster's topic.
     pub async fn publish(&self, announcement: Announcement) -> Result<(), NetError> {
-        self.call(|reply| Command::Publish {
+        self.call(|reply| SwarmCommand::Publish {
             announcement,
             reply,
         })
@@ -211,7 +212,7 @@ impl NetHandle {
     /// earlier fetch left), verified chunk by chunk and as a whole.
     pub async fn fetch(&self, digest: &str, holders: Vec<NodeId>) -> Result<FetchReport, NetError> {
         let digest = digest.to_string();
-        self.call(|reply| Command::Fetch {
+        self.call(|reply| SwarmCommand::Fetch {
             digest,
             holders,
             reply,
@@ -224,7 +225,7 @@ impl NetHandle {
     /// key may.
     pub async fn set_members(&self, members: Vec<NodeId>) -> Result<(), NetError> {
         self.commands
-            .send(Command::SetMembers { members })
+            .send(SwarmCommand::SetMembers { members })
             .await
             .map_err(|_| NetError::Stopped)
     }
@@ -232,29 +233,31 @@ impl NetHandle {
     /// Lets `node` send Raft traffic for the admission window (a joiner).
     pub async fn admit(&self, node: NodeId) -> Result<(), NetError> {
         self.commands
-            .send(Command::Admit { node })
+            .send(SwarmCommand::Admit { node })
             .await
             .map_err(|_| NetError::Stopped)
     }
 
     /// Dials a peer and waits until the connection is up.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
-        self.call(|reply| Command::Dial { addr, reply }).await?
+        self.call(|reply| SwarmCommand::Dial { addr, reply })
+            .await?
     }
 
     /// Identity, listen addresses, connections.
     pub async fn info(&self) -> Result<NetInfo, NetError> {
-        self.call(|reply| Command::Info { reply }).await
+        self.call(|reply| SwarmCommand::Info { reply }).await
     }
 
     /// The records currently believed (one per node, unexpired).
     pub async fn announcements(&self) -> Result<Vec<Announcement>, NetError> {
-        self.call(|reply| Command::Announcements { reply }).await
+        self.call(|reply| SwarmCommand::Announcements { reply })
+            .await
     }
 
     /// Stops the swarm (its connections close).
     pub async fn shutdown(&self) {
-        let _ = self.commands.send(Command::Shutdown).await;
+        let _ = self.commands.send(SwarmCommand::Shutdown).await;
     }
 }
 

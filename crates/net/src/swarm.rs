@@ -28,7 +28,7 @@ use crate::config::{NetConfig, CHANNEL_DEPTH};
 use crate::gossip::Announcement;
 use crate::identity::{self, node_id};
 use crate::wire::{Request, Response, WireCodec, PROTOCOL};
-use crate::{Command, FetchReport, NetError, NetEvent, NetHandle, NetInfo};
+use crate::{FetchReport, NetError, NetEvent, NetHandle, NetInfo, SwarmCommand};
 
 /// Manifests kept in memory for serving chunks.
 const MANIFEST_CACHE_MAX: usize = 256;
@@ -276,7 +276,7 @@ struct Fetch {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<SwarmCommand>,
     events: mpsc::Sender<NetEvent>,
     topic: gossipsub::IdentTopic,
     config: NetConfig,
@@ -311,7 +311,7 @@ impl EventLoop {
             tokio::select! {
                 _ = backoff.tick() => self.pump_waiting(),
                 command = self.commands.recv() => match command {
-                    Some(Command::Shutdown) | None => return,
+                    Some(SwarmCommand::Shutdown) | None => return,
                     Some(c) => self.on_command(c),
                 },
                 event = self.swarm.select_next_some() => self.on_swarm(event),
@@ -320,10 +320,10 @@ impl EventLoop {
         }
     }
 
-    fn on_command(&mut self, command: Command) {
+    fn on_command(&mut self, command: SwarmCommand) {
         match command {
-            Command::Send { to, msg, reply } => self.send(to, msg, reply),
-            Command::Publish {
+            SwarmCommand::Send { to, msg, reply } => self.send(to, msg, reply),
+            SwarmCommand::Publish {
                 announcement,
                 reply,
             } => {
@@ -342,19 +342,19 @@ impl EventLoop {
                     });
                 let _ = reply.send(result);
             }
-            Command::Fetch {
+            SwarmCommand::Fetch {
                 digest,
                 holders,
                 reply,
             } => self.start_fetch(digest, holders, reply),
-            Command::SetMembers { members } => {
+            SwarmCommand::SetMembers { members } => {
                 self.members = Some(members.into_iter().collect());
             }
-            Command::Admit { node } => {
+            SwarmCommand::Admit { node } => {
                 let until = Instant::now() + Duration::from_millis(self.config.admission_window_ms);
                 self.admitted.insert(node, until);
             }
-            Command::Dial { addr, reply } => {
+            SwarmCommand::Dial { addr, reply } => {
                 // A new local port, for the same reason as in `start_fetch`.
                 let opts = DialOpts::unknown_peer_id()
                     .address(addr.clone())
@@ -368,7 +368,7 @@ impl EventLoop {
                     }
                 }
             }
-            Command::Info { reply } => {
+            SwarmCommand::Info { reply } => {
                 let peer_id = *self.swarm.local_peer_id();
                 let _ = reply.send(NetInfo {
                     peer_id,
@@ -377,7 +377,7 @@ impl EventLoop {
                     connected: self.connections.keys().map(node_id).collect(),
                 });
             }
-            Command::Announcements { reply } => {
+            SwarmCommand::Announcements { reply } => {
                 let now = Instant::now();
                 self.announcements.retain(|_, (_, expires)| *expires > now);
                 let _ = reply.send(
@@ -387,7 +387,7 @@ impl EventLoop {
                         .collect(),
                 );
             }
-            Command::Shutdown => {}
+            SwarmCommand::Shutdown => {}
         }
     }
 

@@ -199,18 +199,29 @@ struct MetricsBody {
     metrics: BTreeMap<String, Value>,
 }
 
+/// Training or validation metrics.
+async fn metrics(
+    r: Registry,
+    key: (u64, u64),
+    headers: HeaderMap,
+    body: String,
+    kind: MetricKind,
+) -> Reply {
+    simple(r, headers, key, &body, |b: MetricsBody| Call::Metrics {
+        kind,
+        steps_completed: b.steps_completed,
+        metrics: b.metrics,
+    })
+    .await
+}
+
 async fn training(
     State(r): State<Registry>,
     UrlPath(key): UrlPath<(u64, u64)>,
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    simple(r, headers, key, &body, |b: MetricsBody| Call::Metrics {
-        kind: MetricKind::Training,
-        steps_completed: b.steps_completed,
-        metrics: b.metrics,
-    })
-    .await
+    metrics(r, key, headers, body, MetricKind::Training).await
 }
 
 async fn validation(
@@ -219,12 +230,7 @@ async fn validation(
     headers: HeaderMap,
     body: String,
 ) -> Reply {
-    simple(r, headers, key, &body, |b: MetricsBody| Call::Metrics {
-        kind: MetricKind::Validation,
-        steps_completed: b.steps_completed,
-        metrics: b.metrics,
-    })
-    .await
+    metrics(r, key, headers, body, MetricKind::Validation).await
 }
 
 #[derive(Deserialize)]
