@@ -58,6 +58,8 @@ pub(crate) struct Fetches {
     by_digest: BTreeMap<String, Fetch>,
     /// The applied index at which model directories were last looked at.
     models_seen_at: Option<u64>,
+    /// The state's replication generation at the last look at the copies.
+    copies_seen_at: Option<u64>,
 }
 
 impl Agent {
@@ -125,9 +127,14 @@ impl Agent {
     /// a copy this node already has (a restart may have lost that record).
     pub(crate) fn copy_checkpoints(&mut self, node: &Node, out: &mut Outs) {
         let me = self.cfg.node;
-        let mut members = self.other_members(node);
-        members.push(me);
-        let wanted = node.state().checkpoints_to_copy(me, &members);
+        // Only when something changed (failed fetches are tried again by
+        // `retry_fetches` meanwhile).
+        let generation = node.state().replication_generation();
+        if self.fetches.copies_seen_at == Some(generation) {
+            return;
+        }
+        self.fetches.copies_seen_at = Some(generation);
+        let wanted = node.state().checkpoints_to_copy(me);
         let wanted_set: BTreeSet<&String> = wanted.iter().map(|(u, _)| u).collect();
         for f in self
             .fetches
@@ -180,14 +187,18 @@ impl Agent {
         for f in self.fetches.by_digest.iter_mut() {
             f.1.model = wanted.contains(f.0);
         }
+        let missing: Vec<String> = wanted
+            .into_iter()
+            .filter(|d| !self.have.contains(d))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
         let members = self.other_members(node);
         if members.is_empty() {
             return;
         }
-        for digest in wanted {
-            if self.have.contains(&digest) {
-                continue;
-            }
+        for digest in missing {
             let f = self.fetches.by_digest.entry(digest.clone()).or_default();
             f.model = true;
             f.holders = members.clone();

@@ -368,7 +368,7 @@ fn a_second_copy_of_each_latest_checkpoint_goes_to_another_site_first() {
         Reply::Ok
     );
     // Node 1 (site a) holds it: node 2, the only member on another site, copies.
-    let wanted = |sm: &Sm, me| sm.state.checkpoints_to_copy(me, &members);
+    let wanted = |sm: &Sm, me| sm.state.checkpoints_to_copy(me);
     assert_eq!(wanted(&sm, 2), vec![("ck1".to_string(), vec![1])]);
     assert!(wanted(&sm, 1).is_empty(), "a holder copies nothing");
     assert!(
@@ -377,7 +377,7 @@ fn a_second_copy_of_each_latest_checkpoint_goes_to_another_site_first() {
     );
     // A snapshot rebuilds the index: the same answer on a restarted replica.
     let restored = ClusterState::decode(&sm.state.encode()).expect("decode");
-    assert_eq!(restored.checkpoints_to_copy(2, &members), wanted(&sm, 2));
+    assert_eq!(restored.checkpoints_to_copy(2), wanted(&sm, 2));
     sm.apply(Command::CheckpointReplicated {
         uuid: "ck1".into(),
         holder: 2,

@@ -158,7 +158,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     )
     .await
     .map_err(fail)?;
-    let net_actor = net_actor::NetActor::start(net, net_events, addr.clone().recipient());
+    let (net_actor, outbox) = net_actor::NetActor::start(net);
     let parts = Parts {
         driver,
         first,
@@ -166,6 +166,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         blobs,
         peers: Peers {
             net: net_actor,
+            outbox,
             trials,
             gpus: gpu_monitor::start(),
         },
@@ -185,6 +186,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         addrs: known,
         join,
         data_dir: opts.data_dir.clone(),
+        events: net_events,
     };
     ctx.run(NodeActor::new(parts));
     Ok(Started {

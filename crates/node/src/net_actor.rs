@@ -1,42 +1,36 @@
-//! [`NetActor`]: the bridge between the node and its libp2p swarm (which runs as
-//! its own task in `crates/net`). Swarm events go to the node one at a time,
-//! waiting while the node's mailbox is full (so a flood of peer messages slows
-//! the swarm's reader instead of growing a queue); the node's sends, gossip,
-//! dials, membership and blob fetches go to the swarm.
-//!
-//! Failure: when the swarm's event stream ends (its task stopped), the node can
-//! no longer keep its promises: the process stops with exit code 3, and its
-//! supervisor (systemd, the quick start) starts it again from its data dir.
+//! [`NetActor`]: the node's bridge to its libp2p swarm (which runs as its own
+//! task in `crates/net`), for everything but the hot path: gossip, dials, the
+//! membership the swarm admits, blob fetches (which take long: they are served
+//! as futures, never holding the node up), and shutting the swarm down. The
+//! hot path goes without a mailbox hop, because every hop costs latency on the
+//! commit path: peer messages leave through its [`Outbox`] (straight into the
+//! swarm's bounded channel), and the swarm's events are a stream the node
+//! actor reads itself (taking the next one only when it is done with the last,
+//! so a flood of peer messages slows the swarm's reader instead of growing a
+//! queue).
 
 use actix::prelude::*;
 use libp2p::Multiaddr;
 
 use resolute_core::{NodeId, PeerMessage};
-use resolute_net::{Announcement, NetEvent, NetHandle};
+use resolute_net::{Announcement, NetHandle};
 
 /// Mailbox of the net actor: messages to send (a full one drops them; Raft and
 /// the proposers retransmit).
 pub const NET_MAILBOX: usize = 4096;
 
-/// A swarm event, for the node.
-#[derive(Debug)]
-pub struct FromNet(pub NetEvent);
+/// The bridge's fast lane for peer messages: the node hands each Raft or
+/// forwarding message straight to the swarm's bounded command channel, not
+/// through a mailbox (every hop on the commit path costs latency); a full
+/// channel drops the message (Raft and the proposers retransmit).
+#[derive(Clone)]
+pub struct Outbox(NetHandle);
 
-impl Message for FromNet {
-    type Result = ();
-}
-
-/// Send a message to a peer (best effort).
-#[derive(Debug)]
-pub struct SendPeer {
-    /// The peer.
-    pub to: NodeId,
-    /// The message.
-    pub msg: PeerMessage,
-}
-
-impl Message for SendPeer {
-    type Result = ();
+impl Outbox {
+    /// Sends `msg` to `to`, best effort; false when it was dropped.
+    pub fn send(&self, to: NodeId, msg: PeerMessage) -> bool {
+        self.0.send_nowait(to, msg)
+    }
 }
 
 /// Gossip this node's record.
@@ -87,29 +81,14 @@ impl Message for Shutdown {
 /// The bridge.
 pub struct NetActor {
     net: NetHandle,
-    node: Recipient<FromNet>,
-    /// The node asked the swarm to stop (its event stream ends as it should).
-    stopping: bool,
 }
 
 impl NetActor {
-    /// Starts the bridge: `events` (the swarm's) go to `node`.
-    pub fn start(
-        net: NetHandle,
-        events: tokio::sync::mpsc::Receiver<NetEvent>,
-        node: Recipient<FromNet>,
-    ) -> Addr<NetActor> {
-        NetActor::create(|ctx| {
-            let stream = futures::stream::unfold(events, |mut rx| async move {
-                rx.recv().await.map(|e| (e, rx))
-            });
-            ctx.add_stream(stream);
-            NetActor {
-                net,
-                node,
-                stopping: false,
-            }
-        })
+    /// Starts the bridge; returns its address and its fast lane for peer
+    /// messages.
+    pub fn start(net: NetHandle) -> (Addr<NetActor>, Outbox) {
+        let outbox = Outbox(net.clone());
+        (NetActor { net }.start(), outbox)
     }
 }
 
@@ -118,36 +97,6 @@ impl Actor for NetActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(NET_MAILBOX);
-    }
-}
-
-impl StreamHandler<NetEvent> for NetActor {
-    fn handle(&mut self, event: NetEvent, ctx: &mut Context<Self>) {
-        // Nothing else is taken from the swarm until the node has this one.
-        let node = self.node.clone();
-        ctx.wait(
-            async move {
-                let _ = node.send(FromNet(event)).await;
-            }
-            .into_actor(self),
-        );
-    }
-
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        if self.stopping {
-            ctx.stop();
-            return;
-        }
-        eprintln!("fatal: the network task stopped");
-        std::process::exit(3);
-    }
-}
-
-impl Handler<SendPeer> for NetActor {
-    type Result = ();
-
-    fn handle(&mut self, m: SendPeer, _ctx: &mut Context<Self>) {
-        self.net.send_nowait(m.to, m.msg);
     }
 }
 
@@ -203,7 +152,6 @@ impl Handler<Shutdown> for NetActor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
-        self.stopping = true;
         let net = self.net.clone();
         Box::pin(async move { net.shutdown().await })
     }

@@ -215,6 +215,14 @@ impl Actor for TrialActor {
         ctx.set_mailbox_capacity(crate::TRIAL_MAILBOX);
         // Copying the model directory and unpacking the checkpoint are blocking
         // file work: off the actors' thread, and nothing else happens meanwhile.
+        // With neither, making the working directory is all there is to do.
+        if self.spec.model_digest.is_none() && self.spec.latest_checkpoint.is_none() {
+            match process::prepare(&self.work_root, &self.store, &self.spec) {
+                Ok((dirs, checkpoint)) => self.spawn(ctx, dirs, checkpoint),
+                Err(e) => self.failed(ctx, e.to_string()),
+            }
+            return;
+        }
         let (root, store, spec) = (
             self.work_root.clone(),
             self.store.clone(),

@@ -1,7 +1,9 @@
 //! [`TrialSupervisor`]: the node's trials. It serves the report endpoint,
 //! starts one [`TrialActor`] per launched incarnation, routes the node's
 //! controls to them, and at its own start kills what a previous life of the
-//! node left running.
+//! node left running. It and its trial actors run on an arbiter (a thread) of
+//! their own, so that starting a trial never waits for the node actor (a log
+//! write, a burst of peer messages) and the node never waits for a trial.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,6 +71,9 @@ pub struct TrialSupervisor {
     endpoint: SocketAddr,
     node: Recipient<Report>,
     actors: BTreeMap<(u64, u64), Addr<TrialActor>>,
+    /// The arbiter the supervisor and its trial actors run on: it lives as long
+    /// as the supervisor does.
+    _thread: Arbiter,
 }
 
 impl TrialSupervisor {
@@ -99,6 +104,9 @@ impl TrialSupervisor {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        let arbiter =
+            Arbiter::try_new().map_err(|e| TrialError::Io(format!("the trials' thread: {e}")))?;
+        let handle = arbiter.handle();
         let supervisor = TrialSupervisor {
             cfg,
             store,
@@ -106,9 +114,10 @@ impl TrialSupervisor {
             endpoint,
             node,
             actors: BTreeMap::new(),
-        }
-        .start();
-        Ok((supervisor, endpoint))
+            _thread: arbiter,
+        };
+        let addr = TrialSupervisor::start_in_arbiter(&handle, |_| supervisor);
+        Ok((addr, endpoint))
     }
 }
 

@@ -158,6 +158,7 @@ impl ClusterState {
             return rejected(format!("unknown node {node}"));
         };
         n.state = state;
+        self.replication_generation += 1;
         if state == NodeState::Lost {
             self.requeue_from(node, changes);
         }

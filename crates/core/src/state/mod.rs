@@ -339,6 +339,11 @@ pub struct ClusterState {
     /// `CHECKPOINT_REPLICAS` (see `replication`). Derived, not stored.
     #[serde(skip)]
     under_replicated: BTreeSet<TrialId>,
+    /// Bumped whenever who should copy what may have changed (the
+    /// under-replicated index, or a node's standing): a node's agent asks
+    /// `checkpoints_to_copy` again only then. Derived, not stored.
+    #[serde(skip)]
+    replication_generation: u64,
     /// The alive nodes as the scheduler sees them, by pool: rebuilt only when a
     /// node changes (derived).
     #[serde(skip)]
@@ -425,6 +430,7 @@ impl ClusterState {
             return;
         }
         self.pool_nodes = None;
+        self.replication_generation += 1;
         if let Some(settings) = &info.pool_settings {
             if !self.pools.contains_key(&info.pool) {
                 self.pools.insert(info.pool.clone(), settings.clone());
@@ -446,6 +452,7 @@ impl ClusterState {
         self.requeue_from(node, changes);
         self.nodes.remove(&node);
         self.pool_nodes = None;
+        self.replication_generation += 1;
         self.placement_dirty = true;
         self.schedule(changes);
     }
@@ -495,6 +502,11 @@ impl ClusterState {
             .map(|(id, _)| *id)
             .collect();
         state.rebuild_replication();
+        // A state replaced by a snapshot must not look unchanged to an agent
+        // that saw the old one.
+        state.replication_generation = state
+            .replication_generation
+            .wrapping_add(state.applied_index << 20);
         Ok(state)
     }
 

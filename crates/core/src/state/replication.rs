@@ -16,6 +16,7 @@ impl ClusterState {
     /// [`CHECKPOINT_REPLICAS`] holders, so that asking who must copy what costs
     /// what is missing, not what exists.
     pub(super) fn refresh_replication(&mut self, trial: TrialId) {
+        self.replication_generation += 1;
         self.under_replicated.remove(&trial);
         if !self.live.contains(&trial) {
             return;
@@ -31,6 +32,13 @@ impl ClusterState {
         }
     }
 
+    /// Changes whenever the answer of [`Self::checkpoints_to_copy`] may have
+    /// changed, for any node (a node asks again only then). Only compared with
+    /// itself on one replica: its value says nothing across replicas.
+    pub fn replication_generation(&self) -> u64 {
+        self.replication_generation
+    }
+
     /// Rebuilds the under-replicated index (after a snapshot is decoded).
     pub(super) fn rebuild_replication(&mut self) {
         let live: Vec<TrialId> = self.live.iter().copied().collect();
@@ -41,14 +49,23 @@ impl ClusterState {
 
     /// The live trials' latest checkpoints that `me` should copy so that each has
     /// [`CHECKPOINT_REPLICAS`] holders, each with its current holders. Among the
-    /// `members` that lack a copy, those on a site that holds no copy yet come
-    /// first (a site outage then loses no checkpoint), then the lowest hash of
-    /// (checkpoint, node): every node agrees on who copies without talking.
-    pub fn checkpoints_to_copy(
-        &self,
-        me: NodeId,
-        members: &[NodeId],
-    ) -> Vec<(String, Vec<NodeId>)> {
+    /// alive nodes that lack a copy (a draining or lost node takes none), those
+    /// on a site that holds no copy yet come first (a site outage then loses no
+    /// checkpoint), then the lowest hash of (checkpoint, node): every node
+    /// agrees on who copies without talking. Cheap enough for every node's every
+    /// tick: it looks only at what lacks a copy, and stops counting the
+    /// candidates better placed than `me` once there are enough of them.
+    pub fn checkpoints_to_copy(&self, me: NodeId) -> Vec<(String, Vec<NodeId>)> {
+        let mut wanted = Vec::new();
+        let alive = |n: &NodeRecord| n.state == NodeState::Alive;
+        let Some(my_site) = self
+            .nodes
+            .get(&me)
+            .filter(|n| alive(n))
+            .map(|n| n.info.site.as_str())
+        else {
+            return wanted;
+        };
         let rank = |uuid: &str, n: NodeId| {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
             for b in uuid.bytes().chain(n.to_le_bytes()) {
@@ -56,8 +73,6 @@ impl ClusterState {
             }
             h
         };
-        let site = |n: &NodeId| self.nodes.get(n).map(|r| r.info.site.as_str());
-        let mut wanted = Vec::new();
         for id in &self.under_replicated {
             let Some(uuid) = self
                 .trials
@@ -72,15 +87,22 @@ impl ClusterState {
             if ck.holders.len() >= CHECKPOINT_REPLICAS || ck.holders.contains(&me) {
                 continue;
             }
-            let held_sites: BTreeSet<Option<&str>> = ck.holders.iter().map(site).collect();
-            let mut candidates: Vec<(bool, u64, NodeId)> = members
-                .iter()
-                .filter(|n| !ck.holders.contains(n))
-                .map(|n| (held_sites.contains(&site(n)), rank(uuid, *n), *n))
-                .collect();
-            candidates.sort_unstable();
+            let held_site = |site: &str| {
+                ck.holders
+                    .iter()
+                    .any(|h| self.nodes.get(h).is_some_and(|n| n.info.site == site))
+            };
+            let key = |n: NodeId, site: &str| (held_site(site), rank(uuid, n), n);
+            let mine = key(me, my_site);
             let need = CHECKPOINT_REPLICAS - ck.holders.len();
-            if candidates.iter().take(need).any(|(_, _, n)| *n == me) {
+            let better = self
+                .nodes
+                .iter()
+                .filter(|(n, r)| **n != me && alive(r) && !ck.holders.contains(n))
+                .filter(|(n, r)| key(**n, &r.info.site) < mine)
+                .take(need)
+                .count();
+            if better < need {
                 wanted.push((uuid.clone(), ck.holders.iter().copied().collect()));
             }
         }

@@ -30,7 +30,7 @@ use resolute_storage::{DurableStore, LogStore};
 use resolute_trial::{Control, KillAll, Launch, Report, Signal, TrialSupervisor};
 
 use crate::gpu_monitor::{CheckGpus, GpuMonitor};
-use crate::net_actor::{self, FromNet, NetActor, Publish, SendPeer, SetMembers};
+use crate::net_actor::{self, NetActor, Outbox, Publish, SetMembers};
 use crate::setup::{host_of, write_atomically, PEERS_FILE};
 
 pub use messages::{
@@ -67,6 +67,8 @@ pub struct Local {
 pub struct Peers {
     /// The swarm's bridge.
     pub net: Addr<NetActor>,
+    /// Its fast lane for peer messages.
+    pub outbox: Outbox,
     /// The trials.
     pub trials: Addr<TrialSupervisor>,
     /// NVML.
@@ -103,6 +105,8 @@ pub struct Parts {
     pub join: Vec<Multiaddr>,
     /// The data dir.
     pub data_dir: PathBuf,
+    /// The swarm's events.
+    pub events: tokio::sync::mpsc::Receiver<NetEvent>,
 }
 
 /// The node.
@@ -131,6 +135,8 @@ pub struct NodeActor {
     /// Who waits for the graceful stop to end.
     leaving: Vec<oneshot::Sender<()>>,
     left: bool,
+    /// The swarm's events, until the node starts reading them.
+    events: Option<tokio::sync::mpsc::Receiver<NetEvent>>,
 }
 
 impl NodeActor {
@@ -158,6 +164,7 @@ impl NodeActor {
             announce_seq: 0,
             leaving: Vec::new(),
             left: false,
+            events: Some(p.events),
         }
     }
 
@@ -186,8 +193,8 @@ impl NodeActor {
         while let Some(action) = work.pop_front() {
             match action {
                 Action::Send { to, msg } => {
-                    // A full mailbox drops it: Raft and the proposers retransmit.
-                    let _ = self.peers.net.try_send(SendPeer { to, msg });
+                    // A full channel drops it: Raft and the proposers retransmit.
+                    self.peers.outbox.send(to, msg);
                 }
                 Action::Persist {
                     seq,
@@ -423,8 +430,9 @@ impl NodeActor {
     }
 }
 
-/// Sends `msg` to `to` without holding the node up: the send waits (in the
-/// node's context) for room in `to`'s bounded mailbox.
+/// Sends `msg` to `to` without holding the node up: into `to`'s mailbox at
+/// once when it has room (an actor on another thread takes it while the node
+/// goes on), else a send that waits, in the node's context, for room.
 fn tell<A, M>(ctx: &mut Context<NodeActor>, node: &NodeActor, to: &Addr<A>, msg: M)
 where
     A: Actor + Handler<M>,
@@ -432,6 +440,10 @@ where
     M: Message + Send + 'static,
     M::Result: Send,
 {
+    let msg = match to.try_send(msg) {
+        Ok(()) | Err(SendError::Closed(_)) => return,
+        Err(SendError::Full(msg)) => msg,
+    };
     let sent = to.send(msg);
     ctx.spawn(
         async move {
@@ -446,6 +458,12 @@ impl Actor for NodeActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(NODE_MAILBOX);
+        if let Some(events) = self.events.take() {
+            let stream = futures::stream::unfold(events, |mut rx| async move {
+                rx.recv().await.map(|e| (e, rx))
+            });
+            ctx.add_stream(stream);
+        }
         let first = std::mem::take(&mut self.first);
         self.carry_out(ctx, first);
         let period = Duration::from_millis(self.tick_ms.max(10));
@@ -453,10 +471,9 @@ impl Actor for NodeActor {
     }
 }
 
-impl Handler<FromNet> for NodeActor {
-    type Result = ();
-
-    fn handle(&mut self, FromNet(event): FromNet, ctx: &mut Context<Self>) {
+/// The swarm's events, read one at a time (see `net_actor`).
+impl StreamHandler<NetEvent> for NodeActor {
+    fn handle(&mut self, event: NetEvent, ctx: &mut Context<Self>) {
         match event {
             NetEvent::Message { from, msg } => self.step(ctx, Event::Peer { from, msg }),
             NetEvent::Connected(n) => {
@@ -476,6 +493,22 @@ impl Handler<FromNet> for NodeActor {
                     self.addrs_dirty = true;
                 }
             }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        self.swarm_gone();
+    }
+}
+
+impl NodeActor {
+    /// The swarm's event stream ended: when the node did not stop it (its
+    /// task died), the node cannot keep its promises and the process exits
+    /// with code 3, to be started again from its data dir.
+    fn swarm_gone(&mut self) {
+        if !self.left {
+            eprintln!("fatal: the network task stopped");
+            std::process::exit(3);
         }
     }
 }

@@ -99,8 +99,6 @@ enum Occurrence {
         digest: String,
         ok: Result<(), String>,
     },
-    /// NVML answers a node's health check.
-    GpuAnswer { node: usize, epoch: u64 },
     /// A user submits an experiment (again, with the same id, after a failure).
     Submit {
         arrival: usize,
@@ -327,7 +325,6 @@ impl<'a> World<'a> {
                 digest,
                 ok,
             } => self.fetch_done(to, epoch, digest, ok),
-            Occurrence::GpuAnswer { node, epoch } => self.gpu_answer(node, epoch),
             Occurrence::Submit { arrival, retry } => self.submit(arrival, retry),
             Occurrence::SubmitTimeout {
                 arrival,

@@ -228,10 +228,8 @@ impl World<'_> {
                     self.signal_process(node, trial, incarnation, 9)
                 }
                 Action::Fetch { digest, holders } => self.fetch(node, digest, holders),
-                Action::CheckGpus => {
-                    let epoch = self.nodes[node].epoch;
-                    self.schedule(self.now + 1, Occurrence::GpuAnswer { node, epoch });
-                }
+                // NVML answers at once (the answer waits in the step queue).
+                Action::CheckGpus => self.gpu_answer(node, self.nodes[node].epoch),
                 Action::Settled { command, reply } => self.settled(command, reply),
                 Action::Note(text) => {
                     let name = self.nodes[node].name.clone();
