@@ -152,6 +152,31 @@ impl Agent {
         self.launches.get(&trial).copied()
     }
 
+    /// What the agent holds, in a line (for a liveness report or a debugger):
+    /// each incarnation with its phase, inputs still missing and slots.
+    pub fn summary(&self) -> String {
+        let incarnations: Vec<String> = self
+            .incarnations
+            .iter()
+            .map(|((t, i), x)| {
+                format!(
+                    "{t}.{i} {:?} slots {:?}{}",
+                    x.phase,
+                    self.slots.held_by((*t, *i)),
+                    x.missing_summary()
+                )
+            })
+            .collect();
+        format!(
+            "incarnations [{}], slots used {} of {}, fetches {}, own proposals in flight {}",
+            incarnations.join(", "),
+            self.slots.used(),
+            self.slots.offered(),
+            self.fetches.len(),
+            self.proposals.len()
+        )
+    }
+
     /// Whether anything of this node's is still in flight: incarnations here or
     /// own proposals not yet applied.
     pub fn busy(&self) -> bool {
@@ -174,6 +199,7 @@ impl Agent {
         self.now_ms = now_ms;
         self.flush_metrics(out);
         self.retry_proposals(out);
+        self.drop_stale(node, out);
         self.escalate_stops(out);
         self.launch_waiting(node, out);
         self.retry_fetches(node, out);

@@ -62,6 +62,13 @@ pub(crate) struct Fetches {
     copies_seen_at: Option<u64>,
 }
 
+impl Fetches {
+    /// Blobs wanted.
+    pub(crate) fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+}
+
 impl Agent {
     /// Who may have `digest`: a checkpoint's holders, else (a model directory)
     /// every other member.

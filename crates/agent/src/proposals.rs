@@ -55,6 +55,10 @@ impl Proposals {
         self.own.contains_key(&id)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.own.len()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.own.is_empty() && self.batch.is_empty()
     }

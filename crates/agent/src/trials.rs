@@ -64,6 +64,17 @@ pub(crate) struct Incarnation {
     reached: Option<u64>,
 }
 
+impl Incarnation {
+    /// The inputs it still waits for, if any (for `Agent::summary`).
+    pub(crate) fn missing_summary(&self) -> String {
+        if self.missing.is_empty() {
+            String::new()
+        } else {
+            format!(" waiting for {:?}", self.missing)
+        }
+    }
+}
+
 impl Agent {
     /// A trial was placed here: prepare its launch.
     pub(crate) fn start(&mut self, node: &Node, start: resolute_core::StartTrial, out: &mut Outs) {
@@ -301,6 +312,39 @@ impl Agent {
                     incarnation: key.1,
                 },
             );
+        }
+    }
+
+    /// Kills, quietly, the incarnations the state no longer places here: a
+    /// node that comes back from a crash replays its log, starts what that log
+    /// placed on it, and only then learns from the leader that the cluster
+    /// declared it lost meanwhile and moved its trials (a lost node's own part
+    /// of a gang gets no signal: the state requeues the trial). Whatever such
+    /// an incarnation reports is refused as stale anyway; its slots are the
+    /// node's again.
+    pub(crate) fn drop_stale(&mut self, node: &Node, out: &mut Outs) {
+        let me = self.cfg.node;
+        let trials = &node.state().trials;
+        let stale: Vec<(TrialId, u64)> = self
+            .incarnations
+            .iter()
+            .filter(|(_, x)| !x.silent)
+            .map(|(k, _)| *k)
+            .filter(|(t, i)| {
+                !trials
+                    .get(t)
+                    .is_some_and(|x| x.incarnation == *i && x.is_placed_on(me))
+            })
+            .collect();
+        for key in stale {
+            note(
+                out,
+                format!(
+                    "trial {} incarnation {} is no longer this node's: killed",
+                    key.0, key.1
+                ),
+            );
+            self.drop_quietly(key, out);
         }
     }
 

@@ -1,6 +1,7 @@
 //! What must hold. After every step of a node: one leader per term, and every
 //! replica applied the same log prefix. Sampled every few seconds: no node's
-//! slots over-allocated, no half gangs, the scheduler's books consistent, a
+//! slots over-allocated (in the state, and no slot held by two processes of a
+//! node), no half gangs, the scheduler's books consistent, a
 //! committed checkpoint survives while a holder does, every live trial's latest
 //! checkpoint gets its second copy. From every settled report: at most one live
 //! incarnation of a trial commits progress. And in the liveness phase, after
@@ -301,6 +302,18 @@ impl World<'_> {
                 .count() as u64;
             done = Some((finished, state.experiments.len() as u64));
         }
+        // No two processes of a node hold the same slot (the agent's slot table).
+        let mut held: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+        for p in self.procs.by_key.values() {
+            for g in &p.gpus {
+                if let Some(other) = held.insert((p.node, *g), p.trial) {
+                    problems.push(format!(
+                        "{}: slot {g} held by trials {other} and {}",
+                        self.nodes[p.node].name, p.trial
+                    ));
+                }
+            }
+        }
         for (p, ms) in pool_acc {
             *self.stats.pool_gpu_ms.entry(p).or_default() += ms;
         }
@@ -372,6 +385,9 @@ impl World<'_> {
             ));
         }
         for n in &self.nodes {
+            if let Some(agent) = n.driver.as_ref().map(|d| d.agent()) {
+                out.push_str(&format!("\n    {} agent: {}", n.name, agent.summary()));
+            }
             if let Some(x) = n.driver.as_ref().map(|d| d.node()) {
                 let (v, l) = x.membership();
                 out.push_str(&format!("\n    {} (id {}): leader {} term {} applied {} committed {} voters {v:?} learners {l:?} snapshot {}", n.name, n.id, x.leader_id(), x.term(), x.applied(), x.committed(), x.snapshot_index()));
