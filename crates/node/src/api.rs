@@ -447,7 +447,7 @@ async fn checkpoint(
 }
 
 async fn upload(State(blobs): State<BlobStore>, body: axum::body::Bytes) -> Res {
-    // Hashed and written off the daemon's loop and off the async workers.
+    // Hashed and written off the node actor's thread and off the async workers.
     let stored = tokio::task::spawn_blocking(move || blobs.put_bytes(&body)).await;
     match stored {
         Ok(Ok(m)) => (

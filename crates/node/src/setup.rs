@@ -20,7 +20,7 @@ pub const PEERS_FILE: &str = "peers.json";
 /// without `--join` dials them again).
 pub const JOIN_FILE: &str = "join.json";
 
-/// What the daemon needs to start.
+/// What a node needs to start.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The parsed config file.
@@ -183,7 +183,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) {
     }
 }
 
-/// Where the daemon keeps everything.
+/// Where a node keeps everything.
 pub fn data_dir(config: &NodeFile, flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
         .or_else(|| config.data_dir.clone())
