@@ -389,16 +389,24 @@ async fn a_peer_outside_the_membership_cannot_send_raft_or_read_blobs() {
     })
     .await;
     assert_eq!(from, from_member);
-    // Admitted as a joiner, the outsider may.
+    // Admitted as a joiner, the outsider may (admission is a command to the
+    // swarm, taken in turn with the network's requests: the first send may
+    // still beat it).
     a.handle
         .admit(outsider.handle.node_id)
         .await
         .expect("admit");
-    outsider
-        .handle
-        .send(a.handle.node_id, raft)
-        .await
-        .expect("admitted");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match outsider.handle.send(a.handle.node_id, raft.clone()).await {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(matches!(e, NetError::Denied { .. }), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("still refused after the admission: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
