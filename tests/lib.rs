@@ -2,10 +2,11 @@
 //! builds, node processes on loopback addresses, the CLI against a node's API,
 //! and waiting for a condition.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -67,6 +68,69 @@ pub struct NodeProc {
     pub data: PathBuf,
     /// The last byte of its 127.0.0.x address.
     pub host: u8,
+    /// The cluster administrator's token.
+    pub token: String,
+}
+
+/// Each cluster's administrator token and key file, by the data dirs, API
+/// and listen addresses of its nodes (a test runs several clusters at once).
+#[derive(Default)]
+struct Clusters {
+    by_data: BTreeMap<PathBuf, (String, PathBuf)>,
+    by_addr: BTreeMap<String, (String, PathBuf)>,
+}
+
+fn clusters() -> std::sync::MutexGuard<'static, Clusters> {
+    static C: OnceLock<Mutex<Clusters>> = OnceLock::new();
+    C.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// `resolute cluster init` in `data`: the admin token.
+pub fn init(data: &Path) -> String {
+    let out = Command::new(bin())
+        .args(["cluster", "init", "--no-save", "--json", "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("cluster init");
+    assert!(out.status.success(), "cluster init: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("cluster init --json");
+    v["token"].as_str().expect("token").to_string()
+}
+
+/// The admin token and key file a node's start uses: its own cluster's when it
+/// started before, the cluster's it joins, or a new cluster's.
+fn credentials(data: &Path, join: Option<&str>) -> (String, PathBuf) {
+    if let Some(c) = clusters().by_data.get(data).cloned() {
+        return c;
+    }
+    let known = join.and_then(|j| clusters().by_addr.get(j).cloned());
+    let c = match known {
+        Some((token, key)) => {
+            std::fs::create_dir_all(data).expect("data dir");
+            let own = data.join("cluster.key");
+            if !own.exists() {
+                std::fs::copy(&key, &own).expect("cluster key");
+            }
+            (token, key)
+        }
+        None => {
+            let token = init(data);
+            (token, data.join("cluster.key"))
+        }
+    };
+    clusters().by_data.insert(data.to_path_buf(), c.clone());
+    c
+}
+
+/// The admin token of the cluster whose node serves `api`.
+pub fn token_of(api: &str) -> String {
+    clusters()
+        .by_addr
+        .get(api)
+        .map(|(t, _)| t.clone())
+        .unwrap_or_default()
 }
 
 impl Drop for NodeProc {
@@ -84,6 +148,7 @@ pub fn start(data: &Path, host: u8, join: Option<&str>) -> NodeProc {
 
 /// [`start`] with another config file.
 pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> NodeProc {
+    let (token, key) = credentials(data, join);
     let mut cmd = Command::new(bin());
     cmd.args(["node", "start", "--config"])
         .arg(config)
@@ -116,20 +181,33 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
             .unwrap_or_else(|| panic!("no {k} in {line:?}"))
             .to_string()
     };
+    let (api, listen) = (format!("http://{}", field("api=")), field("listen="));
+    let mut c = clusters();
+    c.by_addr.insert(api.clone(), (token.clone(), key.clone()));
+    c.by_addr.insert(listen.clone(), (token.clone(), key));
     NodeProc {
-        api: format!("http://{}", field("api=")),
-        listen: field("listen="),
+        api,
+        listen,
         child,
         data: data.to_path_buf(),
         host,
+        token,
     }
 }
 
-/// Runs the CLI against a node's API (`--json`); its exit code and stdout.
+/// Runs the CLI against a node's API (`--json`) as the cluster's
+/// administrator; its exit code and stdout.
 pub fn cli(api: &str, args: &[&str]) -> (i32, String) {
+    cli_as(api, &token_of(api), args)
+}
+
+/// [`cli`] with another token.
+pub fn cli_as(api: &str, token: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(bin())
         .args(args)
         .args(["-m", api, "--json"])
+        .env("RESOLUTE_TOKEN", token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
         .output()
         .expect("cli");
     (

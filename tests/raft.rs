@@ -206,6 +206,7 @@ async fn three_nodes_form_a_raft_group_over_libp2p_and_agree() {
                 .send(Ask::Input(Input::Propose {
                     id,
                     command: command.clone(),
+                    user: None,
                 }))
                 .await;
             tokio::time::sleep(Duration::from_millis(500)).await;

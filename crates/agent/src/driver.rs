@@ -77,7 +77,9 @@ impl Driver {
             Event::Heartbeat { node } => queue.push_back(Input::Heartbeat { node }),
             Event::Disconnected { node } => queue.push_back(Input::Disconnected { node }),
             Event::Join { via } => queue.push_back(Input::Join { via }),
-            Event::Propose { id, command } => queue.push_back(Input::Propose { id, command }),
+            Event::Propose { id, command, user } => {
+                queue.push_back(Input::Propose { id, command, user })
+            }
             Event::Trial(report) => self.agent.on_report(now_ms, &self.node, report, &mut outs),
             Event::Fetched { digest, result } => self
                 .agent
@@ -144,7 +146,11 @@ impl Driver {
     fn hand_out(&mut self, outs: Outs, queue: &mut VecDeque<Input>, actions: &mut Vec<Action>) {
         for out in outs {
             match out {
-                Out::Propose { id, command } => queue.push_back(Input::Propose { id, command }),
+                Out::Propose { id, command } => queue.push_back(Input::Propose {
+                    id,
+                    command,
+                    user: None,
+                }),
                 Out::Leave { id } => queue.push_back(Input::Leave { id }),
                 Out::Act(action) => actions.push(action),
             }

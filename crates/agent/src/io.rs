@@ -55,6 +55,8 @@ pub enum Event {
         id: ProposalId,
         /// What to apply.
         command: Command,
+        /// The user the shell authenticated (`None`: the node's own).
+        user: Option<String>,
     },
     /// What a trial process (or its launch) did.
     Trial(TrialReport),

@@ -112,7 +112,11 @@ impl Shell {
     fn propose(&mut self, command: Command) -> Reply {
         let id = ProposalId(self.next_client);
         self.next_client += 1;
-        self.step(Event::Propose { id, command });
+        self.step(Event::Propose {
+            id,
+            command,
+            user: None,
+        });
         let reply = self.seen.iter().find_map(|a| match a {
             Action::Reply { id: r, result } if *r == id => Some(result.clone()),
             _ => None,

@@ -27,6 +27,37 @@ pub struct Target {
     /// Print JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The API token (default: the one `resolute login` saved).
+    #[arg(long, env = "RESOLUTE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// The token to send: `--token`/`RESOLUTE_TOKEN`, else the saved one.
+    fn bearer(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(crate::access::saved_token)
+            .map(|t| format!("Bearer {}", t.trim()))
+    }
+
+    /// A GET request with the token.
+    fn get(&self, agent: &ureq::Agent, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let r = agent.get(url);
+        match self.bearer() {
+            Some(b) => r.header("authorization", &b),
+            None => r,
+        }
+    }
+
+    /// A POST request with the token.
+    fn post(&self, agent: &ureq::Agent, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let r = agent.post(url);
+        match self.bearer() {
+            Some(b) => r.header("authorization", &b),
+            None => r,
+        }
+    }
 }
 
 /// `resolute experiment ...`
@@ -126,7 +157,7 @@ pub enum CheckpointCommand {
     },
 }
 
-enum Failure {
+pub(crate) enum Failure {
     User(String),
     Unavailable(String),
 }
@@ -166,8 +197,7 @@ fn submit(
         Some(d) => upload_dir(t, d)?,
         None => String::new(),
     };
-    let body = json!({"config": config, "overrides": overrides, "model_digest": model_digest,
-        "owner": std::env::var("USER").unwrap_or_default()});
+    let body = json!({"config": config, "overrides": overrides, "model_digest": model_digest});
     let v = call(t, "POST", "/experiments", Some(body))?;
     v["id"]
         .as_u64()
@@ -193,13 +223,13 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn call(t: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+pub(crate) fn call(t: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
     let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
     let a = agent();
     let resp = match (method, body) {
-        ("GET", _) => a.get(&url).call(),
-        (_, Some(b)) => a.post(&url).send_json(b),
-        (_, None) => a.post(&url).send_json(json!({})),
+        ("GET", _) => t.get(&a, &url).call(),
+        (_, Some(b)) => t.post(&a, &url).send_json(b),
+        (_, None) => t.post(&a, &url).send_json(json!({})),
     };
     let mut resp = resp.map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
     let status = resp.status().as_u16();
@@ -239,8 +269,8 @@ fn open_stream(
         .http_status_as_error(false)
         .build()
         .into();
-    let mut resp = agent
-        .get(&url)
+    let mut resp = t
+        .get(&agent, &url)
         .call()
         .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
     let status = resp.status().as_u16();
@@ -251,7 +281,7 @@ fn open_stream(
     Ok((url, resp))
 }
 
-fn finish(r: Result<(), Failure>) -> anyhow::Result<ExitCode> {
+pub(crate) fn finish(r: Result<(), Failure>) -> anyhow::Result<ExitCode> {
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(Failure::User(m)) => {
@@ -265,7 +295,7 @@ fn finish(r: Result<(), Failure>) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print(t: &Target, v: &Value, human: impl FnOnce(&Value)) {
+pub(crate) fn print(t: &Target, v: &Value, human: impl FnOnce(&Value)) {
     if t.json {
         println!("{v}");
     } else {
@@ -279,8 +309,9 @@ fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
     let bytes = std::fs::read(&tmp).map_err(|e| Failure::User(e.to_string()))?;
     let _ = std::fs::remove_file(&tmp);
     let url = format!("{}/api/v1/blobs", t.node.trim_end_matches('/'));
-    let mut resp = agent()
-        .post(&url)
+    let mut resp = t
+        .post(&agent(), &url)
+        .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
     let v: Value = resp

@@ -47,6 +47,8 @@ pub struct LocalNode {
     pub id: String,
     /// Its data dir.
     pub data: PathBuf,
+    /// The cluster administrator's token (the cluster makes its own).
+    pub token: String,
     child: Option<Child>,
 }
 
@@ -61,6 +63,7 @@ impl LocalNode {
         Target {
             node: self.api.clone(),
             json: true,
+            token: Some(self.token.clone()),
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct LocalCluster {
     config: PathBuf,
     exe: PathBuf,
     pids: Pids,
+    /// The administrator's token.
+    pub token: String,
 }
 
 impl LocalCluster {
@@ -95,16 +100,28 @@ impl LocalCluster {
         std::fs::write(&config, NODE_CONFIG)
             .with_context(|| format!("writing {}", config.display()))?;
         let exe = std::env::current_exe().context("finding the resolute binary")?;
+        // Its own key and administrator, as `resolute cluster init` makes them;
+        // every node gets the key.
+        let made = resolute_node::bootstrap::init(&dir.join("a"), "admin")
+            .map_err(anyhow::Error::msg)?;
+        let key = std::fs::read(&made.key_path)?;
         let mut cluster = LocalCluster {
             nodes: Vec::new(),
             config,
             exe,
             pids: Arc::new(Mutex::new(Vec::new())),
+            token: made.token,
         };
         for k in 0..count {
             let name = ((b'a' + k as u8) as char).to_string();
             let join = cluster.nodes.first().map(|n| n.listen.clone());
             let data = dir.join(&name);
+            resolute_node::bootstrap::private_dir(&data).map_err(anyhow::Error::msg)?;
+            resolute_node::bootstrap::write_private(
+                &data.join(resolute_node::bootstrap::CLUSTER_KEY_FILE),
+                &key,
+            )
+            .map_err(anyhow::Error::msg)?;
             let node = cluster.spawn(&name, &data, join.as_deref(), ANY_PORT)?;
             cluster.nodes.push(node);
         }
@@ -205,6 +222,7 @@ impl LocalCluster {
             listen: field("listen=")?,
             id: field("node=")?,
             data: data.to_path_buf(),
+            token: self.token.clone(),
             child: Some(child),
         })
     }

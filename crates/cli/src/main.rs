@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+mod access;
 mod bench;
 mod client;
 mod config_file;
@@ -69,12 +70,35 @@ enum CliCommand {
         #[command(subcommand)]
         command: client::CheckpointCommand,
     },
-    /// The cluster as a node sees it.
+    /// The cluster as a node sees it; `cluster init` makes a new cluster's key
+    /// and first administrator.
     Cluster {
         #[command(flatten)]
         target: client::Target,
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Checks an API token against a node and saves it for this CLI (read from
+    /// stdin unless --token or RESOLUTE_TOKEN gives it).
+    Login {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Forgets the saved token.
+    Logout,
+    /// Users and their roles.
+    User {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: access::UserCommand,
+    },
+    /// API tokens.
+    Token {
+        #[command(flatten)]
+        target: client::Target,
+        #[command(subcommand)]
+        command: access::TokenCommand,
     },
     /// The built-in trainer (an MLP on the wine quality dataset): a trial
     /// entrypoint that needs no Python.
@@ -147,6 +171,9 @@ enum NodeCommand {
 enum ClusterCommand {
     /// Nodes, slots, leader, voters, queue.
     Status,
+    /// Makes a new cluster's key and first administrator in the data dir of
+    /// the node that will bootstrap it; saves the admin token for this CLI.
+    Init(access::InitArgs),
 }
 
 #[derive(Subcommand)]
@@ -313,6 +340,8 @@ fn main() -> ExitCode {
             | CliCommand::Trial { .. }
             | CliCommand::Checkpoint { .. }
             | CliCommand::Cluster { .. }
+            | CliCommand::User { .. }
+            | CliCommand::Token { .. }
             | CliCommand::Gpus { .. }
     ) {
         stop_quietly_when_stdout_closes();
@@ -344,6 +373,14 @@ fn main() -> ExitCode {
             target,
             command: ClusterCommand::Status,
         } => client::cluster_status(&target),
+        CliCommand::Cluster {
+            command: ClusterCommand::Init(args),
+            ..
+        } => access::init(&args),
+        CliCommand::Login { target } => access::login(&target, target.token.as_deref()),
+        CliCommand::Logout => access::logout(),
+        CliCommand::User { target, command } => access::user(&target, &command),
+        CliCommand::Token { target, command } => access::token(&target, &command),
         CliCommand::Gpus { json, no_probe } => gpus(json, no_probe),
         CliCommand::Bench {
             command: BenchCommand::Log(args),

@@ -18,7 +18,8 @@ pub type ExperimentId = u64;
 pub type TrialId = u64;
 
 /// The format version written into every entry; decoders refuse newer versions.
-pub const COMMAND_VERSION: u16 = 1;
+/// Version 2 added who proposed an entry (`proposer`, `leader`, `user`).
+pub const COMMAND_VERSION: u16 = 2;
 
 /// A client-chosen id that makes a proposal exactly-once: applying the same id twice
 /// is a no-op that returns the first result.
@@ -38,6 +39,18 @@ pub struct Envelope {
     /// leaders' clocks disagree; time-based decisions (burst, anti-thrash,
     /// preemption timeouts) read only that clock.
     pub time_ms: u64,
+    /// The node whose proposal this is, as the leader saw it: the leader itself,
+    /// or the authenticated peer that forwarded it (a forward is taken only from
+    /// its origin). Node-scoped commands are applied only from their node.
+    pub proposer: NodeId,
+    /// The leader that appended the entry. Only a leader appends entries, so
+    /// this is what the entry's term says: leader-scoped commands (leases, the
+    /// clock) are applied only when `proposer == leader`.
+    pub leader: NodeId,
+    /// The user on whose authority the proposer asks, once it authenticated
+    /// them (a node vouches for the users of its own API). User-scoped commands
+    /// are applied only when that user is active and holds the role.
+    pub user: Option<String>,
     /// What to apply.
     pub command: Command,
 }
@@ -75,6 +88,38 @@ pub enum Control {
     Cancel,
     /// Stop all trials at once and end the experiment.
     Kill,
+}
+
+/// A user's role in a workspace, weakest first (Determined's roles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads experiments, trials, metrics, logs and checkpoints.
+    Viewer,
+    /// Also creates experiments and controls their own.
+    User,
+    /// Also controls anyone's experiments in the workspace.
+    Editor,
+    /// Also grants roles in the workspace.
+    Admin,
+}
+
+impl Role {
+    /// The role's name as the CLI and REST spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::User => "user",
+            Role::Editor => "editor",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role's name.
+    pub fn parse(name: &str) -> Option<Role> {
+        [Role::Viewer, Role::User, Role::Editor, Role::Admin]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
 }
 
 /// Training or validation.
@@ -228,6 +273,73 @@ pub enum Command {
         /// How.
         outcome: TrialOutcome,
     },
+    /// Users, roles and tokens.
+    User(UserCommand),
+}
+
+/// The commands that manage users and their tokens (user-scoped: see
+/// `state::auth` for who may make each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserCommand {
+    /// The cluster's first administrator, from `resolute cluster init`: applied
+    /// only while the cluster has no users, and from then on every user-scoped
+    /// command needs a user's authority.
+    Bootstrap {
+        /// The administrator's name.
+        admin: String,
+        /// Their first token.
+        token: NewToken,
+    },
+    /// A user is created (cluster admin).
+    Create {
+        /// Their name.
+        name: String,
+        /// Whether they administer the cluster (nodes, users, pools).
+        cluster_admin: bool,
+        /// Their roles by workspace.
+        roles: BTreeMap<String, Role>,
+    },
+    /// A user can no longer act; their tokens stop working (cluster admin).
+    Deactivate {
+        /// Their name.
+        name: String,
+    },
+    /// A role in a workspace is granted, changed or (with `None`) taken away
+    /// (cluster admin, or the workspace's admin).
+    Grant {
+        /// The user.
+        name: String,
+        /// The workspace.
+        workspace: String,
+        /// The role.
+        role: Option<Role>,
+    },
+    /// A token is created for `user` (the user themself, or a cluster admin).
+    CreateToken {
+        /// The user.
+        user: String,
+        /// The token.
+        token: NewToken,
+    },
+    /// A token stops working (its user, or a cluster admin).
+    RevokeToken {
+        /// The token's id.
+        id: String,
+    },
+}
+
+/// A token as the log keeps it: its public id and a slow salted hash of its
+/// secret (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewToken {
+    /// The id (the part of the token before its secret; unique).
+    pub id: String,
+    /// The argon2 hash of the secret, in PHC string form.
+    pub hash: String,
+    /// When it stops working (milliseconds since the Unix epoch), if ever.
+    pub expires_ms: Option<u64>,
+    /// What it is for (shown by `token list`).
+    pub label: String,
 }
 
 /// What applying a proposal produced, returned to its proposer.
@@ -242,6 +354,12 @@ pub enum Reply {
     },
     /// Applied, but the command was refused (e.g. a stale incarnation).
     Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Applied, but its proposer or user may not do this (counted in
+    /// `ClusterState::forbidden`).
+    Forbidden {
         /// Why.
         reason: String,
     },

@@ -7,6 +7,7 @@
 //! actix shell and the simulator drive the same code.
 
 pub mod command;
+pub mod guard;
 mod log_cache;
 pub mod log_store;
 pub mod node;

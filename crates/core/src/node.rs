@@ -37,6 +37,7 @@ use resolute_types::{codec, Value};
 use crate::command::{
     Command, Envelope, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
 };
+use crate::guard;
 use crate::log_cache::{self, LogCache};
 use crate::state::{Change, ClusterState, NodeState, Signal};
 
@@ -59,8 +60,6 @@ pub const SNAPSHOT_ENTRIES_DEFAULT: u64 = 10_000;
 pub const SNAPSHOT_LOG_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Largest raft message (entries are batched up to this size).
 pub const RAFT_MESSAGE_BYTES_MAX: u64 = 1024 * 1024;
-/// Most forwarding hops a proposal may take before it is refused (leader churn).
-pub const FORWARD_HOPS_MAX: u8 = 3;
 /// How often a joining node repeats its announcement, in ticks.
 pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
 
@@ -131,6 +130,9 @@ pub enum Input {
         id: ProposalId,
         /// What to apply.
         command: Command,
+        /// The user this node authenticated and asks for (`None`: the node
+        /// itself, for its own reports).
+        user: Option<String>,
     },
     /// The write `Output::Persist { seq }` is durable.
     Persisted {
@@ -166,14 +168,17 @@ pub enum Input {
 pub enum PeerMessage {
     /// A raft-rs message (protobuf bytes).
     Raft(Vec<u8>),
-    /// A proposal forwarded toward the leader.
+    /// A proposal forwarded to the leader by the node it was made on. It is
+    /// taken only from that node (the entry records it as the proposer), and
+    /// never relayed: a node that is no longer the leader refuses it, and the
+    /// origin asks again.
     Forward {
         /// The proposal id.
         id: ProposalId,
-        /// Where the answer goes.
+        /// The node it was made on (must be the sender).
         origin: NodeId,
-        /// Hops so far.
-        hops: u8,
+        /// The user the origin authenticated, if any.
+        user: Option<String>,
         /// The command.
         command: Command,
     },
@@ -183,6 +188,8 @@ pub enum PeerMessage {
         id: ProposalId,
         /// Why.
         reason: String,
+        /// Whether asking again may work (the receiver was not the leader).
+        retry: bool,
     },
     /// A node asks to leave.
     Leave {
@@ -317,6 +324,8 @@ struct Unacked {
 /// A Resolute node's logic.
 pub struct Node {
     cfg: NodeConfig,
+    /// Peer messages dropped before raft-rs, by reason.
+    guard: guard::Guard,
     raw: RawNode<LogCache>,
     state: ClusterState,
     now_ms: u64,
@@ -428,6 +437,7 @@ impl Node {
         let raw = RawNode::new(&raft_cfg, cache, &logger)?;
         let replay_until = recovered.hard_state.commit;
         let mut node = Node {
+            guard: guard::Guard::default(),
             raw,
             state,
             now_ms: 0,
@@ -517,6 +527,12 @@ impl Node {
         }
     }
 
+    /// Peer messages dropped before raft-rs, by reason (forgeries, messages
+    /// that would make raft-rs panic).
+    pub fn dropped(&self) -> &guard::Guard {
+        &self.guard
+    }
+
     /// Index of the latest snapshot.
     pub fn snapshot_index(&self) -> u64 {
         self.raw.store().snapshot_index()
@@ -537,7 +553,7 @@ impl Node {
                 self.last_seen.insert(from, now_ms);
                 self.on_peer(from, msg, &mut out);
             }
-            Input::Propose { id, command } => {
+            Input::Propose { id, command, user } => {
                 if let Some(reply) = self.state.seen(id) {
                     out.push(Output::Reply {
                         id,
@@ -546,7 +562,7 @@ impl Node {
                 } else {
                     self.pending
                         .insert(id, now_ms + self.cfg.proposal_timeout_ms);
-                    self.propose(id, self.cfg.id, 0, command, &mut out);
+                    self.propose(id, self.cfg.id, user, command, &mut out);
                 }
             }
             Input::Persisted { seq } => self.on_persisted(seq, &mut out),
@@ -618,15 +634,17 @@ impl Node {
         match msg {
             PeerMessage::Raft(bytes) => {
                 let Ok(m) = Message::parse_from_bytes(&bytes) else {
+                    self.guard.count(guard::Dropped::Malformed);
                     return;
                 };
-                // The sender must be who the transport says it is. Who may speak
-                // Raft at all is decided by admission at the network layer (the
-                // allow-list from the membership): a member this node does not know
-                // yet, e.g. a leader added while it was down, must be heard.
-                // Proposals travel as `Forward`, never as raft-rs messages: an empty
-                // MsgPropose would make raft-rs panic.
-                if m.from != from || m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose {
+                // Who may speak Raft at all is decided by admission at the
+                // network layer (the allow-list from the membership): a member
+                // this node does not know yet, e.g. a leader added while it was
+                // down, must be heard. What it says must be something an honest
+                // peer can say (`guard`): raft-rs panics on some forgeries.
+                // Proposals travel as `Forward`, never as raft-rs messages.
+                if let Err(why) = guard::check(&m, from, &self.raw.raft) {
+                    self.guard.count(why);
                     return;
                 }
                 if m.from == self.raw.raft.leader_id && m.term == self.raw.raft.term {
@@ -639,31 +657,42 @@ impl Node {
             PeerMessage::Forward {
                 id,
                 origin,
-                hops,
+                user,
                 command,
             } => {
-                if hops > FORWARD_HOPS_MAX {
+                if origin != from {
+                    // Whoever forwards a proposal is its proposer: nobody
+                    // speaks for another node.
+                    self.guard.count(guard::Dropped::ForgedOrigin);
+                } else if !self.is_leader() {
                     out.push(Output::Send {
                         to: origin,
                         msg: PeerMessage::Refused {
                             id,
-                            reason: "too many forwarding hops".into(),
+                            reason: "not the leader".into(),
+                            retry: true,
                         },
                     });
                 } else {
-                    self.propose(id, origin, hops + 1, command, out);
+                    self.propose(id, origin, user, command, out);
                 }
             }
-            PeerMessage::Refused { id, reason } => {
+            PeerMessage::Refused { id, reason, retry } => {
                 if self.pending.remove(&id).is_some() {
-                    out.push(Output::Reply {
-                        id,
-                        result: Err(NodeError::Refused(reason)),
-                    });
+                    let err = if retry {
+                        NodeError::NoLeader
+                    } else {
+                        NodeError::Refused(reason)
+                    };
+                    out.push(Output::Reply { id, result: Err(err) });
                 }
             }
             PeerMessage::Announce { node, info } => self.on_announce(node, info, out),
-            PeerMessage::Leave { node } => self.on_leave(node, out),
+            // A node leaves for itself only, and asks the leader directly.
+            PeerMessage::Leave { node } if node == from && self.is_leader() => {
+                self.on_leave(node, out)
+            }
+            PeerMessage::Leave { .. } => self.guard.count(guard::Dropped::NotAllowed),
             PeerMessage::Removed => {
                 if from == self.raw.raft.leader_id || !self.is_member(self.cfg.id) {
                     self.left(out);
@@ -740,7 +769,7 @@ impl Node {
         &mut self,
         id: ProposalId,
         origin: NodeId,
-        hops: u8,
+        user: Option<String>,
         command: Command,
         out: &mut Vec<Output>,
     ) {
@@ -759,6 +788,7 @@ impl Node {
                         msg: PeerMessage::Refused {
                             id,
                             reason: err.to_string(),
+                            retry: err == NodeError::NoLeader,
                         },
                     });
                 }
@@ -768,6 +798,9 @@ impl Node {
                 version: COMMAND_VERSION,
                 id,
                 time_ms: self.now_ms,
+                proposer: origin,
+                leader: self.cfg.id,
+                user,
                 command,
             };
             let data = match codec::encode(&envelope) {
@@ -784,7 +817,7 @@ impl Node {
                 msg: PeerMessage::Forward {
                     id,
                     origin,
-                    hops,
+                    user,
                     command,
                 },
             });
@@ -898,7 +931,7 @@ impl Node {
                     incarnation,
                     outcome: crate::command::TrialOutcome::Preempted,
                 };
-                self.propose(id, self.cfg.id, 0, command, out);
+                self.propose(id, self.cfg.id, None, command, out);
             }
         }
     }
@@ -990,7 +1023,7 @@ impl Node {
             } else {
                 Command::NodeLost { node }
             };
-            self.propose(id, self.cfg.id, 0, command, out);
+            self.propose(id, self.cfg.id, None, command, out);
         }
     }
 
@@ -1021,7 +1054,7 @@ impl Node {
         }
         self.tick_proposed = Some((due, self.now_ms));
         let id = self.internal_id();
-        self.propose(id, self.cfg.id, 0, Command::Tick, out);
+        self.propose(id, self.cfg.id, None, Command::Tick, out);
     }
 
     fn next_seq(&mut self) -> u64 {

@@ -486,6 +486,7 @@ fn garbage_and_strangers_on_the_wire_never_panic() {
             1 => PeerMessage::Refused {
                 id: resolute_core::ProposalId(u128::from(next())),
                 reason: "x".into(),
+                retry: false,
             },
             _ => PeerMessage::Announce {
                 node: 0,

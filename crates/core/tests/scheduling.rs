@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use resolute_core::command::{Command, Envelope, ProposalId, COMMAND_VERSION};
+use resolute_core::command::Command;
 use resolute_core::node::Effect;
 use resolute_core::pool::{Policy, PoolSettings};
 use resolute_core::state::{Change, ClusterState, Signal, TrialState};
@@ -69,12 +69,7 @@ impl Sm {
     fn apply_at(&mut self, now_ms: u64, command: Command) -> (Reply, Vec<Change>) {
         self.now_ms = now_ms;
         self.index += 1;
-        let env = Envelope {
-            version: COMMAND_VERSION,
-            id: ProposalId(u128::from(self.index)),
-            time_ms: now_ms,
-            command,
-        };
+        let env = common::honest_envelope(&self.state, self.index, now_ms, command);
         self.state.apply(self.index, env)
     }
 

@@ -1,9 +1,11 @@
 //! The replicated state machine alone: restarts, fencing, snapshots.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use resolute_core::command::{
-    Command, Envelope, MetricKind, MetricRecord, ProposalId, TrialOutcome, COMMAND_VERSION,
+    Command, MetricKind, MetricRecord, TrialOutcome,
 };
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::{NodeInfo, Reply};
@@ -56,12 +58,7 @@ impl Sm {
 
     fn apply(&mut self, command: Command) -> Reply {
         self.index += 1;
-        let env = Envelope {
-            version: COMMAND_VERSION,
-            id: ProposalId(u128::from(self.index)),
-            time_ms: self.index * 1000,
-            command,
-        };
+        let env = common::honest_envelope(&self.state, self.index, self.index * 1000, command);
         self.state.apply(self.index, env).0
     }
 
@@ -271,16 +268,16 @@ fn a_capacity_drop_stops_the_newest_trials_there_without_charging_restarts() {
     assert_eq!(before.len(), 4, "node 1 is full");
     // Node 1 reports that 3 of its 4 GPUs failed their health check.
     sm.index += 1;
-    let env = Envelope {
-        version: COMMAND_VERSION,
-        id: ProposalId(u128::from(sm.index)),
-        time_ms: sm.index * 1000,
-        command: Command::NodeCapacity {
+    let env = common::honest_envelope(
+        &sm.state,
+        sm.index,
+        sm.index * 1000,
+        Command::NodeCapacity {
             node: 1,
             slots: 1,
             stop_first: Vec::new(),
         },
-    };
+    );
     let (reply, changes) = sm.state.apply(sm.index, env);
     assert_eq!(reply, Reply::Ok);
     let stopped: Vec<u64> = changes

@@ -17,6 +17,8 @@
 //! runtime's workers.
 
 pub mod api;
+pub mod auth;
+pub mod bootstrap;
 pub mod config;
 pub mod gpu_monitor;
 pub mod net_actor;
@@ -62,16 +64,24 @@ pub async fn serve(
     opts: Options,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    bootstrap::check_api_listen(&opts.config.api.listen).map_err(fail)?;
     let listener = tokio::net::TcpListener::bind(&opts.config.api.listen)
         .await
         .map_err(|e| fail(format!("api.listen {}: {e}", opts.config.api.listen)))?;
-    let api_addr = listener.local_addr().map_err(fail)?.to_string();
+    let api_socket = listener.local_addr().map_err(fail)?;
+    let api_addr = api_socket.to_string();
     let node = start(&opts, api_addr.clone()).await?;
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
-    let app = api::router(node.addr.clone(), blobs);
+    let gate = auth::Gate::new(node.addr.clone(), api_socket);
+    let app = api::router(node.addr.clone(), blobs, gate);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(listener, app).await;
     });
+    if let Some(admin) = node.admin.clone() {
+        // The cluster's first administrator, from `resolute cluster init`.
+        tokio::spawn(bootstrap::propose_admin(node.addr.clone(), admin));
+    }
     println!(
         "ready node={:016x} api={} listen={}",
         node.id,
@@ -91,13 +101,15 @@ struct Started {
     addr: Addr<NodeActor>,
     id: u64,
     listen: Vec<libp2p::Multiaddr>,
+    /// The administrator to propose, on a node that bootstraps a cluster.
+    admin: Option<bootstrap::Admin>,
 }
 
 /// Opens the data dir, starts the swarm, the trials, the NVML thread and the
 /// node actor.
 async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError> {
     let c = &opts.config;
-    std::fs::create_dir_all(&opts.data_dir).map_err(fail)?;
+    bootstrap::private_dir(&opts.data_dir).map_err(fail)?;
     let (store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(fail)?;
     let net_config = setup::net_config(opts)?;
     let (join, _) = setup::join_addresses(opts)?;
@@ -119,6 +131,15 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     let node_cfg = setup::node_config(c, id, info);
     let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
     let bootstrap = fresh && join.is_empty();
+    // A new cluster starts with its administrator, or not at all: a cluster
+    // without users would have nobody who may use it.
+    // (A node that restarts before its proposal applied proposes it again;
+    // once the cluster has users, it is refused.)
+    let admin = if bootstrap {
+        Some(bootstrap::read_admin(&opts.data_dir).map_err(fail)?)
+    } else {
+        bootstrap::read_admin(&opts.data_dir).ok()
+    };
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
     let agent_cfg = AgentConfig::new(id, gpu_uuids.clone(), c.cpu_slots, setup::proposal_base());
     let now = std::time::SystemTime::now()
@@ -193,5 +214,6 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         addr,
         id,
         listen: info.listen,
+        admin,
     })
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use resolute_agent::Agent;
 use resolute_core::command::MetricKind;
-use resolute_core::state::TrialState;
+use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::Node;
 
 use crate::node_actor::Local;
@@ -79,9 +79,42 @@ pub fn experiment(node: &Node, id: u64) -> Option<Value> {
 }
 
 /// Every experiment.
-pub fn experiments(node: &Node) -> Value {
-    let ids: Vec<u64> = node.state().experiments.keys().copied().collect();
+pub fn experiments(node: &Node, user: &str) -> Value {
+    let state = node.state();
+    let ids: Vec<u64> = state
+        .experiments
+        .keys()
+        .copied()
+        .filter(|id| state.may_read(Some(user), *id))
+        .collect();
     Value::Array(ids.iter().filter_map(|id| experiment(node, *id)).collect())
+}
+
+/// Users and tokens as `user` may see them: a cluster admin sees everyone's,
+/// anyone else themself and their own tokens. Hashes are never shown.
+pub fn users(state: &ClusterState, user: &str) -> Value {
+    let admin = state.is_cluster_admin(Some(user));
+    let users: Vec<Value> = state
+        .users
+        .iter()
+        .filter(|(name, _)| admin || name.as_str() == user)
+        .map(|(name, u)| {
+            let roles: BTreeMap<&str, &str> =
+                u.roles.iter().map(|(w, r)| (w.as_str(), r.name())).collect();
+            json!({"name": name, "active": u.active, "cluster_admin": u.cluster_admin,
+                "roles": roles})
+        })
+        .collect();
+    let tokens: Vec<Value> = state
+        .tokens
+        .iter()
+        .filter(|(_, t)| admin || t.user == user)
+        .map(|(id, t)| {
+            json!({"id": id, "user": t.user, "label": t.label, "revoked": t.revoked,
+                "expires_ms": t.expires_ms})
+        })
+        .collect();
+    json!({"me": user, "cluster_admin": admin, "users": users, "tokens": tokens})
 }
 
 /// One trial; with where it launched on this node and how long that took.

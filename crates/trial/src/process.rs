@@ -24,6 +24,35 @@ pub const EXIT_MESSAGE_LINES: usize = 20;
 pub const LOG_FILE_MAX_BYTES: u64 = 8 << 20;
 /// Lines one log request returns at most (the newest).
 pub const LOG_LINES_SERVED_MAX: usize = 10_000;
+/// Longest output line kept, in bytes: the rest of a longer line is dropped
+/// (a process that prints without newlines cannot fill the node's memory).
+pub const LOG_LINE_BYTES_MAX: usize = 16 << 10;
+/// The node's environment variables a trial inherits; everything else (the
+/// node's own secrets, a `RESOLUTE_TOKEN` its operator exported) is cleared.
+pub const ENV_INHERITED: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "HF_HOME",
+    "TORCH_HOME",
+];
+/// Prefixes of inherited variables (locale, CUDA and NVIDIA settings, conda).
+pub const ENV_INHERITED_PREFIXES: &[&str] = &["LC_", "CUDA_", "NVIDIA_", "NCCL_", "CONDA_"];
+
+/// Whether a trial inherits the node's variable `name`.
+pub fn inherits(name: &str) -> bool {
+    ENV_INHERITED.contains(&name) || ENV_INHERITED_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// One captured output line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -114,7 +143,9 @@ pub(crate) fn spawn(
     rt: &Runtime<'_>,
 ) -> Result<tokio::process::Child, TrialError> {
     let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.arg("-c")
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(inherits)))
+        .arg("-c")
         .arg(&spec.entrypoint)
         .current_dir(&rt.dirs.work)
         .envs(&spec.env)
@@ -204,8 +235,8 @@ pub(crate) async fn capture(
     log: Arc<Mutex<LogFile>>,
     tail: Tail,
 ) {
-    let mut lines = BufReader::new(pipe).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(pipe);
+    while let Some(line) = read_capped_line(&mut reader, LOG_LINE_BYTES_MAX).await {
         let entry = LogLine {
             time_ms: now_ms(),
             stream,
@@ -216,6 +247,38 @@ pub(crate) async fn capture(
         tail.push_back(entry);
         while tail.len() > LOG_TAIL_LINES {
             tail.pop_front();
+        }
+    }
+}
+
+/// The next line (without its newline), its first `max_bytes` bytes only;
+/// `None` at the end of the stream.
+async fn read_capped_line(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    max_bytes: usize,
+) -> Option<String> {
+    let mut line = Vec::new();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(b) => b,
+            Err(_) => return None,
+        };
+        if buf.is_empty() {
+            return (!line.is_empty()).then(|| String::from_utf8_lossy(&line).into_owned());
+        }
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max_bytes.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = done.unwrap_or(buf.len());
+        reader.consume(used);
+        if done.is_some() {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Some(String::from_utf8_lossy(&line).into_owned());
         }
     }
 }
@@ -466,5 +529,27 @@ mod tests {
         let mut done = Group::new(pgid);
         done.exited();
         drop(done);
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_the_rest_read_on() {
+        let mut text = vec![b'x'; 3 * LOG_LINE_BYTES_MAX];
+        text.extend_from_slice(b"\nshort\r\nlast");
+        let mut r = BufReader::with_capacity(1000, &text[..]);
+        let first = read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.expect("line");
+        assert_eq!(first.len(), LOG_LINE_BYTES_MAX);
+        assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.as_deref(), Some("short"));
+        assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.as_deref(), Some("last"));
+        assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await, None);
+    }
+
+    #[test]
+    fn a_trial_inherits_only_the_allowed_variables() {
+        for ok in ["PATH", "HOME", "LC_ALL", "CUDA_HOME", "NCCL_DEBUG"] {
+            assert!(inherits(ok), "{ok}");
+        }
+        for secret in ["RESOLUTE_TOKEN", "AWS_SECRET_ACCESS_KEY", "RESOLUTE_CLUSTER_KEY", "XPATH"] {
+            assert!(!inherits(secret), "{secret}");
+        }
     }
 }

@@ -302,7 +302,14 @@ impl Cluster {
         let leader = self.leader().context("no leader")?;
         let id = ProposalId(self.next_id);
         self.next_id += 1;
-        self.input(leader, Input::Propose { id, command });
+        self.input(
+            leader,
+            Input::Propose {
+                id,
+                command,
+                user: None,
+            },
+        );
         Ok(id)
     }
 
@@ -329,11 +336,13 @@ searcher: {name: random, metric: loss, max_trials: 32, max_concurrent_trials: 32
             .state()
             .trials
             .iter()
+            // The leader proposes the reports, and a node reports only for
+            // trials it runs (others' records would be refused on apply).
             .filter(|(_, t)| {
                 matches!(
                     t.state,
                     TrialState::Assigned { .. } | TrialState::Running { .. }
-                )
+                ) && t.is_placed_on(leader)
             })
             .map(|(id, t)| (*id, t.incarnation))
             .collect();

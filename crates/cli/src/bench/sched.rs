@@ -46,12 +46,21 @@ struct Sm {
 
 impl Sm {
     fn apply(&mut self, command: Command) -> Vec<Change> {
+        self.apply_from(1, command)
+    }
+
+    /// Applies `command` as proposed by `node` (a trial's report comes from a
+    /// node it runs on).
+    fn apply_from(&mut self, node: u64, command: Command) -> Vec<Change> {
         self.index += 1;
         let envelope = Envelope {
             version: COMMAND_VERSION,
             id: ProposalId(u128::from(self.index)),
             // One simulated second per entry.
             time_ms: self.index * 1000,
+            proposer: node,
+            leader: 1,
+            user: None,
             command,
         };
         self.state.apply(self.index, envelope).1
@@ -97,14 +106,16 @@ fn churn(sm: &mut Sm) -> Vec<f64> {
     let mut costs = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
         let running = sm.state.trials.iter().find_map(|(id, t)| match t.state {
-            TrialState::Assigned { .. } | TrialState::Running { .. } => Some((*id, t.incarnation)),
+            TrialState::Assigned { node } | TrialState::Running { node } => {
+                Some((*id, t.incarnation, node))
+            }
             _ => None,
         });
-        let Some((trial, incarnation)) = running else {
+        let Some((trial, incarnation, node)) = running else {
             break;
         };
         let start = Instant::now();
-        sm.apply(Command::TrialExited {
+        sm.apply_from(node, Command::TrialExited {
             trial,
             incarnation,
             outcome: TrialOutcome::Completed,

@@ -12,12 +12,23 @@ impl ClusterState {
         }
         let mut changes = Vec::new();
         self.now_ms = self.now_ms.max(envelope.time_ms);
+        if let Err(reason) = self.authorize(&envelope) {
+            self.forbidden += 1;
+            let reply = Reply::Forbidden { reason };
+            self.remember(envelope.id, reply.clone());
+            return (reply, changes);
+        }
+        let mut envelope = envelope;
+        if let Command::Metrics { records } = &mut envelope.command {
+            self.own_records(envelope.proposer, records);
+        }
         if envelope.command == Command::Tick {
             // Time-based decisions are made on the leader's Tick entries (and,
             // for placement, on every entry that runs it).
             self.enforce_stop_deadlines(&mut changes);
         }
-        let reply = self.apply_command(envelope.command, &mut changes);
+        let user = envelope.user;
+        let reply = self.apply_command(envelope.command, user.as_deref(), &mut changes);
         self.schedule(&mut changes);
         self.remember(envelope.id, reply.clone());
         (reply, changes)
@@ -33,7 +44,12 @@ impl ClusterState {
         }
     }
 
-    pub(super) fn apply_command(&mut self, command: Command, changes: &mut Vec<Change>) -> Reply {
+    pub(super) fn apply_command(
+        &mut self,
+        command: Command,
+        user: Option<&str>,
+        changes: &mut Vec<Change>,
+    ) -> Reply {
         // Everything but progress reports can change what placement sees; metrics
         // can too, through the searcher (run_op marks those cases).
         if !matches!(
@@ -42,6 +58,7 @@ impl ClusterState {
                 | Command::CheckpointSaved { .. }
                 | Command::CheckpointReplicated { .. }
                 | Command::TrialStarted { .. }
+                | Command::User(_)
                 | Command::Noop
         ) {
             self.placement_dirty = true;
@@ -83,7 +100,8 @@ impl ClusterState {
             } => self.create_experiment(
                 config_yaml,
                 overrides,
-                owner,
+                // The owner is the user whose authority the entry carries.
+                user.map_or(owner, str::to_owned),
                 model_digest,
                 default_seed,
                 changes,
@@ -91,6 +109,7 @@ impl ClusterState {
             Command::ExperimentControl { experiment, action } => {
                 self.control(experiment, action, changes)
             }
+            Command::User(command) => self.apply_user(user, command),
             Command::TrialStarted { trial, incarnation } => {
                 match self.current(trial, incarnation) {
                     Ok(t) => {

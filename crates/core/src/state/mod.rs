@@ -10,6 +10,7 @@
 //! - this file: the records (nodes, experiments, trials, checkpoints) and the
 //!   derived indexes, snapshot encoding and the digest;
 //! - [`apply`]: what each command does;
+//! - [`auth`]: who may apply what (users, roles, tokens, node scope);
 //! - `search`: experiments and their searchers, trial reports and exits;
 //! - [`scheduling`]: the scheduler (`crates/sched`) run on the state, per pool,
 //!   and the time-based deadlines;
@@ -27,6 +28,7 @@ use resolute_types::config::{self, ExperimentConfig};
 use resolute_types::{codec, Value};
 
 mod apply;
+pub mod auth;
 mod replication;
 pub use replication::CHECKPOINT_REPLICAS;
 pub mod scheduling;
@@ -312,6 +314,13 @@ pub struct ClusterState {
     seen_order: VecDeque<ProposalId>,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
+    /// Entries (or metric records) refused because their proposer or user may
+    /// not make them (`auth`).
+    pub forbidden: u64,
+    /// Users by name (`auth`).
+    pub users: BTreeMap<String, auth::User>,
+    /// API tokens by id (`auth`).
+    pub tokens: BTreeMap<String, auth::Token>,
     /// Trial processes that completed on their own short of their target (the
     /// searcher raised it while they ran) and went back to the queue to resume
     /// from a checkpoint: each cost a relaunch that the node could have saved by

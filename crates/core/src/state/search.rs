@@ -18,6 +18,17 @@ impl ClusterState {
             Err(e) => return rejected(e.to_string()),
         };
         let config = loaded.config;
+        let workspace = if config.workspace.is_empty() {
+            super::auth::DEFAULT_WORKSPACE
+        } else {
+            config.workspace.as_str()
+        };
+        if !self.may(Some(owner.as_str()), workspace, crate::command::Role::User) {
+            self.forbidden += 1;
+            return Reply::Forbidden {
+                reason: format!("{owner} may not create experiments in workspace {workspace:?}"),
+            };
+        }
         let seed = config
             .reproducibility
             .experiment_seed

@@ -282,13 +282,27 @@ impl Cluster {
     pub fn propose_on(&mut self, id: NodeId, command: Command) -> ProposalId {
         let pid = ProposalId(self.next_proposal);
         self.next_proposal += 1;
-        self.input(id, Input::Propose { id: pid, command });
+        self.input(
+            id,
+            Input::Propose {
+                id: pid,
+                command,
+                user: None,
+            },
+        );
         pid
     }
 
     pub fn repropose(&mut self, id: NodeId, pid: ProposalId, command: Command) {
         self.replies.remove(&pid);
-        self.input(id, Input::Propose { id: pid, command });
+        self.input(
+            id,
+            Input::Propose {
+                id: pid,
+                command,
+                user: None,
+            },
+        );
     }
 
     /// Crashes a node: it stops, and its store loses what was not synced.
@@ -363,5 +377,43 @@ impl rand_core::RngCore for Xor {
     fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), rand_core::Error> {
         self.fill_bytes(d);
         Ok(())
+    }
+}
+
+/// An entry as an honest cluster would write it: proposed by the node a
+/// node-scoped command is about (a trial's report by a node it runs on), and
+/// appended by that node as the leader, so that the scope checks pass.
+pub fn honest_envelope(
+    state: &resolute_core::state::ClusterState,
+    index: u64,
+    time_ms: u64,
+    command: Command,
+) -> resolute_core::Envelope {
+    let trial_node = |trial: &u64| {
+        state
+            .trials
+            .get(trial)
+            .and_then(|t| t.layout.first().map(|(n, _)| *n))
+    };
+    let proposer = match &command {
+        Command::NodeCapacity { node, .. } | Command::NodeDraining { node } => Some(*node),
+        Command::TrialStarted { trial, .. } | Command::TrialExited { trial, .. } => {
+            trial_node(trial)
+        }
+        Command::CheckpointSaved { holder, .. } | Command::CheckpointReplicated { holder, .. } => {
+            Some(*holder)
+        }
+        Command::Metrics { records } => records.first().and_then(|r| trial_node(&r.trial)),
+        _ => None,
+    }
+    .unwrap_or(1);
+    resolute_core::Envelope {
+        version: resolute_core::command::COMMAND_VERSION,
+        id: ProposalId(u128::from(index)),
+        time_ms,
+        proposer,
+        leader: proposer,
+        user: None,
+        command,
     }
 }

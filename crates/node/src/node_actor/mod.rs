@@ -34,8 +34,9 @@ use crate::net_actor::{self, NetActor, Outbox, Publish, SetMembers};
 use crate::setup::{host_of, write_atomically, PEERS_FILE};
 
 pub use messages::{
-    BlobUnavailable, Checkpoint, ClusterView, ExperimentList, ExperimentTrials, ExperimentView,
-    Leave, LogSources, Propose, TrialLogSources, TrialMetrics, TrialView,
+    Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied, ExperimentList,
+    ExperimentTrials, ExperimentView, Leave, LogSources, Propose, TokenOwner, TokenOwnerInfo,
+    TrialLogSources, TrialMetrics, TrialView, UsersView,
 };
 
 /// Mailbox of the node: swarm events, trial reports, API calls.

@@ -89,7 +89,9 @@ impl World<'_> {
             "submit experiment {config} via {}",
             self.nodes[via].name
         ));
-        self.step(via, Event::Propose { id, command });
+        // A simulated cluster has no users: the owner is who the client says.
+        let user = Some(self.sc.experiments[arrival].owner.clone());
+        self.step(via, Event::Propose { id, command, user });
     }
 
     /// No answer (the node died with the request): retry elsewhere with the

@@ -1,14 +1,21 @@
 //! The REST API under `/api/v1` (every node serves it; writes are proposed to the
 //! local node, which forwards them to the leader). Errors are JSON objects with a
 //! `code` and a `message`.
+//!
+//! Every route is in [`table`] and behind `auth::gate` (authentication, origin
+//! and content-type checks); each handler then asks the node whether the
+//! caller may do what it asks (`node_actor::Allowed`), and what it proposes
+//! carries the caller, which every replica checks again on apply.
+
+mod access;
 
 use actix::Addr;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRef, Path as UrlPath, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRef, Path as UrlPath, Query, State};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{get, post, MethodRouter};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -16,11 +23,16 @@ use resolute_core::command::{Command, Control};
 use resolute_core::node::NodeError;
 use resolute_core::Reply;
 use resolute_storage::blob::BlobStore;
+use resolute_types::config::CONFIG_BYTES_MAX;
 
-use crate::node_actor::{self, BlobUnavailable, NodeActor};
+use crate::auth::{self, Caller, Gate};
+use crate::node_actor::{self, Access, BlobUnavailable, Denied, NodeActor};
 
 /// Largest model directory upload, in bytes.
 pub const UPLOAD_MAX_BYTES: usize = 1 << 30;
+/// Largest JSON body of any other route, in bytes: an experiment config (at
+/// most `CONFIG_BYTES_MAX`) and its overrides, JSON-escaped.
+pub const JSON_BODY_MAX_BYTES: usize = 3 * CONFIG_BYTES_MAX as usize;
 /// How long another node may take to send its share of a trial's logs.
 const PEER_LOGS_TIMEOUT_MS: u64 = 2_000;
 /// How often a followed log looks for new lines.
@@ -57,22 +69,72 @@ impl FromRef<ApiState> for BlobStore {
     }
 }
 
-/// The router, talking to the node actor.
-pub fn router(node: Addr<NodeActor>, blobs: BlobStore) -> Router {
-    Router::new()
-        .route("/api/v1/experiments", post(create).get(list))
-        .route("/api/v1/experiments/{id}", get(describe))
-        .route("/api/v1/experiments/{id}/{action}", post(control))
-        .route("/api/v1/experiments/{id}/trials", get(trials))
-        .route("/api/v1/trials/{id}", get(trial))
-        .route("/api/v1/trials/{id}/metrics", get(metrics))
-        .route("/api/v1/trials/{id}/logs", get(logs))
-        .route("/api/v1/checkpoints/{uuid}", get(checkpoint))
-        .route("/api/v1/blobs", post(upload))
-        .route("/api/v1/cluster", get(cluster))
-        .route("/api/v1/nodes/{id}/drain", post(drain))
-        .layer(axum::extract::DefaultBodyLimit::max(UPLOAD_MAX_BYTES))
-        .with_state(ApiState { node, blobs })
+/// Every route: its method, its path and its handler. [`router`] serves
+/// exactly these, behind the gate; [`route_list`] lists them for the test that
+/// proves no route answers without a token.
+fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
+    let json = || DefaultBodyLimit::max(JSON_BODY_MAX_BYTES);
+    vec![
+        (Method::POST, "/api/v1/experiments", post(create).layer(json())),
+        (Method::GET, "/api/v1/experiments", get(list)),
+        (Method::GET, "/api/v1/experiments/{id}", get(describe)),
+        (Method::POST, "/api/v1/experiments/{id}/{action}", post(control).layer(json())),
+        (Method::GET, "/api/v1/experiments/{id}/trials", get(trials)),
+        (Method::GET, "/api/v1/trials/{id}", get(trial)),
+        (Method::GET, "/api/v1/trials/{id}/metrics", get(metrics)),
+        (Method::GET, "/api/v1/trials/{id}/logs", get(logs)),
+        (Method::GET, "/api/v1/checkpoints/{uuid}", get(checkpoint)),
+        (
+            Method::POST,
+            "/api/v1/blobs",
+            post(upload).layer(DefaultBodyLimit::max(UPLOAD_MAX_BYTES)),
+        ),
+        (Method::GET, "/api/v1/cluster", get(cluster)),
+        (Method::POST, "/api/v1/nodes/{id}/drain", post(drain).layer(json())),
+        (Method::GET, "/api/v1/me", get(access::me)),
+        (Method::GET, "/api/v1/users", get(access::users)),
+        (Method::POST, "/api/v1/users", post(access::create_user).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/users/{name}/deactivate",
+            post(access::deactivate).layer(json()),
+        ),
+        (Method::POST, "/api/v1/users/{name}/roles", post(access::grant).layer(json())),
+        (Method::POST, "/api/v1/tokens", post(access::create_token).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/tokens/{id}/revoke",
+            post(access::revoke_token).layer(json()),
+        ),
+    ]
+}
+
+/// Every route's method and path.
+pub fn route_list() -> Vec<(Method, &'static str)> {
+    table().into_iter().map(|(m, p, _)| (m, p)).collect()
+}
+
+/// The router, talking to the node actor, every route behind `gate`.
+pub fn router(node: Addr<NodeActor>, blobs: BlobStore, gate: Gate) -> Router {
+    let mut r = Router::new();
+    for (_, path, route) in table() {
+        r = r.route(path, route);
+    }
+    r.with_state(ApiState { node, blobs })
+        .layer(axum::middleware::from_fn_with_state(gate, auth::gate))
+}
+
+/// Whether `caller` may do `access`: nothing, or the 404 or 403 to answer.
+async fn allow(node: &Addr<NodeActor>, caller: &Caller, access: Access) -> Result<(), Res> {
+    match node
+        .send(node_actor::Allowed((caller.user.clone(), access)))
+        .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(Denied::NotFound(m))) => Err(error(StatusCode::NOT_FOUND, "not_found", m)),
+        Ok(Err(Denied::Forbidden(m))) => Err(error(StatusCode::FORBIDDEN, "forbidden", m)),
+        Err(_) => Err(stopping()),
+    }
 }
 
 fn stopping() -> Res {
@@ -96,10 +158,15 @@ where
     }
 }
 
-async fn propose(node: &Addr<NodeActor>, command: Command) -> Result<Reply, Res> {
-    match node.send(node_actor::Propose(command)).await {
+/// Proposes `command` on `caller`'s authority.
+async fn propose(node: &Addr<NodeActor>, caller: &Caller, command: Command) -> Result<Reply, Res> {
+    let asked = node.send(node_actor::Propose(command, Some(caller.user.clone())));
+    match asked.await {
         Ok(Ok(Reply::Rejected { reason })) => {
             Err(error(StatusCode::BAD_REQUEST, "rejected", reason))
+        }
+        Ok(Ok(Reply::Forbidden { reason })) => {
+            Err(error(StatusCode::FORBIDDEN, "forbidden", reason))
         }
         Ok(Ok(r)) => Ok(r),
         Ok(Err(NodeError::Refused(m))) => Err(error(StatusCode::BAD_REQUEST, "refused", m)),
@@ -118,17 +185,31 @@ struct CreateBody {
     config: String,
     #[serde(default)]
     overrides: Vec<String>,
+    /// Ignored: the owner is the authenticated caller (older clients send it).
     #[serde(default)]
+    #[allow(dead_code)]
     owner: String,
     #[serde(default)]
     model_digest: String,
 }
 
-async fn create(State(node): State<Addr<NodeActor>>, body: String) -> Res {
+async fn create(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    body: String,
+) -> Res {
     let b: CreateBody = match serde_json::from_str(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("body: {e}")),
     };
+    let size = b.config.len() + b.overrides.iter().map(String::len).sum::<usize>();
+    if size as u64 > CONFIG_BYTES_MAX {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("config: {size} bytes with its overrides; the limit is {CONFIG_BYTES_MAX}"),
+        );
+    }
     // Check the config here so that the user gets every error, with lines.
     if let Err(e) = resolute_types::config::parse_str("experiment.yaml", &b.config, &b.overrides) {
         return error(StatusCode::BAD_REQUEST, "invalid_config", e.to_string());
@@ -140,15 +221,11 @@ async fn create(State(node): State<Addr<NodeActor>>, body: String) -> Res {
     let command = Command::ExperimentCreated {
         config_yaml: b.config,
         overrides: b.overrides,
-        owner: if b.owner.is_empty() {
-            "user".into()
-        } else {
-            b.owner
-        },
+        owner: caller.user.clone(),
         model_digest: b.model_digest,
         default_seed: seed,
     };
-    match propose(&node, command).await {
+    match propose(&node, &caller, command).await {
         Ok(Reply::ExperimentCreated { experiment }) => {
             (StatusCode::OK, Json(json!({"id": experiment})))
         }
@@ -157,14 +234,21 @@ async fn create(State(node): State<Addr<NodeActor>>, body: String) -> Res {
     }
 }
 
-async fn list(State(node): State<Addr<NodeActor>>) -> Res {
-    match node.send(node_actor::ExperimentList).await {
+async fn list(State(node): State<Addr<NodeActor>>, Extension(caller): Extension<Caller>) -> Res {
+    match node.send(node_actor::ExperimentList(caller.user)).await {
         Ok(v) => (StatusCode::OK, Json(v)),
         Err(_) => stopping(),
     }
 }
 
-async fn describe(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+async fn describe(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<u64>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
+        return e;
+    }
     query(&node, node_actor::ExperimentView(id), || {
         format!("no experiment {id}")
     })
@@ -173,6 +257,7 @@ async fn describe(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>
 
 async fn control(
     State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
     UrlPath((id, action)): UrlPath<(u64, String)>,
 ) -> Res {
     let action = match action.as_str() {
@@ -188,8 +273,12 @@ async fn control(
             )
         }
     };
+    if let Err(e) = allow(&node, &caller, Access::ControlExperiment(id)).await {
+        return e;
+    }
     match propose(
         &node,
+        &caller,
         Command::ExperimentControl {
             experiment: id,
             action,
@@ -202,21 +291,42 @@ async fn control(
     }
 }
 
-async fn trials(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+async fn trials(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<u64>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
+        return e;
+    }
     query(&node, node_actor::ExperimentTrials(id), || {
         format!("no experiment {id}")
     })
     .await
 }
 
-async fn trial(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+async fn trial(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<u64>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
+        return e;
+    }
     query(&node, node_actor::TrialView(id), || {
         format!("no trial {id}")
     })
     .await
 }
 
-async fn metrics(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<u64>) -> Res {
+async fn metrics(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<u64>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
+        return e;
+    }
     query(&node, node_actor::TrialMetrics(id), || {
         format!("no trial {id}")
     })
@@ -241,13 +351,17 @@ struct LogQuery {
 /// lines on several), oldest first, each with the node that read it.
 async fn logs(
     State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    if q.follow {
-        return follow_logs(node, id, q.since_ms);
+    if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
+        return e.into_response();
     }
-    match gather_logs(&node, id, q.local, q.since_ms).await {
+    if q.follow {
+        return follow_logs(node, caller.token, id, q.since_ms);
+    }
+    match gather_logs(&node, &caller.token, id, q.local, q.since_ms).await {
         Ok((lines, _)) => Json(Value::Array(lines)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -256,6 +370,7 @@ async fn logs(
 /// The lines, and whether the trial has ended.
 async fn gather_logs(
     node: &Addr<NodeActor>,
+    token: &str,
     id: u64,
     local_only: bool,
     since_ms: u64,
@@ -283,13 +398,18 @@ async fn gather_logs(
     .unwrap_or_default();
     let ended = sources.ended;
     if !local_only {
+        // The caller's own token goes with the question, so that the peer
+        // checks the same rights; only to an address literal (an IP and a
+        // port, never a name to resolve), as the peer's gossiped record says.
         let asks: Vec<_> = sources
             .peers
             .into_iter()
+            .filter(|api| api.parse::<std::net::SocketAddr>().is_ok())
             .map(|api| {
                 let url =
                     format!("http://{api}/api/v1/trials/{id}/logs?local=true&since_ms={since_ms}");
-                tokio::task::spawn_blocking(move || peer_lines(&url))
+                let token = token.to_string();
+                tokio::task::spawn_blocking(move || peer_lines(&url, &token))
             })
             .collect();
         for ask in asks {
@@ -301,13 +421,14 @@ async fn gather_logs(
     Ok((lines, ended))
 }
 
-fn peer_lines(url: &str) -> Vec<Value> {
+fn peer_lines(url: &str, token: &str) -> Vec<Value> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(std::time::Duration::from_millis(PEER_LOGS_TIMEOUT_MS)))
         .build()
         .into();
     agent
         .get(url)
+        .header("authorization", &format!("Bearer {token}"))
         .call()
         .ok()
         .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
@@ -317,9 +438,10 @@ fn peer_lines(url: &str) -> Vec<Value> {
 
 /// Streams a trial's log as NDJSON: what there is, then new lines as they come,
 /// until the trial has ended (or the client goes away).
-fn follow_logs(node: Addr<NodeActor>, id: u64, since_ms: u64) -> Response {
+fn follow_logs(node: Addr<NodeActor>, token: String, id: u64, since_ms: u64) -> Response {
     struct Cursor {
         node: Addr<NodeActor>,
+        token: String,
         since_ms: u64,
         /// Lines already sent that were read at `since_ms` (the next poll
         /// returns them again, as it includes that millisecond).
@@ -329,6 +451,7 @@ fn follow_logs(node: Addr<NodeActor>, id: u64, since_ms: u64) -> Response {
     }
     let cursor = Cursor {
         node,
+        token,
         since_ms,
         at_edge: Vec::new(),
         first: true,
@@ -341,7 +464,7 @@ fn follow_logs(node: Addr<NodeActor>, id: u64, since_ms: u64) -> Response {
         if !std::mem::take(&mut c.first) {
             tokio::time::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS)).await;
         }
-        let (lines, ended) = match gather_logs(&c.node, id, false, c.since_ms).await {
+        let (lines, ended) = match gather_logs(&c.node, &c.token, id, false, c.since_ms).await {
             Ok(x) => x,
             Err((_, Json(e))) => {
                 c.done = true;
@@ -384,6 +507,7 @@ fn follow_logs(node: Addr<NodeActor>, id: u64, since_ms: u64) -> Response {
 /// first when this node has no copy), verified, as `application/octet-stream`.
 async fn checkpoint(
     State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(uuid): UrlPath<String>,
 ) -> Response {
     if resolute_storage::blob::check_digest(&uuid).is_err() {
@@ -393,6 +517,9 @@ async fn checkpoint(
             format!("{uuid:?} is not a checkpoint uuid"),
         )
         .into_response();
+    }
+    if let Err(e) = allow(&node, &caller, Access::ReadCheckpoint(uuid.clone())).await {
+        return e.into_response();
     }
     let path = match node.send(node_actor::Checkpoint(uuid.clone())).await {
         Ok(Ok(path)) => path,
@@ -446,7 +573,15 @@ async fn checkpoint(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn upload(State(blobs): State<BlobStore>, body: axum::body::Bytes) -> Res {
+async fn upload(
+    State(node): State<Addr<NodeActor>>,
+    State(blobs): State<BlobStore>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::Write).await {
+        return e;
+    }
     // Hashed and written off the node actor's thread and off the async workers.
     let stored = tokio::task::spawn_blocking(move || blobs.put_bytes(&body)).await;
     match stored {
@@ -466,7 +601,14 @@ async fn cluster(State(node): State<Addr<NodeActor>>) -> Res {
     }
 }
 
-async fn drain(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<String>) -> Res {
+async fn drain(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ClusterAdmin).await {
+        return e;
+    }
     let node_addr = node;
     let Ok(node) = u64::from_str_radix(id.trim_start_matches("0x"), 16) else {
         return error(
@@ -475,7 +617,7 @@ async fn drain(State(node): State<Addr<NodeActor>>, UrlPath(id): UrlPath<String>
             format!("node id {id:?} is not hex"),
         );
     };
-    match propose(&node_addr, Command::NodeDraining { node }).await {
+    match propose(&node_addr, &caller, Command::NodeDraining { node }).await {
         Ok(_) => (StatusCode::OK, Json(json!({}))),
         Err(e) => e,
     }

@@ -1,0 +1,404 @@
+//! Who may apply what. Every entry says which node proposed it, which leader
+//! appended it and on which user's authority (`Envelope`); applying it checks,
+//! the same way on every replica:
+//! - node-scoped commands (capacity, a node's own drain, trial reports and
+//!   checkpoint copies) only from that node, or from a node the trial runs on;
+//! - leader-scoped commands (leases, the clock) only from the leader;
+//! - user-scoped commands (experiments, pools, users and tokens) only on the
+//!   authority of an active user with the role, once the cluster has users
+//!   (`UserCommand::Bootstrap`, from `resolute cluster init`). A cluster
+//!   without users (the simulator, the core's unit tests) checks node and
+//!   leader scope only.
+//!
+//! A refused entry still applies (as a `Reply::Forbidden`) and is counted in
+//! `forbidden`: it changes nothing else.
+
+use super::*;
+use crate::command::{NewToken, Role, UserCommand};
+
+/// The workspace of an experiment whose config names none (Determined's).
+pub const DEFAULT_WORKSPACE: &str = "Uncategorized";
+/// Longest user name, in bytes.
+pub const USER_NAME_BYTES_MAX: usize = 64;
+/// Longest token id, in bytes.
+pub const TOKEN_ID_BYTES_MAX: usize = 64;
+/// Longest token hash (PHC string), in bytes.
+pub const TOKEN_HASH_BYTES_MAX: usize = 256;
+/// Longest token label, in bytes.
+pub const TOKEN_LABEL_BYTES_MAX: usize = 256;
+/// Users a cluster may have.
+pub const USERS_MAX: usize = 10_000;
+/// Tokens (live or revoked) one user may have.
+pub const TOKENS_PER_USER_MAX: usize = 100;
+/// Workspaces one user may hold roles in.
+pub const ROLES_PER_USER_MAX: usize = 1_000;
+
+/// A user of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Deactivated users can do nothing; their tokens stop working.
+    pub active: bool,
+    /// Administers the cluster: nodes, users, pools, every workspace.
+    pub cluster_admin: bool,
+    /// Roles by workspace.
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// An API token (its secret is never stored: see `NewToken`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Token {
+    /// Whose it is.
+    pub user: String,
+    /// The argon2 hash of its secret (PHC string).
+    pub hash: String,
+    /// When it stops working (milliseconds since the Unix epoch), if ever.
+    pub expires_ms: Option<u64>,
+    /// What it is for.
+    pub label: String,
+    /// Revoked tokens stay listed, and never work again.
+    pub revoked: bool,
+}
+
+fn forbidden(reason: impl Into<String>) -> Reply {
+    Reply::Forbidden {
+        reason: reason.into(),
+    }
+}
+
+/// Whether `name` is a valid user name: 1 to 64 of `a-z 0-9 _ . -`, starting
+/// with a letter or digit.
+pub fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= USER_NAME_BYTES_MAX
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || (i > 0 && matches!(b, b'_' | b'.' | b'-'))
+        })
+}
+
+fn valid_token(t: &NewToken) -> Result<(), String> {
+    if t.id.is_empty()
+        || t.id.len() > TOKEN_ID_BYTES_MAX
+        || !t.id.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err("a token id is 1 to 64 ASCII letters and digits".into());
+    }
+    if t.hash.is_empty() || t.hash.len() > TOKEN_HASH_BYTES_MAX {
+        return Err("a token hash is 1 to 256 bytes".into());
+    }
+    if t.label.len() > TOKEN_LABEL_BYTES_MAX {
+        return Err("a token label is at most 256 bytes".into());
+    }
+    Ok(())
+}
+
+impl ClusterState {
+    /// Whether the cluster has users: from then on, user-scoped commands need
+    /// a user's authority.
+    pub fn secured(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    /// An active user.
+    pub fn active_user(&self, name: &str) -> Option<&User> {
+        self.users.get(name).filter(|u| u.active)
+    }
+
+    /// Whether `user` is an active cluster administrator.
+    pub fn is_cluster_admin(&self, user: Option<&str>) -> bool {
+        user.and_then(|u| self.active_user(u))
+            .is_some_and(|u| u.cluster_admin)
+    }
+
+    /// `user`'s role in `workspace` (a cluster admin is every workspace's admin).
+    pub fn role_in(&self, user: &str, workspace: &str) -> Option<Role> {
+        let u = self.active_user(user)?;
+        if u.cluster_admin {
+            return Some(Role::Admin);
+        }
+        u.roles.get(workspace).copied()
+    }
+
+    /// Whether `user` holds at least `need` in `workspace` (anyone may, in a
+    /// cluster without users).
+    pub fn may(&self, user: Option<&str>, workspace: &str, need: Role) -> bool {
+        if !self.secured() {
+            return true;
+        }
+        user.and_then(|u| self.role_in(u, workspace))
+            .is_some_and(|r| r >= need)
+    }
+
+    /// An experiment's workspace.
+    pub fn workspace_of(&self, experiment: ExperimentId) -> &str {
+        self.experiments
+            .get(&experiment)
+            .and_then(|e| e.config())
+            .map(|c| c.workspace.as_str())
+            .filter(|w| !w.is_empty())
+            .unwrap_or(DEFAULT_WORKSPACE)
+    }
+
+    /// Whether `user` may read `experiment` (a viewer of its workspace).
+    pub fn may_read(&self, user: Option<&str>, experiment: ExperimentId) -> bool {
+        self.may(user, self.workspace_of(experiment), Role::Viewer)
+    }
+
+    /// Whether `user` may pause, activate, cancel or kill `experiment`: its
+    /// owner with the user role in its workspace, or an editor there.
+    pub fn may_control(&self, user: Option<&str>, experiment: ExperimentId) -> bool {
+        let workspace = self.workspace_of(experiment);
+        if self.may(user, workspace, Role::Editor) {
+            return true;
+        }
+        let owner = self.experiments.get(&experiment).map(|e| e.owner.as_str());
+        user.is_some() && owner == user && self.may(user, workspace, Role::User)
+    }
+
+    /// A token that works now (not revoked, not expired, its user active), and
+    /// its user's name.
+    pub fn live_token(&self, id: &str, now_ms: u64) -> Option<&Token> {
+        let t = self.tokens.get(id)?;
+        let live = !t.revoked
+            && t.expires_ms.is_none_or(|e| now_ms < e)
+            && self.active_user(&t.user).is_some();
+        live.then_some(t)
+    }
+
+    /// Checks who proposed `envelope` against what it asks (see the module
+    /// comment). User-scoped commands whose check needs what they change
+    /// (an experiment's workspace, the user table) are checked where applied.
+    pub(super) fn authorize(&self, envelope: &Envelope) -> Result<(), String> {
+        let (p, leader) = (envelope.proposer, envelope.leader);
+        let user = envelope.user.as_deref();
+        let node_only = |node: NodeId, what: &str| {
+            if p == node {
+                Ok(())
+            } else {
+                Err(format!("node {p:016x} may not report {what} for node {node:016x}"))
+            }
+        };
+        match &envelope.command {
+            Command::Noop => Ok(()),
+            Command::Tick | Command::NodeLost { .. } | Command::NodeAlive { .. } => {
+                if p == leader {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "only the leader decides leases and time, not node {p:016x}"
+                    ))
+                }
+            }
+            Command::NodeCapacity { node, .. } => node_only(*node, "capacity"),
+            Command::NodeDraining { node } => {
+                if p == *node || !self.secured() || self.is_cluster_admin(user) {
+                    Ok(())
+                } else {
+                    Err("only the node itself or a cluster admin drains a node".into())
+                }
+            }
+            Command::SetPool { .. } => {
+                if !self.secured() || self.is_cluster_admin(user) {
+                    Ok(())
+                } else {
+                    Err("only a cluster admin sets a pool's settings".into())
+                }
+            }
+            Command::ExperimentCreated { .. } => {
+                if self.secured() && user.is_none() {
+                    Err("an experiment is created on a user's authority".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Command::ExperimentControl { experiment, .. } => {
+                if self.may_control(user, *experiment) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} may not control experiment {experiment}",
+                        user.unwrap_or("a node")
+                    ))
+                }
+            }
+            Command::TrialStarted { trial, incarnation }
+            | Command::TrialExited {
+                trial, incarnation, ..
+            } => self.reports_from(p, *trial, *incarnation),
+            Command::CheckpointSaved {
+                trial,
+                incarnation,
+                holder,
+                ..
+            } => {
+                node_only(*holder, "a checkpoint")?;
+                self.reports_from(p, *trial, *incarnation)
+            }
+            Command::CheckpointReplicated { holder, .. } => node_only(*holder, "a copy"),
+            // Checked record by record (`own_records`).
+            Command::Metrics { .. } => Ok(()),
+            Command::User(_) => Ok(()),
+        }
+    }
+
+    /// A report about the current incarnation of a trial comes from a node it
+    /// runs on (a stale or unknown one is rejected later, as stale).
+    fn reports_from(&self, node: NodeId, trial: TrialId, incarnation: u64) -> Result<(), String> {
+        match self.trials.get(&trial) {
+            Some(t) if t.incarnation == incarnation && !t.layout.iter().any(|(n, _)| *n == node) => {
+                Err(format!(
+                    "node {node:016x} does not run trial {trial} incarnation {incarnation}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps the metric records `node` may report; counts the others.
+    pub(super) fn own_records(&mut self, node: NodeId, records: &mut Vec<MetricRecord>) {
+        let before = records.len();
+        records.retain(|r| self.reports_from(node, r.trial, r.incarnation).is_ok());
+        self.forbidden += (before - records.len()) as u64;
+    }
+
+    /// Applies a user-management command on `user`'s authority.
+    pub(super) fn apply_user(&mut self, user: Option<&str>, command: UserCommand) -> Reply {
+        let admin = self.is_cluster_admin(user);
+        match command {
+            UserCommand::Bootstrap { admin: name, token } => {
+                if self.secured() {
+                    return forbidden("the cluster already has users");
+                }
+                if !valid_user_name(&name) {
+                    return rejected(format!("invalid user name {name:?}"));
+                }
+                if let Err(e) = valid_token(&token) {
+                    return rejected(e);
+                }
+                self.users.insert(
+                    name.clone(),
+                    User {
+                        active: true,
+                        cluster_admin: true,
+                        roles: BTreeMap::new(),
+                    },
+                );
+                self.insert_token(name, token);
+                Reply::Ok
+            }
+            UserCommand::Create {
+                name,
+                cluster_admin,
+                roles,
+            } => {
+                if !admin {
+                    return forbidden("only a cluster admin creates users");
+                }
+                if !valid_user_name(&name) {
+                    return rejected(format!(
+                        "invalid user name {name:?} (1 to 64 of a-z, 0-9, _ . -)"
+                    ));
+                }
+                if self.users.contains_key(&name) {
+                    return rejected(format!("user {name} exists"));
+                }
+                if self.users.len() >= USERS_MAX || roles.len() > ROLES_PER_USER_MAX {
+                    return rejected(format!(
+                        "at most {USERS_MAX} users of at most {ROLES_PER_USER_MAX} roles"
+                    ));
+                }
+                self.users.insert(
+                    name,
+                    User {
+                        active: true,
+                        cluster_admin,
+                        roles,
+                    },
+                );
+                Reply::Ok
+            }
+            UserCommand::Deactivate { name } => {
+                if !admin {
+                    return forbidden("only a cluster admin deactivates users");
+                }
+                let admins = self
+                    .users
+                    .iter()
+                    .filter(|(n, u)| u.active && u.cluster_admin && **n != name)
+                    .count();
+                let Some(u) = self.users.get_mut(&name) else {
+                    return rejected(format!("no user {name}"));
+                };
+                if u.cluster_admin && admins == 0 {
+                    return rejected("the last cluster admin cannot be deactivated".into());
+                }
+                u.active = false;
+                Reply::Ok
+            }
+            UserCommand::Grant {
+                name,
+                workspace,
+                role,
+            } => {
+                let may = admin || user.is_some_and(|u| self.role_in(u, &workspace) == Some(Role::Admin));
+                if !may {
+                    return forbidden(format!("only an admin of {workspace} grants roles there"));
+                }
+                let Some(u) = self.users.get_mut(&name) else {
+                    return rejected(format!("no user {name}"));
+                };
+                match role {
+                    Some(r) if u.roles.len() < ROLES_PER_USER_MAX || u.roles.contains_key(&workspace) => {
+                        u.roles.insert(workspace, r);
+                    }
+                    Some(_) => return rejected(format!("at most {ROLES_PER_USER_MAX} roles")),
+                    None => {
+                        u.roles.remove(&workspace);
+                    }
+                }
+                Reply::Ok
+            }
+            UserCommand::CreateToken { user: owner, token } => {
+                if !(admin || user == Some(owner.as_str())) || self.active_user(&owner).is_none() {
+                    return forbidden(format!("a token for {owner} is made by {owner} or a cluster admin"));
+                }
+                if let Err(e) = valid_token(&token) {
+                    return rejected(e);
+                }
+                if self.tokens.contains_key(&token.id) {
+                    return rejected(format!("token {} exists", token.id));
+                }
+                let held = self.tokens.values().filter(|t| t.user == owner).count();
+                if held >= TOKENS_PER_USER_MAX {
+                    return rejected(format!("at most {TOKENS_PER_USER_MAX} tokens per user"));
+                }
+                self.insert_token(owner, token);
+                Reply::Ok
+            }
+            UserCommand::RevokeToken { id } => {
+                let Some(t) = self.tokens.get_mut(&id) else {
+                    return rejected(format!("no token {id}"));
+                };
+                if !(admin || user == Some(t.user.as_str())) {
+                    return forbidden("a token is revoked by its user or a cluster admin");
+                }
+                t.revoked = true;
+                Reply::Ok
+            }
+        }
+    }
+
+    fn insert_token(&mut self, user: String, token: NewToken) {
+        self.tokens.insert(
+            token.id,
+            Token {
+                user,
+                hash: token.hash,
+                expires_ms: token.expires_ms,
+                label: token.label,
+                revoked: false,
+            },
+        );
+    }
+}
