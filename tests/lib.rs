@@ -72,6 +72,9 @@ pub struct NodeProc {
     pub token: String,
 }
 
+/// How long a started node may take to know its cluster's administrator.
+const AUTHENTICATED_WAIT_MS: u64 = 20_000;
+
 /// Each cluster's administrator token and key file, by the data dirs, API
 /// and listen addresses of its nodes (a test runs several clusters at once).
 #[derive(Default)]
@@ -94,7 +97,11 @@ pub fn init(data: &Path) -> String {
         .arg(data)
         .output()
         .expect("cluster init");
-    assert!(out.status.success(), "cluster init: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cluster init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("cluster init --json");
     v["token"].as_str().expect("token").to_string()
 }
@@ -182,9 +189,18 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
             .to_string()
     };
     let (api, listen) = (format!("http://{}", field("api=")), field("listen="));
-    let mut c = clusters();
-    c.by_addr.insert(api.clone(), (token.clone(), key.clone()));
-    c.by_addr.insert(listen.clone(), (token.clone(), key));
+    {
+        let mut c = clusters();
+        c.by_addr.insert(api.clone(), (token.clone(), key.clone()));
+        c.by_addr.insert(listen.clone(), (token.clone(), key));
+    }
+    // The administrator's token works once the node has the entry that made
+    // it (a new cluster's first entries; a joiner's catch-up): wait for that,
+    // a while at most (a test may start a node that never joins).
+    let deadline = Instant::now() + Duration::from_millis(AUTHENTICATED_WAIT_MS);
+    while cli_as(&api, &token, &["whoami"]).0 != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     NodeProc {
         api,
         listen,

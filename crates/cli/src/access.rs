@@ -142,6 +142,24 @@ pub fn login(t: &Target, token: Option<&str>) -> anyhow::Result<ExitCode> {
     finish(r)
 }
 
+/// Runs `resolute whoami`.
+pub fn whoami(t: &Target) -> anyhow::Result<ExitCode> {
+    let r = call(t, "GET", "/me", None).map(|me| {
+        print(t, &me, |me| {
+            println!(
+                "{}{}",
+                me["user"].as_str().unwrap_or("?"),
+                if me["cluster_admin"] == json!(true) {
+                    " (cluster admin)"
+                } else {
+                    ""
+                }
+            )
+        })
+    });
+    finish(r)
+}
+
 /// Runs `resolute logout`: forgets the saved token.
 pub fn logout() -> anyhow::Result<ExitCode> {
     if let Some(d) = config_dir() {
@@ -230,7 +248,10 @@ pub fn parse_ttl_s(text: &str) -> Result<u64, String> {
 }
 
 fn path_segment(s: &str) -> Result<&str, Failure> {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
         Ok(s)
     } else {
         Err(Failure::User(format!("{s:?}: letters, digits, _ . - only")))
@@ -242,8 +263,16 @@ fn print_users(v: &Value) {
         println!(
             "{:<20} {}{} {}",
             u["name"].as_str().unwrap_or(""),
-            if u["active"] == json!(true) { "active" } else { "deactivated" },
-            if u["cluster_admin"] == json!(true) { " cluster-admin" } else { "" },
+            if u["active"] == json!(true) {
+                "active"
+            } else {
+                "deactivated"
+            },
+            if u["cluster_admin"] == json!(true) {
+                " cluster-admin"
+            } else {
+                ""
+            },
             u["roles"]
         );
     }
@@ -256,7 +285,11 @@ fn print_tokens(v: &Value) {
             t["id"].as_str().unwrap_or(""),
             t["user"].as_str().unwrap_or(""),
             t["label"].as_str().unwrap_or(""),
-            if t["revoked"] == json!(true) { " (revoked)" } else { "" }
+            if t["revoked"] == json!(true) {
+                " (revoked)"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -289,7 +322,11 @@ pub fn user(t: &Target, cmd: &UserCommand) -> anyhow::Result<ExitCode> {
             workspace,
             role,
         } => {
-            let role = if role == "none" { Value::Null } else { json!(role) };
+            let role = if role == "none" {
+                Value::Null
+            } else {
+                json!(role)
+            };
             path_segment(name)
                 .and_then(|n| {
                     call(
@@ -309,7 +346,11 @@ pub fn user(t: &Target, cmd: &UserCommand) -> anyhow::Result<ExitCode> {
 pub fn token(t: &Target, cmd: &TokenCommand) -> anyhow::Result<ExitCode> {
     let r = match cmd {
         TokenCommand::Create { user, label, ttl } => (|| {
-            let ttl_s = ttl.as_deref().map(parse_ttl_s).transpose().map_err(Failure::User)?;
+            let ttl_s = ttl
+                .as_deref()
+                .map(parse_ttl_s)
+                .transpose()
+                .map_err(Failure::User)?;
             let body = json!({"user": user, "label": label, "ttl_s": ttl_s});
             let v = call(t, "POST", "/tokens", Some(body))?;
             print(t, &v, |v| {
@@ -336,7 +377,13 @@ mod tests {
 
     #[test]
     fn ttls_parse_with_their_units() {
-        for (text, s) in [("90", 90), ("90s", 90), ("30m", 1800), ("12h", 43_200), ("7d", 604_800)] {
+        for (text, s) in [
+            ("90", 90),
+            ("90s", 90),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("7d", 604_800),
+        ] {
             assert_eq!(parse_ttl_s(text), Ok(s), "{text}");
         }
         for bad in ["", "h", "0", "5w", "-1h", "99999999999999999999d"] {

@@ -42,7 +42,11 @@ impl Target {
     }
 
     /// A GET request with the token.
-    fn get(&self, agent: &ureq::Agent, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+    fn get(
+        &self,
+        agent: &ureq::Agent,
+        url: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
         let r = agent.get(url);
         match self.bearer() {
             Some(b) => r.header("authorization", &b),
@@ -51,7 +55,11 @@ impl Target {
     }
 
     /// A POST request with the token.
-    fn post(&self, agent: &ureq::Agent, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+    fn post(
+        &self,
+        agent: &ureq::Agent,
+        url: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
         let r = agent.post(url);
         match self.bearer() {
             Some(b) => r.header("authorization", &b),
@@ -223,7 +231,12 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-pub(crate) fn call(t: &Target, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+pub(crate) fn call(
+    t: &Target,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
     let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
     let a = agent();
     let resp = match (method, body) {

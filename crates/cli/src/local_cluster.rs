@@ -102,8 +102,8 @@ impl LocalCluster {
         let exe = std::env::current_exe().context("finding the resolute binary")?;
         // Its own key and administrator, as `resolute cluster init` makes them;
         // every node gets the key.
-        let made = resolute_node::bootstrap::init(&dir.join("a"), "admin")
-            .map_err(anyhow::Error::msg)?;
+        let made =
+            resolute_node::bootstrap::init(&dir.join("a"), "admin").map_err(anyhow::Error::msg)?;
         let key = std::fs::read(&made.key_path)?;
         let mut cluster = LocalCluster {
             nodes: Vec::new(),

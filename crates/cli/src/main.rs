@@ -86,6 +86,11 @@ enum CliCommand {
     },
     /// Forgets the saved token.
     Logout,
+    /// Who the token belongs to.
+    Whoami {
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Users and their roles.
     User {
         #[command(flatten)]
@@ -379,6 +384,7 @@ fn main() -> ExitCode {
         } => access::init(&args),
         CliCommand::Login { target } => access::login(&target, target.token.as_deref()),
         CliCommand::Logout => access::logout(),
+        CliCommand::Whoami { target } => access::whoami(&target),
         CliCommand::User { target, command } => access::user(&target, &command),
         CliCommand::Token { target, command } => access::token(&target, &command),
         CliCommand::Gpus { json, no_probe } => gpus(json, no_probe),

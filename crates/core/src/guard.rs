@@ -47,7 +47,18 @@ pub enum Dropped {
     /// A peer asked to remove another node, or a non-member asked anything
     /// only members may.
     NotAllowed,
+    /// A term or index too large to be honest (`MESSAGE_NUMBER_MAX`,
+    /// `TERM_JUMP_MAX`).
+    OutOfRange,
 }
+
+/// Largest term or index a message may carry: raft-rs adds to them
+/// unchecked, so a forged `u64::MAX` would overflow. Honest values are many
+/// orders of magnitude below.
+pub const MESSAGE_NUMBER_MAX: u64 = 1 << 48;
+/// How far past this node's term a message's term may be: each election adds
+/// one, and pre-vote keeps a partitioned node from running its term up.
+pub const TERM_JUMP_MAX: u64 = 1 << 20;
 
 /// Counts of dropped messages, by reason.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +89,41 @@ pub fn check(m: &Message, from: NodeId, raft: &Raft<LogCache>) -> Result<(), Dro
         return Err(Dropped::ForgedSender);
     }
     let log = &raft.raft_log;
+    let snapshot = m.get_snapshot().get_metadata();
+    let numbers = [
+        m.term,
+        m.log_term,
+        m.index,
+        m.commit,
+        m.commit_term,
+        m.reject_hint,
+        m.request_snapshot,
+        snapshot.index,
+        snapshot.term,
+    ];
+    let entries = m.entries.iter().flat_map(|e| [e.index, e.term]);
+    // Term 0 marks raft-rs's local messages (it skips its term checks for
+    // them); every message it sends to a peer carries a term.
+    if numbers
+        .into_iter()
+        .chain(entries)
+        .any(|n| n > MESSAGE_NUMBER_MAX)
+        || m.term == 0
+        || m.term > raft.term.saturating_add(TERM_JUMP_MAX)
+    {
+        return Err(Dropped::OutOfRange);
+    }
+    let from_leader = matches!(
+        m.get_msg_type(),
+        MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+    );
+    // One term has one leader: another member claiming to lead the term this
+    // node already follows someone in is lying. (A member that claims a
+    // higher term can still start an election: Raft tolerates crashes, not
+    // lies, and admission is what keeps liars out.)
+    if from_leader && m.term == raft.term && raft.leader_id != 0 && raft.leader_id != m.from {
+        return Err(Dropped::NotFromLeader);
+    }
     match m.get_msg_type() {
         MessageType::MsgHup
         | MessageType::MsgBeat
@@ -114,7 +160,10 @@ fn check_append(m: &Message, raft: &Raft<LogCache>) -> Result<(), Dropped> {
     let log = &raft.raft_log;
     let mut term = m.log_term;
     for (i, e) in m.entries.iter().enumerate() {
-        let expected = m.index.checked_add(1 + i as u64).ok_or(Dropped::BadEntries)?;
+        let expected = m
+            .index
+            .checked_add(1 + i as u64)
+            .ok_or(Dropped::BadEntries)?;
         if e.index != expected || e.term < term || e.term > m.term {
             return Err(Dropped::BadEntries);
         }

@@ -684,7 +684,10 @@ impl Node {
                     } else {
                         NodeError::Refused(reason)
                     };
-                    out.push(Output::Reply { id, result: Err(err) });
+                    out.push(Output::Reply {
+                        id,
+                        result: Err(err),
+                    });
                 }
             }
             PeerMessage::Announce { node, info } => self.on_announce(node, info, out),

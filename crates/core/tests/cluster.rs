@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Cluster;
+use common::{three, Cluster};
 use resolute_core::command::{Command, MetricKind, MetricRecord, TrialOutcome};
 use resolute_core::node::Effect;
 use resolute_core::state::{ExperimentState, TrialState};
@@ -49,20 +49,6 @@ fn a_single_node_bootstraps_and_runs_an_experiment() {
         .filter(|(n, e)| *n == 1 && matches!(e, Effect::StartTrial(_)))
         .count();
     assert_eq!(started, 2);
-}
-
-fn three(seed: u64) -> Cluster {
-    let mut c = Cluster::new(seed);
-    c.bootstrap(1, "a");
-    c.until(5_000, "leader", |c| c.leader() == Some(1));
-    c.join(2, "b", 1);
-    c.join(3, "c", 1);
-    c.until(20_000, "three voters", |c| {
-        let mut v = c.voters(1);
-        v.sort();
-        v == vec![1, 2, 3] && c.converged()
-    });
-    c
 }
 
 #[test]

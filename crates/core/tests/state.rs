@@ -4,9 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use resolute_core::command::{
-    Command, MetricKind, MetricRecord, TrialOutcome,
-};
+use resolute_core::command::{Command, MetricKind, MetricRecord, TrialOutcome};
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::{NodeInfo, Reply};
 use resolute_types::Value;

@@ -69,7 +69,9 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
         o.mode(0o600);
     }
-    let mut f = o.open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut f = o
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -155,9 +157,9 @@ pub fn cluster_key(configured: Option<&str>, data_dir: &Path) -> Result<Option<S
 /// The API listens on loopback only: its bearer tokens would cross the network
 /// in clear text otherwise (the API has no TLS yet).
 pub fn check_api_listen(listen: &str) -> Result<(), String> {
-    let addr: SocketAddr = listen.parse().map_err(|e| {
-        format!("api.listen {listen:?}: not an IP address and port ({e})")
-    })?;
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("api.listen {listen:?}: not an IP address and port ({e})"))?;
     if addr.ip().is_loopback() {
         return Ok(());
     }

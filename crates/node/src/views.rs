@@ -99,8 +99,11 @@ pub fn users(state: &ClusterState, user: &str) -> Value {
         .iter()
         .filter(|(name, _)| admin || name.as_str() == user)
         .map(|(name, u)| {
-            let roles: BTreeMap<&str, &str> =
-                u.roles.iter().map(|(w, r)| (w.as_str(), r.name())).collect();
+            let roles: BTreeMap<&str, &str> = u
+                .roles
+                .iter()
+                .map(|(w, r)| (w.as_str(), r.name()))
+                .collect();
             json!({"name": name, "active": u.active, "cluster_admin": u.cluster_admin,
                 "roles": roles})
         })

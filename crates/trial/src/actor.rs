@@ -498,7 +498,19 @@ impl TrialActor {
             let refused = Answered::Refused(409, "the trial has not started".into());
             return Box::pin(actix::fut::ready(refused));
         };
+        // Only what this trial saved, or the checkpoint it was started from
+        // (its own earlier incarnation's, or the one the searcher gave it):
+        // the node's blob store holds other experiments' checkpoints too.
         let digest = self.committed.get(&id).cloned().unwrap_or(id);
+        let own = self.committed.values().any(|d| *d == digest)
+            || self.spec.latest_checkpoint.as_deref() == Some(digest.as_str());
+        if !own {
+            let refused = Answered::Refused(
+                403,
+                format!("checkpoint {digest} is not this trial's to restore"),
+            );
+            return Box::pin(actix::fut::ready(refused));
+        }
         let (store, trial_dir) = (self.store.clone(), dirs.trial.clone());
         let d = digest.clone();
         let unpacked = tokio::task::spawn_blocking(move || process::unpack(&store, &trial_dir, &d));

@@ -536,10 +536,22 @@ mod tests {
         let mut text = vec![b'x'; 3 * LOG_LINE_BYTES_MAX];
         text.extend_from_slice(b"\nshort\r\nlast");
         let mut r = BufReader::with_capacity(1000, &text[..]);
-        let first = read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.expect("line");
+        let first = read_capped_line(&mut r, LOG_LINE_BYTES_MAX)
+            .await
+            .expect("line");
         assert_eq!(first.len(), LOG_LINE_BYTES_MAX);
-        assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.as_deref(), Some("short"));
-        assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await.as_deref(), Some("last"));
+        assert_eq!(
+            read_capped_line(&mut r, LOG_LINE_BYTES_MAX)
+                .await
+                .as_deref(),
+            Some("short")
+        );
+        assert_eq!(
+            read_capped_line(&mut r, LOG_LINE_BYTES_MAX)
+                .await
+                .as_deref(),
+            Some("last")
+        );
         assert_eq!(read_capped_line(&mut r, LOG_LINE_BYTES_MAX).await, None);
     }
 
@@ -548,7 +560,12 @@ mod tests {
         for ok in ["PATH", "HOME", "LC_ALL", "CUDA_HOME", "NCCL_DEBUG"] {
             assert!(inherits(ok), "{ok}");
         }
-        for secret in ["RESOLUTE_TOKEN", "AWS_SECRET_ACCESS_KEY", "RESOLUTE_CLUSTER_KEY", "XPATH"] {
+        for secret in [
+            "RESOLUTE_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "RESOLUTE_CLUSTER_KEY",
+            "XPATH",
+        ] {
             assert!(!inherits(secret), "{secret}");
         }
     }

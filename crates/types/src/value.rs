@@ -173,8 +173,43 @@ impl Serialize for Value {
     }
 }
 
+/// Deepest nesting of lists and maps a decoded value may have: decoding is
+/// recursive, and bytes from a peer or a file must not overflow the stack.
+pub const VALUE_DEPTH_MAX: usize = 64;
+
+thread_local! {
+    /// How deep the value being decoded on this thread is nested so far.
+    static DECODE_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of decoding; leaving it (also by an error) goes back up.
+struct DepthGuard;
+
+impl DepthGuard {
+    fn enter<E: serde::de::Error>() -> Result<DepthGuard, E> {
+        let depth = DECODE_DEPTH.with(|d| {
+            d.set(d.get() + 1);
+            d.get()
+        });
+        let guard = DepthGuard;
+        if depth > VALUE_DEPTH_MAX {
+            return Err(E::custom(format!(
+                "a value nested deeper than {VALUE_DEPTH_MAX} levels"
+            )));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for DepthGuard {
+    fn drop(&mut self) {
+        DECODE_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
 impl<'de> Deserialize<'de> for Value {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _depth = DepthGuard::enter::<D::Error>()?;
         if !d.is_human_readable() {
             return Ok(match TaggedOwned::deserialize(d)? {
                 TaggedOwned::Null => Value::Null,
@@ -254,6 +289,25 @@ mod tests {
             Value::List(vec![Value::from("adam"), Value::Null, Value::Bool(true)]),
         );
         Value::Map(m)
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        // Bincode: List tag (5) then a length of one, a million times over.
+        let mut bytes = Vec::new();
+        for _ in 0..1_000_000 {
+            bytes.extend_from_slice(&[5, 1]);
+        }
+        bytes.push(0);
+        let err = crate::codec::decode::<Value>(&bytes).expect_err("too deep");
+        assert!(err.to_string().contains("nested deeper"), "{err}");
+        // Just deep enough decodes, and the depth count starts over after an error.
+        let mut v = Value::Null;
+        for _ in 0..VALUE_DEPTH_MAX - 1 {
+            v = Value::List(vec![v]);
+        }
+        let bytes = crate::codec::encode(&v).expect("encode");
+        assert_eq!(crate::codec::decode::<Value>(&bytes).expect("decode"), v);
     }
 
     #[test]

@@ -115,11 +115,14 @@ fn churn(sm: &mut Sm) -> Vec<f64> {
             break;
         };
         let start = Instant::now();
-        sm.apply_from(node, Command::TrialExited {
-            trial,
-            incarnation,
-            outcome: TrialOutcome::Completed,
-        });
+        sm.apply_from(
+            node,
+            Command::TrialExited {
+                trial,
+                incarnation,
+                outcome: TrialOutcome::Completed,
+            },
+        );
         costs.push(start.elapsed().as_secs_f64() * 1e6);
     }
     costs

@@ -176,7 +176,9 @@ impl ClusterState {
             if p == node {
                 Ok(())
             } else {
-                Err(format!("node {p:016x} may not report {what} for node {node:016x}"))
+                Err(format!(
+                    "node {p:016x} may not report {what} for node {node:016x}"
+                ))
             }
         };
         match &envelope.command {
@@ -246,7 +248,9 @@ impl ClusterState {
     /// runs on (a stale or unknown one is rejected later, as stale).
     fn reports_from(&self, node: NodeId, trial: TrialId, incarnation: u64) -> Result<(), String> {
         match self.trials.get(&trial) {
-            Some(t) if t.incarnation == incarnation && !t.layout.iter().any(|(n, _)| *n == node) => {
+            Some(t)
+                if t.incarnation == incarnation && !t.layout.iter().any(|(n, _)| *n == node) =>
+            {
                 Err(format!(
                     "node {node:016x} does not run trial {trial} incarnation {incarnation}"
                 ))
@@ -341,7 +345,8 @@ impl ClusterState {
                 workspace,
                 role,
             } => {
-                let may = admin || user.is_some_and(|u| self.role_in(u, &workspace) == Some(Role::Admin));
+                let may =
+                    admin || user.is_some_and(|u| self.role_in(u, &workspace) == Some(Role::Admin));
                 if !may {
                     return forbidden(format!("only an admin of {workspace} grants roles there"));
                 }
@@ -349,7 +354,10 @@ impl ClusterState {
                     return rejected(format!("no user {name}"));
                 };
                 match role {
-                    Some(r) if u.roles.len() < ROLES_PER_USER_MAX || u.roles.contains_key(&workspace) => {
+                    Some(r)
+                        if u.roles.len() < ROLES_PER_USER_MAX
+                            || u.roles.contains_key(&workspace) =>
+                    {
                         u.roles.insert(workspace, r);
                     }
                     Some(_) => return rejected(format!("at most {ROLES_PER_USER_MAX} roles")),
@@ -361,7 +369,9 @@ impl ClusterState {
             }
             UserCommand::CreateToken { user: owner, token } => {
                 if !(admin || user == Some(owner.as_str())) || self.active_user(&owner).is_none() {
-                    return forbidden(format!("a token for {owner} is made by {owner} or a cluster admin"));
+                    return forbidden(format!(
+                        "a token for {owner} is made by {owner} or a cluster admin"
+                    ));
                 }
                 if let Err(e) = valid_token(&token) {
                     return rejected(e);

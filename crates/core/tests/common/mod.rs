@@ -48,6 +48,9 @@ pub struct Cluster {
     pub replies: BTreeMap<ProposalId, Result<Reply, NodeError>>,
     pub effects: Vec<(NodeId, Effect)>,
     pub durable_root: Option<PathBuf>,
+    /// When set, every message sent is also recorded here (up to
+    /// `TAP_MESSAGES_MAX`), for tests that replay and mutate real traffic.
+    pub tap: Option<Vec<(NodeId, NodeId, PeerMessage)>>,
     next_proposal: u128,
     /// Carry out writes later (as a real shell's write thread does) instead of at
     /// once, so nodes keep stepping while their writes are in flight.
@@ -56,6 +59,8 @@ pub struct Cluster {
 }
 
 pub const TICK_MS: u64 = 100;
+/// Most messages a tap records.
+pub const TAP_MESSAGES_MAX: usize = 5_000;
 
 pub fn info(site: &str, slots: u32) -> NodeInfo {
     NodeInfo {
@@ -78,6 +83,7 @@ impl Cluster {
             replies: BTreeMap::new(),
             effects: Vec::new(),
             durable_root: None,
+            tap: None,
             next_proposal: 1,
             // Odd seeds defer writes: both Ready paths get exercised.
             defer_writes: seed % 2 == 1,
@@ -199,6 +205,11 @@ impl Cluster {
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: PeerMessage) {
+        if let Some(tap) = &mut self.tap {
+            if tap.len() < TAP_MESSAGES_MAX {
+                tap.push((from, to, msg.clone()));
+            }
+        }
         if self.blocked.contains(&(from, to)) {
             return;
         }
@@ -416,4 +427,19 @@ pub fn honest_envelope(
         user: None,
         command,
     }
+}
+
+/// A three-voter cluster, formed and converged.
+pub fn three(seed: u64) -> Cluster {
+    let mut c = Cluster::new(seed);
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    c.join(2, "b", 1);
+    c.join(3, "c", 1);
+    c.until(20_000, "three voters", |c| {
+        let mut v = c.voters(1);
+        v.sort();
+        v == vec![1, 2, 3] && c.converged()
+    });
+    c
 }

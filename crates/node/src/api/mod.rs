@@ -75,10 +75,18 @@ impl FromRef<ApiState> for BlobStore {
 fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
     let json = || DefaultBodyLimit::max(JSON_BODY_MAX_BYTES);
     vec![
-        (Method::POST, "/api/v1/experiments", post(create).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/experiments",
+            post(create).layer(json()),
+        ),
         (Method::GET, "/api/v1/experiments", get(list)),
         (Method::GET, "/api/v1/experiments/{id}", get(describe)),
-        (Method::POST, "/api/v1/experiments/{id}/{action}", post(control).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/experiments/{id}/{action}",
+            post(control).layer(json()),
+        ),
         (Method::GET, "/api/v1/experiments/{id}/trials", get(trials)),
         (Method::GET, "/api/v1/trials/{id}", get(trial)),
         (Method::GET, "/api/v1/trials/{id}/metrics", get(metrics)),
@@ -90,17 +98,33 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             post(upload).layer(DefaultBodyLimit::max(UPLOAD_MAX_BYTES)),
         ),
         (Method::GET, "/api/v1/cluster", get(cluster)),
-        (Method::POST, "/api/v1/nodes/{id}/drain", post(drain).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/nodes/{id}/drain",
+            post(drain).layer(json()),
+        ),
         (Method::GET, "/api/v1/me", get(access::me)),
         (Method::GET, "/api/v1/users", get(access::users)),
-        (Method::POST, "/api/v1/users", post(access::create_user).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/users",
+            post(access::create_user).layer(json()),
+        ),
         (
             Method::POST,
             "/api/v1/users/{name}/deactivate",
             post(access::deactivate).layer(json()),
         ),
-        (Method::POST, "/api/v1/users/{name}/roles", post(access::grant).layer(json())),
-        (Method::POST, "/api/v1/tokens", post(access::create_token).layer(json())),
+        (
+            Method::POST,
+            "/api/v1/users/{name}/roles",
+            post(access::grant).layer(json()),
+        ),
+        (
+            Method::POST,
+            "/api/v1/tokens",
+            post(access::create_token).layer(json()),
+        ),
         (
             Method::POST,
             "/api/v1/tokens/{id}/revoke",

@@ -84,8 +84,10 @@ fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Respons
     )
         .into_response();
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
     }
     r
 }
@@ -159,9 +161,9 @@ fn check_origin(gate: &Gate, req: &Request) -> Result<(), Response> {
 impl Gate {
     fn throttled(&self, ip: IpAddr, now: u64) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures
-            .get(&ip)
-            .is_some_and(|(start, n)| now < start + AUTH_FAILURE_WINDOW_MS && *n >= AUTH_FAILURES_MAX)
+        failures.get(&ip).is_some_and(|(start, n)| {
+            now < start + AUTH_FAILURE_WINDOW_MS && *n >= AUTH_FAILURES_MAX
+        })
     }
 
     fn failed(&self, ip: IpAddr, now: u64) {

@@ -80,7 +80,11 @@ pub fn mint(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), 
 /// the async workers).
 pub fn verify_slow(secret: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(secret.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -100,11 +104,20 @@ mod tests {
         let p = parse(&text).expect("parses");
         assert_eq!(p.id, stored.id);
         assert!(verify_slow(p.secret, &stored.hash));
-        assert!(!stored.hash.contains(p.secret), "the secret is not in the log");
+        assert!(
+            !stored.hash.contains(p.secret),
+            "the secret is not in the log"
+        );
         let (other, _) = mint("other", None).expect("mint");
         let o = parse(&other).expect("parses");
         assert!(!verify_slow(o.secret, &stored.hash));
-        for bad in ["", "rsl_", "rsl_00_11", "abc_0011223344556677_x", &text[..text.len() - 1]] {
+        for bad in [
+            "",
+            "rsl_",
+            "rsl_00_11",
+            "abc_0011223344556677_x",
+            &text[..text.len() - 1],
+        ] {
             assert!(parse(bad).is_none(), "{bad:?}");
         }
     }

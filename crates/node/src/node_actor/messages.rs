@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use resolute_agent::{Event, FETCH_ATTEMPTS, FETCH_RETRY_MS};
-use resolute_core::command::{Command, Reply};
 use resolute_core::command::Role;
+use resolute_core::command::{Command, Reply};
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::NodeError;
 
@@ -153,26 +153,38 @@ fn allowed(state: &ClusterState, user: &str, access: &Access) -> Result<(), Deni
             .ok_or_else(|| Denied::NotFound(format!("no trial {id}")))
     };
     let (ok, what) = match access {
-        Access::ReadExperiment(id) => (state.may_read(u, experiment(*id)?), format!("read experiment {id}")),
+        Access::ReadExperiment(id) => (
+            state.may_read(u, experiment(*id)?),
+            format!("read experiment {id}"),
+        ),
         Access::ControlExperiment(id) => (
             state.may_control(u, experiment(*id)?),
             format!("control experiment {id}"),
         ),
-        Access::ReadTrial(id) => (state.may_read(u, of_trial(*id)?), format!("read trial {id}")),
+        Access::ReadTrial(id) => (
+            state.may_read(u, of_trial(*id)?),
+            format!("read trial {id}"),
+        ),
         Access::ReadCheckpoint(uuid) => {
             let trial = state
                 .checkpoints
                 .get(uuid)
                 .map(|c| c.trial)
                 .ok_or_else(|| Denied::NotFound(format!("no checkpoint {uuid}")))?;
-            (state.may_read(u, of_trial(trial)?), format!("read checkpoint {uuid}"))
+            (
+                state.may_read(u, of_trial(trial)?),
+                format!("read checkpoint {uuid}"),
+            )
         }
         Access::Write => {
             let writes = state.is_cluster_admin(u)
                 || state
                     .active_user(user)
                     .is_some_and(|x| x.roles.values().any(|r| *r >= Role::User));
-            (writes, "write (no workspace gives this user more than viewer)".into())
+            (
+                writes,
+                "write (no workspace gives this user more than viewer)".into(),
+            )
         }
         Access::ClusterAdmin => (state.is_cluster_admin(u), "administer the cluster".into()),
     };

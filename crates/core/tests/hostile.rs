@@ -1,0 +1,407 @@
+//! A member that lies: forged heartbeats, snapshots, leaves, reports and
+//! forwards, and random and mutated wire frames. The target keeps running,
+//! its state does not change, and the attempt is counted.
+
+mod common;
+
+use common::{three, Cluster};
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, Message, MessageType, Snapshot};
+use resolute_core::command::{Command, MetricKind, MetricRecord, ProposalId, TrialOutcome};
+use resolute_core::guard::Dropped;
+use resolute_core::state::{ClusterState, TrialState};
+use resolute_core::{Input, NodeId, PeerMessage, Reply};
+use resolute_types::codec;
+
+fn create() -> Command {
+    Command::ExperimentCreated {
+        config_yaml: "hyperparameters: {lr: {type: double, minval: 0.001, maxval: 0.1}}
+searcher: {name: random, metric: loss, max_trials: 2, max_length: {batches: 100}}
+"
+        .into(),
+        overrides: Vec::new(),
+        owner: "alice".into(),
+        model_digest: String::new(),
+        default_seed: 1,
+    }
+}
+
+/// The leader and its two followers.
+fn roles(c: &Cluster) -> (NodeId, NodeId, NodeId) {
+    let leader = c.leader().expect("leader");
+    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
+    (leader, others.next().expect("f"), others.next().expect("x"))
+}
+
+fn raft(c: &Cluster, ty: MessageType, from: NodeId, to: NodeId) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(ty);
+    m.from = from;
+    m.to = to;
+    m.term = c.members[&to].node.term();
+    m
+}
+
+fn send_raft(c: &mut Cluster, from: NodeId, to: NodeId, m: &Message) {
+    let bytes = m.write_to_bytes().expect("encode");
+    c.input(
+        to,
+        Input::Peer {
+            from,
+            msg: PeerMessage::Raft(bytes),
+        },
+    );
+}
+
+fn dropped(c: &Cluster, node: NodeId, why: Dropped) -> u64 {
+    c.members[&node]
+        .node
+        .dropped()
+        .counts()
+        .get(&why)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A cluster running one experiment, every node with the same state.
+fn busy(seed: u64) -> Cluster {
+    let mut c = three(seed);
+    let pid = c.propose_on(1, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    c.until(5_000, "placed", |c| {
+        c.members[&1]
+            .node
+            .state()
+            .trials
+            .values()
+            .any(|t| matches!(t.state, TrialState::Assigned { .. }))
+    });
+    c.until(5_000, "converged", |c| c.converged());
+    c
+}
+
+#[test]
+fn a_forged_heartbeat_past_the_log_is_dropped_and_counted() {
+    let mut c = busy(21);
+    let (_, f, x) = roles(&c);
+    let before = c.digests();
+    let committed = c.members[&f].node.committed();
+    for term_bump in [0, 1] {
+        let mut m = raft(&c, MessageType::MsgHeartbeat, x, f);
+        m.term += term_bump;
+        m.commit = 1_000_000_000;
+        send_raft(&mut c, x, f, &m);
+    }
+    // Both are refused: the same term has a leader already, and the commit
+    // index is past the log (raft-rs would panic on it).
+    assert_eq!(
+        dropped(&c, f, Dropped::NotFromLeader) + dropped(&c, f, Dropped::CommitPastLog),
+        2
+    );
+    assert_eq!(c.members[&f].node.committed(), committed);
+    assert_eq!(c.digests(), before, "nothing changed");
+    c.run(2_000);
+    assert!(c.converged());
+}
+
+#[test]
+fn a_forged_snapshot_does_not_replace_the_state() {
+    let mut c = busy(22);
+    let (_, f, x) = roles(&c);
+    let experiments = c.members[&f].node.state().experiments.len();
+    assert_eq!(experiments, 1);
+    let term = c.members[&f].node.term();
+    for term_bump in [0, 5] {
+        let mut m = raft(&c, MessageType::MsgSnapshot, x, f);
+        m.term += term_bump;
+        let mut snap = Snapshot::default();
+        snap.data = ClusterState::default().encode().into();
+        snap.mut_metadata().index = 1_000_000;
+        snap.mut_metadata().term = m.term;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        m.set_snapshot(snap);
+        send_raft(&mut c, x, f, &m);
+    }
+    assert_eq!(dropped(&c, f, Dropped::NotFromLeader), 2);
+    assert_eq!(c.members[&f].node.term(), term);
+    c.run(2_000);
+    assert_eq!(c.members[&f].node.state().experiments.len(), experiments);
+    assert!(c.converged());
+}
+
+#[test]
+fn a_member_cannot_remove_another() {
+    let mut c = busy(23);
+    let (leader, f, x) = roles(&c);
+    for to in [leader, f] {
+        c.input(
+            to,
+            Input::Peer {
+                from: x,
+                msg: PeerMessage::Leave { node: f },
+            },
+        );
+    }
+    c.run(3_000);
+    assert_eq!(
+        dropped(&c, leader, Dropped::NotAllowed) + dropped(&c, f, Dropped::NotAllowed),
+        2
+    );
+    let mut voters = c.voters(leader);
+    voters.sort();
+    assert_eq!(voters, vec![1, 2, 3], "nobody was removed");
+}
+
+#[test]
+fn a_member_cannot_report_for_trials_or_nodes_it_is_not() {
+    let mut c = busy(24);
+    let leader = c.leader().expect("leader");
+    let state = c.members[&leader].node.state();
+    let (trial, incarnation, runs_on) = state
+        .trials
+        .iter()
+        .find_map(|(id, t)| match t.state {
+            TrialState::Assigned { node } | TrialState::Running { node } => {
+                Some((*id, t.incarnation, node))
+            }
+            _ => None,
+        })
+        .expect("a placed trial");
+    let liar = [1, 2, 3].into_iter().find(|n| *n != runs_on).expect("liar");
+    let forbidden_before = state.forbidden;
+    let forward = |id: u128, origin: NodeId, command: Command| PeerMessage::Forward {
+        id: ProposalId(id),
+        origin,
+        user: None,
+        command,
+    };
+    let lies = [
+        Command::TrialExited {
+            trial,
+            incarnation,
+            outcome: TrialOutcome::Errored {
+                message: "forged".into(),
+                exit_code: Some(1),
+            },
+        },
+        Command::NodeLost { node: runs_on },
+        Command::NodeCapacity {
+            node: runs_on,
+            slots: 0,
+            stop_first: Vec::new(),
+        },
+        Command::Metrics {
+            records: vec![MetricRecord {
+                trial,
+                incarnation,
+                kind: MetricKind::Validation,
+                steps_completed: 100,
+                metrics: [("loss".to_string(), resolute_types::Value::Float(-1e9))].into(),
+            }],
+        },
+    ];
+    for (i, lie) in lies.iter().enumerate() {
+        let msg = forward(900 + i as u128, liar, lie.clone());
+        c.input(leader, Input::Peer { from: liar, msg });
+    }
+    // And one that claims to come from the node the trial runs on.
+    let msg = forward(999, runs_on, lies[0].clone());
+    c.input(leader, Input::Peer { from: liar, msg });
+    c.run(3_000);
+    let state = c.members[&leader].node.state();
+    let t = &state.trials[&trial];
+    assert_eq!(t.incarnation, incarnation);
+    assert!(
+        matches!(
+            t.state,
+            TrialState::Assigned { .. } | TrialState::Running { .. }
+        ),
+        "{:?}",
+        t.state
+    );
+    assert!(state.nodes[&runs_on].info.slots > 0, "capacity unchanged");
+    assert_eq!(
+        state.forbidden - forbidden_before,
+        4,
+        "three entries refused and one metric record dropped"
+    );
+    assert_eq!(dropped(&c, leader, Dropped::ForgedOrigin), 1);
+    assert!(c.converged());
+}
+
+/// xorshift64: deterministic, seeded.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A value a forger would try: the edges and what is near the target's own.
+fn edgy(r: &mut Rng, near: u64) -> u64 {
+    match r.below(6) {
+        0 => 0,
+        1 => u64::MAX,
+        2 => near.saturating_add(r.below(3)),
+        3 => near.saturating_sub(r.below(3)),
+        4 => r.next(),
+        _ => near.wrapping_add(r.below(1000)),
+    }
+}
+
+fn mutate_raft(r: &mut Rng, bytes: &[u8], c: &Cluster, to: NodeId) -> Vec<u8> {
+    let Ok(mut m) = Message::parse_from_bytes(bytes) else {
+        return bytes.to_vec();
+    };
+    let node = &c.members[&to].node;
+    let (term, commit) = (node.term(), node.committed());
+    for _ in 0..1 + r.below(3) {
+        match r.below(10) {
+            0 => m.term = edgy(r, term),
+            1 => m.index = edgy(r, commit),
+            2 => m.log_term = edgy(r, term),
+            3 => m.commit = edgy(r, commit),
+            4 => m.reject = !m.reject,
+            5 => m.reject_hint = edgy(r, commit),
+            6 => {
+                let types = [
+                    MessageType::MsgAppend,
+                    MessageType::MsgAppendResponse,
+                    MessageType::MsgHeartbeat,
+                    MessageType::MsgHeartbeatResponse,
+                    MessageType::MsgRequestVote,
+                    MessageType::MsgRequestVoteResponse,
+                    MessageType::MsgRequestPreVote,
+                    MessageType::MsgRequestPreVoteResponse,
+                    MessageType::MsgSnapshot,
+                    MessageType::MsgTimeoutNow,
+                    MessageType::MsgTransferLeader,
+                    MessageType::MsgReadIndex,
+                ];
+                m.set_msg_type(types[r.below(types.len() as u64) as usize]);
+            }
+            7 => {
+                let mut e = Entry::default();
+                e.index = edgy(r, commit);
+                e.term = edgy(r, term);
+                e.data = (0..r.below(40))
+                    .map(|_| r.next() as u8)
+                    .collect::<Vec<u8>>()
+                    .into();
+                m.mut_entries().push(e);
+            }
+            8 => {
+                for e in m.mut_entries().iter_mut() {
+                    if r.below(2) == 0 {
+                        e.index = edgy(r, e.index);
+                    } else {
+                        e.term = edgy(r, e.term);
+                    }
+                }
+            }
+            _ => {
+                let mut s = Snapshot::default();
+                s.mut_metadata().index = edgy(r, commit);
+                s.mut_metadata().term = edgy(r, term);
+                s.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+                s.data = (0..r.below(64))
+                    .map(|_| r.next() as u8)
+                    .collect::<Vec<u8>>()
+                    .into();
+                m.set_snapshot(s);
+            }
+        }
+    }
+    m.write_to_bytes().unwrap_or_default()
+}
+
+/// At least 100,000 frames per round, from the cluster's own traffic: raft-rs messages
+/// with forged fields, bit-flipped encodings of every peer message, and
+/// random bytes, each sent by a member to a member.
+#[test]
+fn random_and_mutated_wire_frames_never_panic_a_node() {
+    // `RESOLUTE_FUZZ_ROUNDS` runs more rounds (other seeds) than CI's four.
+    let rounds: u64 = std::env::var("RESOLUTE_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
+        storm(
+            31 + round,
+            0x5eed_1234_abcd_ef01 ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+    }
+}
+
+fn storm(cluster_seed: u64, rng_seed: u64) {
+    const CASES: u64 = 100_000;
+    let mut c = three(cluster_seed);
+    c.tap = Some(Vec::new());
+    let pid = c.propose_on(2, create());
+    c.until(5_000, "created", |c| c.replies.contains_key(&pid));
+    c.run(10_000);
+    let traffic = c.tap.take().expect("tap");
+    assert!(
+        traffic.len() > 50,
+        "some traffic to mutate: {}",
+        traffic.len()
+    );
+    let mut r = Rng(rng_seed | 1);
+    let mut decoded = 0u64;
+    for case in 0..CASES {
+        let (from, to, msg) = &traffic[r.below(traffic.len() as u64) as usize];
+        let (from, to) = if r.below(4) == 0 {
+            (1 + r.below(3), 1 + r.below(3))
+        } else {
+            (*from, *to)
+        };
+        let msg = match r.below(3) {
+            0 => match msg {
+                PeerMessage::Raft(bytes) => PeerMessage::Raft(mutate_raft(&mut r, bytes, &c, to)),
+                other => other.clone(),
+            },
+            1 => {
+                // Bit flips in the encoded frame; what still decodes is sent.
+                let mut bytes = codec::encode(msg).expect("encode");
+                for _ in 0..1 + r.below(4) {
+                    let i = r.below(bytes.len() as u64) as usize;
+                    bytes[i] ^= 1 << r.below(8);
+                }
+                match codec::decode::<PeerMessage>(&bytes) {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                }
+            }
+            _ => {
+                let len = r.below(200) as usize;
+                let bytes: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
+                match codec::decode::<PeerMessage>(&bytes) {
+                    Ok(m) => m,
+                    Err(_) => PeerMessage::Raft(bytes),
+                }
+            }
+        };
+        decoded += 1;
+        c.input(to, Input::Peer { from, msg });
+        if case % 2_000 == 0 {
+            c.run(200);
+        }
+    }
+    assert!(decoded > CASES / 2, "most cases reached a node: {decoded}");
+    assert!(c.members.values().all(|m| m.up), "every node still runs");
+    let dropped: u64 = c.members.values().map(|m| m.node.dropped().total()).sum();
+    assert!(dropped > 0, "forgeries were counted");
+    // An honest proposal still works afterwards.
+    c.run(5_000);
+    let pid = c.propose_on(1, Command::Noop);
+    c.until(20_000, "a proposal after the storm", |c| {
+        matches!(c.replies.get(&pid), Some(Ok(Reply::Ok)))
+    });
+}

@@ -1,0 +1,360 @@
+//! Security with real processes and sockets: no route answers without a
+//! token (the router's own route list is walked, so a new route cannot be
+//! forgotten); roles and owners hold; a cross-site POST is refused; a node
+//! that would serve tokens in clear text, or listen for strangers without a
+//! cluster key, refuses to start; tokens never reach a log.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use resolute_tests::{bin, cli, cli_as, get, repo, start, until, NodeProc};
+
+/// A raw request: its status and JSON body (Null when there is none).
+fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let resp = if method == "GET" {
+        let mut r = agent.get(url);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.call()
+    } else {
+        let mut r = agent.post(url);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send(body.unwrap_or("").as_bytes())
+    };
+    let mut resp = resp.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A path of the route table with its parameters filled in.
+fn fill(path: &str) -> String {
+    path.replace("{id}", "1")
+        .replace("{action}", "pause")
+        .replace("{name}", "nobody")
+        .replace("{uuid}", &"0".repeat(64))
+}
+
+fn token_of(v: &Value) -> String {
+    v["token"].as_str().expect("token").to_string()
+}
+
+#[test]
+fn no_route_answers_without_a_valid_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 81, None);
+    let routes = resolute_node::api::route_list();
+    assert!(routes.len() >= 19, "the route table: {routes:?}");
+    let bad = "rsl_0011223344556677_".to_string() + &"ab".repeat(32);
+    for (method, path) in &routes {
+        let url = format!("{}{}", a.api, fill(path));
+        let ct = [("content-type", "application/json")];
+        let blob = [("content-type", "application/octet-stream")];
+        let headers: &[(&str, &str)] = if *path == "/api/v1/blobs" { &blob } else { &ct };
+        let (status, body) = http(method.as_str(), &url, headers, Some("{}"));
+        assert_eq!(status, 401, "{method} {path} without a token: {body}");
+        let auth = format!("Bearer {bad}");
+        let mut with_bad = headers.to_vec();
+        with_bad.push(("authorization", &auth));
+        let (status, _) = http(method.as_str(), &url, &with_bad, Some("{}"));
+        assert_eq!(status, 401, "{method} {path} with an unknown token");
+        // With the admin's token the route exists (no 405, no bare 404).
+        let auth = format!("Bearer {}", a.token);
+        let mut with_admin = headers.to_vec();
+        with_admin.push(("authorization", &auth));
+        let (status, body) = http(method.as_str(), &url, &with_admin, Some("{}"));
+        assert_ne!(status, 405, "{method} {path}");
+        assert!(
+            status != 404 || body["code"].is_string(),
+            "{method} {path}: a 404 of the router, not of the handler"
+        );
+    }
+}
+
+/// An experiment config that trains for a while in `workspace`.
+fn experiment(workspace: &str) -> String {
+    let config = std::fs::read_to_string(repo().join("examples/quickstart/experiment.yaml"))
+        .expect("quickstart config");
+    format!("workspace: {workspace}\n{config}")
+}
+
+fn create_as(node: &NodeProc, token: &str, config: &str, owner: &str) -> (u16, Value) {
+    // The built-in trainer is this build's binary (not on the PATH).
+    let entrypoint = format!("entrypoint={} train", bin().display());
+    let body = json!({"config": config, "owner": owner, "overrides": [entrypoint]}).to_string();
+    let auth = format!("Bearer {token}");
+    http(
+        "POST",
+        &format!("{}/api/v1/experiments", node.api),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Some(&body),
+    )
+}
+
+#[test]
+fn roles_and_owners_hold_and_tokens_never_reach_a_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 82, None);
+    let admin = &a.token;
+    let user = |name: &str, roles: &[&str]| {
+        let mut args = vec!["user", "create", name];
+        for r in roles {
+            args.extend(["--role", r]);
+        }
+        get(&a.api, &args);
+        token_of(&get(&a.api, &["token", "create", "--user", name]))
+    };
+    let alice = user("alice", &["team-a=user"]);
+    let bob = user("bob", &["team-b=user"]);
+    let carol = user("carol", &["team-a=viewer"]);
+    // The owner is the authenticated user, whatever the body claims.
+    let (status, v) = create_as(&a, &alice, &experiment("team-a"), "mallory");
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_u64().expect("id");
+    let described = get(&a.api, &["experiment", "describe", &id.to_string()]);
+    assert_eq!(described["owner"], "alice", "{described}");
+    // A viewer reads but does not write; nobody creates where they hold no role.
+    let (code, _) = cli_as(&a.api, &carol, &["experiment", "describe", &id.to_string()]);
+    assert_eq!(code, 0, "a viewer of team-a reads its experiment");
+    let (status, v) = create_as(&a, &carol, &experiment("team-a"), "");
+    assert_eq!(status, 403, "a viewer's write: {v}");
+    let (status, v) = create_as(&a, &bob, &experiment("team-a"), "");
+    assert_eq!(status, 403, "bob holds no role in team-a: {v}");
+    // Bob cannot pause, kill, read or list alice's experiment.
+    let url = |p: &str| format!("{}/api/v1{p}", a.api);
+    let as_bob = format!("Bearer {bob}");
+    let bob_h = [
+        ("content-type", "application/json"),
+        ("authorization", as_bob.as_str()),
+    ];
+    for action in ["pause", "kill"] {
+        let (status, v) = http(
+            "POST",
+            &url(&format!("/experiments/{id}/{action}")),
+            &bob_h,
+            Some("{}"),
+        );
+        assert_eq!(status, 403, "bob {action}: {v}");
+    }
+    let (status, _) = http("GET", &url(&format!("/experiments/{id}")), &bob_h, None);
+    assert_eq!(status, 403);
+    let (_, listed) = http("GET", &url("/experiments"), &bob_h, None);
+    assert_eq!(
+        listed,
+        json!([]),
+        "bob's list does not show alice's experiment"
+    );
+    let as_carol = format!("Bearer {carol}");
+    let carol_h = [
+        ("content-type", "application/json"),
+        ("authorization", as_carol.as_str()),
+    ];
+    let (status, _) = http(
+        "POST",
+        &url(&format!("/experiments/{id}/pause")),
+        &carol_h,
+        Some("{}"),
+    );
+    assert_eq!(status, 403, "a viewer cannot pause");
+    // A trial's logs and checkpoints are alice's workspace's too.
+    let mut trial = 0;
+    let mut uuid = String::new();
+    until("a checkpoint of alice's", Duration::from_secs(120), || {
+        let ts = get(&a.api, &["experiment", "trials", &id.to_string()]);
+        for t in ts.as_array().into_iter().flatten() {
+            if let Some(u) = t["latest_checkpoint"].as_str() {
+                trial = t["id"].as_u64().unwrap_or(0);
+                uuid = u.to_string();
+                return true;
+            }
+        }
+        false
+    });
+    let (status, _) = http("GET", &url(&format!("/trials/{trial}/logs")), &bob_h, None);
+    assert_eq!(status, 403, "bob reads alice's logs");
+    let (status, _) = http("GET", &url(&format!("/checkpoints/{uuid}")), &bob_h, None);
+    assert_eq!(status, 403, "bob downloads alice's checkpoint");
+    let (status, _) = http(
+        "GET",
+        &url(&format!("/trials/{trial}/logs")),
+        &carol_h,
+        None,
+    );
+    assert_eq!(status, 200, "a viewer of team-a reads the logs");
+    // Bob may not drain a node or make users; a revoked token stops working.
+    let (status, _) = http("POST", &url("/users"), &bob_h, Some(r#"{"name": "eve"}"#));
+    assert_eq!(status, 403);
+    let made = get(
+        &a.api,
+        &["token", "create", "--user", "bob", "--label", "spare"],
+    );
+    let spare = token_of(&made);
+    assert_eq!(cli_as(&a.api, &spare, &["whoami"]).0, 0);
+    get(
+        &a.api,
+        &["token", "revoke", made["id"].as_str().expect("id")],
+    );
+    until(
+        "the revoked token stops working",
+        Duration::from_secs(10),
+        || cli_as(&a.api, &spare, &["whoami"]).0 != 0,
+    );
+    // The owner pauses their own experiment.
+    assert_eq!(
+        cli_as(&a.api, &alice, &["experiment", "pause", &id.to_string()]).0,
+        0
+    );
+    // No token, nor any of their secrets, in any file of the node.
+    let secrets: Vec<String> = [admin, &alice, &bob, &carol, &spare]
+        .iter()
+        .map(|t| t.rsplit('_').next().unwrap_or_default().to_string())
+        .collect();
+    let mut files = vec![dir.path().join("a.log")];
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        for s in &secrets {
+            assert!(
+                !text.contains(s.as_str()),
+                "a token's secret is in {}",
+                f.display()
+            );
+        }
+    }
+    let _ = admin;
+}
+
+#[test]
+fn a_cross_site_request_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 83, None);
+    let url = format!("{}/api/v1/experiments", a.api);
+    let auth = format!("Bearer {}", a.token);
+    let config = json!({"config": experiment("x")}).to_string();
+    // What a web page can send without asking first: text/plain, its Origin.
+    let (status, v) = http(
+        "POST",
+        &url,
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "http://evil.example"),
+        ],
+        Some(&config),
+    );
+    assert!(status == 403 || status == 415, "{status} {v}");
+    // Even with a stolen token: the Origin and the Content-Type are checked.
+    let (status, v) = http(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("origin", "http://evil.example"),
+            ("authorization", &auth),
+        ],
+        Some(&config),
+    );
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["code"], "bad_origin");
+    let (status, v) = http(
+        "POST",
+        &url,
+        &[("content-type", "text/plain"), ("authorization", &auth)],
+        Some(&config),
+    );
+    assert_eq!(status, 415, "{v}");
+    // DNS rebinding: a foreign host name that resolves to loopback.
+    let (status, v) = http(
+        "GET",
+        &url,
+        &[("host", "evil.example:80"), ("authorization", &auth)],
+        None,
+    );
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["code"], "bad_host");
+    // A config is at most 1 MiB on this path too.
+    let huge = json!({"config": "#".repeat(1_200_000)}).to_string();
+    let (status, _) = http(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Some(&huge),
+    );
+    assert_eq!(status, 413);
+    assert_eq!(
+        get(&a.api, &["experiment", "list"]),
+        json!([]),
+        "nothing was created"
+    );
+    let _ = cli;
+}
+
+#[test]
+fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("a");
+    resolute_tests::init(&data);
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(["node", "start", "--config"])
+            .arg(repo().join("config/laptop.toml"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .expect("node start");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["--api", "0.0.0.0:0"]);
+    assert!(!ok);
+    assert!(
+        err.contains("loopback") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("cluster.key")).expect("key");
+    let (ok, err) = run(&["--listen", "/ip4/0.0.0.0/tcp/0"]);
+    assert!(!ok);
+    assert!(err.contains("cluster key"), "{err}");
+    // A new cluster without its administrator does not start either.
+    let fresh = dir.path().join("b");
+    let out = Command::new(bin())
+        .args(["node", "start", "--config"])
+        .arg(repo().join("config/laptop.toml"))
+        .arg("--data-dir")
+        .arg(&fresh)
+        .output()
+        .expect("node start");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster init"));
+}
