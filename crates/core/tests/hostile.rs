@@ -114,8 +114,10 @@ fn a_forged_snapshot_does_not_replace_the_state() {
     for term_bump in [0, 5] {
         let mut m = raft(&c, MessageType::MsgSnapshot, x, f);
         m.term += term_bump;
-        let mut snap = Snapshot::default();
-        snap.data = ClusterState::default().encode().into();
+        let mut snap = Snapshot {
+            data: ClusterState::default().encode().into(),
+            ..Default::default()
+        };
         snap.mut_metadata().index = 1_000_000;
         snap.mut_metadata().term = m.term;
         snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
@@ -288,14 +290,14 @@ fn mutate_raft(r: &mut Rng, bytes: &[u8], c: &Cluster, to: NodeId) -> Vec<u8> {
                 m.set_msg_type(types[r.below(types.len() as u64) as usize]);
             }
             7 => {
-                let mut e = Entry::default();
-                e.index = edgy(r, commit);
-                e.term = edgy(r, term);
-                e.data = (0..r.below(40))
-                    .map(|_| r.next() as u8)
-                    .collect::<Vec<u8>>()
-                    .into();
-                m.mut_entries().push(e);
+                let (index, term) = (edgy(r, commit), edgy(r, term));
+                let data: Vec<u8> = (0..r.below(40)).map(|_| r.next() as u8).collect();
+                m.mut_entries().push(Entry {
+                    index,
+                    term,
+                    data: data.into(),
+                    ..Default::default()
+                });
             }
             8 => {
                 for e in m.mut_entries().iter_mut() {

@@ -112,14 +112,17 @@ fn is_loopback_name(name: &str) -> bool {
 }
 
 /// Step 1 and 2 of the module comment.
-fn check_origin(gate: &Gate, req: &Request) -> Result<(), Response> {
+/// Why a request may not come in: its status, code and message.
+type Refusal = (StatusCode, &'static str, String);
+
+fn check_origin(gate: &Gate, req: &Request) -> Result<(), Refusal> {
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if gate.loopback && !is_loopback_name(host_name(host)) {
-        return Err(refuse(
+        return Err((
             StatusCode::FORBIDDEN,
             "bad_host",
             format!("Host {host:?} is not this node's loopback address"),
@@ -129,7 +132,7 @@ fn check_origin(gate: &Gate, req: &Request) -> Result<(), Response> {
         let origin = origin.to_str().unwrap_or("");
         let own = [format!("http://{host}"), format!("https://{host}")];
         if !own.iter().any(|o| o == origin) {
-            return Err(refuse(
+            return Err((
                 StatusCode::FORBIDDEN,
                 "bad_origin",
                 format!("requests from {origin:?} are not accepted"),
@@ -148,7 +151,7 @@ fn check_origin(gate: &Gate, req: &Request) -> Result<(), Response> {
             .unwrap_or("");
         let media = got.split(';').next().unwrap_or("").trim();
         if !media.eq_ignore_ascii_case(want) {
-            return Err(refuse(
+            return Err((
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "bad_content_type",
                 format!("this route takes Content-Type: {want}, not {got:?}"),
@@ -225,8 +228,8 @@ pub async fn gate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if let Err(r) = check_origin(&gate, &req) {
-        return r;
+    if let Err((status, code, message)) = check_origin(&gate, &req) {
+        return refuse(status, code, message);
     }
     let now = now_ms();
     if gate.throttled(peer.ip(), now) {
