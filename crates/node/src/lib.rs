@@ -197,6 +197,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
             listen: info.listen.clone(),
             connected: Default::default(),
             records: Default::default(),
+            ignored_records: 0,
             work_root,
         },
         gpu_uuids,

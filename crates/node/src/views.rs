@@ -230,5 +230,17 @@ pub fn cluster(node: &Node, local: &Local) -> Value {
         "applied": node.applied(),
         "digest": state.digest(),
         "unfinished_exits": state.unfinished_exits,
+        // What hostile or broken peers tried: peer messages dropped before
+        // raft-rs (by reason), entries refused on apply, gossip ignored.
+        "security": {
+            "dropped_peer_messages": node
+                .dropped()
+                .counts()
+                .iter()
+                .map(|(why, n)| (format!("{why:?}"), *n))
+                .collect::<BTreeMap<String, u64>>(),
+            "forbidden": state.forbidden,
+            "ignored_records": local.ignored_records,
+        },
     })
 }

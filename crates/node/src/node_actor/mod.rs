@@ -60,6 +60,9 @@ pub struct Local {
     pub connected: BTreeSet<NodeId>,
     /// Each node's latest gossiped record (this node's own included).
     pub records: BTreeMap<NodeId, Announcement>,
+    /// Gossiped records ignored (not a member's) or trimmed (an API address
+    /// the member may not claim).
+    pub ignored_records: u64,
     /// Where its trials' files are.
     pub work_root: PathBuf,
 }
@@ -124,6 +127,8 @@ pub struct NodeActor {
     joining: bool,
     addrs: BTreeMap<NodeId, Vec<String>>,
     addrs_dirty: bool,
+    /// The drop and refusal counts last logged.
+    hostility_logged: (u64, u64),
     join: Vec<Multiaddr>,
     data_dir: PathBuf,
     first: Vec<Action>,
@@ -156,6 +161,7 @@ impl NodeActor {
             joining: p.joining,
             addrs: p.addrs,
             addrs_dirty: false,
+            hostility_logged: (0, 0),
             join: p.join,
             data_dir: p.data_dir,
             first: p.first,
@@ -333,6 +339,24 @@ impl NodeActor {
         if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
             self.announce(ctx);
             self.redial();
+            self.report_hostility();
+        }
+    }
+
+    /// One log line when peers sent what was dropped, or proposed what was
+    /// refused, since the last line (the counts are in `GET /cluster`).
+    fn report_hostility(&mut self) {
+        let node = self.driver.node();
+        let seen = (node.dropped().total(), node.state().forbidden);
+        if seen != self.hostility_logged {
+            eprintln!(
+                "node {:016x}: {} peer messages dropped before raft-rs {:?}, {} entries refused on apply",
+                self.local.node,
+                seen.0,
+                node.dropped().counts(),
+                seen.1
+            );
+            self.hostility_logged = seen;
         }
     }
 
@@ -487,7 +511,18 @@ impl StreamHandler<NetEvent> for NodeActor {
                 self.local.connected.remove(&n);
                 self.step(ctx, Event::Disconnected { node: n });
             }
-            NetEvent::Announcement(a) => {
+            NetEvent::Announcement(mut a) => {
+                // Only members' records count, and a member's API address only
+                // when it is one of its own listen hosts (or loopback): peers
+                // send log requests there, with the caller's token.
+                if !self.driver.node().state().nodes.contains_key(&a.node) {
+                    self.local.ignored_records += 1;
+                    return;
+                }
+                if !api_is_claimable(&a.api, &a.addrs) {
+                    self.local.ignored_records += 1;
+                    a.api.clear();
+                }
                 self.local.records.insert(a.node, a.clone());
                 if self.addrs.get(&a.node) != Some(&a.addrs) {
                     self.addrs.insert(a.node, a.addrs);
@@ -500,6 +535,25 @@ impl StreamHandler<NetEvent> for NodeActor {
     fn finished(&mut self, _ctx: &mut Context<Self>) {
         self.swarm_gone();
     }
+}
+
+/// Whether a record's API address is an IP literal and port on one of the
+/// hosts the record lists as its own listen addresses, or on loopback.
+fn api_is_claimable(api: &str, addrs: &[String]) -> bool {
+    let Ok(api) = api.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    api.ip().is_loopback()
+        || addrs
+            .iter()
+            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+            .any(|m| {
+                m.iter().any(|p| match p {
+                    libp2p::multiaddr::Protocol::Ip4(ip) => std::net::IpAddr::V4(ip) == api.ip(),
+                    libp2p::multiaddr::Protocol::Ip6(ip) => std::net::IpAddr::V6(ip) == api.ip(),
+                    _ => false,
+                })
+            })
 }
 
 impl NodeActor {
@@ -519,5 +573,27 @@ impl Handler<Report> for NodeActor {
 
     fn handle(&mut self, Report(report): Report, ctx: &mut Context<Self>) {
         self.step(ctx, Event::Trial(report));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_is_claimable;
+
+    #[test]
+    fn a_record_claims_an_api_only_on_its_own_hosts() {
+        let addrs = vec!["/ip4/10.0.0.5/tcp/4001".to_string()];
+        assert!(api_is_claimable("10.0.0.5:8080", &addrs));
+        assert!(api_is_claimable("127.0.0.1:8080", &addrs));
+        assert!(!api_is_claimable("10.0.0.6:8080", &addrs), "another host");
+        assert!(
+            !api_is_claimable("169.254.169.254:80", &addrs),
+            "cloud metadata"
+        );
+        assert!(
+            !api_is_claimable("internal.example:80", &addrs),
+            "a name to resolve"
+        );
+        assert!(!api_is_claimable("", &addrs));
     }
 }
