@@ -56,29 +56,43 @@ fn no_route_answers_without_a_valid_token() {
     let routes = resolute_node::api::route_list();
     assert!(routes.len() >= 19, "the route table: {routes:?}");
     let bad = "rsl_0011223344556677_".to_string() + &"ab".repeat(32);
-    for (method, path) in &routes {
+    let bad_auth = format!("Bearer {bad}");
+    let admin_auth = format!("Bearer {}", a.token);
+    for (i, (method, path)) in routes.iter().enumerate() {
         let url = format!("{}{}", a.api, fill(path));
         let ct = [("content-type", "application/json")];
         let blob = [("content-type", "application/octet-stream")];
         let headers: &[(&str, &str)] = if *path == "/api/v1/blobs" { &blob } else { &ct };
         let (status, body) = http(method.as_str(), &url, headers, Some("{}"));
         assert_eq!(status, 401, "{method} {path} without a token: {body}");
-        let auth = format!("Bearer {bad}");
-        let mut with_bad = headers.to_vec();
-        with_bad.push(("authorization", &auth));
-        let (status, _) = http(method.as_str(), &url, &with_bad, Some("{}"));
-        assert_eq!(status, 401, "{method} {path} with an unknown token");
         // With the admin's token the route exists (no 405, no bare 404).
-        let auth = format!("Bearer {}", a.token);
         let mut with_admin = headers.to_vec();
-        with_admin.push(("authorization", &auth));
+        with_admin.push(("authorization", &admin_auth));
         let (status, body) = http(method.as_str(), &url, &with_admin, Some("{}"));
         assert_ne!(status, 405, "{method} {path}");
         assert!(
             status != 404 || body["code"].is_string(),
             "{method} {path}: a 404 of the router, not of the handler"
         );
+        // An unknown token, on the first routes (failures are throttled).
+        if i < 10 {
+            let mut with_bad = headers.to_vec();
+            with_bad.push(("authorization", &bad_auth));
+            let (status, _) = http(method.as_str(), &url, &with_bad, Some("{}"));
+            assert_eq!(status, 401, "{method} {path} with an unknown token");
+        }
     }
+    // Guessing tokens is throttled: after 20 failures a minute, even a good
+    // token from that address waits.
+    let url = format!("{}/api/v1/me", a.api);
+    let mut throttled = false;
+    for _ in 0..11 {
+        let (status, _) = http("GET", &url, &[("authorization", &bad_auth)], None);
+        throttled |= status == 429;
+    }
+    assert!(throttled, "the 21st failure is answered 429");
+    let (status, _) = http("GET", &url, &[("authorization", &admin_auth)], None);
+    assert_eq!(status, 429);
 }
 
 /// An experiment config that trains for a while in `workspace`.

@@ -154,6 +154,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         now,
     )
     .map_err(fail)?;
+    let admin = admin.filter(|_| !driver.node().state().secured());
     // Peers this node knew before a restart, and the ones it joins through.
     let known = setup::known_peers(&opts.data_dir);
     for addr in join.iter().cloned().chain(
