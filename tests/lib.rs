@@ -80,7 +80,8 @@ const AUTHENTICATED_WAIT_MS: u64 = 20_000;
 #[derive(Default)]
 struct Clusters {
     by_data: BTreeMap<PathBuf, (String, PathBuf)>,
-    by_addr: BTreeMap<String, (String, PathBuf)>,
+    /// Token, key file and the node's own API.
+    by_addr: BTreeMap<String, (String, PathBuf, String)>,
 }
 
 fn clusters() -> std::sync::MutexGuard<'static, Clusters> {
@@ -106,29 +107,33 @@ pub fn init(data: &Path) -> String {
     v["token"].as_str().expect("token").to_string()
 }
 
-/// The admin token and key file a node's start uses: its own cluster's when it
-/// started before, the cluster's it joins, or a new cluster's.
-fn credentials(data: &Path, join: Option<&str>) -> (String, PathBuf) {
-    if let Some(c) = clusters().by_data.get(data).cloned() {
-        return c;
+/// The admin token and key file a node's start uses, and the join token it
+/// presents: its own cluster's when it started before, the cluster's it joins
+/// (with a join token made there), or a new cluster's.
+fn credentials(data: &Path, join: Option<&str>) -> (String, PathBuf, Option<String>) {
+    if let Some((token, key)) = clusters().by_data.get(data).cloned() {
+        return (token, key, None);
     }
     let known = join.and_then(|j| clusters().by_addr.get(j).cloned());
-    let c = match known {
-        Some((token, key)) => {
+    let (c, join_token) = match known {
+        Some((token, key, api)) => {
             std::fs::create_dir_all(data).expect("data dir");
             let own = data.join("cluster.key");
             if !own.exists() {
                 std::fs::copy(&key, &own).expect("cluster key");
             }
-            (token, key)
+            let made = cli_as(&api, &token, &["cluster", "join-token", "--uses", "1"]);
+            let v: Value = serde_json::from_str(made.1.trim()).expect("join-token --json");
+            let join_token = v["token"].as_str().expect("join token").to_string();
+            ((token, key), Some(join_token))
         }
         None => {
             let token = init(data);
-            (token, data.join("cluster.key"))
+            ((token, data.join("cluster.key")), None)
         }
     };
     clusters().by_data.insert(data.to_path_buf(), c.clone());
-    c
+    (c.0, c.1, join_token)
 }
 
 /// The admin token of the cluster whose node serves `api`.
@@ -136,7 +141,7 @@ pub fn token_of(api: &str) -> String {
     clusters()
         .by_addr
         .get(api)
-        .map(|(t, _)| t.clone())
+        .map(|(t, _, _)| t.clone())
         .unwrap_or_default()
 }
 
@@ -155,7 +160,7 @@ pub fn start(data: &Path, host: u8, join: Option<&str>) -> NodeProc {
 
 /// [`start`] with another config file.
 pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> NodeProc {
-    let (token, key) = credentials(data, join);
+    let (token, key, join_token) = credentials(data, join);
     let mut cmd = Command::new(bin());
     cmd.args(["node", "start", "--config"])
         .arg(config)
@@ -165,6 +170,9 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
         .args(["--listen", &format!("/ip4/127.0.0.{host}/tcp/0")]);
     if let Some(j) = join {
         cmd.args(["--join", j]);
+    }
+    if let Some(t) = join_token {
+        cmd.env("RESOLUTE_JOIN_TOKEN", t);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -191,8 +199,10 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
     let (api, listen) = (format!("http://{}", field("api=")), field("listen="));
     {
         let mut c = clusters();
-        c.by_addr.insert(api.clone(), (token.clone(), key.clone()));
-        c.by_addr.insert(listen.clone(), (token.clone(), key));
+        c.by_addr
+            .insert(api.clone(), (token.clone(), key.clone(), api.clone()));
+        c.by_addr
+            .insert(listen.clone(), (token.clone(), key, api.clone()));
     }
     // The administrator's token works once the node has the entry that made
     // it (a new cluster's first entries; a joiner's catch-up): wait for that,

@@ -372,3 +372,41 @@ fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster init"));
 }
+
+#[test]
+fn a_node_with_the_key_but_no_join_token_is_not_admitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 84, None);
+    // A stranger that has the cluster key (copied) but no join token.
+    let data = dir.path().join("stranger");
+    std::fs::create_dir_all(&data).expect("dir");
+    std::fs::copy(a.data.join("cluster.key"), data.join("cluster.key")).expect("key");
+    let mut stranger = Command::new(bin())
+        .args(["node", "start", "--config"])
+        .arg(repo().join("config/laptop.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--api", "127.0.0.85:0", "--listen", "/ip4/127.0.0.85/tcp/0", "--join", &a.listen])
+        .env_remove("RESOLUTE_JOIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stranger");
+    until("the stranger's announcements are refused", Duration::from_secs(30), || {
+        let s = get(&a.api, &["cluster", "status"]);
+        s["security"]["dropped_peer_messages"]["NotAllowed"].as_u64().unwrap_or(0) >= 2
+    });
+    let s = get(&a.api, &["cluster", "status"]);
+    assert_eq!(s["nodes"].as_array().map(Vec::len), Some(1), "not a member: {s}");
+    assert_eq!(s["learners"], json!([]));
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    // With a join token from the admin, a node joins (and the token is used up).
+    let b = start(&dir.path().join("b"), 86, Some(&a.listen));
+    until("b is a member", Duration::from_secs(30), || {
+        get(&a.api, &["cluster", "status"])["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    });
+    drop(b);
+}

@@ -142,6 +142,23 @@ pub fn login(t: &Target, token: Option<&str>) -> anyhow::Result<ExitCode> {
     finish(r)
 }
 
+/// Runs `resolute cluster join-token`.
+pub fn join_token(t: &Target, ttl: &str, uses: u32, label: &str) -> anyhow::Result<ExitCode> {
+    let r = parse_ttl_s(ttl).map_err(Failure::User).and_then(|ttl_s| {
+        let body = json!({"ttl_s": ttl_s, "uses": uses, "label": label});
+        let v = call(t, "POST", "/join-tokens", Some(body))?;
+        print(t, &v, |v| {
+            println!("{}", v["token"].as_str().unwrap_or(""));
+            eprintln!(
+                "join token {} for {uses} node(s), shown once: resolute node start ... --join <addr> --join-token <it>",
+                v["id"].as_str().unwrap_or("")
+            );
+        });
+        Ok(())
+    });
+    finish(r)
+}
+
 /// Runs `resolute whoami`.
 pub fn whoami(t: &Target) -> anyhow::Result<ExitCode> {
     let r = call(t, "GET", "/me", None).map(|me| {

@@ -112,9 +112,14 @@ impl LocalCluster {
             pids: Arc::new(Mutex::new(Vec::new())),
             token: made.token,
         };
+        let mut join_token = None;
         for k in 0..count {
             let name = ((b'a' + k as u8) as char).to_string();
             let join = cluster.nodes.first().map(|n| n.listen.clone());
+            if k == 1 {
+                // The others join with a token the administrator makes.
+                join_token = Some(cluster.join_token(count as u32 - 1)?);
+            }
             let data = dir.join(&name);
             resolute_node::bootstrap::private_dir(&data).map_err(anyhow::Error::msg)?;
             resolute_node::bootstrap::write_private(
@@ -122,7 +127,8 @@ impl LocalCluster {
                 &key,
             )
             .map_err(anyhow::Error::msg)?;
-            let node = cluster.spawn(&name, &data, join.as_deref(), ANY_PORT)?;
+            let joining = join.as_deref().zip(join_token.as_deref());
+            let node = cluster.spawn(&name, &data, joining, ANY_PORT)?;
             cluster.nodes.push(node);
         }
         cluster.wait_formed(count)?;
@@ -161,7 +167,7 @@ impl LocalCluster {
         &self,
         name: &str,
         data: &Path,
-        join: Option<&str>,
+        join: Option<(&str, &str)>,
         listen: &str,
     ) -> anyhow::Result<LocalNode> {
         std::fs::create_dir_all(data)?;
@@ -192,8 +198,8 @@ impl LocalCluster {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .process_group(0);
-        if let Some(j) = join {
-            cmd.args(["--join", j]);
+        if let Some((addr, token)) = join {
+            cmd.args(["--join", addr]).env("RESOLUTE_JOIN_TOKEN", token);
         }
         let mut child = cmd.spawn().context("starting a node process")?;
         self.pids
@@ -288,6 +294,30 @@ impl LocalCluster {
         let node = self.spawn(&name, &data, None, &listen)?;
         self.nodes[k] = node;
         Ok(())
+    }
+
+    /// A join token for `uses` nodes, made on the first node (which may
+    /// still be applying its administrator).
+    fn join_token(&self, uses: u32) -> anyhow::Result<String> {
+        let target = self.nodes[0].target();
+        let deadline = Instant::now() + Duration::from_millis(NODE_READY_TIMEOUT_MS);
+        loop {
+            let asked = client::post_json(
+                &target,
+                "/join-tokens",
+                serde_json::json!({"uses": uses, "label": "local cluster"}),
+            );
+            match asked {
+                Ok(v) => {
+                    return v["token"]
+                        .as_str()
+                        .map(str::to_string)
+                        .context("no token in the answer")
+                }
+                Err(e) if Instant::now() > deadline => bail!("a join token: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// Stops every node with SIGTERM (drain and leave), SIGKILL after a grace period.

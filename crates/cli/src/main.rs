@@ -162,6 +162,10 @@ enum NodeCommand {
         /// Overrides net.listen.
         #[arg(long)]
         listen: Option<String>,
+        /// The join token an admin made (`resolute cluster join-token`): a
+        /// cluster with users admits no new node without one.
+        #[arg(long, env = "RESOLUTE_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
     },
     /// Asks a node to drain: its trials checkpoint and move elsewhere.
     Drain {
@@ -179,6 +183,18 @@ enum ClusterCommand {
     /// Makes a new cluster's key and first administrator in the data dir of
     /// the node that will bootstrap it; saves the admin token for this CLI.
     Init(access::InitArgs),
+    /// Makes a join token for new nodes (cluster admin); prints it once.
+    JoinToken {
+        /// Lifetime: `90s`, `30m`, `12h`, `7d`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -366,8 +382,9 @@ fn main() -> ExitCode {
                     data_dir,
                     api,
                     listen,
+                    join_token,
                 },
-        } => node_start(&config, &join, data_dir.as_deref(), api, listen),
+        } => node_start(&config, &join, data_dir.as_deref(), api, listen, join_token),
         CliCommand::Node {
             command: NodeCommand::Drain { target, id },
         } => client::node_drain(&target, &id),
@@ -382,6 +399,10 @@ fn main() -> ExitCode {
             command: ClusterCommand::Init(args),
             ..
         } => access::init(&args),
+        CliCommand::Cluster {
+            target,
+            command: ClusterCommand::JoinToken { ttl, uses, label },
+        } => access::join_token(&target, &ttl, uses, &label),
         CliCommand::Login { target } => access::login(&target, target.token.as_deref()),
         CliCommand::Logout => access::logout(),
         CliCommand::Whoami { target } => access::whoami(&target),
@@ -653,6 +674,7 @@ fn node_start(
     data_dir: Option<&std::path::Path>,
     api: Option<String>,
     listen: Option<String>,
+    join_token: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut file = resolute_node::config::load(config).map_err(anyhow::Error::msg)?;
     if let Some(a) = api {
@@ -681,6 +703,7 @@ fn node_start(
                 config: file,
                 data_dir,
                 join,
+                join_token,
             },
             stop,
         )

@@ -454,7 +454,7 @@ fn print_report(s: &Value, experiment: &Value) {
         s["data_dir"].as_str().unwrap_or("")
     );
     println!("  your own cluster:      resolute cluster init --data-dir data-a && resolute node start --config config/laptop.toml --data-dir data-a");
-    println!("                         mkdir data-b && cp data-a/cluster.key data-b/ && resolute node start --config config/laptop.toml --api 127.0.0.1:8081 --data-dir data-b --join <first node's listen address>");
+    println!("                         mkdir data-b && cp data-a/cluster.key data-b/ && resolute node start --config config/laptop.toml --api 127.0.0.1:8081 --data-dir data-b --join <first node's listen address> --join-token \"$(resolute cluster join-token)\"");
     println!("  submit and watch:      resolute experiment create examples/quickstart/experiment.yaml --follow");
     println!("  a Python trial:        resolute experiment create examples/python-core/experiment.yaml examples/python-core");
     println!("  chaos in simulation:   resolute sim simulations/churn.toml --seeds 0..100");

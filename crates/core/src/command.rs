@@ -326,6 +326,24 @@ pub enum UserCommand {
         /// The token's id.
         id: String,
     },
+    /// A join token: a new node that presents it may become a member, `uses`
+    /// times at most (cluster admin). Its `hash` is the BLAKE3 of its secret
+    /// (hex): 256 random bits need no slow hash, and every replica checks it.
+    CreateJoinToken {
+        /// The token.
+        token: NewToken,
+        /// How many nodes may join with it.
+        uses: u32,
+    },
+}
+
+/// What a joining node asks, carried in the conf change that adds it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// What it offers.
+    pub info: NodeInfo,
+    /// The id of the join token it presented (used up on apply).
+    pub join_token: Option<String>,
 }
 
 /// A token as the log keeps it: its public id and a slow salted hash of its

@@ -35,7 +35,7 @@ use crate::log_store as store;
 use resolute_types::{codec, Value};
 
 use crate::command::{
-    Command, Envelope, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
+    Command, Envelope, JoinRequest, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
 };
 use crate::guard;
 use crate::log_cache::{self, LogCache};
@@ -90,6 +90,8 @@ pub struct NodeConfig {
     pub snapshot_log_bytes: u64,
     /// Seed of this node's randomness (election jitter).
     pub seed: u64,
+    /// The join token this node presents when it asks to join.
+    pub join_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -108,6 +110,7 @@ impl NodeConfig {
             snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_DEFAULT,
             seed: id,
+            join_token: None,
         }
     }
 }
@@ -204,6 +207,9 @@ pub enum PeerMessage {
         node: NodeId,
         /// What it offers.
         info: NodeInfo,
+        /// The join token an admin gave it (`resolute cluster join-token`);
+        /// a cluster with users admits no node without one.
+        join_token: Option<String>,
     },
 }
 
@@ -619,6 +625,7 @@ impl Node {
                 let msg = PeerMessage::Announce {
                     node: self.cfg.id,
                     info: self.cfg.info.clone(),
+                    join_token: self.cfg.join_token.clone(),
                 };
                 out.push(Output::Send { to: via, msg });
             }
@@ -664,6 +671,9 @@ impl Node {
                     // Whoever forwards a proposal is its proposer: nobody
                     // speaks for another node.
                     self.guard.count(guard::Dropped::ForgedOrigin);
+                } else if !self.state.nodes.contains_key(&origin) {
+                    // Only members vouch for users and report for themselves.
+                    self.guard.count(guard::Dropped::NotAllowed);
                 } else if !self.is_leader() {
                     out.push(Output::Send {
                         to: origin,
@@ -690,7 +700,11 @@ impl Node {
                     });
                 }
             }
-            PeerMessage::Announce { node, info } => self.on_announce(node, info, out),
+            PeerMessage::Announce {
+                node,
+                info,
+                join_token,
+            } => self.on_announce(node, info, join_token, out),
             // A node leaves for itself only, and asks the leader directly.
             PeerMessage::Leave { node } if node == from && self.is_leader() => {
                 self.on_leave(node, out)
@@ -704,15 +718,33 @@ impl Node {
         }
     }
 
-    fn on_announce(&mut self, node: NodeId, info: NodeInfo, out: &mut Vec<Output>) {
+    fn on_announce(
+        &mut self,
+        node: NodeId,
+        info: NodeInfo,
+        join_token: Option<String>,
+        out: &mut Vec<Output>,
+    ) {
         if node == 0 || self.is_member(node) {
             return;
         }
         if self.is_leader() {
+            // A cluster with users admits only nodes an admin let in.
+            let token = join_token
+                .as_deref()
+                .and_then(|t| self.state.live_join_token(t, self.now_ms));
+            if self.state.secured() && token.is_none() {
+                self.guard.count(guard::Dropped::NotAllowed);
+                return;
+            }
             if self.raw.raft.has_pending_conf() {
                 return; // The joiner repeats its announcement.
             }
-            let context = codec::encode(&info).unwrap_or_default();
+            let request = JoinRequest {
+                info,
+                join_token: token,
+            };
+            let context = codec::encode(&request).unwrap_or_default();
             let mut cc = ConfChangeV2::default();
             cc.set_changes(vec![single(node, ConfChangeType::AddLearnerNode)].into());
             cc.context = context.into();
@@ -721,7 +753,11 @@ impl Node {
         } else if self.raw.raft.leader_id != 0 {
             out.push(Output::Send {
                 to: self.raw.raft.leader_id,
-                msg: PeerMessage::Announce { node, info },
+                msg: PeerMessage::Announce {
+                    node,
+                    info,
+                    join_token,
+                },
             });
         }
     }
@@ -1226,11 +1262,17 @@ impl Node {
             return;
         };
         self.raw.mut_store().set_conf_state(cs);
-        let info: NodeInfo = codec::decode(&cc.context).unwrap_or_default();
+        let request: JoinRequest = codec::decode(&cc.context).unwrap_or_default();
+        let info = request.info;
         let mut changes = Vec::new();
         for change in cc.get_changes() {
             match change.get_change_type() {
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Some(id) = &request.join_token {
+                        if !self.state.nodes.contains_key(&change.node_id) {
+                            self.state.use_join_token(id);
+                        }
+                    }
                     self.state
                         .add_node(change.node_id, info.clone(), &mut changes);
                     self.last_seen.entry(change.node_id).or_insert(self.now_ms);

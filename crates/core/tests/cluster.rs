@@ -477,6 +477,7 @@ fn garbage_and_strangers_on_the_wire_never_panic() {
             _ => PeerMessage::Announce {
                 node: 0,
                 info: common::info("z", 1),
+                join_token: None,
             },
         };
         c.input(to, Input::Peer { from, msg });

@@ -556,13 +556,11 @@ impl EventLoop {
         let node = node_id(&peer);
         self.peers.insert(node, peer);
         let allowed = match &request {
-            // A join request is how a node asks to become a member: the cluster key
-            // already let it connect, and asking opens its admission window.
-            Request::Peer(PeerMessage::Announce { node: claimed, .. }) if *claimed == node => {
-                let until = Instant::now() + Duration::from_millis(self.config.admission_window_ms);
-                self.admitted.insert(node, until);
-                true
-            }
+            // A join request is how a node asks to become a member: the cluster
+            // key already let it connect, and the leader decides (a join token,
+            // in a cluster with users). Nothing else of a stranger's gets
+            // through until the membership says it is a member.
+            Request::Peer(PeerMessage::Announce { node: claimed, .. }) if *claimed == node => true,
             _ => self.admitted(node),
         };
         if !allowed {

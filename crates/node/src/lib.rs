@@ -128,7 +128,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         gpu_uuids.len() as u32
     };
     let (info, labels) = setup::node_info(c, slots);
-    let node_cfg = setup::node_config(c, id, info);
+    let node_cfg = setup::node_config(opts, id, info);
     let fresh = recovered.snapshot.is_none() && recovered.entries.is_empty();
     let bootstrap = fresh && join.is_empty();
     // A new cluster starts with its administrator, or not at all: a cluster

@@ -29,6 +29,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Peers to join through.
     pub join: Vec<Multiaddr>,
+    /// The join token to present (`resolute cluster join-token`).
+    pub join_token: Option<String>,
 }
 
 pub(crate) fn setup(e: impl std::fmt::Display) -> DaemonError {
@@ -156,8 +158,10 @@ pub(crate) fn node_info(config: &NodeFile, slots: u32) -> (NodeInfo, BTreeMap<St
 }
 
 /// The core's settings from the config's timing.
-pub(crate) fn node_config(config: &NodeFile, id: NodeId, info: NodeInfo) -> NodeConfig {
+pub(crate) fn node_config(opts: &Options, id: NodeId, info: NodeInfo) -> NodeConfig {
+    let config = &opts.config;
     let mut cfg = NodeConfig::new(id, info);
+    cfg.join_token = opts.join_token.clone();
     cfg.tick_ms = config.node.tick_ms;
     cfg.lease_timeout_ms = config.node.lease_timeout_ms;
     cfg.disconnect_grace_ms = config.node.disconnect_grace_ms;

@@ -32,6 +32,31 @@ pub const USERS_MAX: usize = 10_000;
 pub const TOKENS_PER_USER_MAX: usize = 100;
 /// Workspaces one user may hold roles in.
 pub const ROLES_PER_USER_MAX: usize = 1_000;
+/// Join tokens (live or used up) a cluster keeps.
+pub const JOIN_TOKENS_MAX: usize = 1_000;
+/// What every join token starts with.
+pub const JOIN_TOKEN_PREFIX: &str = "rsj_";
+
+/// A join token (its secret is never stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// BLAKE3 of the secret, hex.
+    pub hash: String,
+    /// When it stops working (milliseconds since the Unix epoch), if ever.
+    pub expires_ms: Option<u64>,
+    /// Nodes that may still join with it.
+    pub uses_left: u32,
+    /// What it is for.
+    pub label: String,
+}
+
+/// Splits `rsj_<id>_<secret>`.
+pub fn parse_join_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix(JOIN_TOKEN_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let hex = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(id) && hex(secret)).then_some((id, secret))
+}
 
 /// A user of the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +189,26 @@ impl ClusterState {
             && t.expires_ms.is_none_or(|e| now_ms < e)
             && self.active_user(&t.user).is_some();
         live.then_some(t)
+    }
+
+    /// The id of a join token that admits one more node now (its secret
+    /// matches, it has uses left and has not expired).
+    pub fn live_join_token(&self, token: &str, now_ms: u64) -> Option<String> {
+        let (id, secret) = parse_join_token(token)?;
+        let t = self.join_tokens.get(id)?;
+        // `blake3::Hash` compares in constant time.
+        let expected = blake3::Hash::from_hex(&t.hash).ok()?;
+        let ok = blake3::hash(secret.as_bytes()) == expected
+            && t.uses_left > 0
+            && t.expires_ms.is_none_or(|e| now_ms < e);
+        ok.then(|| id.to_string())
+    }
+
+    /// A node joined with the join token `id`: one use less.
+    pub(crate) fn use_join_token(&mut self, id: &str) {
+        if let Some(t) = self.join_tokens.get_mut(id) {
+            t.uses_left = t.uses_left.saturating_sub(1);
+        }
     }
 
     /// Checks who proposed `envelope` against what it asks (see the module
@@ -384,6 +429,39 @@ impl ClusterState {
                     return rejected(format!("at most {TOKENS_PER_USER_MAX} tokens per user"));
                 }
                 self.insert_token(owner, token);
+                Reply::Ok
+            }
+            UserCommand::CreateJoinToken { token, uses } => {
+                if !admin {
+                    return forbidden("only a cluster admin makes join tokens");
+                }
+                if let Err(e) = valid_token(&token) {
+                    return rejected(e);
+                }
+                if blake3::Hash::from_hex(&token.hash).is_err() {
+                    return rejected("a join token's hash is 64 hex characters".into());
+                }
+                if self.join_tokens.contains_key(&token.id) {
+                    return rejected(format!("join token {} exists", token.id));
+                }
+                if self.join_tokens.len() >= JOIN_TOKENS_MAX {
+                    // The used-up and expired ones make room first.
+                    let now = self.now_ms;
+                    self.join_tokens
+                        .retain(|_, t| t.uses_left > 0 && t.expires_ms.is_none_or(|e| now < e));
+                    if self.join_tokens.len() >= JOIN_TOKENS_MAX {
+                        return rejected(format!("at most {JOIN_TOKENS_MAX} live join tokens"));
+                    }
+                }
+                self.join_tokens.insert(
+                    token.id,
+                    JoinToken {
+                        hash: token.hash,
+                        expires_ms: token.expires_ms,
+                        uses_left: uses,
+                        label: token.label,
+                    },
+                );
                 Reply::Ok
             }
             UserCommand::RevokeToken { id } => {

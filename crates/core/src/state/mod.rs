@@ -321,6 +321,8 @@ pub struct ClusterState {
     pub users: BTreeMap<String, auth::User>,
     /// API tokens by id (`auth`).
     pub tokens: BTreeMap<String, auth::Token>,
+    /// Join tokens by id (`auth`).
+    pub join_tokens: BTreeMap<String, auth::JoinToken>,
     /// Trial processes that completed on their own short of their target (the
     /// searcher raised it while they ran) and went back to the queue to resume
     /// from a checkpoint: each cost a relaunch that the node could have saved by

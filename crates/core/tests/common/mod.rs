@@ -304,6 +304,21 @@ impl Cluster {
         pid
     }
 
+    /// Proposes on `id` on `user`'s authority.
+    pub fn propose_as(&mut self, id: NodeId, user: &str, command: Command) -> ProposalId {
+        let pid = ProposalId(self.next_proposal);
+        self.next_proposal += 1;
+        self.input(
+            id,
+            Input::Propose {
+                id: pid,
+                command,
+                user: Some(user.to_string()),
+            },
+        );
+        pid
+    }
+
     pub fn repropose(&mut self, id: NodeId, pid: ProposalId, command: Command) {
         self.replies.remove(&pid);
         self.input(

@@ -195,3 +195,53 @@ fn auth_now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JoinTokenBody {
+    /// Nodes that may join with it (default 1).
+    #[serde(default)]
+    uses: Option<u32>,
+    #[serde(default)]
+    label: String,
+    /// Lifetime in seconds (default: one hour).
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+/// Default lifetime of a join token, in seconds.
+pub const JOIN_TOKEN_TTL_DEFAULT_S: u64 = 3600;
+
+/// `POST /join-tokens`: a token a new node presents to join (cluster admin),
+/// shown once in the answer.
+pub(super) async fn create_join_token(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    body: String,
+) -> Res {
+    let b: JoinTokenBody = match serde_json::from_str(&body) {
+        Ok(b) => b,
+        Err(e) => return malformed(e),
+    };
+    let ttl_s = b.ttl_s.unwrap_or(JOIN_TOKEN_TTL_DEFAULT_S);
+    if ttl_s == 0 || ttl_s > TOKEN_TTL_MAX_S {
+        return malformed(format!("ttl_s: between 1 and {TOKEN_TTL_MAX_S}"));
+    }
+    let uses = b.uses.unwrap_or(1);
+    if uses == 0 {
+        return malformed("uses: at least 1");
+    }
+    let expires_ms = auth_now_ms() + ttl_s * 1000;
+    let (text, token) = match tokens::mint_join(&b.label, Some(expires_ms)) {
+        Ok(x) => x,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "token", e.to_string()),
+    };
+    let id = token.id.clone();
+    match propose(&node, &caller, Command::User(UserCommand::CreateJoinToken { token, uses })).await {
+        Ok(_) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "token": text, "uses": uses, "expires_ms": expires_ms})),
+        ),
+        Err(e) => e,
+    }
+}

@@ -130,6 +130,11 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             "/api/v1/tokens/{id}/revoke",
             post(access::revoke_token).layer(json()),
         ),
+        (
+            Method::POST,
+            "/api/v1/join-tokens",
+            post(access::create_join_token).layer(json()),
+        ),
     ]
 }
 

@@ -76,6 +76,27 @@ pub fn mint(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), 
     ))
 }
 
+/// A fresh join token (`rsj_<id>_<secret>`): the text for the new node, and
+/// what the log keeps (the BLAKE3 of the secret: every replica checks it).
+pub fn mint_join(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), TokenError> {
+    let id = random_hex(TOKEN_ID_BYTES)?;
+    let secret = random_hex(TOKEN_SECRET_BYTES)?;
+    let text = format!(
+        "{}{id}_{secret}",
+        resolute_core::state::auth::JOIN_TOKEN_PREFIX
+    );
+    let hash = blake3::hash(secret.as_bytes()).to_hex().to_string();
+    Ok((
+        text,
+        NewToken {
+            id,
+            hash,
+            expires_ms,
+            label: label.to_string(),
+        },
+    ))
+}
+
 /// Whether `secret` matches the argon2 `hash` from the log (slow: run it off
 /// the async workers).
 pub fn verify_slow(secret: &str, hash: &str) -> bool {
