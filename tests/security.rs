@@ -386,18 +386,36 @@ fn a_node_with_the_key_but_no_join_token_is_not_admitted() {
         .arg(repo().join("config/laptop.toml"))
         .arg("--data-dir")
         .arg(&data)
-        .args(["--api", "127.0.0.85:0", "--listen", "/ip4/127.0.0.85/tcp/0", "--join", &a.listen])
+        .args([
+            "--api",
+            "127.0.0.85:0",
+            "--listen",
+            "/ip4/127.0.0.85/tcp/0",
+            "--join",
+            &a.listen,
+        ])
         .env_remove("RESOLUTE_JOIN_TOKEN")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("stranger");
-    until("the stranger's announcements are refused", Duration::from_secs(30), || {
-        let s = get(&a.api, &["cluster", "status"]);
-        s["security"]["dropped_peer_messages"]["NotAllowed"].as_u64().unwrap_or(0) >= 2
-    });
+    until(
+        "the stranger's announcements are refused",
+        Duration::from_secs(30),
+        || {
+            let s = get(&a.api, &["cluster", "status"]);
+            s["security"]["dropped_peer_messages"]["NotAllowed"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 2
+        },
+    );
     let s = get(&a.api, &["cluster", "status"]);
-    assert_eq!(s["nodes"].as_array().map(Vec::len), Some(1), "not a member: {s}");
+    assert_eq!(
+        s["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "not a member: {s}"
+    );
     assert_eq!(s["learners"], json!([]));
     let _ = stranger.kill();
     let _ = stranger.wait();

@@ -35,7 +35,8 @@ use crate::log_store as store;
 use resolute_types::{codec, Value};
 
 use crate::command::{
-    Command, Envelope, JoinRequest, ExperimentId, NodeId, NodeInfo, ProposalId, Reply, TrialId, COMMAND_VERSION,
+    Command, Envelope, ExperimentId, JoinRequest, NodeId, NodeInfo, ProposalId, Reply, TrialId,
+    COMMAND_VERSION,
 };
 use crate::guard;
 use crate::log_cache::{self, LogCache};

@@ -7,7 +7,9 @@ mod common;
 use common::{three, Cluster};
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, Message, MessageType, Snapshot};
-use resolute_core::command::{Command, MetricKind, MetricRecord, ProposalId, TrialOutcome};
+use resolute_core::command::{
+    Command, MetricKind, MetricRecord, NewToken, ProposalId, TrialOutcome, UserCommand,
+};
 use resolute_core::guard::Dropped;
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::{Input, NodeConfig, NodeId, PeerMessage, Reply};
@@ -429,11 +431,13 @@ fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
         token: token("a1", "argon2-hash".into()),
     });
     let pid = c.propose_on(1, admin);
-    c.until(5_000, "users", |c| c.replies.get(&pid) == Some(&Ok(Reply::Ok)));
+    c.until(5_000, "users", |c| {
+        c.replies.get(&pid) == Some(&Ok(Reply::Ok))
+    });
     let secret = "ab".repeat(32);
     let hash = blake3::hash(secret.as_bytes()).to_hex().to_string();
     let join = Command::User(UserCommand::CreateJoinToken {
-        token: token("j1", hash),
+        token: token("1f", hash),
         uses: 1,
     });
     // Only a cluster admin makes one.
@@ -441,22 +445,24 @@ fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
     c.until(5_000, "refused", |c| c.replies.contains_key(&pid));
     assert!(matches!(c.replies[&pid], Ok(Reply::Forbidden { .. })));
     let pid = c.propose_as(1, "admin", join);
-    c.until(5_000, "join token", |c| c.replies.get(&pid) == Some(&Ok(Reply::Ok)));
+    c.until(5_000, "join token", |c| {
+        c.replies.get(&pid) == Some(&Ok(Reply::Ok))
+    });
     // Without a token, and with a wrong one: not admitted.
     c.join_cfg(NodeConfig::new(2, common::info("b", 1)), 1);
     let mut wrong = NodeConfig::new(3, common::info("c", 1));
-    wrong.join_token = Some(format!("rsj_j1_{}", "cd".repeat(32)));
+    wrong.join_token = Some(format!("rsj_1f_{}", "cd".repeat(32)));
     c.join_cfg(wrong, 1);
     c.run(3_000);
     assert!(!is_member(&c, 2) && !is_member(&c, 3));
     assert!(dropped(&c, 1, Dropped::NotAllowed) >= 2);
     // With it: admitted, and the token is used up.
     let mut right = NodeConfig::new(4, common::info("d", 1));
-    right.join_token = Some(format!("rsj_j1_{secret}"));
+    right.join_token = Some(format!("rsj_1f_{secret}"));
     c.join_cfg(right.clone(), 1);
     c.until(10_000, "admitted", |c| is_member(c, 4));
     c.run(1_000);
-    assert_eq!(c.members[&1].node.state().join_tokens["j1"].uses_left, 0);
+    assert_eq!(c.members[&1].node.state().join_tokens["1f"].uses_left, 0);
     right.id = 5;
     c.join_cfg(right, 1);
     c.run(3_000);

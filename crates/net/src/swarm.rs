@@ -498,10 +498,12 @@ impl EventLoop {
         if a.node != node_id(&source) {
             return;
         }
+        // An expired record does not hold a newer one back.
+        let now = Instant::now();
         let newer = self
             .announcements
             .get(&a.node)
-            .is_none_or(|(old, _)| a.seq > old.seq);
+            .is_none_or(|(old, expires)| a.seq > old.seq || *expires <= now);
         if !newer {
             return;
         }

@@ -237,7 +237,13 @@ pub(super) async fn create_join_token(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "token", e.to_string()),
     };
     let id = token.id.clone();
-    match propose(&node, &caller, Command::User(UserCommand::CreateJoinToken { token, uses })).await {
+    match propose(
+        &node,
+        &caller,
+        Command::User(UserCommand::CreateJoinToken { token, uses }),
+    )
+    .await
+    {
         Ok(_) => (
             StatusCode::OK,
             Json(json!({"id": id, "token": text, "uses": uses, "expires_ms": expires_ms})),

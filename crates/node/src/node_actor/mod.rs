@@ -407,7 +407,14 @@ impl NodeActor {
     /// Gossips this node's record: how to reach it, its slots (as its agent
     /// counts them), its GPUs, its labels, what it holds.
     fn announce(&mut self, ctx: &mut Context<Self>) {
-        self.announce_seq += 1;
+        // Sequence numbers outlive a restart (the clock's milliseconds, never
+        // less than the last one plus one): peers keep the record with the
+        // highest, and a restarted node's records, on its new port, must win
+        // over its previous life's at once, not once it has announced as often.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.announce_seq = (self.announce_seq + 1).max(now_ms);
         let agent = self.driver.agent();
         let failures = agent.gpu_failures();
         let mut blobs = self.blobs.list();
