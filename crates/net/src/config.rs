@@ -43,7 +43,8 @@ pub struct NetConfig {
     pub request_timeout_ms: u64,
     /// Chunk requests in flight per blob fetch.
     pub fetch_parallel_chunks: usize,
-    /// How long a joiner may send Raft traffic before it is a member.
+    /// How long a node let in by `NetHandle::admit` may send Raft traffic and
+    /// read blobs before it is a member (a join request alone admits nothing).
     pub admission_window_ms: u64,
     /// How long a gossiped record is believed.
     pub announcement_ttl_ms: u64,

@@ -11,8 +11,9 @@
 //! queues).
 //!
 //! Admission has two gates: the cluster key (a peer without it cannot complete a
-//! connection), and an allow-list fed from the Raft membership (plus joiners within
-//! an admission window) that decides who may send Raft traffic or read blobs.
+//! connection), and an allow-list fed from the Raft membership (plus nodes admitted
+//! for a window) that decides who may send Raft traffic or read blobs. A join
+//! request is always delivered: the leader decides on it (a join token).
 
 pub mod config;
 pub mod gossip;
@@ -230,7 +231,8 @@ impl NetHandle {
             .map_err(|_| NetError::Stopped)
     }
 
-    /// Lets `node` send Raft traffic for the admission window (a joiner).
+    /// Lets `node` send Raft traffic for the admission window (before the
+    /// membership says it is a member).
     pub async fn admit(&self, node: NodeId) -> Result<(), NetError> {
         self.commands
             .send(SwarmCommand::Admit { node })
