@@ -46,6 +46,14 @@ pub enum DaemonError {
 
 use setup::setup as fail;
 
+/// The wall clock in milliseconds since the Unix epoch: what the leader stamps
+/// entries with, and what token expiries are measured against.
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Runs `fut` in an actix system on a multi-threaded tokio runtime (what
 /// [`serve`] needs). Building a runtime fails only when the OS refuses threads.
 pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
@@ -142,9 +150,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     };
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
     let agent_cfg = AgentConfig::new(id, gpu_uuids.clone(), c.cpu_slots, setup::proposal_base());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = wall_ms();
     let (driver, first) = Driver::new(
         node_cfg,
         agent_cfg,

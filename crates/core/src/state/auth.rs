@@ -84,6 +84,32 @@ pub struct Token {
     pub revoked: bool,
 }
 
+/// What a request wants to do.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Read an experiment (and its trials).
+    ReadExperiment(u64),
+    /// Pause, activate, cancel or kill an experiment.
+    ControlExperiment(u64),
+    /// Read a trial (its metrics, logs).
+    ReadTrial(u64),
+    /// Download a checkpoint.
+    ReadCheckpoint(String),
+    /// Write anything at all (upload a model directory): a user role somewhere.
+    Write,
+    /// Administer the cluster.
+    ClusterAdmin,
+}
+
+/// Why a request may not do what it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// What it names does not exist (or is not the caller's to know about).
+    NotFound(String),
+    /// The caller lacks the role.
+    Forbidden(String),
+}
+
 fn forbidden(reason: impl Into<String>) -> Reply {
     Reply::Forbidden {
         reason: reason.into(),
@@ -208,6 +234,64 @@ impl ClusterState {
     pub(crate) fn use_join_token(&mut self, id: &str) {
         if let Some(t) = self.join_tokens.get_mut(id) {
             t.uses_left = t.uses_left.saturating_sub(1);
+        }
+    }
+
+    /// Whether `user` may do what a request asks (`access`): nothing, or why
+    /// not. The REST API asks before it reads or proposes; applying checks
+    /// proposals again.
+    pub fn check_access(&self, user: &str, access: &Access) -> Result<(), Denied> {
+        let u = Some(user);
+        let experiment = |id: u64| {
+            if self.experiments.contains_key(&id) {
+                Ok(id)
+            } else {
+                Err(Denied::NotFound(format!("no experiment {id}")))
+            }
+        };
+        let of_trial = |id: u64| {
+            self.trials
+                .get(&id)
+                .map(|t| t.experiment)
+                .ok_or_else(|| Denied::NotFound(format!("no trial {id}")))
+        };
+        let (ok, what) = match access {
+            Access::ReadExperiment(id) => (
+                self.may_read(u, experiment(*id)?),
+                format!("read experiment {id}"),
+            ),
+            Access::ControlExperiment(id) => (
+                self.may_control(u, experiment(*id)?),
+                format!("control experiment {id}"),
+            ),
+            Access::ReadTrial(id) => (self.may_read(u, of_trial(*id)?), format!("read trial {id}")),
+            Access::ReadCheckpoint(uuid) => {
+                let trial = self
+                    .checkpoints
+                    .get(uuid)
+                    .map(|c| c.trial)
+                    .ok_or_else(|| Denied::NotFound(format!("no checkpoint {uuid}")))?;
+                (
+                    self.may_read(u, of_trial(trial)?),
+                    format!("read checkpoint {uuid}"),
+                )
+            }
+            Access::Write => {
+                let writes = self.is_cluster_admin(u)
+                    || self
+                        .active_user(user)
+                        .is_some_and(|x| x.roles.values().any(|r| *r >= Role::User));
+                (
+                    writes,
+                    "write (no workspace gives this user more than viewer)".into(),
+                )
+            }
+            Access::ClusterAdmin => (self.is_cluster_admin(u), "administer the cluster".into()),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Denied::Forbidden(format!("{user} may not {what}")))
         }
     }
 

@@ -291,21 +291,15 @@ impl Cluster {
     }
 
     pub fn propose_on(&mut self, id: NodeId, command: Command) -> ProposalId {
-        let pid = ProposalId(self.next_proposal);
-        self.next_proposal += 1;
-        self.input(
-            id,
-            Input::Propose {
-                id: pid,
-                command,
-                user: None,
-            },
-        );
-        pid
+        self.propose_with(id, None, command)
     }
 
     /// Proposes on `id` on `user`'s authority.
     pub fn propose_as(&mut self, id: NodeId, user: &str, command: Command) -> ProposalId {
+        self.propose_with(id, Some(user.to_string()), command)
+    }
+
+    fn propose_with(&mut self, id: NodeId, user: Option<String>, command: Command) -> ProposalId {
         let pid = ProposalId(self.next_proposal);
         self.next_proposal += 1;
         self.input(
@@ -313,7 +307,7 @@ impl Cluster {
             Input::Propose {
                 id: pid,
                 command,
-                user: Some(user.to_string()),
+                user,
             },
         );
         pid

@@ -71,9 +71,9 @@ pub(super) async fn create_user(
     Extension(caller): Extension<Caller>,
     body: String,
 ) -> Res {
-    let b: NewUser = match serde_json::from_str(&body) {
+    let b: NewUser = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return malformed(e),
+        Err(e) => return e,
     };
     let roles = match parse_roles(b.roles) {
         Ok(r) => r,
@@ -111,9 +111,9 @@ pub(super) async fn grant(
     UrlPath(name): UrlPath<String>,
     body: String,
 ) -> Res {
-    let b: GrantBody = match serde_json::from_str(&body) {
+    let b: GrantBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return malformed(e),
+        Err(e) => return e,
     };
     let role = match b.role.as_deref().map(|r| (r, Role::parse(r))) {
         None => None,
@@ -151,14 +151,14 @@ pub(super) async fn create_token(
     Extension(caller): Extension<Caller>,
     body: String,
 ) -> Res {
-    let b: TokenBody = match serde_json::from_str(&body) {
+    let b: TokenBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return malformed(e),
+        Err(e) => return e,
     };
     if b.ttl_s.is_some_and(|t| t == 0 || t > TOKEN_TTL_MAX_S) {
         return malformed(format!("ttl_s: between 1 and {TOKEN_TTL_MAX_S}"));
     }
-    let expires_ms = b.ttl_s.map(|t| auth_now_ms() + t * 1000);
+    let expires_ms = b.ttl_s.map(|t| crate::wall_ms() + t * 1000);
     let label = b.label;
     let minted = tokio::task::spawn_blocking(move || tokens::mint(&label, expires_ms)).await;
     let (text, token) = match minted {
@@ -190,12 +190,6 @@ pub(super) async fn revoke_token(
     apply(&node, &caller, UserCommand::RevokeToken { id }).await
 }
 
-fn auth_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct JoinTokenBody {
@@ -219,9 +213,9 @@ pub(super) async fn create_join_token(
     Extension(caller): Extension<Caller>,
     body: String,
 ) -> Res {
-    let b: JoinTokenBody = match serde_json::from_str(&body) {
+    let b: JoinTokenBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return malformed(e),
+        Err(e) => return e,
     };
     let ttl_s = b.ttl_s.unwrap_or(JOIN_TOKEN_TTL_DEFAULT_S);
     if ttl_s == 0 || ttl_s > TOKEN_TTL_MAX_S {
@@ -231,7 +225,7 @@ pub(super) async fn create_join_token(
     if uses == 0 {
         return malformed("uses: at least 1");
     }
-    let expires_ms = auth_now_ms() + ttl_s * 1000;
+    let expires_ms = crate::wall_ms() + ttl_s * 1000;
     let (text, token) = match tokens::mint_join(&b.label, Some(expires_ms)) {
         Ok(x) => x,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "token", e.to_string()),

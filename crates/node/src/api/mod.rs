@@ -174,17 +174,33 @@ fn stopping() -> Res {
     )
 }
 
-/// Asks the node a query; `None` is a 404 with `missing`'s message.
-async fn query<M>(node: &Addr<NodeActor>, msg: M, missing: impl FnOnce() -> String) -> Res
+/// Asks the node a query once `caller` may (`access`); `None` is a 404 with
+/// `missing`'s message.
+async fn query<M>(
+    node: &Addr<NodeActor>,
+    caller: &Caller,
+    access: Access,
+    msg: M,
+    missing: impl FnOnce() -> String,
+) -> Res
 where
     M: actix::Message<Result = Option<Value>> + Send + 'static,
     NodeActor: actix::Handler<M>,
 {
+    if let Err(e) = allow(node, caller, access).await {
+        return e;
+    }
     match node.send(msg).await {
         Ok(Some(v)) => (StatusCode::OK, Json(v)),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", missing()),
         Err(_) => stopping(),
     }
+}
+
+/// A JSON body, or the 400 that names what is wrong with it.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Res> {
+    serde_json::from_str(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "malformed", format!("body: {e}")))
 }
 
 /// Proposes `command` on `caller`'s authority.
@@ -227,9 +243,9 @@ async fn create(
     Extension(caller): Extension<Caller>,
     body: String,
 ) -> Res {
-    let b: CreateBody = match serde_json::from_str(&body) {
+    let b: CreateBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed", format!("body: {e}")),
+        Err(e) => return e,
     };
     let size = b.config.len() + b.overrides.iter().map(String::len).sum::<usize>();
     if size as u64 > CONFIG_BYTES_MAX {
@@ -275,12 +291,13 @@ async fn describe(
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
 ) -> Res {
-    if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
-        return e;
-    }
-    query(&node, node_actor::ExperimentView(id), || {
-        format!("no experiment {id}")
-    })
+    query(
+        &node,
+        &caller,
+        Access::ReadExperiment(id),
+        node_actor::ExperimentView(id),
+        || format!("no experiment {id}"),
+    )
     .await
 }
 
@@ -325,12 +342,13 @@ async fn trials(
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
 ) -> Res {
-    if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
-        return e;
-    }
-    query(&node, node_actor::ExperimentTrials(id), || {
-        format!("no experiment {id}")
-    })
+    query(
+        &node,
+        &caller,
+        Access::ReadExperiment(id),
+        node_actor::ExperimentTrials(id),
+        || format!("no experiment {id}"),
+    )
     .await
 }
 
@@ -339,12 +357,13 @@ async fn trial(
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
 ) -> Res {
-    if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
-        return e;
-    }
-    query(&node, node_actor::TrialView(id), || {
-        format!("no trial {id}")
-    })
+    query(
+        &node,
+        &caller,
+        Access::ReadTrial(id),
+        node_actor::TrialView(id),
+        || format!("no trial {id}"),
+    )
     .await
 }
 
@@ -353,12 +372,13 @@ async fn metrics(
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
 ) -> Res {
-    if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
-        return e;
-    }
-    query(&node, node_actor::TrialMetrics(id), || {
-        format!("no trial {id}")
-    })
+    query(
+        &node,
+        &caller,
+        Access::ReadTrial(id),
+        node_actor::TrialMetrics(id),
+        || format!("no trial {id}"),
+    )
     .await
 }
 

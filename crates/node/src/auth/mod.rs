@@ -92,12 +92,6 @@ fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Respons
     r
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The host name of a `Host` header value (`name:port`, `[v6]:port`).
 fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
@@ -231,7 +225,7 @@ pub async fn gate(
     if let Err((status, code, message)) = check_origin(&gate, &req) {
         return refuse(status, code, message);
     }
-    let now = now_ms();
+    let now = crate::wall_ms();
     if gate.throttled(peer.ip(), now) {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,

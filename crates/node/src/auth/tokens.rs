@@ -53,48 +53,46 @@ fn random_hex(n: usize) -> Result<String, TokenError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A fresh token: the text to hand to its user once, and what the log keeps.
-pub fn mint(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), TokenError> {
+/// A fresh `<prefix><id>_<secret>`: the text to hand out once, and what the
+/// log keeps (`hash` of the secret, never the secret).
+fn fresh(
+    prefix: &str,
+    label: &str,
+    expires_ms: Option<u64>,
+    hash: impl FnOnce(&str) -> Result<String, TokenError>,
+) -> Result<(String, NewToken), TokenError> {
     let id = random_hex(TOKEN_ID_BYTES)?;
     let secret = random_hex(TOKEN_SECRET_BYTES)?;
-    let mut salt = [0u8; SALT_BYTES];
-    getrandom::getrandom(&mut salt).map_err(|e| TokenError::Random(e.to_string()))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| TokenError::Hash(e.to_string()))?;
-    let hash = Argon2::default()
-        .hash_password(secret.as_bytes(), &salt)
-        .map_err(|e| TokenError::Hash(e.to_string()))?
-        .to_string();
-    let text = format!("{TOKEN_PREFIX}{id}_{secret}");
-    Ok((
-        text,
-        NewToken {
-            id,
-            hash,
-            expires_ms,
-            label: label.to_string(),
-        },
-    ))
+    let hash = hash(&secret)?;
+    let token = NewToken {
+        id,
+        hash,
+        expires_ms,
+        label: label.to_string(),
+    };
+    Ok((format!("{prefix}{}_{secret}", token.id), token))
 }
 
-/// A fresh join token (`rsj_<id>_<secret>`): the text for the new node, and
-/// what the log keeps (the BLAKE3 of the secret: every replica checks it).
+/// A fresh API token: its argon2id hash, salted.
+pub fn mint(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), TokenError> {
+    fresh(TOKEN_PREFIX, label, expires_ms, |secret| {
+        let mut salt = [0u8; SALT_BYTES];
+        getrandom::getrandom(&mut salt).map_err(|e| TokenError::Random(e.to_string()))?;
+        let salt = SaltString::encode_b64(&salt).map_err(|e| TokenError::Hash(e.to_string()))?;
+        Argon2::default()
+            .hash_password(secret.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| TokenError::Hash(e.to_string()))
+    })
+}
+
+/// A fresh join token (`rsj_<id>_<secret>`): the BLAKE3 of the secret, which
+/// every replica checks (256 random bits need no slow hash).
 pub fn mint_join(label: &str, expires_ms: Option<u64>) -> Result<(String, NewToken), TokenError> {
-    let id = random_hex(TOKEN_ID_BYTES)?;
-    let secret = random_hex(TOKEN_SECRET_BYTES)?;
-    let text = format!(
-        "{}{id}_{secret}",
-        resolute_core::state::auth::JOIN_TOKEN_PREFIX
-    );
-    let hash = blake3::hash(secret.as_bytes()).to_hex().to_string();
-    Ok((
-        text,
-        NewToken {
-            id,
-            hash,
-            expires_ms,
-            label: label.to_string(),
-        },
-    ))
+    let prefix = resolute_core::state::auth::JOIN_TOKEN_PREFIX;
+    fresh(prefix, label, expires_ms, |secret| {
+        Ok(blake3::hash(secret.as_bytes()).to_hex().to_string())
+    })
 }
 
 /// Whether `secret` matches the argon2 `hash` from the log (slow: run it off

@@ -10,9 +10,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use resolute_agent::{Event, FETCH_ATTEMPTS, FETCH_RETRY_MS};
-use resolute_core::command::Role;
 use resolute_core::command::{Command, Reply};
-use resolute_core::state::{ClusterState, TrialState};
+pub use resolute_core::state::auth::{Access, Denied};
+use resolute_core::state::TrialState;
 use resolute_core::NodeError;
 
 use super::NodeActor;
@@ -77,10 +77,7 @@ query!(
     /// deactivated).
     TokenOwner(String), Option<TokenOwnerInfo>, |act, id| {
         let state = act.driver.node().state();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        state.live_token(&id, now).map(|t| TokenOwnerInfo {
+        state.live_token(&id, crate::wall_ms()).map(|t| TokenOwnerInfo {
             user: t.user.clone(),
             hash: t.hash.clone(),
             cluster_admin: state.is_cluster_admin(Some(&t.user)),
@@ -90,7 +87,7 @@ query!(
 query!(
     /// Whether a user may do something (see [`Access`]).
     Allowed((String, Access)), Result<(), Denied>, |act, asked| {
-        allowed(act.driver.node().state(), &asked.0, &asked.1)
+        act.driver.node().state().check_access(&asked.0, &asked.1)
     }
 );
 query!(
@@ -110,90 +107,6 @@ pub struct TokenOwnerInfo {
     pub cluster_admin: bool,
 }
 
-/// What a request wants to do.
-#[derive(Debug, Clone)]
-pub enum Access {
-    /// Read an experiment (and its trials).
-    ReadExperiment(u64),
-    /// Pause, activate, cancel or kill an experiment.
-    ControlExperiment(u64),
-    /// Read a trial (its metrics, logs).
-    ReadTrial(u64),
-    /// Download a checkpoint.
-    ReadCheckpoint(String),
-    /// Write anything at all (upload a model directory): a user role somewhere.
-    Write,
-    /// Administer the cluster.
-    ClusterAdmin,
-}
-
-/// Why a request may not do what it wants.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Denied {
-    /// What it names does not exist (or is not the caller's to know about).
-    NotFound(String),
-    /// The caller lacks the role.
-    Forbidden(String),
-}
-
-fn allowed(state: &ClusterState, user: &str, access: &Access) -> Result<(), Denied> {
-    let u = Some(user);
-    let experiment = |id: u64| {
-        if state.experiments.contains_key(&id) {
-            Ok(id)
-        } else {
-            Err(Denied::NotFound(format!("no experiment {id}")))
-        }
-    };
-    let of_trial = |id: u64| {
-        state
-            .trials
-            .get(&id)
-            .map(|t| t.experiment)
-            .ok_or_else(|| Denied::NotFound(format!("no trial {id}")))
-    };
-    let (ok, what) = match access {
-        Access::ReadExperiment(id) => (
-            state.may_read(u, experiment(*id)?),
-            format!("read experiment {id}"),
-        ),
-        Access::ControlExperiment(id) => (
-            state.may_control(u, experiment(*id)?),
-            format!("control experiment {id}"),
-        ),
-        Access::ReadTrial(id) => (
-            state.may_read(u, of_trial(*id)?),
-            format!("read trial {id}"),
-        ),
-        Access::ReadCheckpoint(uuid) => {
-            let trial = state
-                .checkpoints
-                .get(uuid)
-                .map(|c| c.trial)
-                .ok_or_else(|| Denied::NotFound(format!("no checkpoint {uuid}")))?;
-            (
-                state.may_read(u, of_trial(trial)?),
-                format!("read checkpoint {uuid}"),
-            )
-        }
-        Access::Write => {
-            let writes = state.is_cluster_admin(u)
-                || state
-                    .active_user(user)
-                    .is_some_and(|x| x.roles.values().any(|r| *r >= Role::User));
-            (
-                writes,
-                "write (no workspace gives this user more than viewer)".into(),
-            )
-        }
-        Access::ClusterAdmin => (state.is_cluster_admin(u), "administer the cluster".into()),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(Denied::Forbidden(format!("{user} may not {what}")))
-    }
-}
 query!(
     /// One experiment.
     ExperimentView(u64), Option<Value>, |act, id| views::experiment(act.driver.node(), id)

@@ -181,9 +181,7 @@ impl NodeActor {
 
     /// The leader stamps entries with this clock: wall time in milliseconds.
     fn now(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        crate::wall_ms()
     }
 
     /// Steps the driver and carries out what it asks.
@@ -411,10 +409,7 @@ impl NodeActor {
         // less than the last one plus one): peers keep the record with the
         // highest, and a restarted node's records, on its new port, must win
         // over its previous life's at once, not once it has announced as often.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.announce_seq = (self.announce_seq + 1).max(now_ms);
+        self.announce_seq = (self.announce_seq + 1).max(self.now());
         let agent = self.driver.agent();
         let failures = agent.gpu_failures();
         let mut blobs = self.blobs.list();
