@@ -373,8 +373,59 @@ fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster init"));
 }
 
+/// Node ids a process printed on stderr while it waited to be admitted.
+fn waiting_ids(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let id = line
+                .strip_prefix("node ")
+                .and_then(|l| l.split_once(" waits to be admitted"))
+                .map(|(id, _)| id.to_string());
+            if let Some(id) = id {
+                let _ = tx.send(id);
+            }
+        }
+    });
+    rx
+}
+
+/// A child process killed when dropped (a failed assertion leaves nothing running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn members(api: &str) -> Vec<String> {
+    let s = get(api, &["cluster", "status"]);
+    s["nodes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn not_allowed(api: &str) -> u64 {
+    let s = get(api, &["cluster", "status"]);
+    s["security"]["dropped_peer_messages"]["NotAllowed"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 #[test]
-fn a_node_with_the_key_but_no_join_token_is_not_admitted() {
+fn a_node_with_the_key_but_no_join_token_is_not_admitted_until_approved_and_a_removed_one_is_refused(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = start(&dir.path().join("a"), 84, None);
     // A stranger that has the cluster key (copied) but no join token.
@@ -396,35 +447,83 @@ fn a_node_with_the_key_but_no_join_token_is_not_admitted() {
         ])
         .env_remove("RESOLUTE_JOIN_TOKEN")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Killed)
         .expect("stranger");
+    let ids = waiting_ids(stranger.0.stderr.take().expect("stderr"));
     until(
         "the stranger's announcements are refused",
         Duration::from_secs(30),
-        || {
-            let s = get(&a.api, &["cluster", "status"]);
-            s["security"]["dropped_peer_messages"]["NotAllowed"]
-                .as_u64()
-                .unwrap_or(0)
-                >= 2
-        },
+        || not_allowed(&a.api) >= 2,
     );
-    let s = get(&a.api, &["cluster", "status"]);
-    assert_eq!(
-        s["nodes"].as_array().map(Vec::len),
-        Some(1),
-        "not a member: {s}"
+    assert_eq!(members(&a.api).len(), 1, "not a member");
+    assert_eq!(get(&a.api, &["cluster", "status"])["learners"], json!([]));
+    // It says how to let it in; an admin approves it by that id.
+    let id = ids
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stranger prints its id");
+    let (code, out) = cli(&a.api, &["node", "approve", &id]);
+    assert_eq!(code, 0, "approve: {out}");
+    until(
+        "the approved node is a member",
+        Duration::from_secs(30),
+        || members(&a.api).contains(&id),
     );
-    assert_eq!(s["learners"], json!([]));
-    let _ = stranger.kill();
-    let _ = stranger.wait();
-    // With a join token from the admin, a node joins (and the token is used up).
+    // A third node joins with a join token from the admin (used up).
     let b = start(&dir.path().join("b"), 86, Some(&a.listen));
     until("b is a member", Duration::from_secs(30), || {
-        get(&a.api, &["cluster", "status"])["nodes"]
-            .as_array()
-            .is_some_and(|n| n.len() == 2)
+        members(&a.api).len() == 3
     });
-    drop(b);
+    // Removed: out of the membership everywhere, and what it sends is refused.
+    let (code, out) = cli(&a.api, &["node", "remove", &id]);
+    assert_eq!(code, 0, "remove: {out}");
+    for api in [&a.api, &b.api] {
+        until("the removed node is gone", Duration::from_secs(30), || {
+            let s = get(api, &["cluster", "status"]);
+            !members(api).contains(&id)
+                && !s["learners"].to_string().contains(&id)
+                && !s["voters"].to_string().contains(&id)
+                && s["removed"].to_string().contains(&id)
+        });
+    }
+    // Refused by the swarm (not a member) or by the leader (removed).
+    let denied = |api: &str| {
+        let s = get(api, &["cluster", "status"]);
+        s["security"]["denied_requests"].as_u64().unwrap_or(0) + not_allowed(api)
+    };
+    let refused = denied(&a.api) + denied(&b.api);
+    // Restarted, it asks to join again, even with a fresh join token: refused.
+    drop(stranger);
+    let join = cli(&a.api, &["cluster", "join-token"]);
+    let v: Value = serde_json::from_str(join.1.trim()).expect("join-token --json");
+    let again = Command::new(bin())
+        .args(["node", "start", "--config"])
+        .arg(repo().join("config/laptop.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--api", "127.0.0.85:0", "--listen", "/ip4/127.0.0.85/tcp/0"])
+        .args(["--join", &a.listen, "--join", &b.listen])
+        .env("RESOLUTE_JOIN_TOKEN", v["token"].as_str().expect("token"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Killed)
+        .expect("the removed node again");
+    until(
+        "the removed node's requests are refused",
+        Duration::from_secs(30),
+        || denied(&a.api) + denied(&b.api) > refused,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    for api in [&a.api, &b.api] {
+        assert!(!members(api).contains(&id), "a removed node stays out");
+    }
+    // An admin's approval lets it back in.
+    let (code, out) = cli(&a.api, &["node", "approve", &id]);
+    assert_eq!(code, 0, "approve again: {out}");
+    until("the node is back", Duration::from_secs(30), || {
+        members(&b.api).contains(&id)
+    });
+    drop(again);
 }

@@ -640,7 +640,7 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
     finish(r)
 }
 
-/// Runs `resolute node drain ID`.
-pub fn node_drain(t: &Target, id: &str) -> anyhow::Result<ExitCode> {
-    finish(call(t, "POST", &format!("/nodes/{id}/drain"), None).map(|_| ()))
+/// Runs `resolute node drain|approve|remove ID`.
+pub fn node_action(t: &Target, id: &str, action: &str) -> anyhow::Result<ExitCode> {
+    finish(call(t, "POST", &format!("/nodes/{id}/{action}"), None).map(|_| ()))
 }

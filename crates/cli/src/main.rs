@@ -174,6 +174,22 @@ enum NodeCommand {
         /// The node id (hex, as `cluster status` prints it).
         id: String,
     },
+    /// Lets a node join without a join token (cluster admin): the id is the
+    /// one a waiting node prints.
+    Approve {
+        #[command(flatten)]
+        target: client::Target,
+        /// The node id (hex).
+        id: String,
+    },
+    /// Removes a node for good (cluster admin): its trials move elsewhere and
+    /// no peer admits it again unless it is approved.
+    Remove {
+        #[command(flatten)]
+        target: client::Target,
+        /// The node id (hex, as `cluster status` prints it).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -387,7 +403,13 @@ fn main() -> ExitCode {
         } => node_start(&config, &join, data_dir.as_deref(), api, listen, join_token),
         CliCommand::Node {
             command: NodeCommand::Drain { target, id },
-        } => client::node_drain(&target, &id),
+        } => client::node_action(&target, &id, "drain"),
+        CliCommand::Node {
+            command: NodeCommand::Approve { target, id },
+        } => client::node_action(&target, &id, "approve"),
+        CliCommand::Node {
+            command: NodeCommand::Remove { target, id },
+        } => client::node_action(&target, &id, "remove"),
         CliCommand::Experiment { target, command } => client::experiment(&target, &command),
         CliCommand::Trial { target, command } => client::trial(&target, &command),
         CliCommand::Checkpoint { target, command } => client::checkpoint(&target, &command),

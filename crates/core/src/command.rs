@@ -207,6 +207,21 @@ pub enum Command {
         /// The node.
         node: NodeId,
     },
+    /// A cluster admin lets a node join without a join token (`resolute node
+    /// approve`, after the node printed its id): the leader admits it once.
+    /// Approving a removed node lifts its removal.
+    NodeApproved {
+        /// The node.
+        node: NodeId,
+    },
+    /// A cluster admin removes a node for good (`resolute node remove`): its
+    /// trials go back to the queue at once, the leader takes it out of the
+    /// Raft membership (so no peer admits it any more: raft, forwards, blobs,
+    /// gossip) and never admits it again unless it is approved.
+    NodeRemoved {
+        /// The node.
+        node: NodeId,
+    },
     /// A user submitted an experiment. The YAML text and overrides are stored (not
     /// the parsed config) and parsed on apply, which is deterministic.
     ExperimentCreated {

@@ -415,17 +415,20 @@ fn is_member(c: &Cluster, node: NodeId) -> bool {
     v.contains(&node) || l.contains(&node)
 }
 
-#[test]
-fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
-    let mut c = Cluster::new(41);
-    c.bootstrap(1, "a");
-    c.until(5_000, "leader", |c| c.leader() == Some(1));
-    let token = |id: &str, hash: String| NewToken {
+fn token(id: &str, hash: String) -> NewToken {
+    NewToken {
         id: id.into(),
         hash,
         expires_ms: None,
         label: String::new(),
-    };
+    }
+}
+
+/// One node, leader of a cluster with one user, `admin`.
+fn secured(seed: u64) -> Cluster {
+    let mut c = Cluster::new(seed);
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
     let admin = Command::User(UserCommand::Bootstrap {
         admin: "admin".into(),
         token: token("a1", "argon2-hash".into()),
@@ -434,6 +437,124 @@ fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
     c.until(5_000, "users", |c| {
         c.replies.get(&pid) == Some(&Ok(Reply::Ok))
     });
+    c
+}
+
+/// Proposes on node 1 as `user` and waits for the reply.
+fn as_user(c: &mut Cluster, user: &str, command: Command) -> Reply {
+    let pid = c.propose_as(1, user, command);
+    c.until(10_000, "a reply", |c| c.replies.contains_key(&pid));
+    c.replies[&pid].clone().expect("applied")
+}
+
+#[test]
+fn an_approved_node_joins_and_a_removed_one_is_refused_everywhere() {
+    let mut c = secured(43);
+    // Nobody but a cluster admin approves.
+    let r = as_user(&mut c, "nobody", Command::NodeApproved { node: 2 });
+    assert!(matches!(r, Reply::Forbidden { .. }), "{r:?}");
+    for node in [2, 3] {
+        assert_eq!(
+            as_user(&mut c, "admin", Command::NodeApproved { node }),
+            Reply::Ok
+        );
+        c.join_cfg(NodeConfig::new(node, common::info("b", 1)), 1);
+    }
+    c.until(20_000, "approved nodes joined", |c| {
+        is_member(c, 2) && is_member(c, 3) && c.converged()
+    });
+    assert!(
+        c.members[&1].node.state().approved_nodes.is_empty(),
+        "approvals are used up"
+    );
+    c.until(20_000, "three voters", |c| c.voters(1).len() == 3);
+    // Nobody but a cluster admin removes.
+    let r = as_user(&mut c, "nobody", Command::NodeRemoved { node: 3 });
+    assert!(matches!(r, Reply::Forbidden { .. }), "{r:?}");
+    assert_eq!(
+        as_user(&mut c, "admin", Command::NodeRemoved { node: 3 }),
+        Reply::Ok
+    );
+    c.until(20_000, "removed from the membership", |c| {
+        [1, 2].iter().all(|n| {
+            let (v, l) = c.members[n].node.membership();
+            !v.contains(&3) && !l.contains(&3) && !c.members[n].node.state().nodes.contains_key(&3)
+        })
+    });
+    // What it sends now is refused and counted: a forward, an announcement
+    // (sent by hand: the node itself is stopped, so that it says nothing else).
+    c.crash(3);
+    let before = dropped(&c, 1, Dropped::NotAllowed);
+    c.input(
+        1,
+        Input::Peer {
+            from: 3,
+            msg: PeerMessage::Forward {
+                id: ProposalId(77),
+                origin: 3,
+                user: Some("admin".into()),
+                command: Command::NodeRemoved { node: 2 },
+            },
+        },
+    );
+    c.input(
+        1,
+        Input::Peer {
+            from: 3,
+            msg: PeerMessage::Announce {
+                node: 3,
+                info: common::info("b", 1),
+                join_token: None,
+            },
+        },
+    );
+    c.run(3_000);
+    assert_eq!(dropped(&c, 1, Dropped::NotAllowed), before + 2);
+    assert!(is_member(&c, 2) && !is_member(&c, 3));
+    // Even a fresh join token does not bring a removed node back; an approval does.
+    let secret = "ef".repeat(32);
+    let hash = blake3::hash(secret.as_bytes()).to_hex().to_string();
+    let join = Command::User(UserCommand::CreateJoinToken {
+        token: token("2f", hash),
+        uses: 1,
+    });
+    assert_eq!(as_user(&mut c, "admin", join), Reply::Ok);
+    let mut back = NodeConfig::new(3, common::info("b", 1));
+    back.join_token = Some(format!("rsj_2f_{secret}"));
+    c.input(
+        1,
+        Input::Peer {
+            from: 3,
+            msg: PeerMessage::Announce {
+                node: 3,
+                info: back.info.clone(),
+                join_token: back.join_token.clone(),
+            },
+        },
+    );
+    c.run(3_000);
+    assert!(!is_member(&c, 3), "a removed node needs an approval");
+    assert_eq!(
+        as_user(&mut c, "admin", Command::NodeApproved { node: 3 }),
+        Reply::Ok
+    );
+    c.input(
+        1,
+        Input::Peer {
+            from: 3,
+            msg: PeerMessage::Announce {
+                node: 3,
+                info: back.info,
+                join_token: None,
+            },
+        },
+    );
+    c.until(10_000, "approved again", |c| is_member(c, 3));
+}
+
+#[test]
+fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
+    let mut c = secured(41);
     let secret = "ab".repeat(32);
     let hash = blake3::hash(secret.as_bytes()).to_hex().to_string();
     let join = Command::User(UserCommand::CreateJoinToken {

@@ -90,6 +90,9 @@ pub enum NetEvent {
     Connected(NodeId),
     /// The last connection to a node closed.
     Disconnected(NodeId),
+    /// A request from a node that is not a member was refused (its Raft
+    /// traffic, forwards or blob reads): counted, for the operator.
+    Denied(NodeId),
 }
 
 /// What a finished fetch did.

@@ -566,6 +566,7 @@ impl EventLoop {
             _ => self.admitted(node),
         };
         if !allowed {
+            let _ = self.events.try_send(NetEvent::Denied(node));
             let reason = format!("node {node:016x} is not a member of this cluster");
             return self.respond(channel, Response::Denied(reason));
         }

@@ -205,6 +205,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
             connected: Default::default(),
             records: Default::default(),
             ignored_records: 0,
+            denied_requests: 0,
             work_root,
         },
         gpu_uuids,

@@ -226,6 +226,10 @@ pub fn cluster(node: &Node, local: &Local) -> Value {
         "voters": voters.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
         "learners": learners.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
         "nodes": nodes,
+        // Admitted by an admin without a join token, not joined yet; and
+        // removed for good (`resolute node approve|remove`).
+        "approved": state.approved_nodes.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
+        "removed": state.removed_nodes.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
         "queue": queue,
         "applied": node.applied(),
         "digest": state.digest(),
@@ -241,6 +245,7 @@ pub fn cluster(node: &Node, local: &Local) -> Value {
                 .collect::<BTreeMap<String, u64>>(),
             "forbidden": state.forbidden,
             "ignored_records": local.ignored_records,
+            "denied_requests": local.denied_requests,
         },
     })
 }

@@ -71,6 +71,17 @@ impl Node {
         if !cs.voters_outgoing.is_empty() {
             return; // Still in a joint configuration.
         }
+        // An admin's removal goes first (`Command::NodeRemoved`).
+        let removed = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .find(|n| self.state.is_removed(**n))
+            .copied();
+        if let Some(node) = removed {
+            self.remove_member(node);
+            return;
+        }
         let site = |n: &NodeId| {
             self.state
                 .nodes

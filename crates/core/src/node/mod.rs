@@ -887,9 +887,13 @@ impl Node {
         for change in cc.get_changes() {
             match change.get_change_type() {
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
-                    if let Some(id) = &request.join_token {
-                        if !self.state.nodes.contains_key(&change.node_id) {
+                    if !self.state.nodes.contains_key(&change.node_id) {
+                        // What admitted it is used up: a join token's use, or
+                        // the approval.
+                        if let Some(id) = &request.join_token {
                             self.state.use_join_token(id);
+                        } else {
+                            self.state.approved_nodes.remove(&change.node_id);
                         }
                     }
                     self.state

@@ -115,12 +115,19 @@ impl Node {
         if node == 0 || self.is_member(node) {
             return;
         }
+        if self.state.is_removed(node) {
+            // Removed by an admin: only an approval lets it back.
+            self.guard.count(guard::Dropped::NotAllowed);
+            return;
+        }
         if self.is_leader() {
-            // A cluster with users admits only nodes an admin let in.
+            // A cluster with users admits only nodes an admin let in: with a
+            // join token, or approved by id.
             let token = join_token
                 .as_deref()
                 .and_then(|t| self.state.live_join_token(t, self.now_ms));
-            if self.state.secured() && token.is_none() {
+            let approved = self.state.approved_nodes.contains(&node);
+            if self.state.secured() && token.is_none() && !approved {
                 self.guard.count(guard::Dropped::NotAllowed);
                 return;
             }
@@ -167,27 +174,33 @@ impl Node {
             return;
         }
         if self.is_leader() {
-            if self.raw.raft.has_pending_conf() {
-                return; // The leaving node asks again on its next tick.
-            }
-            if node == self.cfg.id {
-                // A leader does not remove itself: it hands leadership to another
-                // voter, and asks the new leader on its next tick.
-                let cs = self.raw.store().conf_state().clone();
-                if let Some(next) = cs.voters.iter().copied().filter(|v| *v != node).min() {
-                    self.raw.transfer_leader(next);
-                }
-                return;
-            }
-            let mut cc = ConfChangeV2::default();
-            cc.set_changes(vec![single(node, ConfChangeType::RemoveNode)].into());
-            let _ = self.raw.propose_conf_change(Vec::new(), cc);
+            // The leaving node asks again on its next tick if this fails.
+            self.remove_member(node);
         } else if self.raw.raft.leader_id != 0 {
             out.push(Output::Send {
                 to: self.raw.raft.leader_id,
                 msg: PeerMessage::Leave { node },
             });
         }
+    }
+
+    /// On the leader: proposes taking `node` out of the Raft membership (one
+    /// change at a time). A leader does not remove itself: it hands leadership
+    /// to another voter, which removes it on its own next tick.
+    pub(super) fn remove_member(&mut self, node: NodeId) {
+        if self.raw.raft.has_pending_conf() {
+            return;
+        }
+        if node == self.cfg.id {
+            let cs = self.raw.store().conf_state().clone();
+            if let Some(next) = cs.voters.iter().copied().filter(|v| *v != node).min() {
+                self.raw.transfer_leader(next);
+            }
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single(node, ConfChangeType::RemoveNode)].into());
+        let _ = self.raw.propose_conf_change(Vec::new(), cc);
     }
 
     /// Proposes on the leader, forwards elsewhere, answers when neither works.

@@ -86,6 +86,8 @@ impl ClusterState {
                 reply
             }
             Command::NodeAlive { node } => self.set_node_state(node, NodeState::Alive, changes),
+            Command::NodeApproved { node } => self.approve_node(node),
+            Command::NodeRemoved { node } => self.remove_for_good(node, changes),
             Command::NodeCapacity {
                 node,
                 slots,

@@ -34,6 +34,11 @@ pub const TOKENS_PER_USER_MAX: usize = 100;
 pub const ROLES_PER_USER_MAX: usize = 1_000;
 /// Join tokens (live or used up) a cluster keeps.
 pub const JOIN_TOKENS_MAX: usize = 1_000;
+/// Approved nodes that have not joined yet, at most.
+pub const APPROVED_NODES_MAX: usize = 1_000;
+/// Removed nodes remembered, at most (past it the lowest id is forgotten: a
+/// forgotten node still needs a join token or an approval to come back).
+pub const REMOVED_NODES_MAX: usize = 100_000;
 /// What every join token starts with.
 pub const JOIN_TOKEN_PREFIX: &str = "rsj_";
 
@@ -329,6 +334,13 @@ impl ClusterState {
                     Err("only the node itself or a cluster admin drains a node".into())
                 }
             }
+            Command::NodeApproved { .. } | Command::NodeRemoved { .. } => {
+                if !self.secured() || self.is_cluster_admin(user) {
+                    Ok(())
+                } else {
+                    Err("only a cluster admin approves or removes a node".into())
+                }
+            }
             Command::SetPool { .. } => {
                 if !self.secured() || self.is_cluster_admin(user) {
                     Ok(())
@@ -396,6 +408,53 @@ impl ClusterState {
     }
 
     /// Applies a user-management command on `user`'s authority.
+    /// `NodeApproved`: the leader admits `node` once, without a join token.
+    pub(super) fn approve_node(&mut self, node: NodeId) -> Reply {
+        if node == 0 {
+            return Reply::Rejected {
+                reason: "node id 0 is not a node".into(),
+            };
+        }
+        if self.nodes.contains_key(&node) {
+            return Reply::Rejected {
+                reason: format!("node {node:016x} is a member already"),
+            };
+        }
+        if self.approved_nodes.len() >= APPROVED_NODES_MAX {
+            return Reply::Rejected {
+                reason: format!("at most {APPROVED_NODES_MAX} approvals may wait for their node"),
+            };
+        }
+        self.removed_nodes.remove(&node);
+        self.approved_nodes.insert(node);
+        Reply::Ok
+    }
+
+    /// `NodeRemoved`: `node` leaves the state now (its trials are requeued) and
+    /// is never admitted again unless approved; the leader takes it out of
+    /// the Raft membership (`Node::maintain_membership`).
+    pub(super) fn remove_for_good(&mut self, node: NodeId, changes: &mut Vec<Change>) -> Reply {
+        if !self.nodes.contains_key(&node) && !self.approved_nodes.contains(&node) {
+            return Reply::Rejected {
+                reason: format!("no node {node:016x}"),
+            };
+        }
+        self.approved_nodes.remove(&node);
+        if self.removed_nodes.len() >= REMOVED_NODES_MAX {
+            if let Some(oldest) = self.removed_nodes.first().copied() {
+                self.removed_nodes.remove(&oldest);
+            }
+        }
+        self.removed_nodes.insert(node);
+        self.remove_node(node, changes);
+        Reply::Ok
+    }
+
+    /// Whether an admin removed `node` (no peer admits it).
+    pub fn is_removed(&self, node: NodeId) -> bool {
+        self.removed_nodes.contains(&node)
+    }
+
     pub(super) fn apply_user(&mut self, user: Option<&str>, command: UserCommand) -> Reply {
         let admin = self.is_cluster_admin(user);
         match command {

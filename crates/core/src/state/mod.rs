@@ -323,6 +323,10 @@ pub struct ClusterState {
     pub tokens: BTreeMap<String, auth::Token>,
     /// Join tokens by id (`auth`).
     pub join_tokens: BTreeMap<String, auth::JoinToken>,
+    /// Nodes an admin approved that have not joined yet (`NodeApproved`).
+    pub approved_nodes: BTreeSet<NodeId>,
+    /// Nodes an admin removed: never admitted again unless approved.
+    pub removed_nodes: BTreeSet<NodeId>,
     /// Trial processes that completed on their own short of their target (the
     /// searcher raised it while they ran) and went back to the queue to resume
     /// from a checkpoint: each cost a relaunch that the node could have saved by

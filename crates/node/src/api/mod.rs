@@ -100,8 +100,8 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
         (Method::GET, "/api/v1/cluster", get(cluster)),
         (
             Method::POST,
-            "/api/v1/nodes/{id}/drain",
-            post(drain).layer(json()),
+            "/api/v1/nodes/{id}/{action}",
+            post(node_action).layer(json()),
         ),
         (Method::GET, "/api/v1/me", get(access::me)),
         (Method::GET, "/api/v1/users", get(access::users)),
@@ -650,10 +650,11 @@ async fn cluster(State(node): State<Addr<NodeActor>>) -> Res {
     }
 }
 
-async fn drain(
+/// `POST /nodes/{id}/drain|approve|remove` (cluster admin).
+async fn node_action(
     State(node): State<Addr<NodeActor>>,
     Extension(caller): Extension<Caller>,
-    UrlPath(id): UrlPath<String>,
+    UrlPath((id, action)): UrlPath<(String, String)>,
 ) -> Res {
     if let Err(e) = allow(&node, &caller, Access::ClusterAdmin).await {
         return e;
@@ -666,7 +667,19 @@ async fn drain(
             format!("node id {id:?} is not hex"),
         );
     };
-    match propose(&node_addr, &caller, Command::NodeDraining { node }).await {
+    let command = match action.as_str() {
+        "drain" => Command::NodeDraining { node },
+        "approve" => Command::NodeApproved { node },
+        "remove" => Command::NodeRemoved { node },
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no node action {other:?} (drain, approve, remove)"),
+            )
+        }
+    };
+    match propose(&node_addr, &caller, command).await {
         Ok(_) => (StatusCode::OK, Json(json!({}))),
         Err(e) => e,
     }

@@ -45,6 +45,8 @@ pub const NODE_MAILBOX: usize = 1024;
 pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
 /// How long a gossiped record is believed.
 pub const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
+/// How often a node waiting to be admitted says what admits it.
+pub const JOIN_WAIT_LOG_EVERY_MS: u64 = 30_000;
 /// `MASTER_ADDR` when rank 0's address is unknown.
 pub const LOOPBACK_HOST: &str = "127.0.0.1";
 
@@ -63,6 +65,9 @@ pub struct Local {
     /// Gossiped records ignored (not a member's) or trimmed (an API address
     /// the member may not claim).
     pub ignored_records: u64,
+    /// Requests from non-members the swarm refused (removed nodes, strangers
+    /// with the cluster key).
+    pub denied_requests: u64,
     /// Where its trials' files are.
     pub work_root: PathBuf,
 }
@@ -129,6 +134,8 @@ pub struct NodeActor {
     addrs_dirty: bool,
     /// The drop and refusal counts last logged.
     hostility_logged: (u64, u64),
+    /// When (ms) this joining node last said what admits it.
+    join_wait_logged_ms: Option<u64>,
     join: Vec<Multiaddr>,
     data_dir: PathBuf,
     first: Vec<Action>,
@@ -162,6 +169,7 @@ impl NodeActor {
             addrs: p.addrs,
             addrs_dirty: false,
             hostility_logged: (0, 0),
+            join_wait_logged_ms: None,
             join: p.join,
             data_dir: p.data_dir,
             first: p.first,
@@ -375,7 +383,25 @@ impl NodeActor {
         if self.joining && members.contains(&self.id()) {
             self.joining = false;
         }
-        if self.joining && self.driver.node().applied() == 0 && (self.now() / 1000) % 3 == 0 {
+        if !self.joining && !members.is_empty() && !members.contains(&self.id()) {
+            // Out of the membership (removed; approved again since, perhaps):
+            // ask to join again through the join addresses' nodes.
+            self.joining = !self.join.is_empty();
+        }
+        let now = self.now();
+        let quiet = self
+            .join_wait_logged_ms
+            .is_some_and(|t| now.saturating_sub(t) < JOIN_WAIT_LOG_EVERY_MS);
+        if self.joining && !quiet {
+            self.join_wait_logged_ms = Some(now);
+            eprintln!(
+                "node {:016x} waits to be admitted: a cluster with users admits it with a join \
+                 token (--join-token), or after a cluster admin runs `resolute node approve {:016x}`",
+                self.id(),
+                self.id()
+            );
+        }
+        if self.joining && (now / 1000) % 3 == 0 {
             // Ask again through anyone connected (the first try may have raced).
             if let Some(via) = self.local.connected.iter().next().copied() {
                 self.step(ctx, Event::Join { via });
@@ -513,6 +539,7 @@ impl StreamHandler<NetEvent> for NodeActor {
                 self.local.connected.remove(&n);
                 self.step(ctx, Event::Disconnected { node: n });
             }
+            NetEvent::Denied(_) => self.local.denied_requests += 1,
             NetEvent::Announcement(mut a) => {
                 // Only members' records count, and a member's API address only
                 // when it is one of its own listen hosts (or loopback): peers
