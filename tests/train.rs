@@ -118,6 +118,7 @@ async fn supervisor(
         SupervisorConfig {
             work_root: dir.join("work"),
             data_dir: dir.join("data"),
+            run_as: Default::default(),
         },
         sink.clone().recipient(),
     )

@@ -37,6 +37,9 @@ pub struct NodeFile {
     /// Timing.
     #[serde(default)]
     pub node: Timing,
+    /// Who trials run as.
+    #[serde(default)]
+    pub trial: Trial,
 }
 
 fn default_site() -> String {
@@ -128,6 +131,23 @@ impl Default for Api {
     }
 }
 
+/// The `[trial]` table (see `resolute_trial::isolation`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trial {
+    /// Every trial runs as this `user[:group]` (names or numbers).
+    pub run_as: Option<String>,
+    /// Every running trial gets a uid of its own from `FIRST-LAST`.
+    pub uid_range: Option<String>,
+}
+
+impl Trial {
+    /// The setting, checked.
+    pub fn run_as(&self) -> Result<resolute_trial::RunAs, String> {
+        resolute_trial::RunAs::parse(self.run_as.as_deref(), self.uid_range.as_deref())
+    }
+}
+
 /// The `[node]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -186,6 +206,7 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
     if let Some(k) = &f.net.cluster_key {
         resolute_net::config::parse_cluster_key(k).map_err(|e| format!("{name}: net.{e}"))?;
     }
+    f.trial.run_as().map_err(|e| format!("{name}: {e}"))?;
     if !(1..=7).contains(&f.node.voters) {
         return bad("node.voters must be between 1 and 7".into());
     }
@@ -195,4 +216,24 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
         );
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        for name in ["laptop.toml", "onprem.toml", "cloud.toml"] {
+            let f = load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            f.trial.run_as().expect("trial settings");
+        }
+    }
+
+    #[test]
+    fn a_bad_trial_setting_names_its_key_and_file() {
+        let e = parse("x.toml", "[trial]\nuid_range = \"5-1\"\n").expect_err("refused");
+        assert!(e.starts_with("x.toml: trial.uid_range"), "{e}");
+    }
 }

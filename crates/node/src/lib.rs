@@ -181,6 +181,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         SupervisorConfig {
             work_root: work_root.clone(),
             data_dir: opts.data_dir.clone(),
+            run_as: c.trial.run_as().map_err(fail)?,
         },
         addr.clone().recipient(),
     )

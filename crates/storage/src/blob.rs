@@ -299,7 +299,13 @@ impl BlobStore {
         let dst = self.path(&digest);
         fs::rename(data, &dst).map_err(io_err(&dst))?;
         let mpath = self.manifest_path(&digest);
-        let mtmp = self.partial_path(&format!(".{digest}.manifest"));
+        // A name of its own: two puts of the same content may install at once
+        // (two trials saving equal checkpoints); each renames its own file.
+        let mtmp = self.partial_path(&format!(
+            ".{digest}.manifest-{}-{}",
+            std::process::id(),
+            next_temp()
+        ));
         let mut f = File::create(&mtmp).map_err(io_err(&mtmp))?;
         f.write_all(&manifest.encode()).map_err(io_err(&mtmp))?;
         f.sync_data().map_err(io_err(&mtmp))?;

@@ -147,3 +147,25 @@ fn chunks_written_from_several_threads_land_and_an_incomplete_download_cannot_fi
     let path = d2.finish().expect("finish");
     assert_eq!(std::fs::read(path).expect("read"), data);
 }
+
+#[test]
+fn the_same_content_put_from_two_threads_at_once_lands_once() {
+    // Two trials saving equal checkpoints used to race on one temporary
+    // manifest name: one of them failed with "No such file or directory".
+    let store = BlobStore::open(&dir("twice")).expect("store");
+    let data = bytes(4096, 9);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, data) = (store.clone(), data.clone());
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|_| store.put_bytes(&data).map(|m| m.digest()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        let digests = t.join().expect("thread").expect("every put lands");
+        assert!(digests.iter().all(|d| store.has(d)));
+    }
+}

@@ -22,6 +22,7 @@ use resolute_storage::blob::BlobStore;
 use resolute_types::Value;
 
 use crate::endpoint::Registry;
+use crate::isolation::{self, Identity};
 use crate::process::{self, Dirs, Group, LogFile, Tail};
 use crate::{Report, TrialError};
 
@@ -63,6 +64,8 @@ pub struct TrialActor {
     token: String,
     report_url: String,
     node: Recipient<Report>,
+    /// Who the process runs as (`None`: the node's user).
+    identity: Option<Identity>,
     dirs: Option<Dirs>,
     group: Option<Group>,
     tail: Tail,
@@ -87,6 +90,7 @@ pub(crate) struct Start {
     pub(crate) token: String,
     pub(crate) endpoint: std::net::SocketAddr,
     pub(crate) node: Recipient<Report>,
+    pub(crate) identity: Option<Identity>,
 }
 
 impl TrialActor {
@@ -105,6 +109,7 @@ impl TrialActor {
             token: s.token,
             report_url: url,
             node: s.node,
+            identity: s.identity,
             dirs: None,
             group: None,
             tail: Arc::new(Mutex::new(Default::default())),
@@ -154,6 +159,7 @@ impl TrialActor {
             report_url: self.report_url.clone(),
             token: &self.token,
             master_addr: self.master_addr.as_deref(),
+            identity: self.identity,
         };
         let mut child = match process::spawn(&self.spec, &rt) {
             Ok(c) => c,
@@ -217,18 +223,20 @@ impl Actor for TrialActor {
         // file work: off the actors' thread, and nothing else happens meanwhile.
         // With neither, making the working directory is all there is to do.
         if self.spec.model_digest.is_none() && self.spec.latest_checkpoint.is_none() {
-            match process::prepare(&self.work_root, &self.store, &self.spec) {
+            match process::prepare(&self.work_root, &self.store, &self.spec, self.identity) {
                 Ok((dirs, checkpoint)) => self.spawn(ctx, dirs, checkpoint),
                 Err(e) => self.failed(ctx, e.to_string()),
             }
             return;
         }
-        let (root, store, spec) = (
+        let (root, store, spec, identity) = (
             self.work_root.clone(),
             self.store.clone(),
             self.spec.clone(),
+            self.identity,
         );
-        let prepare = tokio::task::spawn_blocking(move || process::prepare(&root, &store, &spec));
+        let prepare =
+            tokio::task::spawn_blocking(move || process::prepare(&root, &store, &spec, identity));
         ctx.wait(
             prepare
                 .into_actor(self)
@@ -450,6 +458,11 @@ impl TrialActor {
         if let Err(err) = std::fs::create_dir_all(&path) {
             return Answered::Refused(500, format!("{}: {err}", path.display()));
         }
+        if let Some(identity) = self.identity {
+            if let Err(e) = isolation::hand_over(&path, identity) {
+                return Answered::Refused(500, e.to_string());
+            }
+        }
         self.staging.insert(id.clone(), (path.clone(), metadata));
         Answered::Body(json!({ "storage_id": id, "path": path }))
     }
@@ -467,8 +480,9 @@ impl TrialActor {
         };
         // Packing can take long (checkpoints are large): off the actors' thread.
         let (store, trial_dir, id) = (self.store.clone(), dirs.trial.clone(), storage_id.clone());
+        let identity = self.identity;
         let packed = tokio::task::spawn_blocking(move || {
-            process::commit_checkpoint(&store, &trial_dir, &id, &staging)
+            process::commit_checkpoint(&store, &trial_dir, &id, &staging, identity)
         });
         Box::pin(packed.into_actor(self).map(move |result, act, ctx| {
             let (uuid, size) = match result {
@@ -511,9 +525,15 @@ impl TrialActor {
             );
             return Box::pin(actix::fut::ready(refused));
         }
-        let (store, trial_dir) = (self.store.clone(), dirs.trial.clone());
+        let (store, trial_dir, identity) = (self.store.clone(), dirs.trial.clone(), self.identity);
         let d = digest.clone();
-        let unpacked = tokio::task::spawn_blocking(move || process::unpack(&store, &trial_dir, &d));
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let path = process::unpack(&store, &trial_dir, &d)?;
+            if let Some(id) = identity {
+                isolation::share(&path, id)?;
+            }
+            Ok(path)
+        });
         Box::pin(
             unpacked
                 .into_actor(self)

@@ -13,12 +13,14 @@
 //!   checkpoints into content-addressed blobs (the digest is the checkpoint's
 //!   uuid); and reports what the trial did to the node.
 //! - `process`: the process group, its files, its environment.
+//! - [`isolation`]: who a trial runs as and what it can reach on disk.
 //! - `endpoint`: the report API (Determined's Core API shape).
 //! - [`trainer`], [`trainer_cuda`]: the built-in trainer; [`gpu`]: NVML.
 
 mod actor;
 mod endpoint;
 pub mod gpu;
+pub mod isolation;
 pub mod pack;
 mod process;
 mod supervisor;
@@ -28,6 +30,7 @@ pub mod trainer_cuda;
 use actix::Message;
 
 pub use actor::{Control, TrialActor};
+pub use isolation::RunAs;
 pub use endpoint::{LONG_POLL_MAX_S, REPORT_BODY_MAX_BYTES};
 pub use process::{
     log_path, read_logs, trial_dir, LogLine, EXIT_MESSAGE_LINES, LOG_FILE_MAX_BYTES,

@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use resolute_agent::LaunchSpec;
 use resolute_storage::blob::BlobStore;
 
+use crate::isolation::{self, Identity};
 use crate::{pack, TrialError};
 
 /// Lines of a trial's output kept in memory (the end of its log).
@@ -106,10 +107,13 @@ pub(crate) struct Dirs {
 /// Makes the working copy and unpacks the checkpoint to resume from (both
 /// verified blobs in the local store): blocking, call it off the actors' thread.
 /// Returns the directories and where the checkpoint is.
+/// With `identity`, the working copy is the trial's own and the checkpoint
+/// readable by it alone (see `isolation`).
 pub(crate) fn prepare(
     work_root: &Path,
     store: &BlobStore,
     spec: &LaunchSpec,
+    identity: Option<Identity>,
 ) -> Result<(Dirs, Option<PathBuf>), TrialError> {
     let trial = trial_dir(work_root, spec.trial);
     let work = trial.join(format!("work-{}", spec.incarnation));
@@ -123,6 +127,15 @@ pub(crate) fn prepare(
         Some(digest) => Some(unpack(store, &trial, digest)?),
         None => None,
     };
+    if let Some(id) = identity {
+        isolation::passable(&trial)?;
+        isolation::passable(&trial.join("checkpoints"))?;
+        isolation::passable(&trial.join("staging"))?;
+        isolation::hand_over(&work, id)?;
+        if let Some(path) = &latest {
+            isolation::share(path, id)?;
+        }
+    }
     Ok((Dirs { trial, work }, latest))
 }
 
@@ -134,6 +147,8 @@ pub(crate) struct Runtime<'a> {
     pub(crate) token: &'a str,
     /// `MASTER_ADDR` of a multi-node gang.
     pub(crate) master_addr: Option<&'a str>,
+    /// Who the process runs as (`None`: the node's user).
+    pub(crate) identity: Option<Identity>,
 }
 
 /// Starts the entrypoint through `/bin/sh -c` (as Determined does) in its own
@@ -170,6 +185,15 @@ pub(crate) fn spawn(
         .kill_on_drop(false);
     if let Some(t) = spec.target {
         cmd.env("RESOLUTE_TARGET_LENGTH", t.to_string());
+    }
+    if let Some(id) = rt.identity {
+        // Another user: its home is its working copy (the node's is not its
+        // to write). Switching from root, std drops the supplementary groups.
+        cmd.uid(id.uid)
+            .gid(id.gid)
+            .env("HOME", &rt.dirs.work)
+            .env("USER", id.uid.to_string())
+            .env("LOGNAME", id.uid.to_string());
     }
     if let Some(path) = rt.checkpoint {
         cmd.env("RESOLUTE_LATEST_CHECKPOINT", path);
@@ -479,13 +503,19 @@ pub(crate) fn unpack(store: &BlobStore, dir: &Path, digest: &str) -> Result<Path
 
 /// Packs a staged checkpoint directory into the blob store; the staged files
 /// become the unpacked copy (a restore need not unpack). Blocking. Returns the
-/// checkpoint's uuid (its digest) and packed size.
+/// checkpoint's uuid (its digest) and packed size. With `identity`, the
+/// staged files are taken from the trial before they are read, and the
+/// unpacked copy is readable by it afterwards.
 pub(crate) fn commit_checkpoint(
     store: &BlobStore,
     trial_dir: &Path,
     storage_id: &str,
     staging: &Path,
+    identity: Option<Identity>,
 ) -> Result<(String, u64), String> {
+    if identity.is_some() {
+        isolation::seize(staging).map_err(|e| e.to_string())?;
+    }
     let packed = trial_dir.join(format!(".{storage_id}.pack"));
     let size = pack::pack_dir(staging, &packed).map_err(|e| e.to_string())?;
     let stored = store.put_file(&packed).map_err(|e| e.to_string());
@@ -495,6 +525,9 @@ pub(crate) fn commit_checkpoint(
     let _ = std::fs::create_dir_all(trial_dir.join("checkpoints"));
     if !dest.exists() {
         let _ = std::fs::rename(staging, &dest);
+    }
+    if let Some(id) = identity {
+        isolation::share(&dest, id).map_err(|e| e.to_string())?;
     }
     Ok((uuid, size))
 }

@@ -16,6 +16,7 @@ use resolute_storage::blob::BlobStore;
 
 use crate::actor::{self, Control, TrialActor};
 use crate::endpoint::{self, Registry};
+use crate::isolation::{self, Allocator, RunAs};
 use crate::{process, Report, TrialError};
 
 /// Where the supervisor keeps its files.
@@ -25,6 +26,8 @@ pub struct SupervisorConfig {
     pub work_root: PathBuf,
     /// The node's data dir (the blob store).
     pub data_dir: PathBuf,
+    /// Who the trials run as (`[trial]` in the node config).
+    pub run_as: RunAs,
 }
 
 /// Start an incarnation (its inputs are in the blob store, its slots are free).
@@ -71,6 +74,8 @@ pub struct TrialSupervisor {
     endpoint: SocketAddr,
     node: Recipient<Report>,
     actors: BTreeMap<(u64, u64), Addr<TrialActor>>,
+    /// The uids the running incarnations hold.
+    uids: Allocator,
     /// The arbiter the supervisor and its trial actors run on: it lives as long
     /// as the supervisor does.
     _thread: Arbiter,
@@ -86,6 +91,10 @@ impl TrialSupervisor {
     ) -> Result<(Addr<TrialSupervisor>, SocketAddr), TrialError> {
         std::fs::create_dir_all(&cfg.work_root)
             .map_err(|e| TrialError::Io(format!("{}: {e}", cfg.work_root.display())))?;
+        cfg.run_as.check_privileges()?;
+        if cfg.run_as.isolates() {
+            isolation::lock_down(&cfg.data_dir, &cfg.work_root)?;
+        }
         let leftovers = process::kill_leftovers(&cfg.work_root);
         if leftovers > 0 {
             eprintln!(
@@ -108,6 +117,7 @@ impl TrialSupervisor {
             Arbiter::try_new().map_err(|e| TrialError::Io(format!("the trials' thread: {e}")))?;
         let handle = arbiter.handle();
         let supervisor = TrialSupervisor {
+            uids: Allocator::new(cfg.run_as),
             cfg,
             store,
             registry,
@@ -138,7 +148,10 @@ impl Handler<Launch> for TrialSupervisor {
         if self.actors.contains_key(&key) {
             return; // Already running: a repeated launch changes nothing.
         }
-        let token = match process::secret() {
+        let actors = &self.actors;
+        let identity = self.uids.take(key, |k| actors.contains_key(k));
+        let launched = identity.and_then(|id| Ok((id, process::secret()?)));
+        let (identity, token) = match launched {
             Ok(t) => t,
             Err(e) => {
                 let report = resolute_agent::TrialReport::LaunchFailed {
@@ -165,6 +178,7 @@ impl Handler<Launch> for TrialSupervisor {
             token: token.clone(),
             endpoint: self.endpoint,
             node: self.node.clone(),
+            identity,
         })
         .start();
         self.registry.insert(key, token, actor.clone());

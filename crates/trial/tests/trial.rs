@@ -14,7 +14,8 @@ use resolute_agent::{LaunchSpec, ProcessExit};
 use resolute_core::command::MetricKind;
 use resolute_storage::blob::BlobStore;
 use resolute_trial::{
-    Control, EarlyExit, Launch, ReportSink, Signal, SupervisorConfig, TrialReport, TrialSupervisor,
+    Control, EarlyExit, Launch, ReportSink, RunAs, Signal, SupervisorConfig, TrialReport,
+    TrialSupervisor,
 };
 
 fn repo() -> PathBuf {
@@ -46,10 +47,15 @@ struct Trials {
 }
 
 async fn trials(dir: &Path) -> Trials {
+    trials_as(dir, RunAs::Node).await
+}
+
+async fn trials_as(dir: &Path, run_as: RunAs) -> Trials {
     let (sink, reports) = ReportSink::start(1024);
     let cfg = SupervisorConfig {
         work_root: dir.join("work"),
         data_dir: dir.join("data"),
+        run_as,
     };
     let (sup, _) = TrialSupervisor::start(cfg, sink.clone().recipient())
         .await
@@ -601,4 +607,144 @@ fn a_trials_whole_log_is_served_after_the_node_restarts() {
     assert!(lines.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
     let later = lines.iter().map(|l| l.time_ms).max().expect("lines") + 1;
     assert!(resolute_trial::read_logs(&path, later).is_empty());
+}
+
+/// What a trial can see of its neighbours and of the node: other trials'
+/// processes (their command lines are public), their tokens (in their
+/// environment), the node's cluster key, another trial's files; and that its
+/// own checkpoint round trip works.
+const PROBE: &str = r#"
+import json, os, time, urllib.error, urllib.request
+url, token = os.environ["RESOLUTE_REPORT_URL"], os.environ["RESOLUTE_TOKEN"]
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method)
+    req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"{method} {path}: {e.code} {e.read()}")
+def readable(path):
+    try:
+        open(path, "rb").read()
+        return True
+    except OSError:
+        return False
+def listable(path):
+    try:
+        os.listdir(path)
+        return True
+    except OSError:
+        return False
+seen, tokens = set(), set()
+deadline = time.time() + 4
+while time.time() < deadline:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            if b"isolation-probe" in open(f"/proc/{pid}/cmdline", "rb").read():
+                seen.add(pid)
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        for kv in env:
+            if kv.startswith(b"RESOLUTE_TOKEN=") and kv != b"RESOLUTE_TOKEN=" + token.encode():
+                tokens.add(kv)
+    time.sleep(0.2)
+begun = call("POST", "/checkpoints", {"metadata": {}})
+open(os.path.join(begun["path"], "w.bin"), "wb").write(b"weights")
+call("POST", "/checkpoints/commit", {"storage_id": begun["storage_id"], "steps_completed": 1})
+restored = call("GET", "/checkpoints/" + begun["storage_id"])
+results = {
+    "uid": os.getuid(),
+    "others_seen": len(seen),
+    "foreign_tokens": len(tokens),
+    "cluster_key": readable(os.environ["NODE_KEY"]),
+    "data_dir_listable": listable(os.environ["NODE_DATA"]),
+    "other_trial_listable": listable(os.environ["OTHER_WORK"]),
+    "restored": open(os.path.join(restored["path"], "w.bin"), "rb").read().decode(),
+}
+print("RESULTS " + json.dumps(results, sort_keys=True), flush=True)
+"#;
+
+/// Two probes at once under `run_as`; their results.
+async fn probe_pair(dir: &Path, run_as: RunAs) -> Vec<serde_json::Value> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("cluster.key"), "secret").expect("key");
+    let mut t = trials_as(dir, run_as).await;
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).expect("model dir");
+    std::fs::write(model.join("probe.py"), PROBE).expect("script");
+    let digest = t.model(&model, dir);
+    for (trial, other) in [(1, 2), (2, 1)] {
+        // Debian's python: the machine's own may live under root's home.
+        let mut l = spec(trial, 1, "/usr/bin/python3 probe.py isolation-probe", Some(digest.clone()));
+        l.env.insert("NODE_KEY".into(), data.join("cluster.key").display().to_string());
+        l.env.insert("NODE_DATA".into(), data.display().to_string());
+        let other = resolute_trial::trial_dir(&t.work_root, other).join("work-1");
+        l.env.insert("OTHER_WORK".into(), other.display().to_string());
+        t.launch(l).await;
+    }
+    let mut exits = BTreeMap::new();
+    while exits.len() < 2 {
+        let r = tokio::time::timeout(Duration::from_secs(60), t.reports.recv())
+            .await
+            .expect("the probes finished in time")
+            .expect("reports");
+        if let TrialReport::Exited { trial, exit, .. } = r {
+            exits.insert(trial, exit);
+        }
+    }
+    let mut results = Vec::new();
+    for trial in [1, 2] {
+        let logs = t.log(trial);
+        assert_eq!(exits[&trial].code, Some(0), "{logs:?}");
+        let line = logs
+            .iter()
+            .find_map(|l| l.strip_prefix("RESULTS "))
+            .unwrap_or_else(|| panic!("no results in {logs:?}"));
+        results.push(serde_json::from_str(line).expect("json"));
+    }
+    results
+}
+
+#[test]
+fn trials_with_uids_of_their_own_cannot_read_each_other_or_the_node() {
+    if nix_euid() != 0 {
+        eprintln!("skipped: switching users needs root, and this test runs as uid {}", nix_euid());
+        return;
+    }
+    system(async {
+        // As the node's user, a trial reads its neighbour's token: what the
+        // range below prevents (and proof that the probe can see it).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = probe_pair(dir.path(), RunAs::Node).await;
+        assert!(
+            shared.iter().any(|r| r["foreign_tokens"].as_u64() > Some(0)),
+            "{shared:?}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let range = RunAs::parse(None, Some("61000-61007")).expect("range");
+        let apart = probe_pair(dir.path(), range).await;
+        let uids: Vec<u64> = apart.iter().filter_map(|r| r["uid"].as_u64()).collect();
+        assert!(uids.iter().all(|u| (61_000..=61_007).contains(u)), "{apart:?}");
+        assert_ne!(uids[0], uids[1], "a uid each");
+        for r in &apart {
+            assert!(r["others_seen"].as_u64() > Some(0), "ran side by side: {r}");
+            assert_eq!(r["foreign_tokens"], 0, "{r}");
+            assert_eq!(r["cluster_key"], false, "{r}");
+            assert_eq!(r["data_dir_listable"], false, "{r}");
+            assert_eq!(r["other_trial_listable"], false, "{r}");
+            assert_eq!(r["restored"], "weights", "its own checkpoint round trip works: {r}");
+        }
+    });
+}
+
+fn nix_euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to this process's effective uid.
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
 }
