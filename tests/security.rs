@@ -527,3 +527,74 @@ fn a_node_with_the_key_but_no_join_token_is_not_admitted_until_approved_and_a_re
     });
     drop(again);
 }
+
+#[test]
+fn a_node_that_gives_each_trial_its_own_uid_runs_the_quick_start_experiment() {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to this process's effective uid.
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
+    if euid != 0 {
+        eprintln!("skipped: switching users needs root, and this test runs as uid {euid}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let laptop = std::fs::read_to_string(repo().join("config/laptop.toml")).expect("config");
+    let config = dir.path().join("isolated.toml");
+    let isolated = laptop.replace(
+        "# uid_range = \"61000-61999\"",
+        "uid_range = \"61000-61999\"",
+    );
+    assert_ne!(isolated, laptop, "the laptop config documents uid_range");
+    std::fs::write(&config, isolated).expect("config");
+    let a = resolute_tests::start_with(&dir.path().join("a"), 87, None, &config);
+    // The node's own files are out of a trial's reach.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode(&a.data).ok(), Some(0o711));
+    assert_eq!(mode(&a.data.join("cluster.key")).ok(), Some(0o600));
+    // The quick start's search, cut short: two trials side by side.
+    let body = json!({"config": experiment("Uncategorized"), "overrides": [
+        format!("entrypoint={} train", bin().display()),
+        "searcher.max_trials=2".to_string(),
+        "searcher.max_time=3000".to_string(),
+    ]});
+    let auth = format!("Bearer {}", a.token);
+    let (status, v) = http(
+        "POST",
+        &format!("{}/api/v1/experiments", a.api),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Some(&body.to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_u64().expect("id").to_string();
+    // Its trials run, as uids of the range, and checkpoint.
+    let mut uids = std::collections::BTreeSet::new();
+    until("the experiment completes", Duration::from_secs(120), || {
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+            if cwd.starts_with(a.data.join("trials")) {
+                if let Ok(m) = std::fs::metadata(entry.path()) {
+                    uids.insert(m.uid());
+                }
+            }
+        }
+        get(&a.api, &["experiment", "describe", &id])["state"] == "Completed"
+    });
+    assert!(
+        uids.len() >= 2 && uids.iter().all(|u| (61_000..=61_999).contains(u)),
+        "trial processes ran as {uids:?}"
+    );
+    let trials = get(&a.api, &["experiment", "trials", &id]);
+    let checkpointed = trials
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["latest_checkpoint"].is_string())
+        .count();
+    assert!(checkpointed > 0, "{trials}");
+}

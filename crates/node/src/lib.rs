@@ -176,7 +176,9 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     // to can be given it.
     let ctx: Context<NodeActor> = Context::new();
     let addr = ctx.address();
-    let work_root = opts.data_dir.join("trials");
+    // Absolute: trials run elsewhere (their working copies) and are told
+    // paths under it (checkpoint staging, restored checkpoints).
+    let work_root = std::path::absolute(opts.data_dir.join("trials")).map_err(fail)?;
     let (trials, _endpoint) = TrialSupervisor::start(
         SupervisorConfig {
             work_root: work_root.clone(),

@@ -206,7 +206,11 @@ fn kill_uid(uid: u32) {
         return;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         let owner = std::fs::read_to_string(entry.path().join("status"))
@@ -307,7 +311,14 @@ pub fn seize(dir: &Path) -> Result<(), TrialError> {
         if meta.file_type().is_symlink() {
             return Ok(()); // Refused by the packer.
         }
-        chmod(p, if meta.is_dir() { 0o700 } else { meta.mode() & 0o700 })
+        chmod(
+            p,
+            if meta.is_dir() {
+                0o700
+            } else {
+                meta.mode() & 0o700
+            },
+        )
     })
 }
 
@@ -358,7 +369,10 @@ mod tests {
         assert_eq!(a.take((1, 1), all).expect("same").expect("some"), one);
         assert!(a.take((3, 1), all).is_err(), "the range is used up");
         // Once (1, 1) ended, its uid is free again.
-        let three = a.take((3, 1), |k| *k != (1, 1)).expect("uid").expect("some");
+        let three = a
+            .take((3, 1), |k| *k != (1, 1))
+            .expect("uid")
+            .expect("some");
         assert_eq!(three.uid, one.uid);
     }
 }

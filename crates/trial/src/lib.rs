@@ -30,8 +30,8 @@ pub mod trainer_cuda;
 use actix::Message;
 
 pub use actor::{Control, TrialActor};
-pub use isolation::RunAs;
 pub use endpoint::{LONG_POLL_MAX_S, REPORT_BODY_MAX_BYTES};
+pub use isolation::RunAs;
 pub use process::{
     log_path, read_logs, trial_dir, LogLine, EXIT_MESSAGE_LINES, LOG_FILE_MAX_BYTES,
     LOG_LINES_SERVED_MAX, LOG_TAIL_LINES,

@@ -681,11 +681,20 @@ async fn probe_pair(dir: &Path, run_as: RunAs) -> Vec<serde_json::Value> {
     let digest = t.model(&model, dir);
     for (trial, other) in [(1, 2), (2, 1)] {
         // Debian's python: the machine's own may live under root's home.
-        let mut l = spec(trial, 1, "/usr/bin/python3 probe.py isolation-probe", Some(digest.clone()));
-        l.env.insert("NODE_KEY".into(), data.join("cluster.key").display().to_string());
+        let mut l = spec(
+            trial,
+            1,
+            "/usr/bin/python3 probe.py isolation-probe",
+            Some(digest.clone()),
+        );
+        l.env.insert(
+            "NODE_KEY".into(),
+            data.join("cluster.key").display().to_string(),
+        );
         l.env.insert("NODE_DATA".into(), data.display().to_string());
         let other = resolute_trial::trial_dir(&t.work_root, other).join("work-1");
-        l.env.insert("OTHER_WORK".into(), other.display().to_string());
+        l.env
+            .insert("OTHER_WORK".into(), other.display().to_string());
         t.launch(l).await;
     }
     let mut exits = BTreeMap::new();
@@ -714,7 +723,10 @@ async fn probe_pair(dir: &Path, run_as: RunAs) -> Vec<serde_json::Value> {
 #[test]
 fn trials_with_uids_of_their_own_cannot_read_each_other_or_the_node() {
     if nix_euid() != 0 {
-        eprintln!("skipped: switching users needs root, and this test runs as uid {}", nix_euid());
+        eprintln!(
+            "skipped: switching users needs root, and this test runs as uid {}",
+            nix_euid()
+        );
         return;
     }
     system(async {
@@ -723,14 +735,19 @@ fn trials_with_uids_of_their_own_cannot_read_each_other_or_the_node() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = probe_pair(dir.path(), RunAs::Node).await;
         assert!(
-            shared.iter().any(|r| r["foreign_tokens"].as_u64() > Some(0)),
+            shared
+                .iter()
+                .any(|r| r["foreign_tokens"].as_u64() > Some(0)),
             "{shared:?}"
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let range = RunAs::parse(None, Some("61000-61007")).expect("range");
         let apart = probe_pair(dir.path(), range).await;
         let uids: Vec<u64> = apart.iter().filter_map(|r| r["uid"].as_u64()).collect();
-        assert!(uids.iter().all(|u| (61_000..=61_007).contains(u)), "{apart:?}");
+        assert!(
+            uids.iter().all(|u| (61_000..=61_007).contains(u)),
+            "{apart:?}"
+        );
         assert_ne!(uids[0], uids[1], "a uid each");
         for r in &apart {
             assert!(r["others_seen"].as_u64() > Some(0), "ran side by side: {r}");
@@ -738,7 +755,10 @@ fn trials_with_uids_of_their_own_cannot_read_each_other_or_the_node() {
             assert_eq!(r["cluster_key"], false, "{r}");
             assert_eq!(r["data_dir_listable"], false, "{r}");
             assert_eq!(r["other_trial_listable"], false, "{r}");
-            assert_eq!(r["restored"], "weights", "its own checkpoint round trip works: {r}");
+            assert_eq!(
+                r["restored"], "weights",
+                "its own checkpoint round trip works: {r}"
+            );
         }
     });
 }
@@ -746,5 +766,7 @@ fn trials_with_uids_of_their_own_cannot_read_each_other_or_the_node() {
 fn nix_euid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to this process's effective uid.
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
 }
