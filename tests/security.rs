@@ -598,3 +598,71 @@ fn a_node_that_gives_each_trial_its_own_uid_runs_the_quick_start_experiment() {
         .count();
     assert!(checkpointed > 0, "{trials}");
 }
+
+#[test]
+fn a_trials_log_is_gathered_from_its_node_over_the_cluster_channel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 88, None);
+    let b = start(&dir.path().join("b"), 89, Some(&a.listen));
+    until("two members", Duration::from_secs(30), || {
+        get(&a.api, &["cluster", "status"])["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    });
+    let b_id = get(&b.api, &["cluster", "status"])["this_node"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Four trials on four slots: some run on b.
+    let body = json!({"config": experiment("Uncategorized"), "overrides": [
+        format!("entrypoint={} train", bin().display()),
+        "searcher.max_trials=4".to_string(),
+        "searcher.max_time=2000".to_string(),
+    ]});
+    let auth = format!("Bearer {}", a.token);
+    let (status, v) = http(
+        "POST",
+        &format!("{}/api/v1/experiments", a.api),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Some(&body.to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_u64().expect("id");
+    let mut on_b = 0;
+    until(
+        "a trial of b's has logged",
+        Duration::from_secs(120),
+        || {
+            for t in resolute_tests::trials(&a.api, id) {
+                if t["node"].as_str() == Some(b_id.as_str()) {
+                    on_b = t["id"].as_u64().unwrap_or(0);
+                    let lines = get(&a.api, &["trial", "logs", &on_b.to_string()]);
+                    if lines
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|l| l["node"] == b_id.as_str()))
+                    {
+                        return true;
+                    }
+                }
+            }
+            false
+        },
+    );
+    // Nothing for a user who may not read it.
+    get(
+        &a.api,
+        &["user", "create", "eve", "--role", "elsewhere=user"],
+    );
+    let eve = token_of(&get(&a.api, &["token", "create", "--user", "eve"]));
+    let as_eve = format!("Bearer {eve}");
+    let (status, _) = http(
+        "GET",
+        &format!("{}/api/v1/trials/{on_b}/logs", a.api),
+        &[("authorization", &as_eve)],
+        None,
+    );
+    assert_eq!(status, 403, "eve may not read the trial's log");
+}

@@ -75,7 +75,7 @@ pub enum NetError {
 }
 
 /// What the swarm tells the node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum NetEvent {
     /// A message for `core::Node` from an admitted peer.
     Message {
@@ -93,7 +93,25 @@ pub enum NetEvent {
     /// A request from a node that is not a member was refused (its Raft
     /// traffic, forwards or blob reads): counted, for the operator.
     Denied(NodeId),
+    /// A member asks for a trial's log lines on this node, for a user: answer
+    /// on `reply` within `LOGS_ANSWER_TIMEOUT_MS` (the lines, encoded, or why
+    /// not).
+    LogsWanted {
+        /// The member that asks.
+        from: NodeId,
+        /// The trial.
+        trial: u64,
+        /// Lines read at or after this time (ms since the epoch).
+        since_ms: u64,
+        /// The user the member authenticated.
+        user: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
 }
+
+/// How long a node has to answer a peer's request for log lines.
+pub const LOGS_ANSWER_TIMEOUT_MS: u64 = 2_000;
 
 /// What a finished fetch did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +172,13 @@ pub(crate) enum SwarmCommand {
     },
     Announcements {
         reply: oneshot::Sender<Vec<Announcement>>,
+    },
+    Logs {
+        to: NodeId,
+        trial: u64,
+        since_ms: u64,
+        user: String,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
     },
     Shutdown,
 }
@@ -258,6 +283,25 @@ impl NetHandle {
     pub async fn announcements(&self) -> Result<Vec<Announcement>, NetError> {
         self.call(|reply| SwarmCommand::Announcements { reply })
             .await
+    }
+
+    /// Asks member `to` for a trial's log lines on it, for `user` (the caller
+    /// authenticated them; `to` checks their rights itself).
+    pub async fn logs(
+        &self,
+        to: NodeId,
+        trial: u64,
+        since_ms: u64,
+        user: String,
+    ) -> Result<Vec<u8>, NetError> {
+        self.call(|reply| SwarmCommand::Logs {
+            to,
+            trial,
+            since_ms,
+            user,
+            reply,
+        })
+        .await?
     }
 
     /// Stops the swarm (its connections close).

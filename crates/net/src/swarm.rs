@@ -76,6 +76,11 @@ enum IoDone {
         fetch: u64,
         result: Result<PathBuf, String>,
     },
+    /// The node's answer to a peer's request (log lines).
+    Answer {
+        channel: ResponseChannel<Response>,
+        response: Response,
+    },
 }
 
 #[derive(NetworkBehaviour)]
@@ -248,6 +253,10 @@ enum Pending {
         fetch: u64,
         index: u32,
     },
+    Logs {
+        node: NodeId,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
 }
 
 /// A blob fetch in progress.
@@ -347,6 +356,25 @@ impl EventLoop {
                 holders,
                 reply,
             } => self.start_fetch(digest, holders, reply),
+            SwarmCommand::Logs {
+                to,
+                trial,
+                since_ms,
+                user,
+                reply,
+            } => {
+                let Some(peer) = self.peers.get(&to).copied() else {
+                    let _ = reply.send(Err(NetError::UnknownNode(to)));
+                    return;
+                };
+                let request = Request::Logs {
+                    trial,
+                    since_ms,
+                    user,
+                };
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.pending.insert(id, Pending::Logs { node: to, reply });
+            }
             SwarmCommand::SetMembers { members } => {
                 self.members = Some(members.into_iter().collect());
             }
@@ -580,6 +608,11 @@ impl EventLoop {
                 Ok(m) => Response::Manifest(m.encode()),
                 Err(e) => Response::NotFound(e.to_string()),
             },
+            Request::Logs {
+                trial,
+                since_ms,
+                user,
+            } => return self.ask_node_for_logs(node, trial, since_ms, user, channel),
             Request::Chunk { digest, index } => match self.manifest(&digest) {
                 Ok(m) if self.read_queue.len() < self.config.serve_queue => {
                     self.read_queue.push_back((channel, m, index));
@@ -590,6 +623,40 @@ impl EventLoop {
             },
         };
         self.respond(channel, response);
+    }
+
+    /// Hands a member's request for log lines to the node, and its answer
+    /// back to the member (or "busy" when the node's queue is full, "no
+    /// answer" when it does not answer in time).
+    fn ask_node_for_logs(
+        &mut self,
+        from: NodeId,
+        trial: u64,
+        since_ms: u64,
+        user: String,
+        channel: ResponseChannel<Response>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let wanted = NetEvent::LogsWanted {
+            from,
+            trial,
+            since_ms,
+            user,
+            reply,
+        };
+        if self.events.try_send(wanted).is_err() {
+            return self.respond(channel, Response::Busy);
+        }
+        let done = self.io_tx.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_millis(crate::LOGS_ANSWER_TIMEOUT_MS);
+            let response = match tokio::time::timeout(wait, answer).await {
+                Ok(Ok(Ok(bytes))) => Response::Logs(bytes),
+                Ok(Ok(Err(reason))) => Response::Denied(reason),
+                _ => Response::NotFound("the node did not answer".into()),
+            };
+            let _ = done.send(IoDone::Answer { channel, response }).await;
+        });
     }
 
     /// Starts queued chunk reads up to `serve_reads` at once.
@@ -645,6 +712,7 @@ impl EventLoop {
                 result,
             } => self.on_chunk_written(fetch, index, peer, result),
             IoDone::Finished { fetch, result } => self.on_finished(fetch, result),
+            IoDone::Answer { channel, response } => self.respond(channel, response),
         }
     }
 
@@ -683,6 +751,18 @@ impl EventLoop {
                 if let Some(r) = reply {
                     let _ = r.send(outcome);
                 }
+            }
+            Pending::Logs { node, reply } => {
+                let outcome = match result {
+                    Ok(Response::Logs(bytes)) => Ok(bytes),
+                    Ok(Response::Denied(reason)) => Err(NetError::Denied { node, reason }),
+                    Ok(other) => Err(NetError::Send {
+                        node,
+                        reason: format!("unexpected answer {other:?}"),
+                    }),
+                    Err(reason) => Err(NetError::Send { node, reason }),
+                };
+                let _ = reply.send(outcome);
             }
             Pending::Manifest { fetch, .. } => self.on_manifest(fetch, peer, result),
             Pending::Chunk { fetch, index, .. } => self.on_chunk(fetch, index, peer, result),

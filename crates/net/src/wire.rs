@@ -44,6 +44,16 @@ pub enum Request {
         /// The chunk.
         index: u32,
     },
+    /// A trial's log lines on the receiver, for `user` (whom the asking member
+    /// authenticated; the receiver checks the user's rights itself).
+    Logs {
+        /// The trial.
+        trial: u64,
+        /// Lines read at or after this time (ms since the epoch).
+        since_ms: u64,
+        /// The user who asks.
+        user: String,
+    },
 }
 
 /// The answer.
@@ -70,6 +80,8 @@ pub enum Response {
         /// crc32c of `data`.
         crc32c: u32,
     },
+    /// Log lines, encoded by the node (opaque to the network layer).
+    Logs(Vec<u8>),
 }
 
 /// The small responses, as bincode.
@@ -80,6 +92,7 @@ enum Small {
     NotFound(String),
     Manifest(Vec<u8>),
     Busy,
+    Logs(Vec<u8>),
 }
 
 /// Frames [`Request`]s and [`Response`]s with size limits.
@@ -208,6 +221,7 @@ impl libp2p::request_response::Codec for WireCodec {
                     Small::NotFound(r) => Response::NotFound(r),
                     Small::Manifest(m) => Response::Manifest(m),
                     Small::Busy => Response::Busy,
+                    Small::Logs(l) => Response::Logs(l),
                 },
             ),
             KIND_CHUNK if len >= 8 => {
@@ -267,6 +281,7 @@ impl libp2p::request_response::Codec for WireCodec {
             Response::NotFound(r) => Small::NotFound(r),
             Response::Manifest(m) => Small::Manifest(m),
             Response::Busy => Small::Busy,
+            Response::Logs(l) => Small::Logs(l),
         };
         let body = encode(&small)?;
         write_frame(io, KIND_BINCODE, &[&body], limit).await

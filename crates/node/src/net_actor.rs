@@ -31,6 +31,11 @@ impl Outbox {
     pub fn send(&self, to: NodeId, msg: PeerMessage) -> bool {
         self.0.send_nowait(to, msg)
     }
+
+    /// The swarm's handle, for requests that wait for their answer.
+    pub fn handle(&self) -> NetHandle {
+        self.0.clone()
+    }
 }
 
 /// Gossip this node's record.

@@ -408,9 +408,9 @@ async fn logs(
         return e.into_response();
     }
     if q.follow {
-        return follow_logs(node, caller.token, id, q.since_ms);
+        return follow_logs(node, caller.user, id, q.since_ms);
     }
-    match gather_logs(&node, &caller.token, id, q.local, q.since_ms).await {
+    match gather_logs(&node, &caller.user, id, q.local, q.since_ms).await {
         Ok((lines, _)) => Json(Value::Array(lines)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -419,7 +419,7 @@ async fn logs(
 /// The lines, and whether the trial has ended.
 async fn gather_logs(
     node: &Addr<NodeActor>,
-    token: &str,
+    user: &str,
     id: u64,
     local_only: bool,
     since_ms: u64,
@@ -437,28 +437,29 @@ async fn gather_logs(
     };
     // This node's lines come from its log files, read off the node's thread.
     let (path, me) = (sources.path.clone(), sources.me.clone());
-    let mut lines: Vec<Value> = tokio::task::spawn_blocking(move || {
-        resolute_trial::read_logs(&path, since_ms)
-            .iter()
-            .map(|l| json!({"time_ms": l.time_ms, "node": me, "stream": l.stream, "line": l.line}))
-            .collect()
-    })
-    .await
-    .unwrap_or_default();
+    let mut lines =
+        tokio::task::spawn_blocking(move || node_actor::local_log_lines(&path, &me, since_ms))
+            .await
+            .unwrap_or_default();
     let ended = sources.ended;
     if !local_only {
-        // The caller's own token goes with the question, so that the peer
-        // checks the same rights; only to an address literal (an IP and a
-        // port, never a name to resolve), as the peer's gossiped record says.
+        // The other members' lines come over the cluster's authenticated
+        // channel; each checks that the user may read them.
         let asks: Vec<_> = sources
             .peers
             .into_iter()
-            .filter(|api| api.parse::<std::net::SocketAddr>().is_ok())
-            .map(|api| {
-                let url =
-                    format!("http://{api}/api/v1/trials/{id}/logs?local=true&since_ms={since_ms}");
-                let token = token.to_string();
-                tokio::task::spawn_blocking(move || peer_lines(&url, &token))
+            .map(|peer| {
+                let (net, user) = (sources.net.clone(), user.to_string());
+                tokio::spawn(async move {
+                    let wait = std::time::Duration::from_millis(PEER_LOGS_TIMEOUT_MS);
+                    let answer = tokio::time::timeout(wait, net.logs(peer, id, since_ms, user));
+                    match answer.await {
+                        Ok(Ok(bytes)) => {
+                            serde_json::from_slice::<Vec<Value>>(&bytes).unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    }
+                })
             })
             .collect();
         for ask in asks {
@@ -470,27 +471,12 @@ async fn gather_logs(
     Ok((lines, ended))
 }
 
-fn peer_lines(url: &str, token: &str) -> Vec<Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_millis(PEER_LOGS_TIMEOUT_MS)))
-        .build()
-        .into();
-    agent
-        .get(url)
-        .header("authorization", &format!("Bearer {token}"))
-        .call()
-        .ok()
-        .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-}
-
 /// Streams a trial's log as NDJSON: what there is, then new lines as they come,
 /// until the trial has ended (or the client goes away).
-fn follow_logs(node: Addr<NodeActor>, token: String, id: u64, since_ms: u64) -> Response {
+fn follow_logs(node: Addr<NodeActor>, user: String, id: u64, since_ms: u64) -> Response {
     struct Cursor {
         node: Addr<NodeActor>,
-        token: String,
+        user: String,
         since_ms: u64,
         /// Lines already sent that were read at `since_ms` (the next poll
         /// returns them again, as it includes that millisecond).
@@ -500,7 +486,7 @@ fn follow_logs(node: Addr<NodeActor>, token: String, id: u64, since_ms: u64) -> 
     }
     let cursor = Cursor {
         node,
-        token,
+        user,
         since_ms,
         at_edge: Vec::new(),
         first: true,
@@ -513,7 +499,7 @@ fn follow_logs(node: Addr<NodeActor>, token: String, id: u64, since_ms: u64) -> 
         if !std::mem::take(&mut c.first) {
             tokio::time::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS)).await;
         }
-        let (lines, ended) = match gather_logs(&c.node, &c.token, id, false, c.since_ms).await {
+        let (lines, ended) = match gather_logs(&c.node, &c.user, id, false, c.since_ms).await {
             Ok(x) => x,
             Err((_, Json(e))) => {
                 c.done = true;

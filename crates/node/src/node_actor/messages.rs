@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use actix::prelude::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use resolute_agent::{Event, FETCH_ATTEMPTS, FETCH_RETRY_MS};
 use resolute_core::command::{Command, Reply};
 pub use resolute_core::state::auth::{Access, Denied};
 use resolute_core::state::TrialState;
-use resolute_core::NodeError;
+use resolute_core::{NodeError, NodeId};
 
 use super::NodeActor;
 use crate::net_actor::{self, NetActor};
@@ -135,14 +135,18 @@ query!(
 );
 
 /// Where to read a trial's log from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogSources {
     /// This node's id (hex), for the lines it serves.
     pub me: String,
     /// This node's log file of the trial.
     pub path: PathBuf,
-    /// The other nodes' REST APIs, as their gossiped records announce them.
-    pub peers: Vec<String>,
+    /// The other members, asked for their lines over the cluster's own
+    /// authenticated channel (libp2p), never over HTTP to an address a record
+    /// claims.
+    pub peers: Vec<NodeId>,
+    /// The swarm, to ask them.
+    pub net: resolute_net::NetHandle,
     /// Whether the trial has ended.
     pub ended: bool,
 }
@@ -155,12 +159,15 @@ impl NodeActor {
             me: format!("{me:016x}"),
             path: resolute_trial::log_path(&self.local.work_root, id),
             peers: self
-                .local
-                .records
-                .iter()
-                .filter(|(n, r)| **n != me && !r.api.is_empty())
-                .map(|(_, r)| r.api.clone())
+                .driver
+                .node()
+                .state()
+                .nodes
+                .keys()
+                .copied()
+                .filter(|n| *n != me)
                 .collect(),
+            net: self.peers.outbox.handle(),
             ended: matches!(t.state, TrialState::Done(_)),
         })
     }
@@ -263,5 +270,53 @@ impl Handler<Leave> for NodeActor {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+/// Most bytes of log lines one node sends a peer in one answer (the newest
+/// lines that fit): under the wire's message limit.
+pub const PEER_LOG_BYTES_MAX: usize = 8 << 20;
+
+/// A trial's lines on this node as JSON objects, each with the node that read it.
+pub fn local_log_lines(path: &std::path::Path, me: &str, since_ms: u64) -> Vec<Value> {
+    resolute_trial::read_logs(path, since_ms)
+        .iter()
+        .map(|l| json!({"time_ms": l.time_ms, "node": me, "stream": l.stream, "line": l.line}))
+        .collect()
+}
+
+impl NodeActor {
+    /// A member asks for a trial's lines here, for a user: the member must be
+    /// one, and the user must be allowed to read the trial here too.
+    pub(super) fn serve_peer_logs(
+        &self,
+        from: NodeId,
+        trial: u64,
+        since_ms: u64,
+        user: String,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+    ) {
+        let state = self.driver.node().state();
+        if !state.nodes.contains_key(&from) {
+            let _ = reply.send(Err(format!("node {from:016x} is not a member")));
+            return;
+        }
+        if let Err(e) = state.check_access(&user, &Access::ReadTrial(trial)) {
+            let _ = reply.send(Err(format!("{e:?}")));
+            return;
+        }
+        let path = resolute_trial::log_path(&self.local.work_root, trial);
+        let me = format!("{:016x}", self.local.node);
+        tokio::task::spawn_blocking(move || {
+            let mut lines = local_log_lines(&path, &me, since_ms);
+            // The newest lines that fit (a long log is followed, not dumped).
+            let mut bytes = serde_json::to_vec(&lines).unwrap_or_default();
+            while bytes.len() > PEER_LOG_BYTES_MAX && !lines.is_empty() {
+                let drop = lines.len().div_ceil(4);
+                lines.drain(..drop);
+                bytes = serde_json::to_vec(&lines).unwrap_or_default();
+            }
+            let _ = reply.send(Ok(bytes));
+        });
     }
 }

@@ -34,9 +34,9 @@ use crate::net_actor::{self, NetActor, Outbox, Publish, SetMembers};
 use crate::setup::{host_of, write_atomically, PEERS_FILE};
 
 pub use messages::{
-    Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied, ExperimentList,
-    ExperimentTrials, ExperimentView, Leave, LogSources, Propose, TokenOwner, TokenOwnerInfo,
-    TrialLogSources, TrialMetrics, TrialView, UsersView,
+    local_log_lines, Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied,
+    ExperimentList, ExperimentTrials, ExperimentView, Leave, LogSources, Propose, TokenOwner,
+    TokenOwnerInfo, TrialLogSources, TrialMetrics, TrialView, UsersView,
 };
 
 /// Mailbox of the node: swarm events, trial reports, API calls.
@@ -540,6 +540,13 @@ impl StreamHandler<NetEvent> for NodeActor {
                 self.step(ctx, Event::Disconnected { node: n });
             }
             NetEvent::Denied(_) => self.local.denied_requests += 1,
+            NetEvent::LogsWanted {
+                from,
+                trial,
+                since_ms,
+                user,
+                reply,
+            } => self.serve_peer_logs(from, trial, since_ms, user, reply),
             NetEvent::Announcement(mut a) => {
                 // Only members' records count, and a member's API address only
                 // when it is one of its own listen hosts (or loopback): peers
