@@ -353,7 +353,7 @@ fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
     let (ok, err) = run(&["--api", "0.0.0.0:0"]);
     assert!(!ok);
     assert!(
-        err.contains("loopback") && err.contains("127.0.0.1"),
+        err.contains("loopback") && err.contains("127.0.0.1") && err.contains("api.tls_cert"),
         "{err}"
     );
     std::fs::remove_file(data.join("cluster.key")).expect("key");
@@ -665,4 +665,80 @@ fn a_trials_log_is_gathered_from_its_node_over_the_cluster_channel() {
         None,
     );
     assert_eq!(status, 403, "eve may not read the trial's log");
+}
+
+#[test]
+fn with_tls_the_api_serves_https_beyond_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A self-signed certificate for the address the client dials.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("certificate");
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).expect("key");
+    let laptop = std::fs::read_to_string(repo().join("config/laptop.toml")).expect("config");
+    let config = dir.path().join("tls.toml");
+    let with_tls = laptop.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!(
+            "listen = \"0.0.0.0:0\"\ntls_cert = {:?}\ntls_key = {:?}",
+            cert_pem.display().to_string(),
+            key_pem.display().to_string()
+        ),
+    );
+    assert_ne!(with_tls, laptop);
+    std::fs::write(&config, with_tls).expect("config");
+    let data = dir.path().join("a");
+    let admin = resolute_tests::init(&data);
+    let mut node = Command::new(bin())
+        .args(["node", "start", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "/ip4/127.0.0.90/tcp/0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Killed)
+        .expect("node");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(node.0.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("ready line");
+    let port = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("api=0.0.0.0:"))
+        .unwrap_or_else(|| panic!("listens on all interfaces: {ready}"))
+        .to_string();
+    let https = format!("https://127.0.0.1:{port}");
+    let whoami = |url: &str, ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["whoami", "-m", url, "--json"])
+            .env("RESOLUTE_TOKEN", &admin)
+            .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests");
+        if let Some(ca) = ca {
+            cmd.arg("--ca-cert").arg(ca);
+        }
+        let out = cmd.output().expect("cli");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    until(
+        "the administrator is known over https",
+        Duration::from_secs(30),
+        || {
+            let (code, out) = whoami(&https, Some(&cert_pem));
+            code == Some(0) && out.contains("admin")
+        },
+    );
+    // Not without trusting the certificate, and not in clear text.
+    let (code, _) = whoami(&https, None);
+    assert_ne!(code, Some(0), "an unknown issuer is refused");
+    let (code, _) = whoami(&format!("http://127.0.0.1:{port}"), None);
+    assert_ne!(code, Some(0), "plain HTTP gets no answer");
+    drop(node);
 }

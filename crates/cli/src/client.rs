@@ -30,6 +30,10 @@ pub struct Target {
     /// The API token (default: the one `resolute login` saved).
     #[arg(long, env = "RESOLUTE_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// For an `https://` node: a PEM file of the certificates (a private CA,
+    /// or the node's own self-signed one) to trust instead of the public CAs.
+    #[arg(long, env = "RESOLUTE_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Target {
@@ -223,13 +227,35 @@ pub fn create_experiment(
     submit(t, label, config, overrides, dir).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP client for `t`'s node; `timeout` bounds a whole call.
+fn agent(t: &Target, timeout: Option<Duration>) -> Result<ureq::Agent, Failure> {
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+        .timeout_global(timeout);
+    if let Some(path) = &t.ca_cert {
+        let bad = |e: String| Failure::User(format!("--ca-cert {}: {e}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no certificate in the file".into()));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+            .build();
+        config = config.tls_config(tls);
+    }
+    Ok(config.build().into())
 }
+
+/// How long one API call may take, at most.
+const CALL_TIMEOUT_S: u64 = 60;
 
 pub(crate) fn call(
     t: &Target,
@@ -238,7 +264,7 @@ pub(crate) fn call(
     body: Option<Value>,
 ) -> Result<Value, Failure> {
     let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
-    let a = agent();
+    let a = agent(t, Some(Duration::from_secs(CALL_TIMEOUT_S)))?;
     let resp = match (method, body) {
         ("GET", _) => t.get(&a, &url).call(),
         (_, Some(b)) => t.post(&a, &url).send_json(b),
@@ -278,10 +304,7 @@ fn open_stream(
     path: &str,
 ) -> Result<(String, ureq::http::Response<ureq::Body>), Failure> {
     let url = format!("{}/api/v1{path}", t.node.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = agent(t, None)?;
     let mut resp = t
         .get(&agent, &url)
         .call()
@@ -323,7 +346,7 @@ fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
     let _ = std::fs::remove_file(&tmp);
     let url = format!("{}/api/v1/blobs", t.node.trim_end_matches('/'));
     let mut resp = t
-        .post(&agent(), &url)
+        .post(&agent(t, Some(Duration::from_secs(CALL_TIMEOUT_S)))?, &url)
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;

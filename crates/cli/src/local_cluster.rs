@@ -64,6 +64,7 @@ impl LocalNode {
             node: self.api.clone(),
             json: true,
             token: Some(self.token.clone()),
+            ca_cert: None,
         }
     }
 }

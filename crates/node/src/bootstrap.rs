@@ -154,19 +154,19 @@ pub fn cluster_key(configured: Option<&str>, data_dir: &Path) -> Result<Option<S
     }
 }
 
-/// The API listens on loopback only: its bearer tokens would cross the network
-/// in clear text otherwise (the API has no TLS yet).
-pub fn check_api_listen(listen: &str) -> Result<(), String> {
+/// Without TLS the API listens on loopback only: its bearer tokens would cross
+/// the network in clear text otherwise. (Authentication is always on.)
+pub fn check_api_listen(listen: &str, tls: bool) -> Result<(), String> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|e| format!("api.listen {listen:?}: not an IP address and port ({e})"))?;
-    if addr.ip().is_loopback() {
+    if addr.ip().is_loopback() || tls {
         return Ok(());
     }
     Err(format!(
-        "api.listen {listen}: the REST API is served without TLS, so it listens on loopback \
-         only (tokens would cross the network in clear text). Set api.listen = \"127.0.0.1:8080\" \
-         and reach it from elsewhere through an SSH tunnel or a TLS-terminating proxy on this host"
+        "api.listen {listen}: without TLS the REST API listens on loopback only (tokens would \
+         cross the network in clear text). Set api.tls_cert and api.tls_key (PEM files) to serve \
+         HTTPS on it, or set api.listen = \"127.0.0.1:8080\" and reach it through an SSH tunnel"
     ))
 }
 

@@ -121,12 +121,19 @@ impl Default for Net {
 pub struct Api {
     /// Address of the REST API (`127.0.0.1:0` picks a port).
     pub listen: String,
+    /// A PEM certificate chain: the API speaks HTTPS (needed to listen
+    /// beyond loopback).
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Api {
     fn default() -> Self {
         Api {
             listen: "127.0.0.1:8080".into(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -207,6 +214,9 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
         resolute_net::config::parse_cluster_key(k).map_err(|e| format!("{name}: net.{e}"))?;
     }
     f.trial.run_as().map_err(|e| format!("{name}: {e}"))?;
+    if f.api.tls_cert.is_some() != f.api.tls_key.is_some() {
+        return bad("api.tls_cert and api.tls_key go together: set both or neither".into());
+    }
     if !(1..=7).contains(&f.node.voters) {
         return bad("node.voters must be between 1 and 7".into());
     }

@@ -24,6 +24,7 @@ pub mod gpu_monitor;
 pub mod net_actor;
 pub mod node_actor;
 mod setup;
+pub mod tls;
 mod views;
 
 use actix::prelude::*;
@@ -72,7 +73,12 @@ pub async fn serve(
     opts: Options,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    bootstrap::check_api_listen(&opts.config.api.listen).map_err(fail)?;
+    let api_cfg = &opts.config.api;
+    bootstrap::check_api_listen(&api_cfg.listen, api_cfg.tls_cert.is_some()).map_err(fail)?;
+    let tls = match (&api_cfg.tls_cert, &api_cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key).map_err(fail)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&opts.config.api.listen)
         .await
         .map_err(|e| fail(format!("api.listen {}: {e}", opts.config.api.listen)))?;
@@ -82,10 +88,16 @@ pub async fn serve(
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
     let gate = auth::Gate::new(node.addr.clone(), api_socket);
     let app = api::router(node.addr.clone(), blobs, gate);
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let _ = axum::serve(listener, app).await;
-    });
+    let app = app.into_make_service_with_connect_info::<tls::ClientAddr>();
+    match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config).map_err(fail)?;
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        None => {
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+    }
     if let Some(admin) = node.admin.clone() {
         // The cluster's first administrator, from `resolute cluster init`.
         tokio::spawn(bootstrap::propose_admin(node.addr.clone(), admin));

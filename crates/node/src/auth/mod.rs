@@ -218,7 +218,7 @@ impl Gate {
 /// The middleware in front of every route (see the module comment).
 pub async fn gate(
     State(gate): State<Gate>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(crate::tls::ClientAddr(peer)): ConnectInfo<crate::tls::ClientAddr>,
     mut req: Request,
     next: Next,
 ) -> Response {
