@@ -631,26 +631,28 @@ fn a_trials_log_is_gathered_from_its_node_over_the_cluster_channel() {
     );
     assert_eq!(status, 200, "{v}");
     let id = v["id"].as_u64().expect("id");
+    // A's answer for some trial holds lines that b read (b sent them).
     let mut on_b = 0;
-    until(
-        "a trial of b's has logged",
-        Duration::from_secs(120),
-        || {
-            for t in resolute_tests::trials(&a.api, id) {
-                if t["node"].as_str() == Some(b_id.as_str()) {
-                    on_b = t["id"].as_u64().unwrap_or(0);
-                    let lines = get(&a.api, &["trial", "logs", &on_b.to_string()]);
-                    if lines
-                        .as_array()
-                        .is_some_and(|l| l.iter().any(|l| l["node"] == b_id.as_str()))
-                    {
-                        return true;
-                    }
-                }
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    'found: loop {
+        let ts = resolute_tests::trials(&a.api, id);
+        for t in &ts {
+            let trial = t["id"].as_u64().unwrap_or(0);
+            let lines = get(&a.api, &["trial", "logs", &trial.to_string()]);
+            if lines
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| l["node"] == b_id.as_str()))
+            {
+                on_b = trial;
+                break 'found;
             }
-            false
-        },
-    );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line from b ({b_id}) in a's answers; trials: {ts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // Nothing for a user who may not read it.
     get(
         &a.api,
