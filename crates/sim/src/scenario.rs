@@ -56,6 +56,9 @@ pub struct Scenario {
     /// The experiment configs' text, loaded with the scenario.
     #[serde(skip)]
     pub experiment_texts: Vec<String>,
+    /// Each experiment config's workspace (its owner gets a role there).
+    #[serde(skip)]
+    pub experiment_workspaces: Vec<String>,
 }
 
 /// Settings every simulated node uses.
@@ -427,13 +430,17 @@ impl Scenario {
                 path: p.display().to_string(),
                 source,
             })?;
-            if let Err(errs) =
-                resolute_types::config::parse_str(&p.display().to_string(), &yaml, &[])
-            {
-                return Err(ScenarioError::Invalid {
-                    path: name.clone(),
-                    message: format!("experiment {}:\n{errs}", e.config),
-                });
+            match resolute_types::config::parse_str(&p.display().to_string(), &yaml, &[]) {
+                Ok(loaded) => s.experiment_workspaces.push(
+                    resolute_core::state::auth::workspace_or_default(&loaded.config.workspace)
+                        .to_string(),
+                ),
+                Err(errs) => {
+                    return Err(ScenarioError::Invalid {
+                        path: name.clone(),
+                        message: format!("experiment {}:\n{errs}", e.config),
+                    })
+                }
             }
             s.experiment_texts.push(yaml);
         }

@@ -18,6 +18,15 @@ use crate::command::{NewToken, Role, UserCommand};
 
 /// The workspace of an experiment whose config names none (Determined's).
 pub const DEFAULT_WORKSPACE: &str = "Uncategorized";
+
+/// The workspace an experiment config names (`workspace:`), or the default.
+pub fn workspace_or_default(configured: &str) -> &str {
+    if configured.is_empty() {
+        DEFAULT_WORKSPACE
+    } else {
+        configured
+    }
+}
 /// Longest user name, in bytes.
 pub const USER_NAME_BYTES_MAX: usize = 64;
 /// Longest token id, in bytes.
@@ -191,9 +200,7 @@ impl ClusterState {
         self.experiments
             .get(&experiment)
             .and_then(|e| e.config())
-            .map(|c| c.workspace.as_str())
-            .filter(|w| !w.is_empty())
-            .unwrap_or(DEFAULT_WORKSPACE)
+            .map_or(DEFAULT_WORKSPACE, |c| workspace_or_default(&c.workspace))
     }
 
     /// Whether `user` may read `experiment` (a viewer of its workspace).

@@ -18,11 +18,7 @@ impl ClusterState {
             Err(e) => return rejected(e.to_string()),
         };
         let config = loaded.config;
-        let workspace = if config.workspace.is_empty() {
-            super::auth::DEFAULT_WORKSPACE
-        } else {
-            config.workspace.as_str()
-        };
+        let workspace = super::auth::workspace_or_default(&config.workspace);
         if !self.may(Some(owner.as_str()), workspace, crate::command::Role::User) {
             self.forbidden += 1;
             return Reply::Forbidden {

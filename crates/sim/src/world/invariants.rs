@@ -4,7 +4,8 @@
 //! node), no half gangs, the scheduler's books consistent, a
 //! committed checkpoint survives while a holder does, every live trial's latest
 //! checkpoint gets its second copy. From every settled report: at most one live
-//! incarnation of a trial commits progress. And in the liveness phase, after
+//! incarnation of a trial commits progress; no honest entry refused for its
+//! authority (users, roles, node and leader scope). And in the liveness phase, after
 //! every fault healed: every experiment finishes within the bound.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -148,6 +149,15 @@ impl World<'_> {
         let mut done = None;
         let mut first_seen = Vec::new();
         if let Some(state) = self.freshest() {
+            // Every simulated node and user is honest: nothing they propose is
+            // refused for its authority (a refusal is a bug of the role,
+            // node-scope or leader-scope checks, or of who proposes what).
+            if state.forbidden > 0 {
+                problems.push(format!(
+                    "{} honest entries were refused for their authority",
+                    state.forbidden
+                ));
+            }
             // No node's slots are over-allocated.
             let mut used: BTreeMap<NodeId, u32> = BTreeMap::new();
             // The scheduler's bookkeeping: every unfinished trial is live (it is

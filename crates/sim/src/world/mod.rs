@@ -110,6 +110,10 @@ enum Occurrence {
         id: ProposalId,
         attempt: u64,
     },
+    /// The administrator's next set-up step (users and roles).
+    SetUpUsers { retry: Option<ProposalId> },
+    /// The administrator gives up waiting for a set-up step's answer.
+    SetUpTimeout { step: usize, id: ProposalId },
     /// A scheduled fault.
     Fault(FaultEvent),
     /// A node's machine starts (again).
@@ -259,6 +263,14 @@ impl<'a> World<'a> {
                 }
             }
         }
+        let owners: Vec<(String, String)> = sc
+            .experiments
+            .iter()
+            .zip(&sc.experiment_workspaces)
+            .map(|(e, w)| (e.owner.clone(), w.clone()))
+            .collect();
+        w.clients.plan_users(&owners);
+        w.schedule(0, Occurrence::SetUpUsers { retry: None });
         for (i, e) in sc.experiments.iter().enumerate() {
             for c in 0..e.count {
                 w.schedule(
@@ -331,6 +343,8 @@ impl<'a> World<'a> {
                 id,
                 attempt,
             } => self.submit_timed_out(arrival, id, attempt),
+            Occurrence::SetUpUsers { retry } => self.set_up_users(retry),
+            Occurrence::SetUpTimeout { step, id } => self.set_up_timed_out(step, id),
             Occurrence::Fault(f) => self.fault(&f),
             Occurrence::Restart { node } => self.restart(node),
             Occurrence::GpuRecovered { node, gpu } => self.gpu_recovered(node, gpu),

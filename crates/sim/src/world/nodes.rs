@@ -71,6 +71,7 @@ impl World<'_> {
             labels: BTreeMap::new(),
         };
         let mut cfg = NodeConfig::new(id, info);
+        cfg.join_token = Some(super::clients::join_token());
         let n = &self.sc.node;
         cfg.tick_ms = n.tick_ms;
         cfg.voters = n.voters.clamp(1, 7);
