@@ -632,27 +632,24 @@ fn a_trials_log_is_gathered_from_its_node_over_the_cluster_channel() {
     assert_eq!(status, 200, "{v}");
     let id = v["id"].as_u64().expect("id");
     // A's answer for some trial holds lines that b read (b sent them).
-    let mut on_b = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    'found: loop {
+    let on_b = loop {
         let ts = resolute_tests::trials(&a.api, id);
-        for t in &ts {
-            let trial = t["id"].as_u64().unwrap_or(0);
+        let found = ts.iter().filter_map(|t| t["id"].as_u64()).find(|trial| {
             let lines = get(&a.api, &["trial", "logs", &trial.to_string()]);
-            if lines
+            lines
                 .as_array()
                 .is_some_and(|l| l.iter().any(|l| l["node"] == b_id.as_str()))
-            {
-                on_b = trial;
-                break 'found;
-            }
+        });
+        if let Some(trial) = found {
+            break trial;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "no line from b ({b_id}) in a's answers; trials: {ts:?}"
         );
         std::thread::sleep(Duration::from_millis(500));
-    }
+    };
     // Nothing for a user who may not read it.
     get(
         &a.api,
