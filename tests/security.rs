@@ -540,6 +540,12 @@ fn a_node_that_gives_each_trial_its_own_uid_runs_the_quick_start_experiment() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    // The trials' users must reach the data dir and the trainer: the build's
+    // binary may live under root's own home (CARGO_TARGET_DIR), so a copy.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let trainer = dir.path().join("resolute");
+    std::fs::copy(bin(), &trainer).expect("copy the binary");
     let laptop = std::fs::read_to_string(repo().join("config/laptop.toml")).expect("config");
     let config = dir.path().join("isolated.toml");
     let isolated = laptop.replace(
@@ -550,13 +556,12 @@ fn a_node_that_gives_each_trial_its_own_uid_runs_the_quick_start_experiment() {
     std::fs::write(&config, isolated).expect("config");
     let a = resolute_tests::start_with(&dir.path().join("a"), 87, None, &config);
     // The node's own files are out of a trial's reach.
-    use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
     assert_eq!(mode(&a.data).ok(), Some(0o711));
     assert_eq!(mode(&a.data.join("cluster.key")).ok(), Some(0o600));
     // The quick start's search, cut short: two trials side by side.
     let body = json!({"config": experiment("Uncategorized"), "overrides": [
-        format!("entrypoint={} train", bin().display()),
+        format!("entrypoint={} train", trainer.display()),
         "searcher.max_trials=2".to_string(),
         "searcher.max_time=3000".to_string(),
     ]});
