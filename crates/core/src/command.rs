@@ -20,6 +20,10 @@ pub type TrialId = u64;
 /// The format version written into every entry; decoders refuse newer versions.
 /// Version 2 added who proposed an entry (`proposer`, `leader`, `user`).
 pub const COMMAND_VERSION: u16 = 2;
+/// Metric names one record (one report) carries at most.
+pub const METRIC_NAMES_PER_RECORD_MAX: usize = 1_000;
+/// Longest metric name, in bytes.
+pub const METRIC_NAME_BYTES_MAX: usize = 256;
 
 /// A client-chosen id that makes a proposal exactly-once: applying the same id twice
 /// is a no-op that returns the first result.
@@ -144,6 +148,28 @@ pub struct MetricRecord {
     pub steps_completed: u64,
     /// Metric name to value.
     pub metrics: BTreeMap<String, Value>,
+}
+
+impl MetricRecord {
+    /// Checks a report's metrics against the limits every path holds (the
+    /// report endpoint refuses them, applying drops them): the error names
+    /// the field.
+    pub fn check_metrics(metrics: &BTreeMap<String, Value>) -> Result<(), String> {
+        if metrics.len() > METRIC_NAMES_PER_RECORD_MAX {
+            return Err(format!(
+                "metrics: {} names, at most {METRIC_NAMES_PER_RECORD_MAX}",
+                metrics.len()
+            ));
+        }
+        if let Some(long) = metrics.keys().find(|k| k.len() > METRIC_NAME_BYTES_MAX) {
+            return Err(format!(
+                "metrics: the name {:?}... is {} bytes, at most {METRIC_NAME_BYTES_MAX}",
+                long.chars().take(32).collect::<String>(),
+                long.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How a trial process ended.

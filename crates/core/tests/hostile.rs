@@ -589,3 +589,54 @@ fn in_a_cluster_with_users_only_a_join_token_admits_a_node() {
     c.run(3_000);
     assert!(!is_member(&c, 5), "a used-up token admits nobody");
 }
+
+#[test]
+fn metric_records_past_the_limits_are_dropped_on_apply() {
+    let mut c = busy(25);
+    let leader = c.leader().expect("leader");
+    let state = c.members[&leader].node.state();
+    let (trial, incarnation, runs_on) = state
+        .trials
+        .iter()
+        .find_map(|(id, t)| match t.state {
+            TrialState::Assigned { node } | TrialState::Running { node } => {
+                Some((*id, t.incarnation, node))
+            }
+            _ => None,
+        })
+        .expect("a placed trial");
+    let record =
+        |metrics: std::collections::BTreeMap<String, resolute_types::Value>| Command::Metrics {
+            records: vec![MetricRecord {
+                trial,
+                incarnation,
+                kind: MetricKind::Training,
+                steps_completed: 1,
+                metrics,
+            }],
+        };
+    let many = (0..=resolute_core::command::METRIC_NAMES_PER_RECORD_MAX)
+        .map(|i| (format!("m{i}"), resolute_types::Value::Int(1)))
+        .collect();
+    let long = [(
+        "x".repeat(resolute_core::command::METRIC_NAME_BYTES_MAX + 1),
+        resolute_types::Value::Int(1),
+    )]
+    .into();
+    let points_before = state.metrics.get(&trial).map_or(0, |s| s.len());
+    for oversized in [many, long] {
+        // From the node the trial runs on, as its own report would come.
+        let pid = c.propose_on(runs_on, record(oversized));
+        c.until(10_000, "applied", |c| c.replies.contains_key(&pid));
+        assert!(
+            matches!(&c.replies[&pid], Ok(Reply::Rejected { reason }) if reason.contains("limits")),
+            "{:?}",
+            c.replies[&pid]
+        );
+    }
+    let state = c.members[&leader].node.state();
+    assert_eq!(
+        state.metrics.get(&trial).map_or(0, |s| s.len()),
+        points_before
+    );
+}

@@ -170,13 +170,14 @@ fn reply(answered: Answered) -> Reply {
     }
 }
 
-/// Authenticates, parses the body, makes the call, answers.
+/// Authenticates, parses the body, makes the call (or refuses the body with
+/// a 400 that says why), answers.
 async fn simple<T: serde::de::DeserializeOwned>(
     registry: Registry,
     headers: HeaderMap,
     (trial, incarnation): (u64, u64),
     body: &str,
-    make: impl FnOnce(T) -> Call,
+    make: impl FnOnce(T) -> Result<Call, String>,
 ) -> Reply {
     let actor = match authorize(&registry, &headers, trial, incarnation) {
         Ok(a) => a,
@@ -186,7 +187,11 @@ async fn simple<T: serde::de::DeserializeOwned>(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match call(actor, make(parsed)).await {
+    let made = match make(parsed) {
+        Ok(c) => c,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, why),
+    };
+    match call(actor, made).await {
         Ok(a) => reply(a),
         Err(r) => r,
     }
@@ -207,10 +212,13 @@ async fn metrics(
     body: String,
     kind: MetricKind,
 ) -> Reply {
-    simple(r, headers, key, &body, |b: MetricsBody| Call::Metrics {
-        kind,
-        steps_completed: b.steps_completed,
-        metrics: b.metrics,
+    simple(r, headers, key, &body, |b: MetricsBody| {
+        resolute_core::command::MetricRecord::check_metrics(&b.metrics)?;
+        Ok(Call::Metrics {
+            kind,
+            steps_completed: b.steps_completed,
+            metrics: b.metrics,
+        })
     })
     .await
 }
@@ -270,7 +278,7 @@ async fn early_exit(
     body: String,
 ) -> Reply {
     simple(r, headers, key, &body, |b: ExitBody| {
-        Call::EarlyExit(b.reason)
+        Ok(Call::EarlyExit(b.reason))
     })
     .await
 }
@@ -290,9 +298,9 @@ async fn checkpoint_begin(
 ) -> Reply {
     let body = if body.is_empty() { "{}" } else { &body };
     simple(r, headers, key, body, |b: BeginBody| {
-        Call::CheckpointBegin {
+        Ok(Call::CheckpointBegin {
             metadata: b.metadata,
-        }
+        })
     })
     .await
 }
@@ -313,11 +321,11 @@ async fn checkpoint_commit(
     body: String,
 ) -> Reply {
     simple(r, headers, key, &body, |b: CommitBody| {
-        Call::CheckpointCommit {
+        Ok(Call::CheckpointCommit {
             storage_id: b.storage_id,
             steps_completed: b.steps_completed,
             metadata: b.metadata,
-        }
+        })
     })
     .await
 }

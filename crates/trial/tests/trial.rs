@@ -210,6 +210,8 @@ results["bad_token"] = call("POST", "/training", {"steps_completed": 1, "metrics
 results["malformed"] = call("POST", "/training", raw=b"{not json")[0]
 results["wrong_field"] = call("POST", "/validation", {"steps": 1})[0]
 results["bad_progress"] = call("POST", "/progress", {"progress": 7})[0]
+results["too_many_metrics"] = call("POST", "/training", {"steps_completed": 1, "metrics": {f"m{i}": 1 for i in range(1001)}})
+results["long_metric_name"] = call("POST", "/training", {"steps_completed": 1, "metrics": {"x" * 257: 1}})[0]
 results["unknown_storage"] = call("POST", "/checkpoints/commit", {"storage_id": "x", "steps_completed": 1})[0]
 results["hostile_restore"] = call("GET", "/checkpoints/..%2F..%2Fetc")[0]
 stale = url.rsplit("/", 1)[0] + "/" + str(int(url.rsplit("/", 1)[1]) - 1)
@@ -291,6 +293,14 @@ fn every_report_call_and_malformed_ones() {
         assert_eq!(r["malformed"], 400);
         assert_eq!(r["wrong_field"], 400);
         assert_eq!(r["bad_progress"], 400);
+        assert_eq!(r["too_many_metrics"][0], 400);
+        assert!(
+            r["too_many_metrics"][1]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("metrics") && e.contains("1000")),
+            "{r}"
+        );
+        assert_eq!(r["long_metric_name"], 400);
         assert_eq!(r["unknown_storage"], 400);
         assert!(r["hostile_restore"]
             .as_u64()

@@ -414,7 +414,6 @@ impl ClusterState {
         self.forbidden += (before - records.len()) as u64;
     }
 
-    /// Applies a user-management command on `user`'s authority.
     /// `NodeApproved`: the leader admits `node` once, without a join token.
     pub(super) fn approve_node(&mut self, node: NodeId) -> Reply {
         if node == 0 {
@@ -462,6 +461,7 @@ impl ClusterState {
         self.removed_nodes.contains(&node)
     }
 
+    /// Applies a user-management command on `user`'s authority.
     pub(super) fn apply_user(&mut self, user: Option<&str>, command: UserCommand) -> Reply {
         let admin = self.is_cluster_admin(user);
         match command {

@@ -280,7 +280,14 @@ impl ClusterState {
         changes: &mut Vec<Change>,
     ) -> Reply {
         let mut refused = 0usize;
+        let mut oversized = 0usize;
         for record in records {
+            if MetricRecord::check_metrics(&record.metrics).is_err() {
+                // Past the limits the endpoint holds: only a hostile or broken
+                // node proposes it.
+                oversized += 1;
+                continue;
+            }
             let (experiment, request_id) = match self.current(record.trial, record.incarnation) {
                 Ok(t) => {
                     t.steps_completed = t.steps_completed.max(record.steps_completed);
@@ -315,7 +322,9 @@ impl ClusterState {
                 );
             }
         }
-        if refused > 0 {
+        if oversized > 0 {
+            rejected(format!("{oversized} records past the metric limits"))
+        } else if refused > 0 {
             rejected(format!("{refused} records from stale incarnations"))
         } else {
             Reply::Ok
