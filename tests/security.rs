@@ -11,6 +11,16 @@ use serde_json::{json, Value};
 
 use resolute_tests::{bin, cli, cli_as, get, repo, start, until, NodeProc};
 
+/// `resolute node start --config CONFIG --data-dir DATA`, to add to.
+fn node_start(config: &std::path::Path, data: &std::path::Path) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["node", "start", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data);
+    cmd
+}
+
 /// A raw request: its status and JSON body (Null when there is none).
 fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -104,8 +114,22 @@ fn experiment(workspace: &str) -> String {
 
 fn create_as(node: &NodeProc, token: &str, config: &str, owner: &str) -> (u16, Value) {
     // The built-in trainer is this build's binary (not on the PATH).
-    let entrypoint = format!("entrypoint={} train", bin().display());
-    let body = json!({"config": config, "owner": owner, "overrides": [entrypoint]}).to_string();
+    create_with(node, token, config, owner, &bin(), &[])
+}
+
+/// `POST /experiments` as `token`, the built-in trainer at `trainer`, with
+/// more `--config` overrides.
+fn create_with(
+    node: &NodeProc,
+    token: &str,
+    config: &str,
+    owner: &str,
+    trainer: &std::path::Path,
+    overrides: &[&str],
+) -> (u16, Value) {
+    let mut all = vec![format!("entrypoint={} train", trainer.display())];
+    all.extend(overrides.iter().map(|o| o.to_string()));
+    let body = json!({"config": config, "owner": owner, "overrides": all}).to_string();
     let auth = format!("Bearer {token}");
     http(
         "POST",
@@ -337,11 +361,7 @@ fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
     let data = dir.path().join("a");
     resolute_tests::init(&data);
     let run = |args: &[&str]| {
-        let out = Command::new(bin())
-            .args(["node", "start", "--config"])
-            .arg(repo().join("config/laptop.toml"))
-            .arg("--data-dir")
-            .arg(&data)
+        let out = node_start(&repo().join("config/laptop.toml"), &data)
             .args(args)
             .output()
             .expect("node start");
@@ -362,11 +382,7 @@ fn a_node_that_would_be_open_to_the_network_refuses_to_start() {
     assert!(err.contains("cluster key"), "{err}");
     // A new cluster without its administrator does not start either.
     let fresh = dir.path().join("b");
-    let out = Command::new(bin())
-        .args(["node", "start", "--config"])
-        .arg(repo().join("config/laptop.toml"))
-        .arg("--data-dir")
-        .arg(&fresh)
+    let out = node_start(&repo().join("config/laptop.toml"), &fresh)
         .output()
         .expect("node start");
     assert!(!out.status.success());
@@ -432,11 +448,7 @@ fn a_node_with_the_key_but_no_join_token_is_not_admitted_until_approved_and_a_re
     let data = dir.path().join("stranger");
     std::fs::create_dir_all(&data).expect("dir");
     std::fs::copy(a.data.join("cluster.key"), data.join("cluster.key")).expect("key");
-    let mut stranger = Command::new(bin())
-        .args(["node", "start", "--config"])
-        .arg(repo().join("config/laptop.toml"))
-        .arg("--data-dir")
-        .arg(&data)
+    let mut stranger = node_start(&repo().join("config/laptop.toml"), &data)
         .args([
             "--api",
             "127.0.0.85:0",
@@ -497,11 +509,7 @@ fn a_node_with_the_key_but_no_join_token_is_not_admitted_until_approved_and_a_re
     drop(stranger);
     let join = cli(&a.api, &["cluster", "join-token"]);
     let v: Value = serde_json::from_str(join.1.trim()).expect("join-token --json");
-    let again = Command::new(bin())
-        .args(["node", "start", "--config"])
-        .arg(repo().join("config/laptop.toml"))
-        .arg("--data-dir")
-        .arg(&data)
+    let again = node_start(&repo().join("config/laptop.toml"), &data)
         .args(["--api", "127.0.0.85:0", "--listen", "/ip4/127.0.0.85/tcp/0"])
         .args(["--join", &a.listen, "--join", &b.listen])
         .env("RESOLUTE_JOIN_TOKEN", v["token"].as_str().expect("token"))
@@ -560,20 +568,14 @@ fn a_node_that_gives_each_trial_its_own_uid_runs_the_quick_start_experiment() {
     assert_eq!(mode(&a.data).ok(), Some(0o711));
     assert_eq!(mode(&a.data.join("cluster.key")).ok(), Some(0o600));
     // The quick start's search, cut short: two trials side by side.
-    let body = json!({"config": experiment("Uncategorized"), "overrides": [
-        format!("entrypoint={} train", trainer.display()),
-        "searcher.max_trials=2".to_string(),
-        "searcher.max_time=3000".to_string(),
-    ]});
-    let auth = format!("Bearer {}", a.token);
-    let (status, v) = http(
-        "POST",
-        &format!("{}/api/v1/experiments", a.api),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        Some(&body.to_string()),
+    let overrides = ["searcher.max_trials=2", "searcher.max_time=3000"];
+    let (status, v) = create_with(
+        &a,
+        &a.token,
+        &experiment("Uncategorized"),
+        "",
+        &trainer,
+        &overrides,
     );
     assert_eq!(status, 200, "{v}");
     let id = v["id"].as_u64().expect("id").to_string();
@@ -619,20 +621,14 @@ fn a_trials_log_is_gathered_from_its_node_over_the_cluster_channel() {
         .expect("id")
         .to_string();
     // Four trials on four slots: some run on b.
-    let body = json!({"config": experiment("Uncategorized"), "overrides": [
-        format!("entrypoint={} train", bin().display()),
-        "searcher.max_trials=4".to_string(),
-        "searcher.max_time=2000".to_string(),
-    ]});
-    let auth = format!("Bearer {}", a.token);
-    let (status, v) = http(
-        "POST",
-        &format!("{}/api/v1/experiments", a.api),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        Some(&body.to_string()),
+    let overrides = ["searcher.max_trials=4", "searcher.max_time=2000"];
+    let (status, v) = create_with(
+        &a,
+        &a.token,
+        &experiment("Uncategorized"),
+        "",
+        &bin(),
+        &overrides,
     );
     assert_eq!(status, 200, "{v}");
     let id = v["id"].as_u64().expect("id");
@@ -694,11 +690,7 @@ fn with_tls_the_api_serves_https_beyond_loopback() {
     std::fs::write(&config, with_tls).expect("config");
     let data = dir.path().join("a");
     let admin = resolute_tests::init(&data);
-    let mut node = Command::new(bin())
-        .args(["node", "start", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
+    let mut node = node_start(&config, &data)
         .args(["--listen", "/ip4/127.0.0.90/tcp/0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

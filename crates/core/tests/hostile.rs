@@ -65,6 +65,20 @@ fn dropped(c: &Cluster, node: NodeId, why: Dropped) -> u64 {
         .unwrap_or(0)
 }
 
+/// A trial placed on a node: its id, incarnation and node.
+fn placed_trial(state: &ClusterState) -> (u64, u64, NodeId) {
+    state
+        .trials
+        .iter()
+        .find_map(|(id, t)| match t.state {
+            TrialState::Assigned { node } | TrialState::Running { node } => {
+                Some((*id, t.incarnation, node))
+            }
+            _ => None,
+        })
+        .expect("a placed trial")
+}
+
 /// A cluster running one experiment, every node with the same state.
 fn busy(seed: u64) -> Cluster {
     let mut c = three(seed);
@@ -161,16 +175,7 @@ fn a_member_cannot_report_for_trials_or_nodes_it_is_not() {
     let mut c = busy(24);
     let leader = c.leader().expect("leader");
     let state = c.members[&leader].node.state();
-    let (trial, incarnation, runs_on) = state
-        .trials
-        .iter()
-        .find_map(|(id, t)| match t.state {
-            TrialState::Assigned { node } | TrialState::Running { node } => {
-                Some((*id, t.incarnation, node))
-            }
-            _ => None,
-        })
-        .expect("a placed trial");
+    let (trial, incarnation, runs_on) = placed_trial(state);
     let liar = [1, 2, 3].into_iter().find(|n| *n != runs_on).expect("liar");
     let forbidden_before = state.forbidden;
     let forward = |id: u128, origin: NodeId, command: Command| PeerMessage::Forward {
@@ -595,16 +600,7 @@ fn metric_records_past_the_limits_are_dropped_on_apply() {
     let mut c = busy(25);
     let leader = c.leader().expect("leader");
     let state = c.members[&leader].node.state();
-    let (trial, incarnation, runs_on) = state
-        .trials
-        .iter()
-        .find_map(|(id, t)| match t.state {
-            TrialState::Assigned { node } | TrialState::Running { node } => {
-                Some((*id, t.incarnation, node))
-            }
-            _ => None,
-        })
-        .expect("a placed trial");
+    let (trial, incarnation, runs_on) = placed_trial(state);
     let record =
         |metrics: std::collections::BTreeMap<String, resolute_types::Value>| Command::Metrics {
             records: vec![MetricRecord {

@@ -89,21 +89,19 @@ impl RunAs {
     }
 }
 
-fn parse_id(what: &str, s: &str, database: &str) -> Result<u32, String> {
-    if let Ok(n) = s.parse::<u32>() {
-        return Ok(n);
-    }
-    // A name: its line in /etc/passwd or /etc/group (`name:x:id:...`).
+/// The `(name, id, gid)` fields of each line of `/etc/passwd` or `/etc/group`
+/// (`name:x:id:gid:...`; a group's "gid" field is its member list, unused).
+fn entries(database: &str) -> Result<Vec<(String, u32, Option<u32>)>, String> {
     let text =
         std::fs::read_to_string(database).map_err(|e| format!("{database}: cannot read: {e}"))?;
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next() == Some(s))
-                .then(|| f.nth(1).and_then(|id| id.parse().ok()))
-                .flatten()
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let id = f.get(2)?.parse().ok()?;
+            Some((f[0].to_string(), id, f.get(3).and_then(|g| g.parse().ok())))
         })
-        .ok_or_else(|| format!("no {what} {s:?} in {database}"))
+        .collect())
 }
 
 fn parse_user(spec: &str) -> Result<Identity, String> {
@@ -111,21 +109,30 @@ fn parse_user(spec: &str) -> Result<Identity, String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let uid = parse_id("user", user, "/etc/passwd")?;
+    // A number needs no account (its own gid unless the account says one);
+    // a name must have one.
+    let users = entries("/etc/passwd")?;
+    let (uid, own_gid) = match user.parse::<u32>() {
+        Ok(uid) => {
+            let gid = users.iter().find(|e| e.1 == uid).and_then(|e| e.2);
+            (uid, gid.unwrap_or(uid))
+        }
+        Err(_) => users
+            .iter()
+            .find(|e| e.0 == user)
+            .map(|e| (e.1, e.2.unwrap_or(e.1)))
+            .ok_or_else(|| format!("no user {user:?} in /etc/passwd"))?,
+    };
     let gid = match group {
-        Some(g) => parse_id("group", g, "/etc/group")?,
-        // The user's own group, from its passwd line; a number is its own gid.
-        None => std::fs::read_to_string("/etc/passwd")
-            .ok()
-            .and_then(|t| {
-                t.lines().find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 3 && (f[0] == user || f[2] == user))
-                        .then(|| f[3].parse().ok())
-                        .flatten()
-                })
-            })
-            .unwrap_or(uid),
+        None => own_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => entries("/etc/group")?
+                .iter()
+                .find(|e| e.0 == g)
+                .map(|e| e.1)
+                .ok_or_else(|| format!("no group {g:?} in /etc/group"))?,
+        },
     };
     if uid == 0 || gid == 0 {
         return Err("a trial never runs as root".into());

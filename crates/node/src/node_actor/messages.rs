@@ -308,14 +308,26 @@ impl NodeActor {
         let path = resolute_trial::log_path(&self.local.work_root, trial);
         let me = format!("{:016x}", self.local.node);
         tokio::task::spawn_blocking(move || {
-            let mut lines = local_log_lines(&path, &me, since_ms);
-            // The newest lines that fit (a long log is followed, not dumped).
-            let mut bytes = serde_json::to_vec(&lines).unwrap_or_default();
-            while bytes.len() > PEER_LOG_BYTES_MAX && !lines.is_empty() {
-                let drop = lines.len().div_ceil(4);
-                lines.drain(..drop);
-                bytes = serde_json::to_vec(&lines).unwrap_or_default();
-            }
+            // The newest lines that fit (a long log is followed, not dumped):
+            // each line's JSON and its comma, plus the array's brackets.
+            let encoded: Vec<Vec<u8>> = local_log_lines(&path, &me, since_ms)
+                .iter()
+                .map(|l| serde_json::to_vec(l).unwrap_or_default())
+                .collect();
+            let mut size = 2;
+            let keep = encoded
+                .iter()
+                .rev()
+                .take_while(|l| {
+                    size += l.len() + 1;
+                    size <= PEER_LOG_BYTES_MAX
+                })
+                .count();
+            let newest = &encoded[encoded.len() - keep..];
+            let mut bytes = Vec::with_capacity(size);
+            bytes.push(b'[');
+            bytes.extend(newest.join(&b','));
+            bytes.push(b']');
             let _ = reply.send(Ok(bytes));
         });
     }
