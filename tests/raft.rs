@@ -110,7 +110,7 @@ async fn drive(
                 Output::Reply { id, result } => {
                     replies.insert(id, result.map_err(|e| e.to_string()));
                 }
-                Output::Effect(_) => {}
+                Output::Effect(_) | Output::Track(_) => {}
             }
         }
         // The allow-list follows the Raft membership.

@@ -126,6 +126,7 @@ impl Driver {
                     entries,
                     hard_state,
                 }),
+                Output::Track(batch) => actions.push(Action::Track(batch)),
                 Output::Reply { id, result } if self.agent.owns(id) => {
                     let mut outs = Outs::new();
                     self.agent

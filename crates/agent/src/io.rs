@@ -210,6 +210,9 @@ pub enum Action {
         /// The hard state.
         hard_state: Option<HardState>,
     },
+    /// Write this into the tracking store (one transaction, with its applied
+    /// index) before carrying out any later action (`core::track`).
+    Track(Box<resolute_core::track::TrackBatch>),
     /// The answer to a client's `Event::Propose`.
     Reply {
         /// The client's id.

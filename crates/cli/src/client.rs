@@ -88,17 +88,32 @@ pub enum ExperimentCommand {
         #[arg(long)]
         follow: bool,
     },
-    /// Lists experiments.
-    List,
+    /// Lists experiments (from the node's tracking store), filtered, sorted
+    /// and paged.
+    List(ListArgs),
     /// Describes one.
     Describe {
         /// Its id.
         id: u64,
     },
-    /// Its trials.
+    /// Its trials; with --sort (or --limit, --offset, --order) sorted and
+    /// paged from the tracking store.
     Trials {
         /// Its id.
         id: u64,
+        /// id, best_metric, latest_metric, steps, hp.NAME (a hyperparameter,
+        /// dotted when nested) or metric.NAME (its latest validation value).
+        #[arg(long)]
+        sort: Option<String>,
+        /// asc or desc.
+        #[arg(long)]
+        order: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Skip this many.
+        #[arg(long)]
+        offset: Option<u64>,
     },
     /// Stops scheduling its trials (they checkpoint and pause).
     Pause {
@@ -132,6 +147,58 @@ pub enum ExperimentCommand {
     },
 }
 
+/// `resolute experiment list` options.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Only in this state: Active, Paused, Completed, Canceled, Errored.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only this user's.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Only in this workspace.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Only those whose name contains this.
+    #[arg(long)]
+    name: Option<String>,
+    /// id, name, state, owner, progress, best_metric, started or ended.
+    #[arg(long)]
+    sort: Option<String>,
+    /// asc or desc.
+    #[arg(long)]
+    order: Option<String>,
+    /// Page size (default 100, at most 1,000).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Skip this many.
+    #[arg(long)]
+    offset: Option<u64>,
+}
+
+/// `path?k=v&...` for the parameters that are set, percent-encoded.
+fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let set: Vec<String> = params
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if set.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", set.join("&"))
+    }
+}
+
 /// `resolute trial ...`
 #[derive(Subcommand)]
 pub enum TrialCommand {
@@ -140,8 +207,26 @@ pub enum TrialCommand {
         /// Its id.
         id: u64,
     },
-    /// Its metrics.
+    /// Its metric reports, by step.
     Metrics {
+        /// Its id.
+        id: u64,
+        /// Only this group: training or validation.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only reports at or after this step.
+        #[arg(long)]
+        since_step: Option<u64>,
+        /// At most this many (10,000 at most).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// The latest first.
+        #[arg(long)]
+        latest: bool,
+    },
+    /// Where it ran: each incarnation, its node, when and why it ended; and
+    /// its checkpoints.
+    Runs {
         /// Its id.
         id: u64,
     },
@@ -417,8 +502,21 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 }
                 Ok(())
             }
-            ExperimentCommand::List => {
-                let v = call(t, "GET", "/experiments", None)?;
+            ExperimentCommand::List(a) => {
+                let path = with_query(
+                    "/experiments",
+                    &[
+                        ("state", a.state.clone()),
+                        ("owner", a.owner.clone()),
+                        ("workspace", a.workspace.clone()),
+                        ("name", a.name.clone()),
+                        ("sort", a.sort.clone()),
+                        ("order", a.order.clone()),
+                        ("limit", a.limit.map(|n| n.to_string())),
+                        ("offset", a.offset.map(|n| n.to_string())),
+                    ],
+                );
+                let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
                     println!(
                         "{:>4}  {:<24} {:<10} {:>8}  best",
@@ -444,16 +542,35 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 });
                 Ok(())
             }
-            ExperimentCommand::Trials { id } => {
-                let v = call(t, "GET", &format!("/experiments/{id}/trials"), None)?;
+            ExperimentCommand::Trials {
+                id,
+                sort,
+                order,
+                limit,
+                offset,
+            } => {
+                let path = with_query(
+                    &format!("/experiments/{id}/trials"),
+                    &[
+                        ("sort", sort.clone()),
+                        ("order", order.clone()),
+                        ("limit", limit.map(|n| n.to_string())),
+                        ("offset", offset.map(|n| n.to_string())),
+                    ],
+                );
+                let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
                     for tr in v.as_array().into_iter().flatten() {
+                        let key = tr
+                            .get("sort_key")
+                            .map_or(String::new(), |k| format!("  {k}"));
                         println!(
-                            "trial {:>4}  {:<24} steps {:>6}  restarts {}",
+                            "trial {:>4}  {:<24} steps {:>6}  restarts {}  best {}{key}",
                             tr["id"],
                             tr["state"].as_str().unwrap_or(""),
                             tr["steps_completed"],
-                            tr["restarts"]
+                            tr["restarts"],
+                            tr["best_metric"]
                         );
                     }
                 });
@@ -503,7 +620,22 @@ pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
     let r = (|| -> Result<(), Failure> {
         let path = match cmd {
             TrialCommand::Describe { id } => format!("/trials/{id}"),
-            TrialCommand::Metrics { id } => format!("/trials/{id}/metrics"),
+            TrialCommand::Metrics {
+                id,
+                group,
+                since_step,
+                limit,
+                latest,
+            } => with_query(
+                &format!("/trials/{id}/metrics"),
+                &[
+                    ("group", group.clone()),
+                    ("since_step", since_step.map(|n| n.to_string())),
+                    ("limit", limit.map(|n| n.to_string())),
+                    ("order", latest.then(|| "desc".to_string())),
+                ],
+            ),
+            TrialCommand::Runs { id } => format!("/trials/{id}/runs"),
             TrialCommand::Logs { id, follow: true } => return follow_logs(t, *id),
             TrialCommand::Logs { id, .. } => format!("/trials/{id}/logs"),
         };
@@ -657,6 +789,29 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                         g["memory_mib"]
                     );
                 }
+            }
+        })
+    });
+    finish(r)
+}
+
+/// Runs `resolute cluster tracking`: what the node's tracking store holds.
+pub fn cluster_tracking(t: &Target) -> anyhow::Result<ExitCode> {
+    let r = call(t, "GET", "/tracking", None).map(|v| {
+        print(t, &v, |v| {
+            println!(
+                "applied {}  digest {}",
+                v["applied_index"],
+                v["digest"].as_str().unwrap_or("")
+            );
+            for row in v["rows"].as_array().into_iter().flatten() {
+                println!("  {:<16} {}", row[0].as_str().unwrap_or(""), row[1]);
+            }
+            for gap in v["gaps"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} reports of entries {} to {} came with a snapshot: not kept here",
+                    gap["reports"], gap["from_index"], gap["to_index"]
+                );
             }
         })
     });

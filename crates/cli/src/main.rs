@@ -196,6 +196,9 @@ enum NodeCommand {
 enum ClusterCommand {
     /// Nodes, slots, leader, voters, queue.
     Status,
+    /// What this node's tracking store holds: applied index, rows per table,
+    /// a digest that is equal on every node at the same index (cluster admin).
+    Tracking,
     /// Makes a new cluster's key and first administrator in the data dir of
     /// the node that will bootstrap it; saves the admin token for this CLI.
     Init(access::InitArgs),
@@ -417,6 +420,10 @@ fn main() -> ExitCode {
             target,
             command: ClusterCommand::Status,
         } => client::cluster_status(&target),
+        CliCommand::Cluster {
+            target,
+            command: ClusterCommand::Tracking,
+        } => client::cluster_tracking(&target),
         CliCommand::Cluster {
             command: ClusterCommand::Init(args),
             ..

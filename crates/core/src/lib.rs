@@ -13,6 +13,7 @@ pub mod log_store;
 pub mod node;
 pub mod pool;
 pub mod state;
+pub mod track;
 
 pub use command::{Command, Envelope, NodeId, NodeInfo, ProposalId, Reply};
 pub use node::{Effect, Input, Node, NodeConfig, NodeError, Output, PeerMessage, StartTrial};

@@ -87,7 +87,8 @@ pub async fn serve(
     let node = start(&opts, api_addr.clone()).await?;
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
     let gate = auth::Gate::new(node.addr.clone(), api_socket);
-    let app = api::router(node.addr.clone(), blobs, gate);
+    let tracking = opts.data_dir.join(resolute_tracking::FILE_NAME);
+    let app = api::router(node.addr.clone(), blobs, tracking, gate);
     let app = app.into_make_service_with_connect_info::<tls::ClientAddr>();
     match tls {
         Some(config) => {
@@ -173,6 +174,12 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     )
     .map_err(fail)?;
     let admin = admin.filter(|_| !driver.node().state().secured());
+    let mut tracker =
+        resolute_tracking::Tracker::open(&opts.data_dir.join(resolute_tracking::FILE_NAME))
+            .map_err(fail)?;
+    // A store behind the snapshot this node restarts from (deleted, or from
+    // another schema version) is rebuilt from the state at once.
+    tracker.catch_up(driver.node().state()).map_err(fail)?;
     // Peers this node knew before a restart, and the ones it joins through.
     let known = setup::known_peers(&opts.data_dir);
     for addr in join.iter().cloned().chain(
@@ -232,6 +239,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         join,
         data_dir: opts.data_dir.clone(),
         events: net_events,
+        tracker,
     };
     ctx.run(NodeActor::new(parts));
     Ok(Started {

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use resolute_agent::Agent;
-use resolute_core::command::MetricKind;
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::Node;
 
@@ -32,23 +31,7 @@ fn better(a: f64, b: f64, smaller: bool) -> f64 {
 
 /// A trial's best validation value of its experiment's searcher metric.
 fn best_validation(node: &Node, trial: u64) -> Option<f64> {
-    let experiment = node.state().trials.get(&trial)?.experiment;
-    let metric = node
-        .state()
-        .experiments
-        .get(&experiment)?
-        .config()?
-        .searcher
-        .metric
-        .clone();
-    let smaller = smaller_is_better(node, experiment);
-    node.state()
-        .metrics
-        .get(&trial)?
-        .iter()
-        .filter(|p| p.kind == MetricKind::Validation)
-        .filter_map(|p| p.metrics.get(&metric).and_then(|v| v.as_f64()))
-        .reduce(|a, b| better(a, b, smaller))
+    node.state().trials.get(&trial)?.best_validation
 }
 
 /// One experiment.
@@ -76,18 +59,6 @@ pub fn experiment(node: &Node, id: u64) -> Option<Value> {
         "best_metric": best,
         "last_error": e.last_error,
     }))
-}
-
-/// Every experiment.
-pub fn experiments(node: &Node, user: &str) -> Value {
-    let state = node.state();
-    let ids: Vec<u64> = state
-        .experiments
-        .keys()
-        .copied()
-        .filter(|id| state.may_read(Some(user), *id))
-        .collect();
-    Value::Array(ids.iter().filter_map(|id| experiment(node, *id)).collect())
 }
 
 /// Users and tokens as `user` may see them: a cluster admin sees everyone's,
@@ -160,22 +131,6 @@ pub fn experiment_trials(node: &Node, agent: &Agent, id: u64) -> Option<Value> {
             .filter_map(|t| trial(node, agent, *t))
             .collect(),
     ))
-}
-
-/// A trial's metric series.
-pub fn trial_metrics(node: &Node, id: u64) -> Option<Value> {
-    match node.state().metrics.get(&id) {
-        Some(series) => Some(Value::Array(
-            series
-                .iter()
-                .map(|p| {
-                    json!({"kind": format!("{:?}", p.kind), "steps_completed": p.steps_completed, "metrics": p.metrics})
-                })
-                .collect(),
-        )),
-        None if node.state().trials.contains_key(&id) => Some(Value::Array(Vec::new())),
-        None => None,
-    }
 }
 
 /// The cluster as this node sees it.

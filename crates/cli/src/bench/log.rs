@@ -182,6 +182,8 @@ impl Cluster {
             // Keep snapshots out of the measurement window's way.
             cfg.snapshot_entries = 1_000_000;
             cfg.snapshot_log_bytes = u64::MAX;
+            // The log alone: `bench state` measures the tracking store.
+            cfg.track = false;
             let (node, outs) =
                 Node::new(cfg, &rec, id == 1).map_err(|e| anyhow::anyhow!("node {id}: {e}"))?;
             c.members.insert(
@@ -228,7 +230,7 @@ impl Cluster {
                 }
                 // Failed proposals stay in flight and fail the run's accounting
                 // visibly (they are never counted as committed).
-                Output::Reply { result: Err(_), .. } | Output::Effect(_) => {}
+                Output::Reply { result: Err(_), .. } | Output::Effect(_) | Output::Track(_) => {}
             }
         }
     }

@@ -45,6 +45,7 @@ use crate::command::{
 use crate::guard;
 use crate::log_cache::{self, LogCache};
 use crate::state::{Change, ClusterState, NodeState, Signal};
+use crate::track;
 
 mod membership;
 mod peers;
@@ -100,6 +101,9 @@ pub struct NodeConfig {
     pub seed: u64,
     /// The join token this node presents when it asks to join.
     pub join_token: Option<String>,
+    /// Whether to emit [`Output::Track`] after each applied batch (a node with
+    /// a tracking store; the simulator's nodes keep none).
+    pub track: bool,
 }
 
 impl NodeConfig {
@@ -119,6 +123,7 @@ impl NodeConfig {
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_DEFAULT,
             seed: id,
             join_token: None,
+            track: true,
         }
     }
 }
@@ -247,6 +252,9 @@ pub enum Output {
     },
     /// Something this node must do.
     Effect(Effect),
+    /// Write this into the tracking store (in one transaction, with its applied
+    /// index) before carrying out any later output; see [`crate::track`].
+    Track(Box<track::TrackBatch>),
     /// The answer to a client proposal made on this node.
     Reply {
         /// The proposal.
@@ -338,6 +346,8 @@ struct Unacked {
 /// A Resolute node's logic.
 pub struct Node {
     cfg: NodeConfig,
+    /// What the entries applied so far in this batch mean to the tracking store.
+    track: track::TrackBatch,
     /// Peer messages dropped before raft-rs, by reason.
     guard: guard::Guard,
     raw: RawNode<LogCache>,
@@ -476,6 +486,7 @@ impl Node {
             proposed: BTreeSet::new(),
             tick_proposed: None,
             deadline_cache: None,
+            track: track::TrackBatch::default(),
             cfg,
         };
         node.watch_role();
@@ -802,11 +813,16 @@ impl Node {
                 let index = snap.get_metadata().index;
                 // A snapshot that does not decode came from a different version;
                 // keep the old state rather than crash.
+                self.flush_tracking(out);
                 if let Ok(state) = ClusterState::decode(&snap.data) {
                     self.state = state;
                 }
                 // The state now is the snapshot's: it counts as applied.
                 self.state.applied_index = self.state.applied_index.max(index);
+                if self.cfg.track {
+                    self.track.replaced = true;
+                    self.flush_tracking(out);
+                }
                 self.raw.advance_apply_to(index);
                 if self.replaying && index >= self.replay_until {
                     self.replaying = false;
@@ -853,6 +869,9 @@ impl Node {
                 self.reconcile(out);
             }
         }
+        // Before the snapshot that may follow: the store must not fall behind
+        // a log compaction.
+        self.flush_tracking(out);
         self.maybe_snapshot(out);
     }
 
@@ -866,7 +885,8 @@ impl Node {
             return;
         }
         let id = envelope.id;
-        let (reply, changes) = self.state.apply(index, envelope);
+        let (reply, mut changes) = self.state.apply(index, envelope);
+        self.note_tracking(index, &mut changes);
         if self.pending.remove(&id).is_some() {
             out.push(Output::Reply {
                 id,
@@ -915,6 +935,7 @@ impl Node {
             }
         }
         self.state.applied_index = self.state.applied_index.max(index);
+        self.note_tracking(index, &mut changes);
         self.effects(changes, out);
         // raft-rs refuses a snapshot whose membership lacks the receiver, so a new
         // member needs a snapshot taken at or after its own addition.
@@ -925,6 +946,80 @@ impl Node {
         if added {
             self.snapshot_now(out);
         }
+    }
+
+    /// Takes what entry `index` means to the tracking store out of its changes
+    /// (the reports it accepted move out; the rest stay for `effects`) and the
+    /// state's touched records.
+    fn note_tracking(&mut self, index: u64, changes: &mut Vec<Change>) {
+        let touched = self.state.take_touched();
+        if !self.cfg.track {
+            changes.retain(|c| !matches!(c, Change::Reported(_)));
+            return;
+        }
+        let at_ms = self.state.now_ms;
+        let batch = &mut self.track;
+        batch.trials.extend(touched.trials);
+        batch.experiments.extend(touched.experiments);
+        changes.retain_mut(|change| match change {
+            Change::Reported(record) => {
+                let record = std::mem::replace(record, empty_record());
+                batch.trials.insert(record.trial);
+                batch.reports.push(track::Report { index, record });
+                false
+            }
+            Change::Assigned {
+                trial,
+                node,
+                incarnation,
+            } => {
+                batch.runs.push(track::RunEvent::Started {
+                    index,
+                    trial: *trial,
+                    incarnation: *incarnation,
+                    node: *node,
+                    at_ms,
+                });
+                true
+            }
+            Change::RunEnded {
+                trial,
+                incarnation,
+                why,
+            } => {
+                batch.runs.push(track::RunEvent::Ended {
+                    index,
+                    trial: *trial,
+                    incarnation: *incarnation,
+                    why: std::mem::take(why),
+                    at_ms,
+                });
+                false
+            }
+            Change::Checkpoint { uuid } => {
+                batch.checkpoints.insert(std::mem::take(uuid));
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Hands the batch gathered so far to the shell (`Output::Track`), when the
+    /// applied index moved past what it last handed out or there is anything
+    /// to write.
+    fn flush_tracking(&mut self, out: &mut Vec<Output>) {
+        if !self.cfg.track {
+            return;
+        }
+        let applied = self.state.applied_index;
+        if self.track.is_empty() && applied <= self.track.applied_index {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.track);
+        batch.applied_index = applied;
+        batch.reports_applied = self.state.reports_applied;
+        self.track.applied_index = applied;
+        out.push(Output::Track(Box::new(batch)));
     }
 
     /// Turns changes addressed to this node into effects (not while replaying the
@@ -1036,6 +1131,17 @@ impl Node {
             entries: Vec::new(),
             hard_state: Some(hs),
         });
+    }
+}
+
+/// A placeholder left where a report moved out of a change.
+fn empty_record() -> crate::command::MetricRecord {
+    crate::command::MetricRecord {
+        trial: 0,
+        incarnation: 0,
+        kind: crate::command::MetricKind::Training,
+        steps_completed: 0,
+        metrics: BTreeMap::new(),
     }
 }
 

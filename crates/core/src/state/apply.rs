@@ -136,6 +136,7 @@ impl ClusterState {
                 Ok(t) => {
                     t.latest_checkpoint = Some(uuid.clone());
                     let holders = BTreeSet::from([holder]);
+                    changes.push(Change::Checkpoint { uuid: uuid.clone() });
                     self.checkpoints.insert(
                         uuid,
                         Checkpoint {
@@ -154,7 +155,9 @@ impl ClusterState {
             Command::CheckpointReplicated { uuid, holder } => match self.checkpoints.get_mut(&uuid)
             {
                 Some(c) => {
-                    c.holders.insert(holder);
+                    if c.holders.insert(holder) {
+                        changes.push(Change::Checkpoint { uuid: uuid.clone() });
+                    }
                     let trial = c.trial;
                     self.refresh_replication(trial);
                     Reply::Ok
@@ -229,7 +232,7 @@ impl ClusterState {
                 break;
             }
             used -= here;
-            let Some(t) = self.trials.get_mut(&id) else {
+            let Some(t) = trial_mut(&mut self.trials, &mut self.touched, id) else {
                 continue;
             };
             if !t.preempting {
@@ -250,6 +253,7 @@ impl ClusterState {
             if !t.is_placed_on(node) {
                 continue;
             }
+            self.touched.trials.insert(*id);
             for (other, _) in &t.layout {
                 if *other != node {
                     changes.push(Change::Signal {
@@ -260,6 +264,11 @@ impl ClusterState {
                     });
                 }
             }
+            changes.push(Change::RunEnded {
+                trial: *id,
+                incarnation: t.incarnation,
+                why: format!("node {node:016x} was lost or removed"),
+            });
             t.state = TrialState::Queued;
             t.queued_ms = Some(now);
             t.stop_deadline_ms = None;
@@ -270,6 +279,7 @@ impl ClusterState {
         let now = self.now_ms;
         for (id, t) in self.trials.iter_mut() {
             if t.is_placed_on(node) {
+                self.touched.trials.insert(*id);
                 signal_trial(*id, t, signal, now, changes);
             }
         }
@@ -280,7 +290,7 @@ impl ClusterState {
     pub(super) fn enforce_stop_deadlines(&mut self, changes: &mut Vec<Change>) {
         let now = self.now_ms;
         for id in &self.live {
-            let Some(t) = self.trials.get_mut(id) else {
+            let Some(t) = trial_mut(&mut self.trials, &mut self.touched, *id) else {
                 continue;
             };
             if t.is_placed() && t.stop_deadline_ms.is_some_and(|d| d <= now) {
@@ -295,7 +305,7 @@ impl ClusterState {
         trial: TrialId,
         incarnation: u64,
     ) -> Result<&mut Trial, Reply> {
-        let Some(t) = self.trials.get_mut(&trial) else {
+        let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) else {
             return Err(rejected(format!("unknown trial {trial}")));
         };
         let live = matches!(
@@ -318,7 +328,7 @@ impl ClusterState {
         action: Control,
         changes: &mut Vec<Change>,
     ) -> Reply {
-        let Some(e) = self.experiments.get_mut(&experiment) else {
+        let Some(e) = experiment_mut(&mut self.experiments, &mut self.touched, experiment) else {
             return rejected(format!("unknown experiment {experiment}"));
         };
         if matches!(
@@ -330,7 +340,10 @@ impl ClusterState {
         match action {
             Control::Pause => e.state = ExperimentState::Paused,
             Control::Activate => e.state = ExperimentState::Active,
-            Control::Cancel | Control::Kill => e.state = ExperimentState::Canceled,
+            Control::Cancel | Control::Kill => {
+                e.state = ExperimentState::Canceled;
+                e.ended_ms = Some(self.now_ms);
+            }
         }
         let ids: Vec<TrialId> = self
             .trials
@@ -339,7 +352,7 @@ impl ClusterState {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let Some(t) = self.trials.get_mut(&id) else {
+            let Some(t) = trial_mut(&mut self.trials, &mut self.touched, id) else {
                 continue;
             };
             let placed = t.is_placed();
@@ -391,7 +404,7 @@ impl ClusterState {
             }
             self.settle(id);
         }
-        if let Some(e) = self.experiments.get_mut(&experiment) {
+        if let Some(e) = experiment_mut(&mut self.experiments, &mut self.touched, experiment) {
             if matches!(action, Control::Cancel | Control::Kill) {
                 e.state = ExperimentState::Canceled;
             }

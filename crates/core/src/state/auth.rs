@@ -203,6 +203,27 @@ impl ClusterState {
             .map_or(DEFAULT_WORKSPACE, |c| workspace_or_default(&c.workspace))
     }
 
+    /// The workspaces whose experiments `user` may read; None for all of them
+    /// (a cluster admin, or a cluster without users).
+    pub fn readable_workspaces(&self, user: Option<&str>) -> Option<BTreeSet<String>> {
+        if !self.secured() {
+            return None;
+        }
+        let Some(u) = user.and_then(|u| self.active_user(u)) else {
+            return Some(BTreeSet::new());
+        };
+        if u.cluster_admin {
+            return None;
+        }
+        Some(
+            u.roles
+                .iter()
+                .filter(|(_, r)| **r >= Role::Viewer)
+                .map(|(w, _)| w.clone())
+                .collect(),
+        )
+    }
+
     /// Whether `user` may read `experiment` (a viewer of its workspace).
     pub fn may_read(&self, user: Option<&str>, experiment: ExperimentId) -> bool {
         self.may(user, self.workspace_of(experiment), Role::Viewer)

@@ -42,8 +42,6 @@ use crate::pool;
 
 /// Proposal ids remembered for deduplication; the oldest are forgotten first.
 pub const SEEN_PROPOSALS_MAX: usize = 100_000;
-/// Metric points kept per trial; older training points are dropped first.
-pub const METRIC_POINTS_PER_TRIAL_MAX: usize = 100_000;
 
 /// A node's standing in the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +107,10 @@ pub struct Experiment {
     pub last_error: Option<String>,
     /// Searcher request id to trial id.
     pub trials: BTreeMap<RequestId, TrialId>,
+    /// When (state clock) it was created.
+    pub created_ms: u64,
+    /// When (state clock) it ended, once it has.
+    pub ended_ms: Option<u64>,
     #[serde(skip)]
     config: Option<ExperimentConfig>,
     #[serde(skip)]
@@ -202,6 +204,11 @@ pub struct Trial {
     /// Seconds it has to checkpoint and exit after a stop or pause signal (its
     /// experiment's `preemption_timeout`).
     pub preemption_timeout_s: u64,
+    /// Its latest validation value of the searcher metric (the series itself is
+    /// in the tracking store, not in the state).
+    pub latest_validation: Option<f64>,
+    /// Its best validation value of the searcher metric.
+    pub best_validation: Option<f64>,
     /// After a stop or pause signal: when it is killed if it has not exited
     /// (`preemption_timeout` after the signal).
     pub stop_deadline_ms: Option<u64>,
@@ -242,17 +249,6 @@ pub struct Checkpoint {
     pub holders: BTreeSet<NodeId>,
 }
 
-/// One stored metrics report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricPoint {
-    /// Training or validation.
-    pub kind: MetricKind,
-    /// Progress.
-    pub steps_completed: u64,
-    /// Values.
-    pub metrics: BTreeMap<String, Value>,
-}
-
 /// Something that happened while applying, for the node to act on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -281,6 +277,24 @@ pub enum Change {
         /// The node.
         node: NodeId,
     },
+    /// A metrics report was accepted: for the tracking store, which keeps the
+    /// series (the state keeps only the trial's latest and best validation).
+    Reported(MetricRecord),
+    /// A placed incarnation ended: it exited, or its node left the cluster (for
+    /// the tracking store's run history).
+    RunEnded {
+        /// The trial.
+        trial: TrialId,
+        /// The incarnation that ended.
+        incarnation: u64,
+        /// Why, in words (`completed`, `preempted by the scheduler`, ...).
+        why: String,
+    },
+    /// A checkpoint was recorded or gained a holder (for the tracking store).
+    Checkpoint {
+        /// Its uuid.
+        uuid: String,
+    },
 }
 
 /// A signal to a running trial.
@@ -307,11 +321,12 @@ pub struct ClusterState {
     pub trials: BTreeMap<TrialId, Trial>,
     /// Checkpoints by uuid.
     pub checkpoints: BTreeMap<String, Checkpoint>,
-    /// Metric series by trial.
-    pub metrics: BTreeMap<TrialId, VecDeque<MetricPoint>>,
     /// Replies of applied proposals, for exactly-once submission.
     seen: BTreeMap<ProposalId, Reply>,
     seen_order: VecDeque<ProposalId>,
+    /// Metric reports accepted, ever: the tracking store holds this many rows
+    /// unless it caught up from a snapshot (then it knows how many it lacks).
+    pub reports_applied: u64,
     /// Reports refused because they came from a stale incarnation.
     pub stale_reports: u64,
     /// Entries (or metric records) refused because their proposer or user may
@@ -363,6 +378,41 @@ pub struct ClusterState {
     /// node changes (derived).
     #[serde(skip)]
     pool_nodes: Option<scheduling::PoolNodes>,
+    /// Trials and experiments changed since the node last took them
+    /// ([`ClusterState::take_touched`]): whose tracking rows to rewrite. Not stored.
+    #[serde(skip)]
+    touched: Touched,
+}
+
+/// Records changed while applying (see [`ClusterState::take_touched`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Trials.
+    pub trials: BTreeSet<TrialId>,
+    /// Experiments.
+    pub experiments: BTreeSet<ExperimentId>,
+}
+
+/// A trial to change, noted as touched. Every change of a trial record goes
+/// through here (or marks `touched` itself where it walks all trials), so the
+/// tracking store learns of it.
+fn trial_mut<'a>(
+    trials: &'a mut BTreeMap<TrialId, Trial>,
+    touched: &mut Touched,
+    id: TrialId,
+) -> Option<&'a mut Trial> {
+    touched.trials.insert(id);
+    trials.get_mut(&id)
+}
+
+/// An experiment to change, noted as touched (as [`trial_mut`]).
+fn experiment_mut<'a>(
+    experiments: &'a mut BTreeMap<ExperimentId, Experiment>,
+    touched: &mut Touched,
+    id: ExperimentId,
+) -> Option<&'a mut Experiment> {
+    touched.experiments.insert(id);
+    experiments.get_mut(&id)
 }
 
 /// How many trial ids per live trial a walk over the live id range may pass
@@ -431,6 +481,12 @@ impl ClusterState {
     /// (it looks at every unfinished trial; the leader caches it per applied index).
     pub fn next_deadline_ms(&self) -> Option<u64> {
         scheduling::next_deadline_ms(self)
+    }
+
+    /// The trials and experiments changed since the last call (the node takes
+    /// them after each entry, for the tracking store).
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
     }
 
     /// The reply of an already-applied proposal.

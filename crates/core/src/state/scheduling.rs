@@ -8,6 +8,7 @@
 //! a trial waits for owned capacity before it may burst onto preemptible or paid
 //! nodes, and how long a started trial is safe from preemption.
 
+use super::trial_mut;
 use std::collections::{BTreeMap, BTreeSet};
 
 use resolute_sched::{fair_share, priority, Decision, Group, Node, Task};
@@ -261,7 +262,7 @@ impl ClusterState {
         let decision = place(self);
         for (trial, layout) in decision.assign {
             self.fall_back_to_a_reachable_checkpoint(trial);
-            let Some(t) = self.trials.get_mut(&trial) else {
+            let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) else {
                 continue;
             };
             let Some(&(node, _)) = layout.first() else {
@@ -285,7 +286,7 @@ impl ClusterState {
             t.layout = layout;
         }
         for trial in decision.release {
-            if let Some(t) = self.trials.get_mut(&trial) {
+            if let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) {
                 if t.is_placed() {
                     t.preempting = true;
                     signal_trial(trial, t, Signal::Stop, now, changes);
@@ -322,7 +323,7 @@ impl ClusterState {
             .filter(|(_, c)| c.trial == trial && reachable(c))
             .max_by_key(|(uuid, c)| (c.steps_completed, (*uuid).clone()))
             .map(|(uuid, _)| uuid.clone());
-        if let Some(t) = self.trials.get_mut(&trial) {
+        if let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) {
             t.latest_checkpoint = best;
         }
         self.refresh_replication(trial);

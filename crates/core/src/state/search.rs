@@ -33,6 +33,7 @@ impl ClusterState {
         let mut searcher =
             Searcher::new(&config.searcher, &config.hyperparameters, u64::from(seed));
         let ops = searcher.initial_operations();
+        self.touched.experiments.insert(id);
         self.experiments.insert(
             id,
             Experiment {
@@ -44,6 +45,8 @@ impl ClusterState {
                 state: ExperimentState::Active,
                 last_error: None,
                 trials: BTreeMap::new(),
+                created_ms: self.now_ms,
+                ended_ms: None,
                 config: Some(config),
                 searcher: Some(searcher),
             },
@@ -59,7 +62,7 @@ impl ClusterState {
         event: SearchEvent,
         changes: &mut Vec<Change>,
     ) {
-        let Some(exp) = self.experiments.get_mut(&experiment) else {
+        let Some(exp) = experiment_mut(&mut self.experiments, &mut self.touched, experiment) else {
             return;
         };
         let Some(searcher) = exp.searcher.as_mut() else {
@@ -123,6 +126,7 @@ impl ClusterState {
                 let latest_checkpoint = warm
                     .and_then(|w| self.trials.get(&w))
                     .and_then(|t| t.latest_checkpoint.clone());
+                self.touched.trials.insert(id);
                 self.trials.insert(
                     id,
                     Trial {
@@ -146,11 +150,15 @@ impl ClusterState {
                         started_ms: 0,
                         preemption_timeout_s,
                         stop_deadline_ms: None,
+                        latest_validation: None,
+                        best_validation: None,
                     },
                 );
                 self.live.insert(id);
                 self.refresh_replication(id);
-                if let Some(e) = self.experiments.get_mut(&experiment) {
+                if let Some(e) =
+                    experiment_mut(&mut self.experiments, &mut self.touched, experiment)
+                {
                     e.trials.insert(request_id, id);
                     if let Some(s) = e.searcher.as_mut() {
                         match s.handle(&SearchEvent::TrialCreated { request_id }) {
@@ -163,10 +171,9 @@ impl ClusterState {
             Operation::RunUntil { request_id, length }
             | Operation::Resume { request_id, length } => {
                 let now = self.now_ms;
-                if let Some(t) = self
-                    .trial_of(experiment, request_id)
-                    .and_then(|id| self.trials.get_mut(&id).map(|t| (id, t)))
-                {
+                if let Some(t) = self.trial_of(experiment, request_id).and_then(|id| {
+                    trial_mut(&mut self.trials, &mut self.touched, id).map(|t| (id, t))
+                }) {
                     let (id, t) = t;
                     t.target = Some(length);
                     t.pending = Pending::None;
@@ -197,7 +204,9 @@ impl ClusterState {
                 &mut follow_up,
             ),
             Operation::Shutdown { failure, .. } => {
-                if let Some(e) = self.experiments.get_mut(&experiment) {
+                if let Some(e) =
+                    experiment_mut(&mut self.experiments, &mut self.touched, experiment)
+                {
                     if e.state != ExperimentState::Canceled {
                         e.state = if failure {
                             ExperimentState::Errored
@@ -205,6 +214,7 @@ impl ClusterState {
                             ExperimentState::Completed
                         };
                     }
+                    e.ended_ms.get_or_insert(self.now_ms);
                 }
             }
         }
@@ -224,7 +234,7 @@ impl ClusterState {
         let Some(id) = self.trial_of(experiment, request_id) else {
             return;
         };
-        let Some(t) = self.trials.get_mut(&id) else {
+        let Some(t) = trial_mut(&mut self.trials, &mut self.touched, id) else {
             return;
         };
         let now = self.now_ms;
@@ -259,7 +269,7 @@ impl ClusterState {
         experiment: ExperimentId,
         request_id: RequestId,
     ) -> Vec<Operation> {
-        let Some(e) = self.experiments.get_mut(&experiment) else {
+        let Some(e) = experiment_mut(&mut self.experiments, &mut self.touched, experiment) else {
             return Vec::new();
         };
         let Some(s) = e.searcher.as_mut() else {
@@ -288,9 +298,18 @@ impl ClusterState {
                 oversized += 1;
                 continue;
             }
+            let searcher_metric = self
+                .trials
+                .get(&record.trial)
+                .and_then(|t| self.experiments.get(&t.experiment))
+                .and_then(Experiment::config)
+                .map(|c| (c.searcher.metric.clone(), c.searcher.smaller_is_better));
             let (experiment, request_id) = match self.current(record.trial, record.incarnation) {
                 Ok(t) => {
                     t.steps_completed = t.steps_completed.max(record.steps_completed);
+                    if record.kind == MetricKind::Validation {
+                        note_validation(t, &record.metrics, searcher_metric.as_ref());
+                    }
                     (t.experiment, t.request_id)
                 }
                 Err(_) => {
@@ -298,29 +317,18 @@ impl ClusterState {
                     continue;
                 }
             };
-            let series = self.metrics.entry(record.trial).or_default();
-            series.push_back(MetricPoint {
-                kind: record.kind,
-                steps_completed: record.steps_completed,
-                metrics: record.metrics.clone(),
-            });
-            if series.len() > METRIC_POINTS_PER_TRIAL_MAX {
-                let drop = series
-                    .iter()
-                    .position(|p| p.kind == MetricKind::Training)
-                    .unwrap_or(0);
-                series.remove(drop);
-            }
             if record.kind == MetricKind::Validation {
                 self.search_event(
                     experiment,
                     SearchEvent::ValidationCompleted {
                         request_id,
-                        metrics: record.metrics,
+                        metrics: record.metrics.clone(),
                     },
                     changes,
                 );
             }
+            self.reports_applied += 1;
+            changes.push(Change::Reported(record));
         }
         if oversized > 0 {
             rejected(format!("{oversized} records past the metric limits"))
@@ -356,10 +364,15 @@ impl ClusterState {
             ),
             Err(reply) => return reply,
         };
-        let Some(t) = self.trials.get_mut(&trial) else {
+        let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) else {
             return Reply::Ok;
         };
         let preempting = std::mem::take(&mut t.preempting);
+        changes.push(Change::RunEnded {
+            trial,
+            incarnation,
+            why: run_end(&outcome, preempting, pending),
+        });
         let mut events = Vec::new();
         match outcome {
             TrialOutcome::Completed | TrialOutcome::Stopped => {
@@ -420,7 +433,7 @@ impl ClusterState {
     /// trial's queue clock starts (once), a finished one leaves the live set.
     pub(super) fn settle(&mut self, id: TrialId) {
         let now = self.now_ms;
-        if let Some(t) = self.trials.get_mut(&id) {
+        if let Some(t) = trial_mut(&mut self.trials, &mut self.touched, id) {
             match t.state {
                 TrialState::Queued => {
                     t.queued_ms.get_or_insert(now);
@@ -433,5 +446,50 @@ impl ClusterState {
                 _ => t.queued_ms = None,
             }
         }
+    }
+}
+
+/// Keeps a trial's latest and best value of its experiment's searcher metric
+/// (`metric`: its name and whether smaller is better). A report without it, or
+/// with a value that is not a finite number, changes neither.
+fn note_validation(
+    t: &mut Trial,
+    metrics: &BTreeMap<String, Value>,
+    metric: Option<&(String, bool)>,
+) {
+    let Some((name, smaller_is_better)) = metric else {
+        return;
+    };
+    let Some(value) = metrics
+        .get(name)
+        .and_then(Value::as_f64)
+        .filter(|v| v.is_finite())
+    else {
+        return;
+    };
+    t.latest_validation = Some(value);
+    let better = match t.best_validation {
+        None => true,
+        Some(best) if *smaller_is_better => value < best,
+        Some(best) => value > best,
+    };
+    if better {
+        t.best_validation = Some(value);
+    }
+}
+
+/// Why an incarnation ended, in the words the run history shows.
+fn run_end(outcome: &TrialOutcome, preempting: bool, pending: Pending) -> String {
+    match outcome {
+        TrialOutcome::Completed => "completed".into(),
+        TrialOutcome::Stopped if preempting => "preempted by the scheduler".into(),
+        TrialOutcome::Stopped if pending == Pending::Pause => "paused by the searcher".into(),
+        TrialOutcome::Stopped => "stopped".into(),
+        TrialOutcome::Errored { exit_code, .. } => match exit_code {
+            Some(code) => format!("errored (exit code {code})"),
+            None => "errored".into(),
+        },
+        TrialOutcome::Preempted => "preempted (node draining or preemptible)".into(),
+        TrialOutcome::InvalidHyperparameters => "invalid hyperparameters".into(),
     }
 }

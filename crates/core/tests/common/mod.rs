@@ -47,6 +47,8 @@ pub struct Cluster {
     pub drop_per_mille: u64,
     pub replies: BTreeMap<ProposalId, Result<Reply, NodeError>>,
     pub effects: Vec<(NodeId, Effect)>,
+    /// What each node handed its tracking store, in order.
+    pub tracks: Vec<(NodeId, resolute_core::track::TrackBatch)>,
     pub durable_root: Option<PathBuf>,
     /// When set, every message sent is also recorded here (up to
     /// `TAP_MESSAGES_MAX`), for tests that replay and mutate real traffic.
@@ -82,6 +84,7 @@ impl Cluster {
             drop_per_mille: 0,
             replies: BTreeMap::new(),
             effects: Vec::new(),
+            tracks: Vec::new(),
             durable_root: None,
             tap: None,
             next_proposal: 1,
@@ -186,6 +189,7 @@ impl Cluster {
                     }
                 }
                 Output::Effect(e) => self.effects.push((id, e)),
+                Output::Track(batch) => self.tracks.push((id, *batch)),
                 Output::Reply { id: pid, result } => {
                     self.replies.insert(pid, result);
                 }

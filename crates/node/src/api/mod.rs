@@ -8,6 +8,7 @@
 //! carries the caller, which every replica checks again on apply.
 
 mod access;
+mod tracking;
 
 use actix::Addr;
 use axum::body::{Body, Bytes};
@@ -55,6 +56,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Res {
 struct ApiState {
     node: Addr<NodeActor>,
     blobs: BlobStore,
+    tracking: tracking::Store,
 }
 
 impl FromRef<ApiState> for Addr<NodeActor> {
@@ -80,7 +82,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             "/api/v1/experiments",
             post(create).layer(json()),
         ),
-        (Method::GET, "/api/v1/experiments", get(list)),
+        (Method::GET, "/api/v1/experiments", get(tracking::list)),
         (Method::GET, "/api/v1/experiments/{id}", get(describe)),
         (
             Method::POST,
@@ -89,7 +91,13 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
         ),
         (Method::GET, "/api/v1/experiments/{id}/trials", get(trials)),
         (Method::GET, "/api/v1/trials/{id}", get(trial)),
-        (Method::GET, "/api/v1/trials/{id}/metrics", get(metrics)),
+        (
+            Method::GET,
+            "/api/v1/trials/{id}/metrics",
+            get(tracking::metrics),
+        ),
+        (Method::GET, "/api/v1/trials/{id}/runs", get(tracking::runs)),
+        (Method::GET, "/api/v1/tracking", get(tracking::summary)),
         (Method::GET, "/api/v1/trials/{id}/logs", get(logs)),
         (Method::GET, "/api/v1/checkpoints/{uuid}", get(checkpoint)),
         (
@@ -144,13 +152,22 @@ pub fn route_list() -> Vec<(Method, &'static str)> {
 }
 
 /// The router, talking to the node actor, every route behind `gate`.
-pub fn router(node: Addr<NodeActor>, blobs: BlobStore, gate: Gate) -> Router {
+pub fn router(
+    node: Addr<NodeActor>,
+    blobs: BlobStore,
+    tracking: std::path::PathBuf,
+    gate: Gate,
+) -> Router {
     let mut r = Router::new();
     for (_, path, route) in table() {
         r = r.route(path, route);
     }
-    r.with_state(ApiState { node, blobs })
-        .layer(axum::middleware::from_fn_with_state(gate, auth::gate))
+    r.with_state(ApiState {
+        node,
+        blobs,
+        tracking: tracking::Store(tracking),
+    })
+    .layer(axum::middleware::from_fn_with_state(gate, auth::gate))
 }
 
 /// Whether `caller` may do `access`: nothing, or the 404 or 403 to answer.
@@ -279,13 +296,6 @@ async fn create(
     }
 }
 
-async fn list(State(node): State<Addr<NodeActor>>, Extension(caller): Extension<Caller>) -> Res {
-    match node.send(node_actor::ExperimentList(caller.user)).await {
-        Ok(v) => (StatusCode::OK, Json(v)),
-        Err(_) => stopping(),
-    }
-}
-
 async fn describe(
     State(node): State<Addr<NodeActor>>,
     Extension(caller): Extension<Caller>,
@@ -337,11 +347,22 @@ async fn control(
     }
 }
 
+/// An experiment's trials: as the node sees them now (with where they
+/// launched on this node), or, with `sort`, `order`, `limit` or `offset`,
+/// sorted and paged from the tracking store.
 async fn trials(
     State(node): State<Addr<NodeActor>>,
+    State(store): State<tracking::Store>,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<u64>,
-) -> Res {
+    Query(q): Query<tracking::TrialsParams>,
+) -> Response {
+    if q.any() {
+        if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
+            return e.into_response();
+        }
+        return tracking::sorted_trials(store, id, q).await;
+    }
     query(
         &node,
         &caller,
@@ -350,6 +371,7 @@ async fn trials(
         || format!("no experiment {id}"),
     )
     .await
+    .into_response()
 }
 
 async fn trial(
@@ -362,21 +384,6 @@ async fn trial(
         &caller,
         Access::ReadTrial(id),
         node_actor::TrialView(id),
-        || format!("no trial {id}"),
-    )
-    .await
-}
-
-async fn metrics(
-    State(node): State<Addr<NodeActor>>,
-    Extension(caller): Extension<Caller>,
-    UrlPath(id): UrlPath<u64>,
-) -> Res {
-    query(
-        &node,
-        &caller,
-        Access::ReadTrial(id),
-        node_actor::TrialMetrics(id),
         || format!("no trial {id}"),
     )
     .await

@@ -69,8 +69,9 @@ macro_rules! query {
 }
 
 query!(
-    /// Every experiment the user may read.
-    ExperimentList(String), Value, |act, user| views::experiments(act.driver.node(), &user)
+    /// The workspaces whose experiments a user may read (None: all).
+    ReadableWorkspaces(String), Option<std::collections::BTreeSet<String>>,
+    |act, user| act.driver.node().state().readable_workspaces(Some(&user))
 );
 query!(
     /// Whose a live token is (`None`: unknown, revoked, expired, or its user
@@ -120,10 +121,6 @@ query!(
     /// One trial.
     TrialView(u64), Option<Value>,
     |act, id| views::trial(act.driver.node(), act.driver.agent(), id)
-);
-query!(
-    /// A trial's metrics.
-    TrialMetrics(u64), Option<Value>, |act, id| views::trial_metrics(act.driver.node(), id)
 );
 query!(
     /// The cluster as this node sees it.

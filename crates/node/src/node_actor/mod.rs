@@ -23,10 +23,12 @@ use tokio::sync::oneshot;
 
 use resolute_agent::{Action, Driver, Event};
 use resolute_core::command::{ProposalId, Reply};
+use resolute_core::track::TrackBatch;
 use resolute_core::{NodeError, NodeId};
 use resolute_net::{Announcement, NetEvent};
 use resolute_storage::blob::BlobStore;
 use resolute_storage::{DurableStore, LogStore};
+use resolute_tracking::Tracker;
 use resolute_trial::{Control, KillAll, Launch, Report, Signal, TrialSupervisor};
 
 use crate::gpu_monitor::{CheckGpus, GpuMonitor};
@@ -35,8 +37,8 @@ use crate::setup::{host_of, write_atomically, PEERS_FILE};
 
 pub use messages::{
     local_log_lines, Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied,
-    ExperimentList, ExperimentTrials, ExperimentView, Leave, LogSources, Propose, TokenOwner,
-    TokenOwnerInfo, TrialLogSources, TrialMetrics, TrialView, UsersView,
+    ExperimentTrials, ExperimentView, Leave, LogSources, Propose, ReadableWorkspaces, TokenOwner,
+    TokenOwnerInfo, TrialLogSources, TrialView, UsersView,
 };
 
 /// Mailbox of the node: swarm events, trial reports, API calls.
@@ -47,6 +49,9 @@ pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
 pub const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
 /// How often a node waiting to be admitted says what admits it.
 pub const JOIN_WAIT_LOG_EVERY_MS: u64 = 30_000;
+/// Applied batches kept for a tracking store that fails to write; past it they
+/// are given up (the store catches up from the state and records the gap).
+pub const TRACK_PENDING_BATCHES_MAX: usize = 10_000;
 /// `MASTER_ADDR` when rank 0's address is unknown.
 pub const LOOPBACK_HOST: &str = "127.0.0.1";
 
@@ -116,6 +121,8 @@ pub struct Parts {
     pub data_dir: PathBuf,
     /// The swarm's events.
     pub events: tokio::sync::mpsc::Receiver<NetEvent>,
+    /// The experiment-tracking store (its writer).
+    pub tracker: Tracker,
 }
 
 /// The node.
@@ -150,6 +157,11 @@ pub struct NodeActor {
     left: bool,
     /// The swarm's events, until the node starts reading them.
     events: Option<tokio::sync::mpsc::Receiver<NetEvent>>,
+    tracker: Tracker,
+    /// Applied batches not yet in the tracking store.
+    tracks: Vec<TrackBatch>,
+    /// The tracking store failed to write: the error last logged.
+    tracking_failed: Option<String>,
 }
 
 impl NodeActor {
@@ -180,6 +192,9 @@ impl NodeActor {
             leaving: Vec::new(),
             left: false,
             events: Some(p.events),
+            tracker: p.tracker,
+            tracks: Vec::new(),
+            tracking_failed: None,
         }
     }
 
@@ -209,12 +224,18 @@ impl NodeActor {
                     // A full channel drops it: Raft and the proposers retransmit.
                     self.peers.outbox.send(to, msg);
                 }
+                Action::Track(batch) => self.tracks.push(*batch),
                 Action::Persist {
                     seq,
                     snapshot,
                     entries,
                     hard_state,
                 } => {
+                    if snapshot.is_some() {
+                        // The snapshot compacts the log: the store must hold
+                        // everything before it, durably.
+                        self.write_tracking(true);
+                    }
                     let result = (|| {
                         if let Some(s) = &snapshot {
                             self.store
@@ -233,6 +254,9 @@ impl NodeActor {
                     }
                 }
                 Action::Reply { id, result } => {
+                    // A client that was told its proposal applied may query
+                    // the store next.
+                    self.write_tracking(false);
                     if let Some(w) = self.waiting.remove(&id) {
                         let _ = w.send(result);
                     }
@@ -269,6 +293,43 @@ impl NodeActor {
                 Action::Settled { .. } => {}
                 Action::Note(text) => eprintln!("node {:016x}: {text}", self.id()),
                 Action::Left => self.finish_leaving(ctx),
+            }
+        }
+        self.write_tracking(false);
+    }
+
+    /// Writes the applied batches gathered so far into the tracking store (one
+    /// transaction). A store that fails (a full disk) does not stop the node:
+    /// the batches wait for the next try, and past `TRACK_PENDING_BATCHES_MAX`
+    /// they are given up and the store catches up from the state later,
+    /// recording the gap.
+    fn write_tracking(&mut self, durable: bool) {
+        if self.tracks.is_empty() && !durable {
+            return;
+        }
+        let state = self.driver.node().state();
+        match self.tracker.write(&self.tracks, state, durable) {
+            Ok(()) => {
+                self.tracks.clear();
+                if self.tracking_failed.take().is_some() {
+                    eprintln!("node {:016x}: the tracking store writes again", self.id());
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.tracking_failed.as_deref() != Some(text.as_str()) {
+                    eprintln!("node {:016x}: {text} (kept for the next try)", self.id());
+                }
+                self.tracking_failed = Some(text);
+                if self.tracks.len() > TRACK_PENDING_BATCHES_MAX {
+                    let applied_index = state.applied_index;
+                    self.tracks = vec![TrackBatch {
+                        applied_index,
+                        reports_applied: state.reports_applied,
+                        replaced: true,
+                        ..TrackBatch::default()
+                    }];
+                }
             }
         }
     }

@@ -72,6 +72,9 @@ impl World<'_> {
         };
         let mut cfg = NodeConfig::new(id, info);
         cfg.join_token = Some(super::clients::join_token());
+        // Simulated nodes keep no tracking store: the control state and its
+        // digest are the real ones, the SQL rows would only cost time.
+        cfg.track = false;
         let n = &self.sc.node;
         cfg.tick_ms = n.tick_ms;
         cfg.voters = n.voters.clamp(1, 7);
@@ -209,6 +212,8 @@ impl World<'_> {
             match action {
                 Action::Send { to, msg } => self.send(node, to, msg),
                 p @ Action::Persist { .. } => self.persist(node, p),
+                // Not emitted: `cfg.track` is off.
+                Action::Track(_) => {}
                 Action::Reply { id, result } => self.reply(id, result),
                 Action::Launch(spec) => self.launch(node, *spec),
                 Action::Preempt { trial, incarnation } => self.preempt(node, trial, incarnation),

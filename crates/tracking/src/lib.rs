@@ -1,0 +1,375 @@
+//! The experiment-tracking store: an SQLite database in the node's data dir.
+//!
+//! The replicated log still carries every metrics report (so every node can
+//! answer every query), but applying them no longer grows the in-memory state:
+//! the node's core hands its shell a [`TrackBatch`] per applied batch
+//! (`resolute_core::track`), and [`Tracker::write`] turns it into rows in one
+//! transaction together with the batch's applied index. Queries for the CLI
+//! and REST are answered from the same file through read-only connections
+//! ([`Reader`]), on the API's threads, never the node's.
+//!
+//! Crash safety: the store records the index its rows cover and is never ahead
+//! of it. A restarted node replays its log from its last snapshot, and the
+//! store skips what it already holds (reports and runs by entry index). Before
+//! the node persists a snapshot, which compacts the log, the store's last
+//! transaction is fsynced (`durable`), so the log never loses an entry the
+//! store has not seen. A node that caught up from a leader's snapshot (or lost
+//! its store) rewrites every experiment, trial and checkpoint row from the
+//! state; the reports between its index and the snapshot's are recorded as a
+//! gap (`gaps`), which the queries report.
+//!
+//! Why SQLite (rusqlite, bundled): one file users open with any tool, WAL mode
+//! for readers beside the one writer, transactions, indexes, JSON functions,
+//! and no server to run; the bundled build needs no system library.
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use resolute_core::command::{ExperimentId, MetricKind, TrialId};
+use resolute_core::state::{ClusterState, TrialState};
+use resolute_core::track::{RunEvent, TrackBatch};
+
+mod query;
+pub mod schema;
+mod write;
+
+pub use query::{
+    ExperimentFilter, ExperimentSort, MetricsQuery, Page, Reader, SortOrder, TrialSort,
+    EXPERIMENTS_PAGE_MAX, METRIC_POINTS_PAGE_MAX,
+};
+
+/// The database's file name in the data dir.
+pub const FILE_NAME: &str = "tracking.sqlite";
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite refused (a full disk, a broken file, a bad query).
+    #[error("tracking store {path}: {source}")]
+    Sql {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The file's mode could not be set.
+    #[error("tracking store {path}: {source}")]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// The OS's error.
+        source: std::io::Error,
+    },
+    /// A query's parameter is not one the store knows.
+    #[error("{field}: {message}")]
+    Query {
+        /// The parameter.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// What a store holds: for comparing replicas and for operators.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// The applied index its rows cover.
+    pub applied_index: u64,
+    /// Rows per table, in the order of `schema::DIGESTED`.
+    pub rows: Vec<(String, u64)>,
+    /// A digest over every row of those tables in a canonical order: two
+    /// stores with the same digest hold the same history.
+    pub digest: String,
+    /// Reports that never reached this store (it caught up from a snapshot
+    /// instead of the entries that carried them).
+    pub gaps: Vec<Gap>,
+}
+
+/// Reports a store lacks: it caught up from a snapshot over entries that
+/// carried them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// The first entry the snapshot covered that the store had not seen.
+    pub from_index: u64,
+    /// The snapshot's index.
+    pub to_index: u64,
+    /// How many reports those entries carried.
+    pub reports: u64,
+}
+
+/// The writer: owned by the node actor, the one connection that writes.
+pub struct Tracker {
+    conn: Connection,
+    path: PathBuf,
+    applied_index: u64,
+}
+
+impl Tracker {
+    /// Opens (or creates) the store at `path`. A store of another schema
+    /// version is emptied: the node rebuilds it from its log and snapshot.
+    pub fn open(path: &Path) -> Result<Tracker, Error> {
+        let sql = |source| Error::Sql {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        // The node's alone (it holds every user's metrics); SQLite gives its
+        // WAL and shared-memory files the same mode.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| Error::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        let mut t = Tracker {
+            conn,
+            path: path.to_path_buf(),
+            applied_index: 0,
+        };
+        t.migrate()?;
+        t.applied_index = t.meta("applied_index")?.unwrap_or(0);
+        Ok(t)
+    }
+
+    /// The applied index the store's rows cover.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> Error {
+        Error::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), Error> {
+        let has_meta: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| self.sql(e))?
+            > 0;
+        if has_meta {
+            let version = self.meta("schema_version")?;
+            if version == Some(SCHEMA_VERSION_U64) {
+                return Ok(());
+            }
+            // Another version: start over (the log and the snapshot rebuild it).
+            let tables: Vec<String> = {
+                let mut stmt = self
+                    .conn
+                    .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    .map_err(|e| self.sql(e))?;
+                let rows = stmt.query_map([], |r| r.get(0)).map_err(|e| self.sql(e))?;
+                rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))?
+            };
+            for table in tables {
+                self.conn
+                    .execute_batch(&format!("DROP TABLE IF EXISTS \"{table}\""))
+                    .map_err(|e| self.sql(e))?;
+            }
+        }
+        self.conn
+            .execute_batch(schema::SCHEMA)
+            .map_err(|e| self.sql(e))?;
+        self.set_meta("schema_version", SCHEMA_VERSION_U64)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<u64>, Error> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(|e| self.sql(e))
+    }
+
+    fn set_meta(&self, key: &str, value: u64) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Writes `batches` (in log order) in one transaction; `state` is the
+    /// replicated state after the last of them. With `durable` the transaction
+    /// is fsynced before this returns (the node is about to compact its log).
+    /// Batches the store already covers are skipped: a restarted node replays
+    /// them.
+    pub fn write(
+        &mut self,
+        batches: &[TrackBatch],
+        state: &ClusterState,
+        durable: bool,
+    ) -> Result<(), Error> {
+        let stored = self.applied_index;
+        let last = batches.iter().map(|b| b.applied_index).max().unwrap_or(0);
+        let replaced = batches
+            .iter()
+            .any(|b| b.replaced && b.applied_index > stored);
+        if last <= stored && !durable {
+            return Ok(());
+        }
+        if durable {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.sql(e))?;
+        }
+        let result = self.write_batches(batches, state, stored, replaced);
+        if durable {
+            self.conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| self.sql(e))?;
+        }
+        result?;
+        self.applied_index = self.applied_index.max(last);
+        Ok(())
+    }
+
+    fn write_batches(
+        &mut self,
+        batches: &[TrackBatch],
+        state: &ClusterState,
+        stored: u64,
+        replaced: bool,
+    ) -> Result<(), Error> {
+        let path = self.path.clone();
+        let sql = |source| Error::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let mut w = write::Rows::new(&tx);
+        let mut touched = Touched::default();
+        for batch in batches.iter().filter(|b| b.applied_index > stored) {
+            w.reports(batch, stored).map_err(sql)?;
+            for run in &batch.runs {
+                w.run(run, stored).map_err(sql)?;
+            }
+            touched.trials.extend(batch.trials.iter().copied());
+            touched.trials.extend(batch.runs.iter().map(run_trial));
+            touched
+                .experiments
+                .extend(batch.experiments.iter().copied());
+            touched
+                .checkpoints
+                .extend(batch.checkpoints.iter().cloned());
+            if batch.replaced {
+                w.gap(batch, stored).map_err(sql)?;
+            }
+        }
+        if replaced {
+            w.resync(state).map_err(sql)?;
+        } else {
+            w.rows(state, &touched).map_err(sql)?;
+        }
+        let last = batches.iter().map(|b| b.applied_index).max().unwrap_or(0);
+        w.applied(stored.max(last)).map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Catches up with a state that is ahead of the store (a restart from a
+    /// snapshot newer than the store, or a store that was deleted): every row
+    /// is rewritten from it and the missing reports recorded as a gap.
+    pub fn catch_up(&mut self, state: &ClusterState) -> Result<(), Error> {
+        if state.applied_index <= self.applied_index {
+            return Ok(());
+        }
+        let batch = TrackBatch {
+            applied_index: state.applied_index,
+            reports_applied: state.reports_applied,
+            replaced: true,
+            ..TrackBatch::default()
+        };
+        self.write(&[batch], state, true)
+    }
+
+    /// Row counts, the digest and the gaps.
+    pub fn summary(&self) -> Result<Summary, Error> {
+        write::summary(&self.conn, self.applied_index).map_err(|e| self.sql(e))
+    }
+}
+
+const SCHEMA_VERSION_U64: u64 = schema::SCHEMA_VERSION as u64;
+
+/// Rows a batch may have changed.
+#[derive(Default)]
+struct Touched {
+    trials: BTreeSet<TrialId>,
+    experiments: BTreeSet<ExperimentId>,
+    checkpoints: BTreeSet<String>,
+}
+
+fn run_trial(run: &RunEvent) -> TrialId {
+    match run {
+        RunEvent::Started { trial, .. } | RunEvent::Ended { trial, .. } => *trial,
+    }
+}
+
+/// A metric group's name in the store (`grp`): Determined's names.
+pub fn group_name(kind: MetricKind) -> &'static str {
+    match kind {
+        MetricKind::Training => "training",
+        MetricKind::Validation => "validation",
+    }
+}
+
+/// A trial's state as the store writes it.
+fn trial_state(state: &TrialState) -> (String, Option<String>) {
+    match state {
+        TrialState::Queued => ("Queued".into(), None),
+        TrialState::Assigned { node } => ("Assigned".into(), Some(node_hex(*node))),
+        TrialState::Running { node } => ("Running".into(), Some(node_hex(*node))),
+        TrialState::Paused => ("Paused".into(), None),
+        TrialState::Done(outcome) => (format!("Done({})", outcome_name(outcome)), None),
+    }
+}
+
+fn outcome_name(outcome: &resolute_core::command::TrialOutcome) -> &'static str {
+    use resolute_core::command::TrialOutcome as O;
+    match outcome {
+        O::Completed => "Completed",
+        O::Stopped => "Stopped",
+        O::Errored { .. } => "Errored",
+        O::Preempted => "Preempted",
+        O::InvalidHyperparameters => "InvalidHyperparameters",
+    }
+}
+
+/// A node id as the CLI shows it.
+pub fn node_hex(node: u64) -> String {
+    format!("{node:016x}")
+}
+
+/// Opens a read-only connection (for [`Reader`]).
+fn open_read_only(path: &Path) -> Result<Connection, Error> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| Error::Sql {
+        path: path.to_path_buf(),
+        source,
+    })
+}

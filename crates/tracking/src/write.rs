@@ -1,0 +1,403 @@
+//! Rows from applied batches, and the digest over them.
+
+use std::collections::BTreeSet;
+
+use rusqlite::{params, Connection, Transaction};
+
+use resolute_core::state::{ClusterState, Experiment};
+use resolute_core::track::{RunEvent, TrackBatch};
+use resolute_types::Value;
+
+use crate::{group_name, node_hex, schema, trial_state, Gap, Summary, Touched};
+
+/// The writes of one transaction.
+pub(crate) struct Rows<'t> {
+    tx: &'t Transaction<'t>,
+}
+
+impl<'t> Rows<'t> {
+    pub(crate) fn new(tx: &'t Transaction<'t>) -> Self {
+        Rows { tx }
+    }
+
+    /// The batch's reports the store does not hold yet (entries past `stored`).
+    pub(crate) fn reports(&mut self, batch: &TrackBatch, stored: u64) -> rusqlite::Result<()> {
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO metrics (trial_id, grp, steps_completed, entry_index, seq, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut seq = 0u64;
+        let mut entry = 0u64;
+        for report in &batch.reports {
+            if report.index != entry {
+                entry = report.index;
+                seq = 0;
+            }
+            if report.index > stored {
+                let r = &report.record;
+                let body = serde_json::to_string(&r.metrics).unwrap_or_else(|_| "{}".into());
+                insert.execute(params![
+                    r.trial as i64,
+                    group_name(r.kind),
+                    r.steps_completed as i64,
+                    report.index as i64,
+                    seq as i64,
+                    body
+                ])?;
+            }
+            seq += 1;
+        }
+        Ok(())
+    }
+
+    /// One run-history event, unless the store holds it already.
+    pub(crate) fn run(&mut self, run: &RunEvent, stored: u64) -> rusqlite::Result<()> {
+        match run {
+            RunEvent::Started {
+                index,
+                trial,
+                incarnation,
+                node,
+                at_ms,
+            } if *index > stored => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO runs (trial_id, incarnation, node, started_index, started_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (trial_id, incarnation) DO UPDATE SET
+                           node = excluded.node, started_index = excluded.started_index,
+                           started_ms = excluded.started_ms",
+                    )?
+                    .execute(params![
+                        *trial as i64,
+                        *incarnation as i64,
+                        node_hex(*node),
+                        *index as i64,
+                        *at_ms as i64
+                    ])?;
+            }
+            RunEvent::Ended {
+                index,
+                trial,
+                incarnation,
+                why,
+                at_ms,
+            } if *index > stored => {
+                self.tx
+                    .prepare_cached(
+                        "UPDATE runs SET ended_index = ?3, ended_ms = ?4, why = ?5
+                         WHERE trial_id = ?1 AND incarnation = ?2 AND ended_index IS NULL",
+                    )?
+                    .execute(params![
+                        *trial as i64,
+                        *incarnation as i64,
+                        *index as i64,
+                        *at_ms as i64,
+                        why
+                    ])?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// After a snapshot replaced the state at index `to`: records that the
+    /// reports of entries `stored + 1 ..= to` never came, if any did (the
+    /// state counts the reports ever accepted; the store, those it holds).
+    pub(crate) fn gap(&mut self, batch: &TrackBatch, stored: u64) -> rusqlite::Result<()> {
+        let to = batch.applied_index;
+        let held: i64 = self
+            .tx
+            .query_row("SELECT count(*) FROM metrics", [], |r| r.get(0))?;
+        let missing = batch.reports_applied.saturating_sub(held as u64);
+        if missing > 0 {
+            self.tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO gaps (from_index, to_index, reports)
+                     VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![(stored + 1) as i64, to as i64, missing as i64])?;
+        }
+        Ok(())
+    }
+
+    /// The applied index the rows now cover.
+    pub(crate) fn applied(&mut self, index: u64) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('applied_index', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![index as i64])?;
+        Ok(())
+    }
+
+    /// Rewrites the rows a batch may have changed from `state` (and removes
+    /// those whose record is gone).
+    pub(crate) fn rows(&mut self, state: &ClusterState, touched: &Touched) -> rusqlite::Result<()> {
+        let mut trials = touched.trials.clone();
+        for uuid in &touched.checkpoints {
+            match state.checkpoints.get(uuid) {
+                Some(c) => {
+                    trials.insert(c.trial);
+                    self.checkpoint(uuid, state)?;
+                }
+                None => self.delete("checkpoints", "uuid", uuid)?,
+            }
+        }
+        let mut experiments = touched.experiments.clone();
+        for id in &trials {
+            match state.trials.get(id) {
+                Some(t) => {
+                    experiments.insert(t.experiment);
+                    self.trial(*id, state)?;
+                }
+                None => self.delete_trial(*id)?,
+            }
+        }
+        for id in &experiments {
+            match state.experiments.get(id) {
+                Some(e) => self.experiment(*id, e, state)?,
+                None => self.delete("experiments", "id", &(*id as i64))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites every experiment, trial and checkpoint row from `state`, and
+    /// removes rows whose records it no longer has.
+    pub(crate) fn resync(&mut self, state: &ClusterState) -> rusqlite::Result<()> {
+        let touched = Touched {
+            trials: state.trials.keys().copied().collect(),
+            experiments: state.experiments.keys().copied().collect(),
+            checkpoints: state.checkpoints.keys().cloned().collect(),
+        };
+        self.rows(state, &touched)?;
+        let keep_trials: BTreeSet<i64> = touched.trials.iter().map(|t| *t as i64).collect();
+        for id in self.ids("trials", "id")? {
+            if !keep_trials.contains(&id) {
+                self.delete_trial(id as u64)?;
+            }
+        }
+        let keep_experiments: BTreeSet<i64> =
+            touched.experiments.iter().map(|e| *e as i64).collect();
+        for id in self.ids("experiments", "id")? {
+            if !keep_experiments.contains(&id) {
+                self.delete("experiments", "id", &id)?;
+            }
+        }
+        let uuids: Vec<String> = {
+            let mut stmt = self.tx.prepare("SELECT uuid FROM checkpoints")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for uuid in uuids {
+            if !touched.checkpoints.contains(&uuid) {
+                self.delete("checkpoints", "uuid", &uuid)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ids(&self, table: &str, column: &str) -> rusqlite::Result<Vec<i64>> {
+        let mut stmt = self.tx.prepare(&format!("SELECT {column} FROM {table}"))?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    }
+
+    fn delete(&self, table: &str, column: &str, key: &dyn rusqlite::ToSql) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(&format!("DELETE FROM {table} WHERE {column} = ?1"))?
+            .execute([key])?;
+        Ok(())
+    }
+
+    fn delete_trial(&self, id: u64) -> rusqlite::Result<()> {
+        let id = id as i64;
+        for table in ["metrics", "hyperparameters", "runs", "checkpoints"] {
+            self.delete(table, "trial_id", &id)?;
+        }
+        self.delete("trials", "id", &id)
+    }
+
+    fn trial(&self, id: u64, state: &ClusterState) -> rusqlite::Result<()> {
+        let Some(t) = state.trials.get(&id) else {
+            return Ok(());
+        };
+        let (st, node) = trial_state(&t.state);
+        let hparams = serde_json::to_string(&t.hparams).unwrap_or_else(|_| "{}".into());
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO trials (id, experiment_id, request_id, state, node,
+                   incarnation, restarts, steps_completed, target, seed, hparams,
+                   latest_checkpoint, latest_validation, best_validation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?
+            .execute(params![
+                id as i64,
+                t.experiment as i64,
+                t.request_id.to_string(),
+                st,
+                node,
+                t.incarnation as i64,
+                i64::from(t.restarts),
+                t.steps_completed as i64,
+                t.target.map(|x| x as i64),
+                i64::from(t.seed),
+                hparams,
+                t.latest_checkpoint,
+                t.latest_validation,
+                t.best_validation,
+            ])?;
+        // Hyperparameters never change once drawn: the first write stays.
+        let mut flat = Vec::new();
+        flatten("", &t.hparams, &mut flat);
+        let mut insert = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO hyperparameters (trial_id, name, value, number)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (name, value) in flat {
+            let text = serde_json::to_string(value).unwrap_or_default();
+            insert.execute(params![id as i64, name, text, value.as_f64()])?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, uuid: &str, state: &ClusterState) -> rusqlite::Result<()> {
+        let Some(c) = state.checkpoints.get(uuid) else {
+            return Ok(());
+        };
+        let holders: Vec<String> = c.holders.iter().map(|h| node_hex(*h)).collect();
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO checkpoints (uuid, trial_id, steps_completed, size,
+                   digest, holders) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                uuid,
+                c.trial as i64,
+                c.steps_completed as i64,
+                c.size as i64,
+                c.digest,
+                serde_json::to_string(&holders).unwrap_or_default(),
+            ])?;
+        Ok(())
+    }
+
+    fn experiment(&self, id: u64, e: &Experiment, state: &ClusterState) -> rusqlite::Result<()> {
+        let config = e.config();
+        let smaller = config.is_none_or(|c| c.searcher.smaller_is_better);
+        let best = e
+            .trials
+            .values()
+            .filter_map(|t| state.trials.get(t).and_then(|t| t.best_validation))
+            .reduce(|a, b| if smaller { a.min(b) } else { a.max(b) });
+        let workspace =
+            resolute_core::state::auth::workspace_or_default(config.map_or("", |c| &c.workspace));
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO experiments (id, name, owner, workspace, project, state,
+                   searcher, searcher_metric, smaller_is_better, progress, best_validation,
+                   trials, created_ms, ended_ms, seed, model_digest, last_error, config_yaml)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                   ?16, ?17, ?18)",
+            )?
+            .execute(params![
+                id as i64,
+                config.and_then(|c| c.name.clone()).unwrap_or_default(),
+                e.owner,
+                workspace,
+                config.map(|c| c.project.clone()).unwrap_or_default(),
+                format!("{:?}", e.state),
+                config.map_or("", |c| c.searcher.method.name()),
+                config
+                    .map(|c| c.searcher.metric.clone())
+                    .unwrap_or_default(),
+                smaller,
+                e.progress(),
+                best,
+                e.trials.len() as i64,
+                e.created_ms as i64,
+                e.ended_ms.map(|x| x as i64),
+                i64::from(e.seed),
+                e.model_digest,
+                e.last_error,
+                e.config_yaml,
+            ])?;
+        Ok(())
+    }
+}
+
+/// Nested hyperparameters as dotted names (`optimizer.lr`), as Determined's
+/// WebUI shows them.
+fn flatten<'v>(prefix: &str, value: &'v Value, out: &mut Vec<(String, &'v Value)>) {
+    match value {
+        Value::Map(map) => {
+            for (k, v) in map {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&name, v, out);
+            }
+        }
+        _ if !prefix.is_empty() => out.push((prefix.to_string(), value)),
+        _ => {}
+    }
+}
+
+/// Row counts, digest and gaps of a store.
+pub(crate) fn summary(conn: &Connection, applied_index: u64) -> rusqlite::Result<Summary> {
+    let mut hasher = blake3::Hasher::new();
+    let mut rows = Vec::new();
+    for (table, order) in schema::DIGESTED {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))?;
+        let columns = stmt.column_count();
+        let mut cursor = stmt.query([])?;
+        let mut count = 0u64;
+        hasher.update(table.as_bytes());
+        while let Some(row) = cursor.next()? {
+            count += 1;
+            for i in 0..columns {
+                let cell: rusqlite::types::Value = row.get(i)?;
+                hash_cell(&mut hasher, &cell);
+            }
+        }
+        rows.push((table.to_string(), count));
+    }
+    let mut stmt =
+        conn.prepare("SELECT from_index, to_index, reports FROM gaps ORDER BY from_index")?;
+    let gaps = stmt
+        .query_map([], |r| {
+            Ok(Gap {
+                from_index: r.get::<_, i64>(0)? as u64,
+                to_index: r.get::<_, i64>(1)? as u64,
+                reports: r.get::<_, i64>(2)? as u64,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Summary {
+        applied_index,
+        rows,
+        digest: hasher.finalize().to_hex()[..32].to_string(),
+        gaps,
+    })
+}
+
+fn hash_cell(hasher: &mut blake3::Hasher, cell: &rusqlite::types::Value) {
+    use rusqlite::types::Value as V;
+    match cell {
+        V::Null => hasher.update(&[0]),
+        V::Integer(i) => hasher.update(&[1]).update(&i.to_le_bytes()),
+        V::Real(f) => hasher.update(&[2]).update(&f.to_bits().to_le_bytes()),
+        V::Text(s) => hasher
+            .update(&[3])
+            .update(&(s.len() as u64).to_le_bytes())
+            .update(s.as_bytes()),
+        V::Blob(b) => hasher
+            .update(&[4])
+            .update(&(b.len() as u64).to_le_bytes())
+            .update(b),
+    };
+}

@@ -1,0 +1,144 @@
+//! The experiment-tracking store with real processes: three nodes, trials
+//! streaming metric reports, a follower SIGKILLed while it applies them and
+//! restarted from its data dir. Its SQLite store must end equal to its peers'
+//! (the same rows in every table, the same digest), with no gap: what it had
+//! not written when it died comes again from its own log.
+
+use std::time::Duration;
+
+use resolute_tests::{bin, get, repo, start, until, NodeProc};
+use serde_json::Value;
+
+fn tracking(n: &NodeProc) -> Value {
+    get(&n.api, &["cluster", "tracking"])
+}
+
+fn metric_rows(v: &Value) -> u64 {
+    v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r[0] == "metrics")
+        .and_then(|r| r[1].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_node_killed_while_applying_metric_batches_restarts_with_the_same_rows_as_its_peers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 61, None);
+    let b = start(&dir.path().join("b"), 62, Some(&a.listen));
+    let c = start(&dir.path().join("c"), 63, Some(&a.listen));
+    until("three voters", Duration::from_secs(30), || {
+        let v = get(&c.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 3)
+    });
+    let python = repo().join("python");
+    let env = format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        python.display()
+    );
+    let config = repo().join("examples/python-core/experiment.yaml");
+    let model = repo().join("examples/python-core");
+    // Four trials of 6,000 steps, a training report every 10: 2,400 reports.
+    let created = get(
+        &a.api,
+        &[
+            "experiment",
+            "create",
+            config.to_str().unwrap_or_default(),
+            model.to_str().unwrap_or_default(),
+            "--config",
+            &env,
+            "--config",
+            "searcher.max_time=6000",
+            "--config",
+            "hyperparameters.checkpoint_every=1000",
+        ],
+    );
+    let id = created["id"].as_u64().expect("experiment id");
+    until("reports streaming in", Duration::from_secs(60), || {
+        metric_rows(&tracking(&b)) >= 300
+    });
+    // SIGKILL b in the middle of it, and start it again from its data dir.
+    let (b_data, b_host) = (b.data.clone(), b.host);
+    drop(b);
+    let b = start(&b_data, b_host, None);
+    until("the experiment completes", Duration::from_secs(180), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    let nodes = [&a, &b, &c];
+    let mut last = Vec::new();
+    until(
+        "every store holds the same rows",
+        Duration::from_secs(60),
+        || {
+            last = nodes.iter().map(|n| tracking(n)).collect();
+            last.windows(2)
+                .all(|w| w[0]["digest"] == w[1]["digest"] && w[0]["rows"] == w[1]["rows"])
+        },
+    );
+    let rows = metric_rows(&last[0]);
+    assert!(rows >= 2_400, "every report is there: {rows}");
+    for (n, v) in nodes.iter().zip(&last) {
+        assert_eq!(v["gaps"], serde_json::json!([]), "{}: {v}", n.api);
+    }
+    // The store answers the queries users make: the trials by their best
+    // validation loss, and one trial's latest validation points.
+    let trials = get(
+        &c.api,
+        &[
+            "experiment",
+            "trials",
+            &id.to_string(),
+            "--sort",
+            "best_metric",
+        ],
+    );
+    let trials = trials.as_array().expect("trials");
+    assert_eq!(trials.len(), 4);
+    let best: Vec<f64> = trials
+        .iter()
+        .filter_map(|t| t["best_metric"].as_f64())
+        .collect();
+    assert_eq!(best.len(), 4, "{trials:?}");
+    assert!(best.windows(2).all(|w| w[0] <= w[1]), "{best:?}");
+    let first = trials[0]["id"].as_u64().expect("trial id").to_string();
+    let latest = get(
+        &b.api,
+        &[
+            "trial",
+            "metrics",
+            &first,
+            "--group",
+            "validation",
+            "--latest",
+            "--limit",
+            "2",
+        ],
+    );
+    let steps: Vec<u64> = latest
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["steps_completed"].as_u64())
+        .collect();
+    assert_eq!(steps, vec![6000, 5000]);
+    let out = std::process::Command::new(bin())
+        .args(["experiment", "list", "--sort", "nonsense", "-m", &a.api])
+        .env("RESOLUTE_TOKEN", &a.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a user's error: {err}");
+    assert!(
+        err.contains("sort: \"nonsense\""),
+        "the error names the parameter: {err}"
+    );
+    let runs = get(&a.api, &["trial", "runs", &first]);
+    assert!(
+        runs["runs"].as_array().is_some_and(|r| !r.is_empty()),
+        "{runs}"
+    );
+}
