@@ -244,6 +244,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A cluster history of years: 20,000 trials and 20,000,000 metric points
+    /// through the real apply path (three nodes with their tracking stores);
+    /// memory, snapshot size, a fresh node's catch-up, query latencies, and the
+    /// apply rate against `bench log`'s in the same run.
+    State {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A tenth of the trials and a twentieth of the points.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Every benchmark: a table of figure, reference, ratio, target, pass.
     All {
         /// Print one JSON object keyed by benchmark.
@@ -333,6 +345,9 @@ struct LogBenchArgs {
     /// Proposals kept in flight (concurrently reporting trials).
     #[arg(long, default_value_t = 4)]
     outstanding: usize,
+    /// Metric values per record.
+    #[arg(long, default_value_t = 2)]
+    values_per_record: usize,
 }
 
 #[derive(Subcommand)]
@@ -451,6 +466,9 @@ fn main() -> ExitCode {
         CliCommand::Bench {
             command: BenchCommand::Gossip { json },
         } => bench_gossip(json),
+        CliCommand::Bench {
+            command: BenchCommand::State { json, quick },
+        } => bench_state(json, quick),
         CliCommand::Bench {
             command: BenchCommand::All { json, quick },
         } => bench_all(json, quick),
@@ -1043,6 +1061,103 @@ fn bench_sched(json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("resolute-bench-state-{}", std::process::id()));
+    let opts = if quick {
+        bench::state::Options::quick(dir)
+    } else {
+        bench::state::Options::full(dir)
+    };
+    let r = bench::state::run(&opts)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).context("rendering the report")?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cluster state: {} experiments, {} trials, {} metric points ({} reports), 3 nodes, built in {:.0} s",
+        r.experiments, r.trials, r.metric_points, r.reports, r.build_s
+    );
+    let rows: [(&str, String, &str); 14] = [
+        (
+            "rss_mib_before",
+            format!("{:.0}", r.rss_mib_before),
+            "three nodes, before the points",
+        ),
+        (
+            "rss_mib_after",
+            format!("{:.0}", r.rss_mib_after),
+            "after them",
+        ),
+        (
+            "state_bytes_before",
+            r.state_bytes_before.to_string(),
+            "the leader's control state",
+        ),
+        (
+            "state_bytes_after",
+            r.state_bytes_after.to_string(),
+            "must not grow with the points",
+        ),
+        (
+            "snapshot_bytes",
+            r.snapshot_bytes.to_string(),
+            "what a joining node receives",
+        ),
+        (
+            "tracking_db_bytes",
+            r.tracking_db_bytes.to_string(),
+            "the leader's SQLite store",
+        ),
+        (
+            "join_catch_up_s",
+            format!("{:.2}", r.join_catch_up_s),
+            "a fresh 4th node",
+        ),
+        (
+            "join_missing_reports",
+            r.join_missing_reports.to_string(),
+            "not shipped with the snapshot yet",
+        ),
+        (
+            "metrics_query_ms_p99",
+            format!("{:.2}", r.metrics_query_ms_p99),
+            "1,000 latest validation points",
+        ),
+        (
+            "experiments_list_ms_p99",
+            format!("{:.2}", r.experiments_list_ms_p99),
+            "100 by best metric",
+        ),
+        (
+            "apply_records_per_s",
+            format!("{:.0}", r.apply_records_per_s),
+            "with the tracking store",
+        ),
+        (
+            "log_records_per_s",
+            format!("{:.0}", r.log_records_per_s),
+            "bench log, same run",
+        ),
+        (
+            "apply_over_log",
+            format!("{:.2}", r.apply_over_log),
+            "target >= 0.8",
+        ),
+        (
+            "stores_agree",
+            r.stores_agree.to_string(),
+            "same rows on the three nodes",
+        ),
+    ];
+    for (name, value, note) in rows {
+        println!("  {name:<26} {value:>14}   {note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench_log(args: &LogBenchArgs) -> anyhow::Result<ExitCode> {
     if args.seconds <= 0.0 || args.records_per_entry == 0 || args.outstanding == 0 {
         anyhow::bail!("--seconds, --records-per-entry and --outstanding must be positive");
@@ -1052,6 +1167,7 @@ fn bench_log(args: &LogBenchArgs) -> anyhow::Result<ExitCode> {
         seconds: args.seconds,
         records_per_entry: args.records_per_entry,
         outstanding: args.outstanding,
+        values_per_record: args.values_per_record.max(2),
         dir,
     };
     let r = bench::log::run(&opts)?;

@@ -106,6 +106,7 @@ pub struct Tracker {
     conn: Connection,
     path: PathBuf,
     applied_index: u64,
+    written: write::Written,
 }
 
 impl Tracker {
@@ -132,6 +133,7 @@ impl Tracker {
             conn,
             path: path.to_path_buf(),
             applied_index: 0,
+            written: write::Written::default(),
         };
         t.migrate()?;
         t.applied_index = t.meta("applied_index")?.unwrap_or(0);
@@ -237,6 +239,10 @@ impl Tracker {
                 .map_err(|e| self.sql(e))?;
         }
         let result = self.write_batches(batches, state, stored, replaced);
+        if result.is_err() {
+            // What it remembers may name rows the failed transaction never wrote.
+            self.written = write::Written::default();
+        }
         if durable {
             self.conn
                 .pragma_update(None, "synchronous", "NORMAL")
@@ -260,7 +266,7 @@ impl Tracker {
             source,
         };
         let tx = self.conn.transaction().map_err(sql)?;
-        let mut w = write::Rows::new(&tx);
+        let mut w = write::Rows::new(&tx, &mut self.written);
         let mut touched = Touched::default();
         for batch in batches.iter().filter(|b| b.applied_index > stored) {
             w.reports(batch, stored).map_err(sql)?;

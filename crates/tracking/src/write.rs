@@ -10,14 +10,24 @@ use resolute_types::Value;
 
 use crate::{group_name, node_hex, schema, trial_state, Gap, Summary, Touched};
 
+/// What the writer remembers between transactions, so that it does not
+/// rewrite what it wrote already: the trials whose hyperparameters are in, and
+/// each experiment row's fingerprint. Cleared when a transaction fails.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    hparams: BTreeSet<u64>,
+    experiments: std::collections::BTreeMap<u64, blake3::Hash>,
+}
+
 /// The writes of one transaction.
 pub(crate) struct Rows<'t> {
     tx: &'t Transaction<'t>,
+    written: &'t mut Written,
 }
 
 impl<'t> Rows<'t> {
-    pub(crate) fn new(tx: &'t Transaction<'t>) -> Self {
-        Rows { tx }
+    pub(crate) fn new(tx: &'t Transaction<'t>, written: &'t mut Written) -> Self {
+        Rows { tx, written }
     }
 
     /// The batch's reports the store does not hold yet (entries past `stored`).
@@ -158,7 +168,10 @@ impl<'t> Rows<'t> {
         for id in &experiments {
             match state.experiments.get(id) {
                 Some(e) => self.experiment(*id, e, state)?,
-                None => self.delete("experiments", "id", &(*id as i64))?,
+                None => {
+                    self.written.experiments.remove(id);
+                    self.delete("experiments", "id", &(*id as i64))?
+                }
             }
         }
         Ok(())
@@ -183,6 +196,7 @@ impl<'t> Rows<'t> {
             touched.experiments.iter().map(|e| *e as i64).collect();
         for id in self.ids("experiments", "id")? {
             if !keep_experiments.contains(&id) {
+                self.written.experiments.remove(&(id as u64));
                 self.delete("experiments", "id", &id)?;
             }
         }
@@ -212,7 +226,8 @@ impl<'t> Rows<'t> {
         Ok(())
     }
 
-    fn delete_trial(&self, id: u64) -> rusqlite::Result<()> {
+    fn delete_trial(&mut self, id: u64) -> rusqlite::Result<()> {
+        self.written.hparams.remove(&id);
         let id = id as i64;
         for table in ["metrics", "hyperparameters", "runs", "checkpoints"] {
             self.delete(table, "trial_id", &id)?;
@@ -220,7 +235,7 @@ impl<'t> Rows<'t> {
         self.delete("trials", "id", &id)
     }
 
-    fn trial(&self, id: u64, state: &ClusterState) -> rusqlite::Result<()> {
+    fn trial(&mut self, id: u64, state: &ClusterState) -> rusqlite::Result<()> {
         let Some(t) = state.trials.get(&id) else {
             return Ok(());
         };
@@ -250,6 +265,9 @@ impl<'t> Rows<'t> {
                 t.best_validation,
             ])?;
         // Hyperparameters never change once drawn: the first write stays.
+        if !self.written.hparams.insert(id) {
+            return Ok(());
+        }
         let mut flat = Vec::new();
         flatten("", &t.hparams, &mut flat);
         let mut insert = self.tx.prepare_cached(
@@ -284,7 +302,12 @@ impl<'t> Rows<'t> {
         Ok(())
     }
 
-    fn experiment(&self, id: u64, e: &Experiment, state: &ClusterState) -> rusqlite::Result<()> {
+    fn experiment(
+        &mut self,
+        id: u64,
+        e: &Experiment,
+        state: &ClusterState,
+    ) -> rusqlite::Result<()> {
         let config = e.config();
         let smaller = config.is_none_or(|c| c.searcher.smaller_is_better);
         let best = e
@@ -294,6 +317,20 @@ impl<'t> Rows<'t> {
             .reduce(|a, b| if smaller { a.min(b) } else { a.max(b) });
         let workspace =
             resolute_core::state::auth::workspace_or_default(config.map_or("", |c| &c.workspace));
+        // Most batches change an experiment's trials, not the experiment: a
+        // fingerprint of what the row would hold skips the rewrite.
+        let mut h = blake3::Hasher::new();
+        h.update(format!("{:?}", e.state).as_bytes());
+        h.update(&e.progress().to_bits().to_le_bytes());
+        h.update(&best.map_or(u64::MAX, f64::to_bits).to_le_bytes());
+        h.update(&(e.trials.len() as u64).to_le_bytes());
+        h.update(&e.ended_ms.map_or(u64::MAX, |x| x).to_le_bytes());
+        h.update(e.last_error.as_deref().unwrap_or("").as_bytes());
+        let fingerprint = h.finalize();
+        if self.written.experiments.get(&id) == Some(&fingerprint) {
+            return Ok(());
+        }
+        self.written.experiments.insert(id, fingerprint);
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO experiments (id, name, owner, workspace, project, state,

@@ -292,3 +292,25 @@ fn queries_filter_sort_and_page() {
     let runs = r.runs(trial).expect("runs");
     assert_eq!(runs[0]["incarnation"], 1, "{runs:?}");
 }
+
+#[test]
+fn a_node_that_joins_after_the_reports_knows_how_many_it_lacks() {
+    let mut c = history(6);
+    c.join(4, "site-4", 1);
+    c.until(20_000, "node 4 caught up", |c| {
+        c.converged() && c.members.contains_key(&4)
+    });
+    let replaced: Vec<&TrackBatch> = c
+        .tracks
+        .iter()
+        .filter(|(n, b)| *n == 4 && b.replaced)
+        .map(|(_, b)| b)
+        .collect();
+    assert!(!replaced.is_empty(), "node 4 installed a snapshot");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = feed(&c, 4, &dir.path().join("4.sqlite"), 3);
+    let s = t.summary().expect("summary");
+    let state = c.members[&4].node.state();
+    assert_eq!(s.gaps.len(), 1, "{s:?}");
+    assert_eq!(s.gaps[0].reports, state.reports_applied);
+}

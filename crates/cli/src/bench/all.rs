@@ -116,6 +116,7 @@ pub fn run(quick: bool, scratch: &Path, curves: &Path) -> (Vec<Row>, Value) {
                 seconds: plan.log_seconds,
                 records_per_entry: 256,
                 outstanding: 4,
+                values_per_record: 2,
                 dir: dir("log"),
             })?;
             let rows = vec![

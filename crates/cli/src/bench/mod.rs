@@ -2,12 +2,14 @@
 //! reference in the same run (these machines are shared and noisy).
 
 pub mod all;
+pub mod cluster;
 pub mod gossip;
 pub mod log;
 pub mod recovery;
 pub mod sched;
 pub mod search;
 pub mod sim;
+pub mod state;
 pub mod submit;
 pub mod transfer;
 
