@@ -2,7 +2,9 @@
 //! streaming metric reports, a follower SIGKILLed while it applies them and
 //! restarted from its data dir. Its SQLite store must end equal to its peers'
 //! (the same rows in every table, the same digest), with no gap: what it had
-//! not written when it died comes again from its own log.
+//! not written when it died comes again from its own log. Then a fourth node
+//! joins, catches up from a snapshot that carries no reports, and fills the
+//! gap with a copy of the leader's store fetched as a blob.
 
 use std::time::Duration;
 
@@ -135,6 +137,18 @@ fn a_node_killed_while_applying_metric_batches_restarts_with_the_same_rows_as_it
     assert!(
         err.contains("sort: \"nonsense\""),
         "the error names the parameter: {err}"
+    );
+    // A node that joins now: its snapshot has the rows, not the reports; the
+    // leader's store comes as a blob and it ends with the same rows.
+    let d = start(&dir.path().join("d"), 64, Some(&a.listen));
+    let want = tracking(&a);
+    until(
+        "the new node's store equals the leader's",
+        Duration::from_secs(90),
+        || {
+            let v = tracking(&d);
+            v["digest"] == want["digest"] && v["gaps"] == serde_json::json!([])
+        },
     );
     let runs = get(&a.api, &["trial", "runs", &first]);
     assert!(

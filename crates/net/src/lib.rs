@@ -93,6 +93,17 @@ pub enum NetEvent {
     /// A request from a node that is not a member was refused (its Raft
     /// traffic, forwards or blob reads): counted, for the operator.
     Denied(NodeId),
+    /// A member asks for a copy of this node's tracking store at or past
+    /// `min_index`: answer on `reply` within `LOGS_ANSWER_TIMEOUT_MS` (the
+    /// copy's blob, encoded, or why not).
+    TrackingCopyWanted {
+        /// The member that asks.
+        from: NodeId,
+        /// The index it needs the copy to reach.
+        min_index: u64,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
     /// A member asks for a trial's log lines on this node, for a user: answer
     /// on `reply` within `LOGS_ANSWER_TIMEOUT_MS` (the lines, encoded, or why
     /// not).
@@ -173,11 +184,9 @@ pub(crate) enum SwarmCommand {
     Announcements {
         reply: oneshot::Sender<Vec<Announcement>>,
     },
-    Logs {
+    Ask {
         to: NodeId,
-        trial: u64,
-        since_ms: u64,
-        user: String,
+        request: wire::Request,
         reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
     },
     Shutdown,
@@ -294,14 +303,22 @@ impl NetHandle {
         since_ms: u64,
         user: String,
     ) -> Result<Vec<u8>, NetError> {
-        self.call(|reply| SwarmCommand::Logs {
-            to,
+        let request = wire::Request::Logs {
             trial,
             since_ms,
             user,
-            reply,
-        })
-        .await?
+        };
+        self.call(|reply| SwarmCommand::Ask { to, request, reply })
+            .await?
+    }
+
+    /// Asks member `to` for a copy of its tracking store at or past
+    /// `min_index`: the node's encoded answer (see the node's
+    /// `TrackingCopyWanted` handler).
+    pub async fn tracking_copy(&self, to: NodeId, min_index: u64) -> Result<Vec<u8>, NetError> {
+        let request = wire::Request::TrackingCopy { min_index };
+        self.call(|reply| SwarmCommand::Ask { to, request, reply })
+            .await?
     }
 
     /// Stops the swarm (its connections close).

@@ -253,7 +253,7 @@ enum Pending {
         fetch: u64,
         index: u32,
     },
-    Logs {
+    Answer {
         node: NodeId,
         reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
     },
@@ -356,24 +356,13 @@ impl EventLoop {
                 holders,
                 reply,
             } => self.start_fetch(digest, holders, reply),
-            SwarmCommand::Logs {
-                to,
-                trial,
-                since_ms,
-                user,
-                reply,
-            } => {
+            SwarmCommand::Ask { to, request, reply } => {
                 let Some(peer) = self.peers.get(&to).copied() else {
                     let _ = reply.send(Err(NetError::UnknownNode(to)));
                     return;
                 };
-                let request = Request::Logs {
-                    trial,
-                    since_ms,
-                    user,
-                };
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
-                self.pending.insert(id, Pending::Logs { node: to, reply });
+                self.pending.insert(id, Pending::Answer { node: to, reply });
             }
             SwarmCommand::SetMembers { members } => {
                 self.members = Some(members.into_iter().collect());
@@ -612,7 +601,26 @@ impl EventLoop {
                 trial,
                 since_ms,
                 user,
-            } => return self.ask_node_for_logs(node, trial, since_ms, user, channel),
+            } => {
+                let (reply, answer) = oneshot::channel();
+                let wanted = NetEvent::LogsWanted {
+                    from: node,
+                    trial,
+                    since_ms,
+                    user,
+                    reply,
+                };
+                return self.ask_node(wanted, answer, channel);
+            }
+            Request::TrackingCopy { min_index } => {
+                let (reply, answer) = oneshot::channel();
+                let wanted = NetEvent::TrackingCopyWanted {
+                    from: node,
+                    min_index,
+                    reply,
+                };
+                return self.ask_node(wanted, answer, channel);
+            }
             Request::Chunk { digest, index } => match self.manifest(&digest) {
                 Ok(m) if self.read_queue.len() < self.config.serve_queue => {
                     self.read_queue.push_back((channel, m, index));
@@ -625,25 +633,16 @@ impl EventLoop {
         self.respond(channel, response);
     }
 
-    /// Hands a member's request for log lines to the node, and its answer
-    /// back to the member (or "busy" when the node's queue is full, "no
-    /// answer" when it does not answer in time).
-    fn ask_node_for_logs(
+    /// Hands a member's request that the node answers itself (log lines, a
+    /// tracking copy) to the node, and its answer back to the member (or
+    /// "busy" when the node's queue is full, "no answer" when it does not
+    /// answer in time).
+    fn ask_node(
         &mut self,
-        from: NodeId,
-        trial: u64,
-        since_ms: u64,
-        user: String,
+        wanted: NetEvent,
+        answer: oneshot::Receiver<Result<Vec<u8>, String>>,
         channel: ResponseChannel<Response>,
     ) {
-        let (reply, answer) = oneshot::channel();
-        let wanted = NetEvent::LogsWanted {
-            from,
-            trial,
-            since_ms,
-            user,
-            reply,
-        };
         if self.events.try_send(wanted).is_err() {
             return self.respond(channel, Response::Busy);
         }
@@ -651,7 +650,7 @@ impl EventLoop {
         tokio::spawn(async move {
             let wait = Duration::from_millis(crate::LOGS_ANSWER_TIMEOUT_MS);
             let response = match tokio::time::timeout(wait, answer).await {
-                Ok(Ok(Ok(bytes))) => Response::Logs(bytes),
+                Ok(Ok(Ok(bytes))) => Response::Answer(bytes),
                 Ok(Ok(Err(reason))) => Response::Denied(reason),
                 _ => Response::NotFound("the node did not answer".into()),
             };
@@ -752,9 +751,9 @@ impl EventLoop {
                     let _ = r.send(outcome);
                 }
             }
-            Pending::Logs { node, reply } => {
+            Pending::Answer { node, reply } => {
                 let outcome = match result {
-                    Ok(Response::Logs(bytes)) => Ok(bytes),
+                    Ok(Response::Answer(bytes)) => Ok(bytes),
                     Ok(Response::Denied(reason)) => Err(NetError::Denied { node, reason }),
                     Ok(other) => Err(NetError::Send {
                         node,

@@ -54,6 +54,14 @@ pub enum Request {
         /// The user who asks.
         user: String,
     },
+    /// A consistent copy of the receiver's tracking store at or past
+    /// `min_index` (a node that caught up from a snapshot wants the history
+    /// the snapshot did not carry). The receiver answers with the copy's blob,
+    /// or none while it prepares one (ask again).
+    TrackingCopy {
+        /// The snapshot index the asker caught up to.
+        min_index: u64,
+    },
 }
 
 /// The answer.
@@ -80,8 +88,9 @@ pub enum Response {
         /// crc32c of `data`.
         crc32c: u32,
     },
-    /// Log lines, encoded by the node (opaque to the network layer).
-    Logs(Vec<u8>),
+    /// The node's answer to a request it serves itself (log lines, a
+    /// tracking copy), encoded by the node: opaque to the network layer.
+    Answer(Vec<u8>),
 }
 
 /// The small responses, as bincode.
@@ -92,7 +101,7 @@ enum Small {
     NotFound(String),
     Manifest(Vec<u8>),
     Busy,
-    Logs(Vec<u8>),
+    Answer(Vec<u8>),
 }
 
 /// Frames [`Request`]s and [`Response`]s with size limits.
@@ -221,7 +230,7 @@ impl libp2p::request_response::Codec for WireCodec {
                     Small::NotFound(r) => Response::NotFound(r),
                     Small::Manifest(m) => Response::Manifest(m),
                     Small::Busy => Response::Busy,
-                    Small::Logs(l) => Response::Logs(l),
+                    Small::Answer(a) => Response::Answer(a),
                 },
             ),
             KIND_CHUNK if len >= 8 => {
@@ -281,7 +290,7 @@ impl libp2p::request_response::Codec for WireCodec {
             Response::NotFound(r) => Small::NotFound(r),
             Response::Manifest(m) => Small::Manifest(m),
             Response::Busy => Small::Busy,
-            Response::Logs(l) => Small::Logs(l),
+            Response::Answer(a) => Small::Answer(a),
         };
         let body = encode(&small)?;
         write_frame(io, KIND_BINCODE, &[&body], limit).await

@@ -317,6 +317,20 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Removes a complete blob: its manifest first (it no longer counts as
+    /// here), then its bytes. Removing one that is not here is not an error.
+    pub fn remove(&self, digest: &str) -> Result<(), BlobError> {
+        check_digest(digest)?;
+        for path in [self.manifest_path(digest), self.path(digest)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// The manifest of a complete blob, checked against its digest.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, BlobError> {
         check_digest(digest)?;

@@ -107,6 +107,8 @@ pub struct Tracker {
     path: PathBuf,
     applied_index: u64,
     written: write::Written,
+    /// Set when this store records a gap (see [`Tracker::wants_copy`]).
+    wants_copy: Option<u64>,
 }
 
 impl Tracker {
@@ -129,14 +131,25 @@ impl Tracker {
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
+        conn.pragma_update(None, "cache_size", -schema::PAGE_CACHE_KIB)
+            .map_err(sql)?;
         let mut t = Tracker {
             conn,
             path: path.to_path_buf(),
             applied_index: 0,
             written: write::Written::default(),
+            wants_copy: None,
         };
         t.migrate()?;
         t.applied_index = t.meta("applied_index")?.unwrap_or(0);
+        // A store that stopped while it waited for a copy still wants one.
+        t.wants_copy = t
+            .conn
+            .query_row("SELECT max(to_index) FROM gaps", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map_err(|e| t.sql(e))?
+            .map(|i| i as u64);
         Ok(t)
     }
 
@@ -268,6 +281,7 @@ impl Tracker {
         let tx = self.conn.transaction().map_err(sql)?;
         let mut w = write::Rows::new(&tx, &mut self.written);
         let mut touched = Touched::default();
+        let mut gap_at = None;
         for batch in batches.iter().filter(|b| b.applied_index > stored) {
             w.reports(batch, stored).map_err(sql)?;
             for run in &batch.runs {
@@ -281,8 +295,8 @@ impl Tracker {
             touched
                 .checkpoints
                 .extend(batch.checkpoints.iter().cloned());
-            if batch.replaced {
-                w.gap(batch, stored).map_err(sql)?;
+            if batch.replaced && w.gap(batch, stored).map_err(sql)? {
+                gap_at = Some(batch.applied_index);
             }
         }
         if replaced {
@@ -292,7 +306,11 @@ impl Tracker {
         }
         let last = batches.iter().map(|b| b.applied_index).max().unwrap_or(0);
         w.applied(stored.max(last)).map_err(sql)?;
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        if gap_at.is_some() {
+            self.wants_copy = gap_at;
+        }
+        Ok(())
     }
 
     /// Catches up with a state that is ahead of the store (a restart from a
@@ -309,6 +327,59 @@ impl Tracker {
             ..TrackBatch::default()
         };
         self.write(&[batch], state, true)
+    }
+
+    /// The snapshot index past which this store wants a copy of a peer's
+    /// store: it recorded a gap (it caught up from a snapshot over reports it
+    /// never saw) since it was opened or last replaced by a copy.
+    pub fn wants_copy(&self) -> Option<u64> {
+        self.wants_copy
+    }
+
+    /// Gives up on a copy (none came in time): the gap stays, recorded.
+    pub fn forget_copy(&mut self) {
+        self.wants_copy = None;
+    }
+
+    /// Replaces the store with `copy` (a consistent copy of a peer's store,
+    /// made by [`copy_store`]) when the copy reaches `at_least` (the snapshot
+    /// index of the gap it is to fill); its rows are every replica's rows up
+    /// to its index. The store's index may move back to the copy's: the
+    /// caller writes the batches it applied since again (those past the
+    /// copy's index are written, the rest skipped). Returns the copy's index,
+    /// or None when it does not reach `at_least`.
+    pub fn install_copy(&mut self, copy: &Path, at_least: u64) -> Result<Option<u64>, Error> {
+        let index = read_copy_index(copy)?;
+        if index < at_least {
+            return Ok(None);
+        }
+        let incoming = self.path.with_extension("sqlite.incoming");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::copy(copy, &incoming).map_err(io(&incoming))?;
+        std::fs::File::open(&incoming)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&incoming))?;
+        // Close this store before its files are replaced.
+        self.conn = Connection::open_in_memory().map_err(|e| self.sql(e))?;
+        for suffix in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{suffix}", self.path.display()));
+            match std::fs::remove_file(&side) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&side)(e)),
+                _ => {}
+            }
+        }
+        std::fs::rename(&incoming, &self.path).map_err(io(&self.path))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+        }
+        *self = Tracker::open(&self.path.clone())?;
+        self.wants_copy = None;
+        Ok(Some(index))
     }
 
     /// Row counts, the digest and the gaps.
@@ -378,4 +449,44 @@ fn open_read_only(path: &Path) -> Result<Connection, Error> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Makes a consistent copy of the store at `src` in `dest` (SQLite's `VACUUM
+/// INTO`, through a read-only connection, so the node's writer goes on); the
+/// applied index the copy covers.
+pub fn copy_store(src: &Path, dest: &Path) -> Result<u64, Error> {
+    let conn = open_read_only(src)?;
+    let _ = std::fs::remove_file(dest);
+    let target = dest.to_string_lossy().into_owned();
+    conn.execute("VACUUM INTO ?1", [target])
+        .map_err(|source| Error::Sql {
+            path: src.to_path_buf(),
+            source,
+        })?;
+    read_copy_index(dest)
+}
+
+/// A copy's applied index, after checking it is a store of this version.
+fn read_copy_index(copy: &Path) -> Result<u64, Error> {
+    let conn = open_read_only(copy)?;
+    let sql = |source| Error::Sql {
+        path: copy.to_path_buf(),
+        source,
+    };
+    let value = |key: &str| -> Result<Option<i64>, Error> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(sql)
+    };
+    if value("schema_version")? != Some(schema::SCHEMA_VERSION) {
+        return Err(Error::Query {
+            field: "copy",
+            message: format!(
+                "{} is not a tracking store of schema {}",
+                copy.display(),
+                schema::SCHEMA_VERSION
+            ),
+        });
+    }
+    Ok(value("applied_index")?.unwrap_or(0) as u64)
 }

@@ -17,6 +17,9 @@ use crate::{group_name, node_hex, schema, trial_state, Gap, Summary, Touched};
 pub(crate) struct Written {
     hparams: BTreeSet<u64>,
     experiments: std::collections::BTreeMap<u64, blake3::Hash>,
+    /// Each trial row's fingerprint, progress left out: a report that only
+    /// moves `steps_completed` updates that one column.
+    trials: std::collections::BTreeMap<u64, blake3::Hash>,
 }
 
 /// The writes of one transaction.
@@ -114,7 +117,7 @@ impl<'t> Rows<'t> {
     /// After a snapshot replaced the state at index `to`: records that the
     /// reports of entries `stored + 1 ..= to` never came, if any did (the
     /// state counts the reports ever accepted; the store, those it holds).
-    pub(crate) fn gap(&mut self, batch: &TrackBatch, stored: u64) -> rusqlite::Result<()> {
+    pub(crate) fn gap(&mut self, batch: &TrackBatch, stored: u64) -> rusqlite::Result<bool> {
         let to = batch.applied_index;
         let held: i64 = self
             .tx
@@ -128,7 +131,7 @@ impl<'t> Rows<'t> {
                 )?
                 .execute(params![(stored + 1) as i64, to as i64, missing as i64])?;
         }
-        Ok(())
+        Ok(missing > 0)
     }
 
     /// The applied index the rows now cover.
@@ -228,6 +231,7 @@ impl<'t> Rows<'t> {
 
     fn delete_trial(&mut self, id: u64) -> rusqlite::Result<()> {
         self.written.hparams.remove(&id);
+        self.written.trials.remove(&id);
         let id = id as i64;
         for table in ["metrics", "hyperparameters", "runs", "checkpoints"] {
             self.delete(table, "trial_id", &id)?;
@@ -240,6 +244,28 @@ impl<'t> Rows<'t> {
             return Ok(());
         };
         let (st, node) = trial_state(&t.state);
+        let mut h = blake3::Hasher::new();
+        h.update(st.as_bytes());
+        h.update(node.as_deref().unwrap_or("").as_bytes());
+        for n in [
+            t.incarnation,
+            u64::from(t.restarts),
+            t.target.unwrap_or(u64::MAX),
+        ] {
+            h.update(&n.to_le_bytes());
+        }
+        for v in [t.latest_validation, t.best_validation] {
+            h.update(&v.map_or(u64::MAX, f64::to_bits).to_le_bytes());
+        }
+        h.update(t.latest_checkpoint.as_deref().unwrap_or("").as_bytes());
+        let fingerprint = h.finalize();
+        if self.written.trials.get(&id) == Some(&fingerprint) {
+            self.tx
+                .prepare_cached("UPDATE trials SET steps_completed = ?2 WHERE id = ?1")?
+                .execute(params![id as i64, t.steps_completed as i64])?;
+            return Ok(());
+        }
+        self.written.trials.insert(id, fingerprint);
         let hparams = serde_json::to_string(&t.hparams).unwrap_or_else(|_| "{}".into());
         self.tx
             .prepare_cached(

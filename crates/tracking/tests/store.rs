@@ -313,4 +313,32 @@ fn a_node_that_joins_after_the_reports_knows_how_many_it_lacks() {
     let state = c.members[&4].node.state();
     assert_eq!(s.gaps.len(), 1, "{s:?}");
     assert_eq!(s.gaps[0].reports, state.reports_applied);
+    // It asks a peer for a copy of its store, installs it, and the batches it
+    // applied since then go on top: the same rows as the peer, no gap.
+    let mut t = t;
+    let gap_to = s.gaps[0].to_index;
+    assert_eq!(t.wants_copy(), Some(gap_to));
+    let peer = feed(&c, 1, &dir.path().join("1.sqlite"), 4);
+    let copy = dir.path().join("copy.sqlite");
+    let index = resolute_tracking::copy_store(peer.path(), &copy).expect("copy");
+    assert_eq!(index, peer.applied_index());
+    assert_eq!(
+        t.install_copy(&copy, index + 1).expect("short"),
+        None,
+        "a copy short of the gap is not installed"
+    );
+    assert_eq!(t.install_copy(&copy, gap_to).expect("install"), Some(index));
+    assert_eq!(t.wants_copy(), None);
+    let batches: Vec<TrackBatch> = c
+        .tracks
+        .iter()
+        .filter(|(n, _)| *n == 4)
+        .map(|(_, b)| b.clone())
+        .collect();
+    t.write(&batches, state, false).expect("replay");
+    let mine = t.summary().expect("summary");
+    let theirs = peer.summary().expect("summary");
+    assert_eq!(mine.gaps, vec![]);
+    assert_eq!(mine.rows, theirs.rows);
+    assert_eq!(mine.digest, theirs.digest);
 }

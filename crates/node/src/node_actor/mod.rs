@@ -12,6 +12,7 @@
 //! not durable; it restarts from its data dir.
 
 mod messages;
+mod tracking;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -23,7 +24,6 @@ use tokio::sync::oneshot;
 
 use resolute_agent::{Action, Driver, Event};
 use resolute_core::command::{ProposalId, Reply};
-use resolute_core::track::TrackBatch;
 use resolute_core::{NodeError, NodeId};
 use resolute_net::{Announcement, NetEvent};
 use resolute_storage::blob::BlobStore;
@@ -49,9 +49,7 @@ pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
 pub const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
 /// How often a node waiting to be admitted says what admits it.
 pub const JOIN_WAIT_LOG_EVERY_MS: u64 = 30_000;
-/// Applied batches kept for a tracking store that fails to write; past it they
-/// are given up (the store catches up from the state and records the gap).
-pub const TRACK_PENDING_BATCHES_MAX: usize = 10_000;
+pub use tracking::{TRACK_COPY_ASK_EVERY_TICKS, TRACK_PENDING_BATCHES_MAX};
 /// `MASTER_ADDR` when rank 0's address is unknown.
 pub const LOOPBACK_HOST: &str = "127.0.0.1";
 
@@ -157,11 +155,8 @@ pub struct NodeActor {
     left: bool,
     /// The swarm's events, until the node starts reading them.
     events: Option<tokio::sync::mpsc::Receiver<NetEvent>>,
-    tracker: Tracker,
-    /// Applied batches not yet in the tracking store.
-    tracks: Vec<TrackBatch>,
-    /// The tracking store failed to write: the error last logged.
-    tracking_failed: Option<String>,
+    /// The tracking store, its pending batches, the copies it serves and asks for.
+    tracking: tracking::Tracking,
 }
 
 impl NodeActor {
@@ -192,9 +187,7 @@ impl NodeActor {
             leaving: Vec::new(),
             left: false,
             events: Some(p.events),
-            tracker: p.tracker,
-            tracks: Vec::new(),
-            tracking_failed: None,
+            tracking: tracking::Tracking::new(p.tracker),
         }
     }
 
@@ -224,7 +217,7 @@ impl NodeActor {
                     // A full channel drops it: Raft and the proposers retransmit.
                     self.peers.outbox.send(to, msg);
                 }
-                Action::Track(batch) => self.tracks.push(*batch),
+                Action::Track(batch) => self.tracking.tracks.push(*batch),
                 Action::Persist {
                     seq,
                     snapshot,
@@ -298,42 +291,6 @@ impl NodeActor {
         self.write_tracking(false);
     }
 
-    /// Writes the applied batches gathered so far into the tracking store (one
-    /// transaction). A store that fails (a full disk) does not stop the node:
-    /// the batches wait for the next try, and past `TRACK_PENDING_BATCHES_MAX`
-    /// they are given up and the store catches up from the state later,
-    /// recording the gap.
-    fn write_tracking(&mut self, durable: bool) {
-        if self.tracks.is_empty() && !durable {
-            return;
-        }
-        let state = self.driver.node().state();
-        match self.tracker.write(&self.tracks, state, durable) {
-            Ok(()) => {
-                self.tracks.clear();
-                if self.tracking_failed.take().is_some() {
-                    eprintln!("node {:016x}: the tracking store writes again", self.id());
-                }
-            }
-            Err(e) => {
-                let text = e.to_string();
-                if self.tracking_failed.as_deref() != Some(text.as_str()) {
-                    eprintln!("node {:016x}: {text} (kept for the next try)", self.id());
-                }
-                self.tracking_failed = Some(text);
-                if self.tracks.len() > TRACK_PENDING_BATCHES_MAX {
-                    let applied_index = state.applied_index;
-                    self.tracks = vec![TrackBatch {
-                        applied_index,
-                        reports_applied: state.reports_applied,
-                        replaced: true,
-                        ..TrackBatch::default()
-                    }];
-                }
-            }
-        }
-    }
-
     fn control(&mut self, ctx: &mut Context<Self>, trial: u64, incarnation: u64, control: Control) {
         let signal = Signal {
             trial,
@@ -403,6 +360,9 @@ impl NodeActor {
             }
         }
         self.ticks += 1;
+        if self.ticks % TRACK_COPY_ASK_EVERY_TICKS == 0 {
+            self.ask_for_tracking_copy(ctx);
+        }
         if self.ticks % ANNOUNCE_EVERY_TICKS == 1 {
             self.announce(ctx);
             self.redial();
@@ -608,6 +568,11 @@ impl StreamHandler<NetEvent> for NodeActor {
                 user,
                 reply,
             } => self.serve_peer_logs(from, trial, since_ms, user, reply),
+            NetEvent::TrackingCopyWanted {
+                from: _,
+                min_index,
+                reply,
+            } => self.serve_tracking_copy(ctx, min_index, reply),
             NetEvent::Announcement(mut a) => {
                 // Only members' records count, and a member's API address only
                 // when it is one of its own listen hosts (or loopback): peers
