@@ -1080,7 +1080,7 @@ fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
         "cluster state: {} experiments, {} trials, {} metric points ({} reports), 3 nodes, built in {:.0} s",
         r.experiments, r.trials, r.metric_points, r.reports, r.build_s
     );
-    let rows: [(&str, String, &str); 14] = [
+    let rows: Vec<(&str, String, &str)> = vec![
         (
             "rss_mib_before",
             format!("{:.0}", r.rss_mib_before),
@@ -1104,7 +1104,7 @@ fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
         (
             "snapshot_bytes",
             r.snapshot_bytes.to_string(),
-            "what a joining node receives",
+            "what a joining node receives by Raft",
         ),
         (
             "tracking_db_bytes",
@@ -1119,7 +1119,17 @@ fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
         (
             "join_missing_reports",
             r.join_missing_reports.to_string(),
-            "not shipped with the snapshot yet",
+            "reports the snapshot did not carry",
+        ),
+        (
+            "tracking_copy_s",
+            format!("{:.2}", r.tracking_copy_s),
+            "the leader's store copied and installed",
+        ),
+        (
+            "join_store_agrees",
+            r.join_store_agrees.to_string(),
+            "then the same rows as the leader",
         ),
         (
             "metrics_query_ms_p99",

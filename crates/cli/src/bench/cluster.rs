@@ -320,6 +320,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Fills node `id`'s tracking gap as a node does (`node_actor/tracking.rs`),
+    /// without the network: a copy of node `from`'s store, installed, then
+    /// `id`'s pending batches on top. Whether it installed one.
+    pub fn fill_gap_from(&mut self, id: u64, from: u64) -> anyhow::Result<bool> {
+        let src = self.tracking_file(from);
+        let copy = self.dir.join(format!("copy-for-{id}.sqlite"));
+        resolute_tracking::copy_store(&src, &copy)?;
+        let m = self.members.get_mut(&id).context("no such node")?;
+        let Some(t) = &mut m.tracker else {
+            return Ok(false);
+        };
+        let Some(at_least) = t.wants_copy() else {
+            return Ok(false);
+        };
+        let installed = t.install_copy(&copy, at_least)?.is_some();
+        t.write(&m.tracks, m.node.state(), false)?;
+        m.tracks.clear();
+        std::fs::remove_file(&copy).ok();
+        Ok(installed)
+    }
+
     /// Node `id`'s tracking store file.
     pub fn tracking_file(&self, id: u64) -> PathBuf {
         self.dir

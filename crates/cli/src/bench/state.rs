@@ -106,15 +106,21 @@ pub struct Report {
     pub state_bytes_before: u64,
     /// And after them.
     pub state_bytes_after: u64,
-    /// The snapshot a joining node receives (the control state; the tracking
-    /// store does not travel with it yet).
+    /// The snapshot a joining node receives through Raft (the control state;
+    /// the tracking store follows as a blob, `tracking_db_bytes`).
     pub snapshot_bytes: u64,
     /// The leader's tracking store on disk.
     pub tracking_db_bytes: u64,
     /// A fresh node joins and reaches the leader's applied index and digest.
     pub join_catch_up_s: f64,
-    /// Reports the joined node's store lacks (they came with the snapshot).
+    /// Reports the joined node's store lacked after the snapshot (the
+    /// snapshot carries the rows, not the reports).
     pub join_missing_reports: u64,
+    /// Copying the leader's store and installing it on the joined node (what
+    /// a node does to fill that gap, less the network transfer).
+    pub tracking_copy_s: f64,
+    /// Whether the joined node's store then equals the leader's, with no gap.
+    pub join_store_agrees: bool,
     /// p99 of one trial's 1,000 latest validation points.
     pub metrics_query_ms_p99: f64,
     /// p99 of a page of 100 experiments sorted by best metric.
@@ -191,6 +197,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .iter()
         .map(|g| g.reports)
         .sum();
+    let copied = Instant::now();
+    if !c.fill_gap_from(4, leader)? && join_missing_reports > 0 {
+        bail!("node 4 lacks {join_missing_reports} reports and took no copy");
+    }
+    let tracking_copy_s = copied.elapsed().as_secs_f64();
+    let after_copy = Reader::open(&c.tracking_file(4))?.summary()?;
+    let leader_summary = Reader::open(&c.tracking_file(leader))?.summary()?;
+    let join_store_agrees =
+        after_copy.digest == leader_summary.digest && after_copy.gaps.is_empty();
     let apply_records_per_s = reports as f64 / seconds;
     let report = Report {
         experiments: opts.experiments,
@@ -205,6 +220,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         tracking_db_bytes,
         join_catch_up_s,
         join_missing_reports,
+        tracking_copy_s,
+        join_store_agrees,
         metrics_query_ms_p99,
         experiments_list_ms_p99,
         apply_records_per_s,
