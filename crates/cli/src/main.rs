@@ -1157,6 +1157,11 @@ fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
             "target >= 0.8",
         ),
         (
+            "writer_records_per_s",
+            format!("{:.0}", r.writer_records_per_s),
+            "one store's writer, per busy second",
+        ),
+        (
             "stores_agree",
             r.stores_agree.to_string(),
             "same rows on the three nodes",

@@ -174,9 +174,8 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     )
     .map_err(fail)?;
     let admin = admin.filter(|_| !driver.node().state().secured());
-    let mut tracker =
-        resolute_tracking::Tracker::open(&opts.data_dir.join(resolute_tracking::FILE_NAME))
-            .map_err(fail)?;
+    let tracking_file = opts.data_dir.join(resolute_tracking::FILE_NAME);
+    let mut tracker = resolute_tracking::Tracker::open(&tracking_file).map_err(fail)?;
     // A store behind the snapshot this node restarts from (deleted, or from
     // another schema version) is rebuilt from the state at once.
     tracker.catch_up(driver.node().state()).map_err(fail)?;
@@ -239,7 +238,10 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         join,
         data_dir: opts.data_dir.clone(),
         events: net_events,
-        tracker,
+        tracker: (
+            resolute_tracking::background::Background::spawn(tracker).map_err(fail)?,
+            tracking_file,
+        ),
     };
     ctx.run(NodeActor::new(parts));
     Ok(Started {

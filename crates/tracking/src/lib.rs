@@ -24,18 +24,21 @@
 
 #![deny(missing_docs)]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use resolute_core::command::{ExperimentId, MetricKind, TrialId};
+use resolute_core::command::MetricKind;
 use resolute_core::state::{ClusterState, TrialState};
-use resolute_core::track::{RunEvent, TrackBatch};
+use resolute_core::track::TrackBatch;
 
+pub mod background;
 mod query;
+mod rows;
 pub mod schema;
 mod write;
+
+pub use rows::Slice;
 
 pub use query::{
     ExperimentFilter, ExperimentSort, MetricsQuery, Page, Reader, SortOrder, TrialSort,
@@ -44,6 +47,14 @@ pub use query::{
 
 /// The database's file name in the data dir.
 pub const FILE_NAME: &str = "tracking.sqlite";
+/// How long a node may gather applied batches before it writes them in one
+/// transaction (sooner before a snapshot, a client's reply, or
+/// `WRITE_BATCHES_MAX` batches): a page that many reports touch is written
+/// once, not once per batch. The store only lags; a crash loses nothing (the
+/// log replays).
+pub const WRITE_EVERY_MS: u64 = 100;
+/// Batches gathered at most before they are written.
+pub const WRITE_BATCHES_MAX: usize = 1_000;
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -238,11 +249,20 @@ impl Tracker {
         state: &ClusterState,
         durable: bool,
     ) -> Result<(), Error> {
+        self.write_slice(batches, &Slice::of(batches, state), durable)
+    }
+
+    /// [`Tracker::write`] with the rows already taken from the state
+    /// ([`Slice::of`], on the node's thread): what a writer on a thread of
+    /// its own is given.
+    pub fn write_slice(
+        &mut self,
+        batches: &[TrackBatch],
+        slice: &Slice,
+        durable: bool,
+    ) -> Result<(), Error> {
         let stored = self.applied_index;
         let last = batches.iter().map(|b| b.applied_index).max().unwrap_or(0);
-        let replaced = batches
-            .iter()
-            .any(|b| b.replaced && b.applied_index > stored);
         if last <= stored && !durable {
             return Ok(());
         }
@@ -251,7 +271,7 @@ impl Tracker {
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(|e| self.sql(e))?;
         }
-        let result = self.write_batches(batches, state, stored, replaced);
+        let result = self.write_batches(batches, slice, stored);
         if result.is_err() {
             // What it remembers may name rows the failed transaction never wrote.
             self.written = write::Written::default();
@@ -269,9 +289,8 @@ impl Tracker {
     fn write_batches(
         &mut self,
         batches: &[TrackBatch],
-        state: &ClusterState,
+        slice: &Slice,
         stored: u64,
-        replaced: bool,
     ) -> Result<(), Error> {
         let path = self.path.clone();
         let sql = |source| Error::Sql {
@@ -280,32 +299,22 @@ impl Tracker {
         };
         let tx = self.conn.transaction().map_err(sql)?;
         let mut w = write::Rows::new(&tx, &mut self.written);
-        let mut touched = Touched::default();
         let mut gap_at = None;
         for batch in batches.iter().filter(|b| b.applied_index > stored) {
             w.reports(batch, stored).map_err(sql)?;
             for run in &batch.runs {
                 w.run(run, stored).map_err(sql)?;
             }
-            touched.trials.extend(batch.trials.iter().copied());
-            touched.trials.extend(batch.runs.iter().map(run_trial));
-            touched
-                .experiments
-                .extend(batch.experiments.iter().copied());
-            touched
-                .checkpoints
-                .extend(batch.checkpoints.iter().cloned());
             if batch.replaced && w.gap(batch, stored).map_err(sql)? {
                 gap_at = Some(batch.applied_index);
             }
         }
-        if replaced {
-            w.resync(state).map_err(sql)?;
-        } else {
-            w.rows(state, &touched).map_err(sql)?;
+        // A replayed batch's rows are older than the store's: only what is
+        // past the store is written.
+        if last_index(batches) > stored {
+            w.rows(slice).map_err(sql)?;
         }
-        let last = batches.iter().map(|b| b.applied_index).max().unwrap_or(0);
-        w.applied(stored.max(last)).map_err(sql)?;
+        w.applied(stored.max(last_index(batches))).map_err(sql)?;
         tx.commit().map_err(sql)?;
         if gap_at.is_some() {
             self.wants_copy = gap_at;
@@ -390,18 +399,8 @@ impl Tracker {
 
 const SCHEMA_VERSION_U64: u64 = schema::SCHEMA_VERSION as u64;
 
-/// Rows a batch may have changed.
-#[derive(Default)]
-struct Touched {
-    trials: BTreeSet<TrialId>,
-    experiments: BTreeSet<ExperimentId>,
-    checkpoints: BTreeSet<String>,
-}
-
-fn run_trial(run: &RunEvent) -> TrialId {
-    match run {
-        RunEvent::Started { trial, .. } | RunEvent::Ended { trial, .. } => *trial,
-    }
+fn last_index(batches: &[TrackBatch]) -> u64 {
+    batches.iter().map(|b| b.applied_index).max().unwrap_or(0)
 }
 
 /// A metric group's name in the store (`grp`): Determined's names.

@@ -4,11 +4,10 @@ use std::collections::BTreeSet;
 
 use rusqlite::{params, Connection, Transaction};
 
-use resolute_core::state::{ClusterState, Experiment};
 use resolute_core::track::{RunEvent, TrackBatch};
-use resolute_types::Value;
 
-use crate::{group_name, node_hex, schema, trial_state, Gap, Summary, Touched};
+use crate::rows::{CheckpointRow, ExperimentRow, Slice, TrialRow};
+use crate::{group_name, node_hex, schema, Gap, Summary};
 
 /// What the writer remembers between transactions, so that it does not
 /// rewrite what it wrote already: the trials whose hyperparameters are in, and
@@ -145,72 +144,51 @@ impl<'t> Rows<'t> {
         Ok(())
     }
 
-    /// Rewrites the rows a batch may have changed from `state` (and removes
-    /// those whose record is gone).
-    pub(crate) fn rows(&mut self, state: &ClusterState, touched: &Touched) -> rusqlite::Result<()> {
-        let mut trials = touched.trials.clone();
-        for uuid in &touched.checkpoints {
-            match state.checkpoints.get(uuid) {
-                Some(c) => {
-                    trials.insert(c.trial);
-                    self.checkpoint(uuid, state)?;
-                }
+    /// Writes the rows of `slice` (removing those whose record is gone; with
+    /// `resync`, also every row whose record is not in it).
+    pub(crate) fn rows(&mut self, slice: &Slice) -> rusqlite::Result<()> {
+        for (uuid, row) in &slice.checkpoints {
+            match row {
+                Some(r) => self.checkpoint(uuid, r)?,
                 None => self.delete("checkpoints", "uuid", uuid)?,
             }
         }
-        let mut experiments = touched.experiments.clone();
-        for id in &trials {
-            match state.trials.get(id) {
-                Some(t) => {
-                    experiments.insert(t.experiment);
-                    self.trial(*id, state)?;
-                }
+        for (id, row) in &slice.trials {
+            match row {
+                Some(r) => self.trial(*id, r)?,
                 None => self.delete_trial(*id)?,
             }
         }
-        for id in &experiments {
-            match state.experiments.get(id) {
-                Some(e) => self.experiment(*id, e, state)?,
+        for (id, row) in &slice.experiments {
+            match row {
+                Some(r) => self.experiment(*id, r)?,
                 None => {
                     self.written.experiments.remove(id);
                     self.delete("experiments", "id", &(*id as i64))?
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Rewrites every experiment, trial and checkpoint row from `state`, and
-    /// removes rows whose records it no longer has.
-    pub(crate) fn resync(&mut self, state: &ClusterState) -> rusqlite::Result<()> {
-        let touched = Touched {
-            trials: state.trials.keys().copied().collect(),
-            experiments: state.experiments.keys().copied().collect(),
-            checkpoints: state.checkpoints.keys().cloned().collect(),
-        };
-        self.rows(state, &touched)?;
-        let keep_trials: BTreeSet<i64> = touched.trials.iter().map(|t| *t as i64).collect();
-        for id in self.ids("trials", "id")? {
-            if !keep_trials.contains(&id) {
-                self.delete_trial(id as u64)?;
+        if slice.resync {
+            for id in self.ids("trials", "id")? {
+                if !slice.trials.contains_key(&(id as u64)) {
+                    self.delete_trial(id as u64)?;
+                }
             }
-        }
-        let keep_experiments: BTreeSet<i64> =
-            touched.experiments.iter().map(|e| *e as i64).collect();
-        for id in self.ids("experiments", "id")? {
-            if !keep_experiments.contains(&id) {
-                self.written.experiments.remove(&(id as u64));
-                self.delete("experiments", "id", &id)?;
+            for id in self.ids("experiments", "id")? {
+                if !slice.experiments.contains_key(&(id as u64)) {
+                    self.written.experiments.remove(&(id as u64));
+                    self.delete("experiments", "id", &id)?;
+                }
             }
-        }
-        let uuids: Vec<String> = {
-            let mut stmt = self.tx.prepare("SELECT uuid FROM checkpoints")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for uuid in uuids {
-            if !touched.checkpoints.contains(&uuid) {
-                self.delete("checkpoints", "uuid", &uuid)?;
+            let uuids: Vec<String> = {
+                let mut stmt = self.tx.prepare("SELECT uuid FROM checkpoints")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for uuid in uuids {
+                if !slice.checkpoints.contains_key(&uuid) {
+                    self.delete("checkpoints", "uuid", &uuid)?;
+                }
             }
         }
         Ok(())
@@ -239,14 +217,10 @@ impl<'t> Rows<'t> {
         self.delete("trials", "id", &id)
     }
 
-    fn trial(&mut self, id: u64, state: &ClusterState) -> rusqlite::Result<()> {
-        let Some(t) = state.trials.get(&id) else {
-            return Ok(());
-        };
-        let (st, node) = trial_state(&t.state);
+    fn trial(&mut self, id: u64, t: &TrialRow) -> rusqlite::Result<()> {
         let mut h = blake3::Hasher::new();
-        h.update(st.as_bytes());
-        h.update(node.as_deref().unwrap_or("").as_bytes());
+        h.update(t.state.as_bytes());
+        h.update(t.node.as_deref().unwrap_or("").as_bytes());
         for n in [
             t.incarnation,
             u64::from(t.restarts),
@@ -266,7 +240,6 @@ impl<'t> Rows<'t> {
             return Ok(());
         }
         self.written.trials.insert(id, fingerprint);
-        let hparams = serde_json::to_string(&t.hparams).unwrap_or_else(|_| "{}".into());
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO trials (id, experiment_id, request_id, state, node,
@@ -277,15 +250,15 @@ impl<'t> Rows<'t> {
             .execute(params![
                 id as i64,
                 t.experiment as i64,
-                t.request_id.to_string(),
-                st,
-                node,
+                t.request_id,
+                t.state,
+                t.node,
                 t.incarnation as i64,
                 i64::from(t.restarts),
                 t.steps_completed as i64,
                 t.target.map(|x| x as i64),
                 i64::from(t.seed),
-                hparams,
+                t.hparams,
                 t.latest_checkpoint,
                 t.latest_validation,
                 t.best_validation,
@@ -294,24 +267,17 @@ impl<'t> Rows<'t> {
         if !self.written.hparams.insert(id) {
             return Ok(());
         }
-        let mut flat = Vec::new();
-        flatten("", &t.hparams, &mut flat);
         let mut insert = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO hyperparameters (trial_id, name, value, number)
              VALUES (?1, ?2, ?3, ?4)",
         )?;
-        for (name, value) in flat {
-            let text = serde_json::to_string(value).unwrap_or_default();
-            insert.execute(params![id as i64, name, text, value.as_f64()])?;
+        for (name, text, number) in &t.flat {
+            insert.execute(params![id as i64, name, text, number])?;
         }
         Ok(())
     }
 
-    fn checkpoint(&self, uuid: &str, state: &ClusterState) -> rusqlite::Result<()> {
-        let Some(c) = state.checkpoints.get(uuid) else {
-            return Ok(());
-        };
-        let holders: Vec<String> = c.holders.iter().map(|h| node_hex(*h)).collect();
+    fn checkpoint(&self, uuid: &str, c: &CheckpointRow) -> rusqlite::Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO checkpoints (uuid, trial_id, steps_completed, size,
@@ -323,34 +289,24 @@ impl<'t> Rows<'t> {
                 c.steps_completed as i64,
                 c.size as i64,
                 c.digest,
-                serde_json::to_string(&holders).unwrap_or_default(),
+                c.holders,
             ])?;
         Ok(())
     }
 
-    fn experiment(
-        &mut self,
-        id: u64,
-        e: &Experiment,
-        state: &ClusterState,
-    ) -> rusqlite::Result<()> {
-        let config = e.config();
-        let smaller = config.is_none_or(|c| c.searcher.smaller_is_better);
-        let best = e
-            .trials
-            .values()
-            .filter_map(|t| state.trials.get(t).and_then(|t| t.best_validation))
-            .reduce(|a, b| if smaller { a.min(b) } else { a.max(b) });
-        let workspace =
-            resolute_core::state::auth::workspace_or_default(config.map_or("", |c| &c.workspace));
+    fn experiment(&mut self, id: u64, e: &ExperimentRow) -> rusqlite::Result<()> {
         // Most batches change an experiment's trials, not the experiment: a
-        // fingerprint of what the row would hold skips the rewrite.
+        // fingerprint of what the row holds skips the rewrite.
         let mut h = blake3::Hasher::new();
-        h.update(format!("{:?}", e.state).as_bytes());
-        h.update(&e.progress().to_bits().to_le_bytes());
-        h.update(&best.map_or(u64::MAX, f64::to_bits).to_le_bytes());
-        h.update(&(e.trials.len() as u64).to_le_bytes());
-        h.update(&e.ended_ms.map_or(u64::MAX, |x| x).to_le_bytes());
+        h.update(e.state.as_bytes());
+        h.update(&e.progress.to_bits().to_le_bytes());
+        h.update(
+            &e.best_validation
+                .map_or(u64::MAX, f64::to_bits)
+                .to_le_bytes(),
+        );
+        h.update(&e.trials.to_le_bytes());
+        h.update(&e.ended_ms.unwrap_or(u64::MAX).to_le_bytes());
         h.update(e.last_error.as_deref().unwrap_or("").as_bytes());
         let fingerprint = h.finalize();
         if self.written.experiments.get(&id) == Some(&fingerprint) {
@@ -367,19 +323,17 @@ impl<'t> Rows<'t> {
             )?
             .execute(params![
                 id as i64,
-                config.and_then(|c| c.name.clone()).unwrap_or_default(),
+                e.name,
                 e.owner,
-                workspace,
-                config.map(|c| c.project.clone()).unwrap_or_default(),
-                format!("{:?}", e.state),
-                config.map_or("", |c| c.searcher.method.name()),
-                config
-                    .map(|c| c.searcher.metric.clone())
-                    .unwrap_or_default(),
-                smaller,
-                e.progress(),
-                best,
-                e.trials.len() as i64,
+                e.workspace,
+                e.project,
+                e.state,
+                e.searcher,
+                e.searcher_metric,
+                e.smaller_is_better,
+                e.progress,
+                e.best_validation,
+                e.trials as i64,
                 e.created_ms as i64,
                 e.ended_ms.map(|x| x as i64),
                 i64::from(e.seed),
@@ -388,25 +342,6 @@ impl<'t> Rows<'t> {
                 e.config_yaml,
             ])?;
         Ok(())
-    }
-}
-
-/// Nested hyperparameters as dotted names (`optimizer.lr`), as Determined's
-/// WebUI shows them.
-fn flatten<'v>(prefix: &str, value: &'v Value, out: &mut Vec<(String, &'v Value)>) {
-    match value {
-        Value::Map(map) => {
-            for (k, v) in map {
-                let name = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&name, v, out);
-            }
-        }
-        _ if !prefix.is_empty() => out.push((prefix.to_string(), value)),
-        _ => {}
     }
 }
 

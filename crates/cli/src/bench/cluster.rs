@@ -15,7 +15,8 @@ use resolute_core::command::{Command, ProposalId};
 use resolute_core::track::TrackBatch;
 use resolute_core::{Input, Node, NodeConfig, NodeInfo, Output, Reply};
 use resolute_storage::{DurableStore, LogStore};
-use resolute_tracking::Tracker;
+use resolute_tracking::background::Background;
+use resolute_tracking::{Slice, Tracker};
 
 /// Wall time between ticks, as a node would tick.
 const TICK_EVERY: Duration = Duration::from_millis(100);
@@ -38,8 +39,11 @@ pub(super) struct Member {
     store: DurableStore,
     persists: Vec<Output>,
     pub(super) fsyncs: u64,
-    tracker: Option<Tracker>,
+    /// Its tracking store's writer thread, as a node has one.
+    tracker: Option<Background>,
     tracks: Vec<TrackBatch>,
+    /// When its tracking batches were last written.
+    tracked_at: Instant,
 }
 
 /// Carries out a node's pending writes with one fsync (its tracking batches
@@ -54,10 +58,20 @@ fn write_round(id: u64, m: &mut Member) -> anyhow::Result<(u64, Vec<u64>)> {
             }
         )
     });
-    if let Some(t) = &mut m.tracker {
-        if !m.tracks.is_empty() || snapshot_next {
-            t.write(&m.tracks, m.node.state(), snapshot_next)?;
-            m.tracks.clear();
+    // As the node actor does: handed to the writer thread every
+    // `WRITE_EVERY_MS`, and written (and fsynced) before a snapshot.
+    let due = m.tracked_at.elapsed() >= Duration::from_millis(resolute_tracking::WRITE_EVERY_MS)
+        || m.tracks.len() >= resolute_tracking::WRITE_BATCHES_MAX;
+    if let Some(t) = &m.tracker {
+        if (!m.tracks.is_empty() && due) || snapshot_next {
+            let batches = std::mem::take(&mut m.tracks);
+            let slice = Slice::of(&batches, m.node.state());
+            if snapshot_next {
+                t.write_and_wait(batches, slice, true);
+            } else {
+                t.write(batches, slice);
+            }
+            m.tracked_at = Instant::now();
         }
     }
     let mut seqs = Vec::new();
@@ -133,7 +147,8 @@ impl Cluster {
         cfg.snapshot_log_bytes = u64::MAX;
         cfg.track = self.shape.track;
         let tracker = if self.shape.track {
-            Some(Tracker::open(&dir.join(resolute_tracking::FILE_NAME))?)
+            let t = Tracker::open(&dir.join(resolute_tracking::FILE_NAME))?;
+            Some(Background::spawn(t)?)
         } else {
             None
         };
@@ -148,6 +163,7 @@ impl Cluster {
                 fsyncs: 0,
                 tracker,
                 tracks: Vec::new(),
+                tracked_at: Instant::now(),
             },
         );
         self.handle(id, outs);
@@ -309,12 +325,16 @@ impl Cluster {
         Ok(self.propose_on(leader, command))
     }
 
-    /// Writes every node's pending tracking batches now.
+    /// Writes every node's pending tracking batches now, and waits for them.
     pub fn flush_tracking(&mut self) -> anyhow::Result<()> {
         for m in self.members.values_mut() {
-            if let Some(t) = &mut m.tracker {
-                t.write(&m.tracks, m.node.state(), false)?;
-                m.tracks.clear();
+            if let Some(t) = &m.tracker {
+                let batches = std::mem::take(&mut m.tracks);
+                let slice = Slice::of(&batches, m.node.state());
+                t.write_and_wait(batches, slice, false);
+                if let Some(e) = t.status().failed {
+                    bail!("a tracking store failed: {e}");
+                }
             }
         }
         Ok(())
@@ -324,21 +344,31 @@ impl Cluster {
     /// without the network: a copy of node `from`'s store, installed, then
     /// `id`'s pending batches on top. Whether it installed one.
     pub fn fill_gap_from(&mut self, id: u64, from: u64) -> anyhow::Result<bool> {
+        self.flush_tracking()?;
         let src = self.tracking_file(from);
         let copy = self.dir.join(format!("copy-for-{id}.sqlite"));
         resolute_tracking::copy_store(&src, &copy)?;
         let m = self.members.get_mut(&id).context("no such node")?;
-        let Some(t) = &mut m.tracker else {
+        let Some(t) = &m.tracker else {
             return Ok(false);
         };
-        let Some(at_least) = t.wants_copy() else {
+        let Some(at_least) = t.status().wants_copy else {
             return Ok(false);
         };
-        let installed = t.install_copy(&copy, at_least)?.is_some();
-        t.write(&m.tracks, m.node.state(), false)?;
-        m.tracks.clear();
+        let installed = t
+            .install_copy(copy.clone(), at_least)
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the tracking writer is gone"))?
+            .map_err(|e| anyhow::anyhow!(e))?
+            .is_some();
         std::fs::remove_file(&copy).ok();
         Ok(installed)
+    }
+
+    /// Node `id`'s tracking writer: (seconds busy, reports handed), in all.
+    pub fn writer_load(&self, id: u64) -> Option<(f64, u64)> {
+        let s = self.members.get(&id)?.tracker.as_ref()?.status();
+        Some((s.busy_us as f64 / 1e6, s.reports))
     }
 
     /// Node `id`'s tracking store file.

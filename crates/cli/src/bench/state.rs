@@ -2,17 +2,21 @@
 //! real apply path, and what it costs.
 //!
 //! Three real `core::Node`s in this process (`cluster`), each with its durable
-//! log and its SQLite tracking store, apply: 10,000 experiments of two trials
-//! (20,000 trials, all placed), then 20,000,000 metric points (reports of ten
-//! values, proposed by the node that runs each trial, in batches as trials
-//! report them). Measured: the process's resident memory and the leader's
-//! encoded control state before and after the points (the state must not grow
-//! with them), the snapshot a joining node receives, how long a fresh fourth
-//! node takes to reach the leader's applied index and digest, the p99 of the
-//! queries users make (a trial's 1,000 latest validation points; a page of 100
-//! experiments sorted by best metric), and the rate reports apply at with the
-//! tracking store, against `bench log`'s rate without it measured in the same
-//! run.
+//! log and its SQLite tracking store, apply a history as a cluster sees one:
+//! waves of `WAVE_TRIALS` trials run at once (two per experiment), report
+//! their metrics (reports of ten values, proposed by the node that runs them,
+//! in batches as trials report them) and complete, until 10,000 experiments
+//! (20,000 trials) are done; the last wave's trials then train on and report
+//! the other half of the 20,000,000 points. Measured: the process's resident
+//! memory and the leader's encoded control state before and after that last
+//! half (the trials are the same; only points are added: the state must not
+//! grow with them), the snapshot a joining node receives, how long a fresh
+//! fourth node takes to reach the leader's applied index and digest and to
+//! fill its store from the leader's copy, the p99 of the queries users make (a
+//! trial's 1,000 latest validation points; a page of 100 experiments sorted by
+//! best metric), and the rate reports apply at with the tracking store while
+//! the last wave reports, against `bench log`'s rate without it, with records
+//! of the same shape, in the same run.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +25,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use resolute_core::command::{Command, MetricKind, MetricRecord, ProposalId};
+use resolute_core::command::{Command, MetricKind, MetricRecord, ProposalId, TrialOutcome};
 use resolute_core::state::TrialState;
 use resolute_core::Reply;
 use resolute_tracking::{ExperimentFilter, ExperimentSort, MetricsQuery, Reader, SortOrder};
@@ -32,6 +36,8 @@ use super::quantile;
 
 /// Queries timed per kind.
 const QUERIES: usize = 200;
+/// Trials that run at once (node 1's slots): a wave.
+const WAVE_TRIALS: u64 = 64;
 /// Validation points each long trial gets (the metrics query reads them).
 const LONG_TRIAL_VALIDATIONS: u64 = 1_000;
 /// Experiment creations kept in flight.
@@ -98,11 +104,13 @@ pub struct Report {
     pub metric_points: u64,
     /// Reports (records) applied.
     pub reports: u64,
-    /// Resident memory of this process (three nodes) before the points.
+    /// Resident memory of this process (three nodes) before the last wave's
+    /// half of the points.
     pub rss_mib_before: f64,
     /// And after them.
     pub rss_mib_after: f64,
-    /// The leader's encoded control state before the points.
+    /// The leader's encoded control state before the last wave's half of the
+    /// points (every trial of the history exists by then).
     pub state_bytes_before: u64,
     /// And after them.
     pub state_bytes_after: u64,
@@ -125,12 +133,15 @@ pub struct Report {
     pub metrics_query_ms_p99: f64,
     /// p99 of a page of 100 experiments sorted by best metric.
     pub experiments_list_ms_p99: f64,
-    /// Reports applied per second with the tracking store.
+    /// Reports applied per second with the tracking store (the last wave).
     pub apply_records_per_s: f64,
     /// `bench log`'s records per second, without it, in the same run.
     pub log_records_per_s: f64,
     /// `apply_records_per_s` over `log_records_per_s` (target: at least 0.8).
     pub apply_over_log: f64,
+    /// Reports the leader's tracking writer wrote per second it was busy (on
+    /// its own thread): what one store can take, whatever the log does.
+    pub writer_records_per_s: f64,
     /// Whether the three stores ended with the same rows (digest).
     pub stores_agree: bool,
     /// Seconds the whole history took to build.
@@ -156,28 +167,50 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         Shape {
             // Every trial on node 1, which bootstraps and leads: its reports
             // are proposed on the leader, as `bench log`'s are.
-            slots: [u32::try_from(trials).unwrap_or(u32::MAX), 0, 0],
+            slots: [WAVE_TRIALS as u32, 0, 0],
             track: true,
             snapshot_entries: resolute_core::node::SNAPSHOT_ENTRIES_DEFAULT,
         },
     )?;
     c.form()?;
-    create_experiments(&mut c, opts.experiments)?;
-    let placed = placed_trials(&c)?;
-    if (placed.len() as u64) < trials {
-        bail!("{} of {trials} trials were placed", placed.len());
+    let total = opts.points / opts.values_per_report;
+    let waves = trials.div_ceil(WAVE_TRIALS);
+    // Half the reports over every wave but the last, the other half to it.
+    let per_trial = (total / 2 / trials.saturating_sub(WAVE_TRIALS).max(1)).max(1);
+    let mut created = 0u64;
+    let mut reports = 0u64;
+    let mut last: Vec<(u64, u64, u64)> = Vec::new();
+    for wave in 0..waves {
+        let n = (opts.experiments - created).min(WAVE_TRIALS / 2);
+        create_experiments(&mut c, created, n)?;
+        created += n;
+        let placed = placed_trials(&c)?;
+        if wave + 1 == waves {
+            last = placed;
+            break;
+        }
+        let plan = Plan::even(&placed, per_trial);
+        reports += report_points(&mut c, opts, &plan)?.0;
+        complete(&mut c, &placed)?;
     }
     let leader = c.leader().context("no leader")?;
     let rss_mib_before = rss_mib();
     let state_bytes_before = encoded_state(&c, leader);
-    let (reports, seconds) = report_points(&mut c, opts, &placed)?;
+    let long: Vec<u64> = last.iter().take(opts.long_trials).map(|p| p.0).collect();
+    let plan = Plan::last(&last, total.saturating_sub(reports), opts.long_trials);
+    let load_before = c.writer_load(leader).unwrap_or_default();
+    let (last_reports, seconds) = report_points(&mut c, opts, &plan)?;
+    reports += last_reports;
+    c.flush_tracking()?;
+    let load_after = c.writer_load(leader).unwrap_or_default();
+    let writer_records_per_s =
+        (load_after.1 - load_before.1) as f64 / (load_after.0 - load_before.0).max(1e-9);
     let rss_mib_after = rss_mib();
     let leader = c.leader().context("no leader")?;
     let state_bytes_after = encoded_state(&c, leader);
     let build_s = build.elapsed().as_secs_f64();
     let file = c.tracking_file(leader);
     let tracking_db_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-    let long: Vec<u64> = placed.iter().take(opts.long_trials).map(|p| p.0).collect();
     let (metrics_query_ms_p99, experiments_list_ms_p99) =
         time_queries(&file, &long, opts.experiments)?;
     let digests: Vec<String> = (1..=3)
@@ -206,7 +239,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let leader_summary = Reader::open(&c.tracking_file(leader))?.summary()?;
     let join_store_agrees =
         after_copy.digest == leader_summary.digest && after_copy.gaps.is_empty();
-    let apply_records_per_s = reports as f64 / seconds;
+    let apply_records_per_s = last_reports as f64 / seconds;
     let report = Report {
         experiments: opts.experiments,
         trials,
@@ -227,6 +260,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         apply_records_per_s,
         log_records_per_s: log.records_per_s,
         apply_over_log: apply_records_per_s / log.records_per_s.max(1e-9),
+        writer_records_per_s,
         stores_agree,
         build_s,
     };
@@ -235,8 +269,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The experiment every history is made of: two trials that train "forever"
-/// (the benchmark ends them by reporting, not by their length).
+/// The experiment every history is made of: two trials, done once they have
+/// reported and exited (their length is one batch: any report reaches it).
 fn experiment(n: u64) -> Command {
     Command::ExperimentCreated {
         config_yaml: format!(
@@ -244,7 +278,7 @@ fn experiment(n: u64) -> Command {
 hyperparameters:
   lr: {{type: log, minval: -4, maxval: -1, base: 10}}
   width: {{type: int, minval: 8, maxval: 512}}
-searcher: {{name: random, metric: loss, max_trials: 2, max_concurrent_trials: 2, max_length: {{batches: 100000000}}}}
+searcher: {{name: random, metric: loss, max_trials: 2, max_concurrent_trials: 2, max_length: {{batches: 1}}}}
 "
         ),
         overrides: Vec::new(),
@@ -254,14 +288,15 @@ searcher: {{name: random, metric: loss, max_trials: 2, max_concurrent_trials: 2,
     }
 }
 
-fn create_experiments(c: &mut Cluster, n: u64) -> anyhow::Result<()> {
+/// Creates experiments `first + 1 ..= first + n`.
+fn create_experiments(c: &mut Cluster, first: u64, n: u64) -> anyhow::Result<()> {
     let mut next = 0u64;
     let mut in_flight: Vec<ProposalId> = Vec::new();
     let deadline = Instant::now() + std::time::Duration::from_secs(PHASE_LIMIT_S);
     while next < n || !in_flight.is_empty() {
         while next < n && in_flight.len() < CREATES_IN_FLIGHT {
             next += 1;
-            in_flight.push(c.propose(experiment(next))?);
+            in_flight.push(c.propose(experiment(first + next))?);
         }
         c.round()?;
         let mut refused = None;
@@ -300,65 +335,82 @@ fn placed_trials(c: &Cluster) -> anyhow::Result<Vec<(u64, u64, u64)>> {
         .collect())
 }
 
-/// Streams the points: each node proposes the reports of the trials it runs,
-/// `records_per_entry` to an entry, the nodes taking turns. First the first
-/// `long_trials` trials get `LONG_TRIAL_VALIDATIONS` validation reports each;
-/// then the rest go round each node's trials, every tenth a validation.
-/// Returns the reports applied and the seconds they took.
-fn report_points(
-    c: &mut Cluster,
-    opts: &Options,
-    placed: &[(u64, u64, u64)],
-) -> anyhow::Result<(u64, f64)> {
-    let total = opts.points / opts.values_per_report;
-    let mut by_node: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-    for (trial, incarnation, node) in placed {
-        by_node
-            .entry(*node)
-            .or_default()
-            .push((*trial, *incarnation));
+/// Which trial each report of a stream is for, and whether it is a
+/// validation: the reports go round the trials.
+struct Plan {
+    /// (trial, incarnation, node, reports, validations first).
+    trials: Vec<(u64, u64, u64, u64, u64)>,
+}
+
+impl Plan {
+    /// `per_trial` reports for each trial, every tenth a validation.
+    fn even(placed: &[(u64, u64, u64)], per_trial: u64) -> Plan {
+        Plan {
+            trials: placed
+                .iter()
+                .map(|(t, i, n)| (*t, *i, *n, per_trial, 0))
+                .collect(),
+        }
     }
-    let mut long: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-    for (trial, incarnation, node) in placed.iter().take(opts.long_trials) {
-        long.entry(*node).or_default().push((*trial, *incarnation));
+
+    /// `total` reports over the last wave; its first `long` trials report
+    /// `LONG_TRIAL_VALIDATIONS` validations first.
+    fn last(placed: &[(u64, u64, u64)], total: u64, long: usize) -> Plan {
+        let per_trial = (total / placed.len().max(1) as u64).max(1);
+        Plan {
+            trials: placed
+                .iter()
+                .enumerate()
+                .map(|(k, (t, i, n))| {
+                    let validations = if k < long { LONG_TRIAL_VALIDATIONS } else { 0 };
+                    (*t, *i, *n, per_trial.max(validations), validations)
+                })
+                .collect(),
+        }
     }
-    let nodes: Vec<u64> = by_node.keys().copied().collect();
-    let mut steps: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut cursor: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut long_left = (opts.long_trials as u64 * LONG_TRIAL_VALIDATIONS).min(total);
+}
+
+/// Streams a plan's reports: each node proposes the reports of the trials it
+/// runs, `records_per_entry` to an entry, `outstanding` entries in flight, the
+/// trials taking turns. Returns the reports applied and the seconds taken.
+fn report_points(c: &mut Cluster, opts: &Options, plan: &Plan) -> anyhow::Result<(u64, f64)> {
+    let total: u64 = plan.trials.iter().map(|t| t.3).sum();
+    let mut sent: Vec<u64> = vec![0; plan.trials.len()];
+    let mut turn = 0usize;
     let mut made = 0u64;
     let mut applied = 0u64;
-    let mut turn = 0usize;
     let mut in_flight: BTreeMap<ProposalId, u64> = BTreeMap::new();
     let start = Instant::now();
     let deadline = start + std::time::Duration::from_secs(PHASE_LIMIT_S);
     while applied < total {
         while in_flight.len() < opts.outstanding && made < total {
-            let node = nodes[turn % nodes.len()];
-            turn += 1;
-            let mut batch = Vec::with_capacity(opts.records_per_entry);
-            while batch.len() < opts.records_per_entry && made < total {
-                let at = cursor.entry(node).or_default();
-                *at += 1;
-                let long_here = long.get(&node).filter(|l| !l.is_empty() && long_left > 0);
-                let ((trial, incarnation), validation) = match long_here {
-                    Some(l) => {
-                        long_left -= 1;
-                        (l[*at % l.len()], true)
-                    }
-                    None => {
-                        let mine = &by_node[&node];
-                        (mine[*at % mine.len()], *at % 10 == 0)
-                    }
-                };
-                let step = steps.entry(trial).or_default();
-                *step += 1;
-                batch.push(record(trial, incarnation, *step, validation, opts));
+            let mut batches: BTreeMap<u64, Vec<MetricRecord>> = BTreeMap::new();
+            let mut in_batch = 0usize;
+            while in_batch < opts.records_per_entry && made < total {
+                let k = turn % plan.trials.len();
+                turn += 1;
+                let (trial, incarnation, node, reports, validations) = plan.trials[k];
+                if sent[k] >= reports {
+                    continue;
+                }
+                sent[k] += 1;
+                let step = sent[k];
+                let validation = step <= validations || step % 10 == 0;
+                batches.entry(node).or_default().push(record(
+                    trial,
+                    incarnation,
+                    step,
+                    validation,
+                    opts,
+                ));
+                in_batch += 1;
                 made += 1;
             }
-            let n = batch.len() as u64;
-            let id = c.propose_on(node, Command::Metrics { records: batch });
-            in_flight.insert(id, n);
+            for (node, batch) in batches {
+                let n = batch.len() as u64;
+                let id = c.propose_on(node, Command::Metrics { records: batch });
+                in_flight.insert(id, n);
+            }
         }
         c.round()?;
         let done: Vec<ProposalId> = in_flight
@@ -378,6 +430,37 @@ fn report_points(
         }
     }
     Ok((applied, start.elapsed().as_secs_f64()))
+}
+
+/// The wave's trials exit, completed: their experiments end.
+fn complete(c: &mut Cluster, placed: &[(u64, u64, u64)]) -> anyhow::Result<()> {
+    let ids: Vec<ProposalId> = placed
+        .iter()
+        .map(|(trial, incarnation, node)| {
+            c.propose_on(
+                *node,
+                Command::TrialExited {
+                    trial: *trial,
+                    incarnation: *incarnation,
+                    outcome: TrialOutcome::Completed,
+                },
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + std::time::Duration::from_secs(PHASE_LIMIT_S);
+    while !ids.iter().all(|id| c.replies.contains_key(id)) {
+        if Instant::now() > deadline {
+            bail!("trial exits unanswered after {PHASE_LIMIT_S} s");
+        }
+        c.round()?;
+    }
+    for id in ids {
+        if let Some(r @ (Reply::Rejected { .. } | Reply::Forbidden { .. })) = c.replies.remove(&id)
+        {
+            bail!("a trial's exit was refused: {r:?}");
+        }
+    }
+    Ok(())
 }
 
 fn record(

@@ -28,7 +28,6 @@ use resolute_core::{NodeError, NodeId};
 use resolute_net::{Announcement, NetEvent};
 use resolute_storage::blob::BlobStore;
 use resolute_storage::{DurableStore, LogStore};
-use resolute_tracking::Tracker;
 use resolute_trial::{Control, KillAll, Launch, Report, Signal, TrialSupervisor};
 
 use crate::gpu_monitor::{CheckGpus, GpuMonitor};
@@ -119,8 +118,8 @@ pub struct Parts {
     pub data_dir: PathBuf,
     /// The swarm's events.
     pub events: tokio::sync::mpsc::Receiver<NetEvent>,
-    /// The experiment-tracking store (its writer).
-    pub tracker: Tracker,
+    /// The experiment-tracking store (its writer thread) and its file.
+    pub tracker: (resolute_tracking::background::Background, PathBuf),
 }
 
 /// The node.
@@ -187,7 +186,7 @@ impl NodeActor {
             leaving: Vec::new(),
             left: false,
             events: Some(p.events),
-            tracking: tracking::Tracking::new(p.tracker),
+            tracking: tracking::Tracking::new(p.tracker.0, p.tracker.1),
         }
     }
 
@@ -227,7 +226,7 @@ impl NodeActor {
                     if snapshot.is_some() {
                         // The snapshot compacts the log: the store must hold
                         // everything before it, durably.
-                        self.write_tracking(true);
+                        self.write_tracking(tracking::Flush::Durable);
                     }
                     let result = (|| {
                         if let Some(s) = &snapshot {
@@ -249,7 +248,7 @@ impl NodeActor {
                 Action::Reply { id, result } => {
                     // A client that was told its proposal applied may query
                     // the store next.
-                    self.write_tracking(false);
+                    self.write_tracking(tracking::Flush::Wait);
                     if let Some(w) = self.waiting.remove(&id) {
                         let _ = w.send(result);
                     }
@@ -288,7 +287,7 @@ impl NodeActor {
                 Action::Left => self.finish_leaving(ctx),
             }
         }
-        self.write_tracking(false);
+        self.write_tracking(tracking::Flush::IfDue);
     }
 
     fn control(&mut self, ctx: &mut Context<Self>, trial: u64, incarnation: u64, control: Control) {
@@ -348,6 +347,7 @@ impl NodeActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         self.step(ctx, Event::Tick);
+        self.write_tracking(tracking::Flush::IfDue);
         // Every connected peer is alive (a lost connection stops the heartbeat).
         let peers: Vec<NodeId> = self.local.connected.iter().copied().collect();
         for node in peers {

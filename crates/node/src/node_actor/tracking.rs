@@ -18,8 +18,12 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
 use resolute_core::track::TrackBatch;
-use resolute_tracking::Tracker;
+use resolute_tracking::background::Background;
+use resolute_tracking::Slice;
 use resolute_types::codec;
 
 use super::NodeActor;
@@ -45,9 +49,14 @@ pub struct ServedCopy {
 
 /// The store and what travels around it.
 pub(super) struct Tracking {
-    pub(super) tracker: Tracker,
-    /// Applied batches not yet in the store.
+    /// The writer thread.
+    writer: Background,
+    /// The store's file.
+    path: PathBuf,
+    /// Applied batches not yet handed to the writer.
     pub(super) tracks: Vec<TrackBatch>,
+    /// When batches were last handed over.
+    handed_at: Instant,
     /// The store failed to write: the error last logged.
     failed: Option<String>,
     /// Batches written since the store wanted a copy: written again on it.
@@ -60,10 +69,12 @@ pub(super) struct Tracking {
 }
 
 impl Tracking {
-    pub(super) fn new(tracker: Tracker) -> Tracking {
+    pub(super) fn new(writer: Background, path: PathBuf) -> Tracking {
         Tracking {
-            tracker,
+            writer,
+            path,
             tracks: Vec::new(),
+            handed_at: Instant::now(),
             failed: None,
             retained: Vec::new(),
             asking: false,
@@ -74,58 +85,61 @@ impl Tracking {
 }
 
 impl NodeActor {
-    /// Writes the applied batches gathered so far into the tracking store (one
-    /// transaction). A store that fails (a full disk) does not stop the node:
-    /// the batches wait for the next try, and past `TRACK_PENDING_BATCHES_MAX`
-    /// they are given up and the store catches up from the state later,
-    /// recording the gap.
-    pub(super) fn write_tracking(&mut self, durable: bool) {
+    /// Hands the applied batches gathered so far, and the rows they changed,
+    /// to the store's writer thread: every `WRITE_EVERY_MS` (a page many
+    /// reports touch is written once), or now with `Flush::Wait` (a client's
+    /// reply follows: it may query next) or `Flush::Durable` (a snapshot that
+    /// compacts the log follows: the store must hold everything before it, on
+    /// disk). A store that fails to write does not stop the node (the writer
+    /// keeps the writes for another try, or asks for a resync from the state).
+    pub(super) fn write_tracking(&mut self, flush: Flush) {
         let t = &mut self.tracking;
-        if t.tracks.is_empty() && !durable {
+        let due = t.handed_at.elapsed() >= Duration::from_millis(resolute_tracking::WRITE_EVERY_MS)
+            || t.tracks.len() >= resolute_tracking::WRITE_BATCHES_MAX;
+        if (t.tracks.is_empty() || !due) && flush == Flush::IfDue {
             return;
         }
-        let state = self.driver.node().state();
-        match t.tracker.write(&t.tracks, state, durable) {
-            Ok(()) => {
-                if t.tracker.wants_copy().is_some() {
-                    if t.retained.len() + t.tracks.len() > TRACK_PENDING_BATCHES_MAX {
-                        eprintln!(
-                            "node {:016x}: no tracking copy came in time; the store keeps its gap",
-                            self.local.node
-                        );
-                        t.tracker.forget_copy();
-                        t.retained.clear();
-                    } else {
-                        t.retained.append(&mut t.tracks);
-                    }
-                }
-                t.tracks.clear();
-                if t.failed.take().is_some() {
-                    eprintln!(
-                        "node {:016x}: the tracking store writes again",
-                        self.local.node
-                    );
-                }
+        let status = t.writer.status();
+        match (&status.failed, &t.failed) {
+            (Some(e), last) if last.as_ref() != Some(e) => {
+                eprintln!(
+                    "node {:016x}: {e} (the writer tries again)",
+                    self.local.node
+                )
             }
-            Err(e) => {
-                let text = e.to_string();
-                if t.failed.as_deref() != Some(text.as_str()) {
-                    eprintln!(
-                        "node {:016x}: {text} (kept for the next try)",
-                        self.local.node
-                    );
-                }
-                t.failed = Some(text);
-                if t.tracks.len() > TRACK_PENDING_BATCHES_MAX {
-                    t.tracks = vec![TrackBatch {
-                        applied_index: state.applied_index,
-                        reports_applied: state.reports_applied,
-                        replaced: true,
-                        ..TrackBatch::default()
-                    }];
-                }
+            (None, Some(_)) => {
+                eprintln!(
+                    "node {:016x}: the tracking store writes again",
+                    self.local.node
+                )
+            }
+            _ => {}
+        }
+        t.failed = status.failed.clone();
+        let state = self.driver.node().state();
+        let batches = std::mem::take(&mut t.tracks);
+        let slice = if status.resync_wanted {
+            Slice::whole(state)
+        } else {
+            Slice::of(&batches, state)
+        };
+        if status.wants_copy.is_some() {
+            if t.retained.len() + batches.len() > TRACK_PENDING_BATCHES_MAX {
+                eprintln!(
+                    "node {:016x}: no tracking copy came in time; the store keeps its gap",
+                    self.local.node
+                );
+                t.retained.clear();
+            } else {
+                t.retained.extend(batches.iter().cloned());
             }
         }
+        match flush {
+            Flush::IfDue => t.writer.write(batches, slice),
+            Flush::Wait => t.writer.write_and_wait(batches, slice, false),
+            Flush::Durable => t.writer.write_and_wait(batches, slice, true),
+        }
+        t.handed_at = Instant::now();
     }
 
     /// A member asks for a copy of this store at or past `min_index`: the
@@ -147,7 +161,7 @@ impl NodeActor {
             return;
         }
         self.tracking.making = true;
-        let src = self.tracking.tracker.path().to_path_buf();
+        let src = self.tracking.path.clone();
         let tmp = self.data_dir.join(COPY_FILE);
         let blobs = self.blobs.clone();
         let made = tokio::task::spawn_blocking(move || {
@@ -177,7 +191,7 @@ impl NodeActor {
     /// When the store wants a copy: asks the leader for one, fetches its blob,
     /// installs it and writes the batches applied since on top.
     pub(super) fn ask_for_tracking_copy(&mut self, ctx: &mut Context<Self>) {
-        let Some(at_least) = self.tracking.tracker.wants_copy() else {
+        let Some(at_least) = self.tracking.writer.status().wants_copy else {
             return;
         };
         let leader = self.driver.node().leader_id();
@@ -203,10 +217,9 @@ impl NodeActor {
             fetcher.send(fetch).await.map_err(|e| e.to_string())??;
             Ok::<_, String>(Some(copy))
         };
-        ctx.spawn(asked.into_actor(self).map(move |done, act, _| {
-            act.tracking.asking = false;
+        ctx.spawn(asked.into_actor(self).map(move |done, act, ctx| {
             match done {
-                Ok(Some(copy)) => act.install_tracking_copy(&copy, at_least),
+                Ok(Some(copy)) => return act.install_tracking_copy(ctx, copy, at_least),
                 // The leader is making one: ask again on a later tick.
                 Ok(None) => {}
                 Err(e) => eprintln!(
@@ -214,31 +227,47 @@ impl NodeActor {
                     act.local.node
                 ),
             }
+            act.tracking.asking = false;
         }));
     }
 
-    fn install_tracking_copy(&mut self, copy: &ServedCopy, at_least: u64) {
-        self.write_tracking(false);
+    /// Has the writer replace the store with the fetched copy (after every
+    /// write handed over before), then hands it the batches applied since.
+    fn install_tracking_copy(&mut self, ctx: &mut Context<Self>, copy: ServedCopy, at_least: u64) {
+        self.write_tracking(Flush::Wait);
         let path = self.blobs.path(&copy.digest);
-        let t = &mut self.tracking;
-        match t.tracker.install_copy(&path, at_least) {
-            Ok(Some(index)) => {
-                let retained = std::mem::take(&mut t.retained);
-                let state = self.driver.node().state();
-                if let Err(e) = t.tracker.write(&retained, state, false) {
-                    eprintln!("node {:016x}: {e}", self.local.node);
+        let answer = self.tracking.writer.install_copy(path, at_least);
+        let waited = tokio::task::spawn_blocking(move || answer.recv());
+        ctx.spawn(waited.into_actor(self).map(move |done, act, _| {
+            act.tracking.asking = false;
+            let _ = act.blobs.remove(&copy.digest);
+            match done {
+                Ok(Ok(Ok(Some(index)))) => {
+                    let retained = std::mem::take(&mut act.tracking.retained);
+                    let slice = Slice::of(&retained, act.driver.node().state());
+                    act.tracking.writer.write(retained, slice);
+                    eprintln!(
+                        "node {:016x}: the tracking store caught up from a peer's copy at index {index}",
+                        act.local.node
+                    );
                 }
-                eprintln!(
-                    "node {:016x}: the tracking store caught up from a peer's copy at index {index}",
-                    self.local.node
-                );
+                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Err(e))) => {
+                    eprintln!("node {:016x}: installing a tracking copy: {e}", act.local.node)
+                }
+                _ => eprintln!("node {:016x}: the tracking writer is gone", act.local.node),
             }
-            Ok(None) => {}
-            Err(e) => eprintln!(
-                "node {:016x}: installing a tracking copy: {e}",
-                self.local.node
-            ),
-        }
-        let _ = self.blobs.remove(&copy.digest);
+        }));
     }
+}
+
+/// How soon `write_tracking` hands batches over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flush {
+    /// When `WRITE_EVERY_MS` has passed (or enough batches wait).
+    IfDue,
+    /// Now, and wait until they are written.
+    Wait,
+    /// Now, and wait until they are written and fsynced.
+    Durable,
 }
