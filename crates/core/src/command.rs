@@ -24,6 +24,9 @@ pub const COMMAND_VERSION: u16 = 2;
 pub const METRIC_NAMES_PER_RECORD_MAX: usize = 1_000;
 /// Longest metric name, in bytes.
 pub const METRIC_NAME_BYTES_MAX: usize = 256;
+/// Most bytes of one report's metrics (names and values, strings and nested
+/// lists and maps counted whole): a report is a few numbers, not a payload.
+pub const METRIC_RECORD_BYTES_MAX: usize = 64 * 1024;
 
 /// A client-chosen id that makes a proposal exactly-once: applying the same id twice
 /// is a no-op that returns the first result.
@@ -159,6 +162,12 @@ impl MetricRecord {
             return Err(format!(
                 "metrics: {} names, at most {METRIC_NAMES_PER_RECORD_MAX}",
                 metrics.len()
+            ));
+        }
+        let bytes: usize = metrics.iter().map(|(k, v)| k.len() + value_bytes(v)).sum();
+        if bytes > METRIC_RECORD_BYTES_MAX {
+            return Err(format!(
+                "metrics: {bytes} bytes of names and values, at most {METRIC_RECORD_BYTES_MAX}"
             ));
         }
         if let Some(long) = metrics.keys().find(|k| k.len() > METRIC_NAME_BYTES_MAX) {
@@ -422,4 +431,21 @@ pub enum Reply {
         /// Why.
         reason: String,
     },
+}
+
+/// About how many bytes a value takes (numbers 8, strings their length,
+/// lists and maps what they hold).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::Int(_) | Value::Float(_) => 8,
+        Value::String(s) => s.len(),
+        Value::List(items) => items.iter().map(value_bytes).sum::<usize>() + 1,
+        Value::Map(m) => {
+            m.iter()
+                .map(|(k, v)| k.len() + value_bytes(v))
+                .sum::<usize>()
+                + 1
+        }
+    }
 }

@@ -628,8 +628,13 @@ fn metric_records_past_the_limits_are_dropped_on_apply() {
             .filter(|r| r.record.trial == trial)
             .count()
     };
+    let big = [(
+        "notes".to_string(),
+        resolute_types::Value::String("x".repeat(resolute_core::command::METRIC_RECORD_BYTES_MAX)),
+    )]
+    .into();
     let points_before = reports(&c);
-    for oversized in [many, long] {
+    for oversized in [many, long, big] {
         // From the node the trial runs on, as its own report would come.
         let pid = c.propose_on(runs_on, record(oversized));
         c.until(10_000, "applied", |c| c.replies.contains_key(&pid));

@@ -14,6 +14,13 @@ pub enum CodecError {
     /// The bytes are not a valid encoding of the expected type.
     #[error("codec: decode failed: {0}")]
     Decode(#[from] bincode::error::DecodeError),
+    /// The value encodes to more bytes than the decoder would take back
+    /// (`DECODE_LIMIT_BYTES`): refused, so nothing is written that cannot be read.
+    #[error("codec: {bytes} bytes encoded, more than the {DECODE_LIMIT_BYTES} a decoder accepts")]
+    TooLarge {
+        /// The encoded size.
+        bytes: usize,
+    },
     /// The bytes decoded, but not all of them were used: the input is not one value.
     #[error("codec: {trailing} trailing bytes after the value")]
     Trailing {
@@ -30,9 +37,13 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>()
 }
 
-/// Encodes `value` to bytes.
+/// Encodes `value` to bytes; refuses what [`decode`] would refuse for its size.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    Ok(bincode::serde::encode_to_vec(value, config())?)
+    let bytes = bincode::serde::encode_to_vec(value, config())?;
+    if bytes.len() > DECODE_LIMIT_BYTES {
+        return Err(CodecError::TooLarge { bytes: bytes.len() });
+    }
+    Ok(bytes)
 }
 
 /// Decodes exactly one `T` from `bytes`.

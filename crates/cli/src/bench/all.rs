@@ -38,6 +38,7 @@ struct Plan {
     recovery_rounds: usize,
     sim_quick: bool,
     search_seeds: u64,
+    state_quick: bool,
 }
 
 impl Plan {
@@ -50,6 +51,7 @@ impl Plan {
                 recovery_rounds: 1,
                 sim_quick: true,
                 search_seeds: 10,
+                state_quick: true,
             }
         } else {
             Plan {
@@ -59,6 +61,7 @@ impl Plan {
                 recovery_rounds: 3,
                 sim_quick: false,
                 search_seeds: 50,
+                state_quick: false,
             }
         }
     }
@@ -145,6 +148,42 @@ pub fn run(quick: bool, scratch: &Path, curves: &Path) -> (Vec<Row>, Value) {
                 )
                 .against("apply_us_p99", r.apply_us_p99)
                 .target("", None),
+            ];
+            Ok((serde_json::to_value(&r)?, rows))
+        })(),
+    );
+
+    eprintln!("bench all: state ...");
+    record(
+        "state",
+        (|| {
+            let opts = if plan.state_quick {
+                super::state::Options::quick(dir("state"))
+            } else {
+                super::state::Options::full(dir("state"))
+            };
+            let r = super::state::run(&opts)?;
+            let rows = vec![
+                row("state", "apply_records_per_s", r.apply_records_per_s)
+                    .against("log_records_per_s", r.log_records_per_s)
+                    .target("ratio >= 0.8", Some(r.apply_over_log >= 0.8)),
+                row("state", "state_bytes_after", r.state_bytes_after as f64)
+                    .against("state_bytes_before", r.state_bytes_before as f64)
+                    .target(
+                        "ratio <= 1.05",
+                        Some(r.state_bytes_after as f64 <= 1.05 * r.state_bytes_before as f64),
+                    ),
+                row("state", "metrics_query_ms_p99", r.metrics_query_ms_p99).target("", None),
+                row(
+                    "state",
+                    "experiments_list_ms_p99",
+                    r.experiments_list_ms_p99,
+                )
+                .target("", None),
+                row("state", "join_catch_up_s", r.join_catch_up_s).target(
+                    "same rows after the copy",
+                    Some(r.join_store_agrees && r.stores_agree),
+                ),
             ];
             Ok((serde_json::to_value(&r)?, rows))
         })(),

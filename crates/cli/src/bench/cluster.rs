@@ -32,6 +32,8 @@ pub struct Shape {
     pub track: bool,
     /// Entries between snapshots (`NodeConfig::snapshot_entries`).
     pub snapshot_entries: u64,
+    /// Bytes of entries between snapshots (`NodeConfig::snapshot_log_bytes`).
+    pub snapshot_log_bytes: u64,
 }
 
 pub(super) struct Member {
@@ -144,7 +146,7 @@ impl Cluster {
         };
         let mut cfg = NodeConfig::new(id, info);
         cfg.snapshot_entries = self.shape.snapshot_entries;
-        cfg.snapshot_log_bytes = u64::MAX;
+        cfg.snapshot_log_bytes = self.shape.snapshot_log_bytes;
         cfg.track = self.shape.track;
         let tracker = if self.shape.track {
             let t = Tracker::open(&dir.join(resolute_tracking::FILE_NAME))?;

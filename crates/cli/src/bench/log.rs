@@ -79,6 +79,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             track: false,
             // Keep snapshots out of the measurement window's way.
             snapshot_entries: 1_000_000,
+            snapshot_log_bytes: u64::MAX,
         },
     )?;
     cluster.form()?;

@@ -169,7 +169,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             // are proposed on the leader, as `bench log`'s are.
             slots: [WAVE_TRIALS as u32, 0, 0],
             track: true,
+            // A node's defaults: the log is compacted as in production (its
+            // entries are what fills the memory between snapshots).
             snapshot_entries: resolute_core::node::SNAPSHOT_ENTRIES_DEFAULT,
+            snapshot_log_bytes: resolute_core::node::SNAPSHOT_LOG_BYTES_DEFAULT,
         },
     )?;
     c.form()?;

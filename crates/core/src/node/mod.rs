@@ -1114,8 +1114,13 @@ impl Node {
         let Ok(term) = raft::Storage::term(self.raw.store(), applied) else {
             return;
         };
+        // A state past the decoder's limit is never snapshotted (the log is
+        // kept instead): no node could restart from such a snapshot.
+        let Ok(data) = self.state.try_encode() else {
+            return;
+        };
         let mut snap = raft::eraftpb::Snapshot::default();
-        snap.data = self.state.encode().into();
+        snap.data = data.into();
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = term;

@@ -425,6 +425,9 @@ pub enum StateError {
     /// The bytes are not a state snapshot.
     #[error("state snapshot: {0}")]
     Decode(String),
+    /// The state is too large to encode into a snapshot a node could read.
+    #[error("state snapshot: {0}")]
+    Encode(String),
 }
 
 impl ClusterState {
@@ -539,15 +542,22 @@ impl ClusterState {
         self.log_hash = h.rotate_left(17) ^ (h >> 29);
     }
 
-    /// Encodes the state (searchers included) for a Raft snapshot.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the state (searchers included) for a Raft snapshot; refuses a
+    /// state larger than a decoder accepts (`codec::DECODE_LIMIT_BYTES`), so
+    /// that no node takes a snapshot no node could restart from.
+    pub fn try_encode(&self) -> Result<Vec<u8>, StateError> {
         let searchers: BTreeMap<ExperimentId, SearcherSnapshot> = self
             .experiments
             .iter()
             .filter_map(|(id, e)| e.searcher.as_ref().map(|s| (*id, s.snapshot())))
             .collect();
-        // The state is plain data; encoding it cannot fail.
-        codec::encode(&(self, searchers)).unwrap_or_default()
+        codec::encode(&(self, searchers)).map_err(|e| StateError::Encode(e.to_string()))
+    }
+
+    /// [`ClusterState::try_encode`] for sizes and digests: empty for a state
+    /// too large to encode (which `snapshot_now` never snapshots).
+    pub fn encode(&self) -> Vec<u8> {
+        self.try_encode().unwrap_or_default()
     }
 
     /// Decodes a snapshot, re-parsing configs and restoring searchers exactly.
