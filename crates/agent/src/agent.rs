@@ -220,6 +220,12 @@ impl Agent {
                 signal,
             } => self.signal(node, trial, incarnation, signal, out),
             Effect::StopAllTrials => self.stop_all(out),
+            Effect::DeleteBlob { digest } => {
+                // Its checkpoint is gone from the state: no launch or copy here
+                // asks for it again.
+                self.have.remove(&digest);
+                out.push(Out::Act(Action::DeleteBlob { digest }));
+            }
             Effect::Reconcile { keep } => self.reconcile(&keep, out),
         }
     }

@@ -213,6 +213,11 @@ pub enum Action {
     /// Write this into the tracking store (one transaction, with its applied
     /// index) before carrying out any later action (`core::track`).
     Track(Box<resolute_core::track::TrackBatch>),
+    /// Delete this blob from the local store (its checkpoint was deleted).
+    DeleteBlob {
+        /// The blob.
+        digest: String,
+    },
     /// The answer to a client's `Event::Propose`.
     Reply {
         /// The client's id.

@@ -135,6 +135,22 @@ pub enum ExperimentCommand {
         /// Its id.
         id: u64,
     },
+    /// Hides an ended experiment from lists (keeps everything).
+    Archive {
+        /// Its id.
+        id: u64,
+    },
+    /// Shows an archived experiment in lists again.
+    Unarchive {
+        /// Its id.
+        id: u64,
+    },
+    /// Deletes an ended experiment: its trials, checkpoints (their blobs on
+    /// every node) and metrics.
+    Delete {
+        /// Its id.
+        id: u64,
+    },
     /// Waits until it ends, with a progress line.
     Wait {
         /// Its id.
@@ -174,6 +190,9 @@ pub struct ListArgs {
     /// Skip this many.
     #[arg(long)]
     offset: Option<u64>,
+    /// Archived experiments too.
+    #[arg(long)]
+    archived: bool,
 }
 
 /// `path?k=v&...` for the parameters that are set, percent-encoded.
@@ -514,6 +533,7 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                         ("order", a.order.clone()),
                         ("limit", a.limit.map(|n| n.to_string())),
                         ("offset", a.offset.map(|n| n.to_string())),
+                        ("archived", a.archived.then(|| "true".to_string())),
                     ],
                 );
                 let v = call(t, "GET", &path, None)?;
@@ -579,11 +599,17 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
             ExperimentCommand::Pause { id }
             | ExperimentCommand::Activate { id }
             | ExperimentCommand::Cancel { id }
-            | ExperimentCommand::Kill { id } => {
+            | ExperimentCommand::Kill { id }
+            | ExperimentCommand::Archive { id }
+            | ExperimentCommand::Unarchive { id }
+            | ExperimentCommand::Delete { id } => {
                 let action = match cmd {
                     ExperimentCommand::Pause { .. } => "pause",
                     ExperimentCommand::Activate { .. } => "activate",
                     ExperimentCommand::Cancel { .. } => "cancel",
+                    ExperimentCommand::Archive { .. } => "archive",
+                    ExperimentCommand::Unarchive { .. } => "unarchive",
+                    ExperimentCommand::Delete { .. } => "delete",
                     _ => "kill",
                 };
                 call(t, "POST", &format!("/experiments/{id}/{action}"), None)?;

@@ -95,6 +95,12 @@ pub enum Control {
     Cancel,
     /// Stop all trials at once and end the experiment.
     Kill,
+    /// Hide an ended experiment from lists (everything is kept).
+    Archive,
+    /// Show an archived experiment again.
+    Unarchive,
+    /// Delete an ended experiment: its trials, checkpoints and metrics.
+    Delete,
 }
 
 /// A user's role in a workspace, weakest first (Determined's roles).

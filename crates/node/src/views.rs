@@ -55,6 +55,8 @@ pub fn experiment(node: &Node, id: u64) -> Option<Value> {
         "owner": e.owner,
         "progress": e.progress(),
         "trials": trials,
+        "model_digest": e.model_digest,
+        "archived": e.archived,
         "searcher_metric": metric,
         "best_metric": best,
         "last_error": e.last_error,

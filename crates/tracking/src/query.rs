@@ -148,6 +148,8 @@ pub struct ExperimentFilter {
     pub name: Option<String>,
     /// Only in these workspaces (what the caller may read); all if None.
     pub readable: Option<BTreeSet<String>>,
+    /// Archived experiments too (hidden by default).
+    pub archived: bool,
     /// Sort key.
     pub sort: ExperimentSort,
     /// Sort order.
@@ -316,6 +318,9 @@ impl Reader {
     pub fn experiments(&self, f: &ExperimentFilter) -> Result<Page, Error> {
         let limit = page_limit("limit", f.limit, 100, EXPERIMENTS_PAGE_MAX)?;
         let mut clauses: Vec<String> = Vec::new();
+        if !f.archived {
+            clauses.push("archived = 0".into());
+        }
         let mut args: Vec<Sql> = Vec::new();
         let mut eq = |column: &str, value: &Option<String>, args: &mut Vec<Sql>| {
             if let Some(v) = value {
@@ -362,7 +367,7 @@ impl Reader {
             &format!(
                 "SELECT id, name, owner, workspace, project, state, searcher, searcher_metric,
                    smaller_is_better, progress, best_validation AS best_metric, trials,
-                   created_ms, ended_ms, last_error
+                   created_ms, ended_ms, last_error, archived
                  FROM experiments WHERE {filter}
                  ORDER BY {column} {order} NULLS LAST, id {order} LIMIT ?{} OFFSET ?{n}",
                 n - 1

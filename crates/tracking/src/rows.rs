@@ -50,6 +50,7 @@ pub struct ExperimentRow {
     pub(crate) model_digest: String,
     pub(crate) last_error: Option<String>,
     pub(crate) config_yaml: String,
+    pub(crate) archived: bool,
 }
 
 /// A checkpoint's row.
@@ -194,6 +195,7 @@ fn experiment_row(state: &ClusterState, id: u64) -> Option<ExperimentRow> {
         model_digest: e.model_digest.clone(),
         last_error: e.last_error.clone(),
         config_yaml: e.config_yaml.clone(),
+        archived: e.archived,
     })
 }
 

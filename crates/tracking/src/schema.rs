@@ -9,7 +9,7 @@
 
 /// Bumped when a table changes shape; a store of another version is rebuilt
 /// from the log rather than misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// SQLite's page cache per connection, in KiB: the metrics table's B-tree is
 /// written in trial order, all over the file, so a larger cache saves reads.
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     seed              INTEGER NOT NULL,
     model_digest      TEXT NOT NULL,
     last_error        TEXT,
-    config_yaml       TEXT NOT NULL
+    config_yaml       TEXT NOT NULL,
+    archived          INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS experiments_by_best ON experiments (best_validation, id);
 CREATE INDEX IF NOT EXISTS experiments_by_state ON experiments (state, id);

@@ -308,6 +308,7 @@ impl<'t> Rows<'t> {
         h.update(&e.trials.to_le_bytes());
         h.update(&e.ended_ms.unwrap_or(u64::MAX).to_le_bytes());
         h.update(e.last_error.as_deref().unwrap_or("").as_bytes());
+        h.update(&[u8::from(e.archived)]);
         let fingerprint = h.finalize();
         if self.written.experiments.get(&id) == Some(&fingerprint) {
             return Ok(());
@@ -317,9 +318,10 @@ impl<'t> Rows<'t> {
             .prepare_cached(
                 "INSERT OR REPLACE INTO experiments (id, name, owner, workspace, project, state,
                    searcher, searcher_metric, smaller_is_better, progress, best_validation,
-                   trials, created_ms, ended_ms, seed, model_digest, last_error, config_yaml)
+                   trials, created_ms, ended_ms, seed, model_digest, last_error, config_yaml,
+                   archived)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                   ?16, ?17, ?18)",
+                   ?16, ?17, ?18, ?19)",
             )?
             .execute(params![
                 id as i64,
@@ -340,6 +342,7 @@ impl<'t> Rows<'t> {
                 e.model_digest,
                 e.last_error,
                 e.config_yaml,
+                e.archived,
             ])?;
         Ok(())
     }

@@ -304,6 +304,12 @@ pub enum Effect {
         /// What.
         signal: Signal,
     },
+    /// A checkpoint this node holds was deleted (its experiment's policy, or
+    /// the experiment): delete its blob.
+    DeleteBlob {
+        /// The blob.
+        digest: String,
+    },
     /// This node lost contact with a quorum for longer than its lease: stop every
     /// local trial (they have been or will be reassigned elsewhere).
     StopAllTrials,
@@ -1034,6 +1040,9 @@ impl Node {
                     if let Some(effect) = self.start_effect(trial) {
                         out.push(Output::Effect(effect));
                     }
+                }
+                Change::Released { digest, holders } if holders.contains(&self.cfg.id) => {
+                    out.push(Output::Effect(Effect::DeleteBlob { digest }));
                 }
                 Change::Signal {
                     trial,

@@ -135,6 +135,11 @@ impl ClusterState {
             } => match self.current(trial, incarnation) {
                 Ok(t) => {
                     t.latest_checkpoint = Some(uuid.clone());
+                    // Ranked by the validation at its step (reported before it,
+                    // or after it: `metrics` fills it in then).
+                    let validation = (t.latest_validation_step == Some(steps_completed))
+                        .then_some(t.latest_validation)
+                        .flatten();
                     let holders = BTreeSet::from([holder]);
                     changes.push(Change::Checkpoint { uuid: uuid.clone() });
                     self.checkpoints.insert(
@@ -145,6 +150,7 @@ impl ClusterState {
                             size,
                             digest,
                             holders,
+                            validation,
                         },
                     );
                     self.refresh_replication(trial);
@@ -328,6 +334,12 @@ impl ClusterState {
         action: Control,
         changes: &mut Vec<Change>,
     ) -> Reply {
+        match action {
+            Control::Archive => return self.archive(experiment, true),
+            Control::Unarchive => return self.archive(experiment, false),
+            Control::Delete => return self.delete_experiment(experiment, changes),
+            _ => {}
+        }
         let Some(e) = experiment_mut(&mut self.experiments, &mut self.touched, experiment) else {
             return rejected(format!("unknown experiment {experiment}"));
         };
@@ -344,6 +356,7 @@ impl ClusterState {
                 e.state = ExperimentState::Canceled;
                 e.ended_ms = Some(self.now_ms);
             }
+            Control::Archive | Control::Unarchive | Control::Delete => {}
         }
         let ids: Vec<TrialId> = self
             .trials
@@ -374,6 +387,7 @@ impl ClusterState {
                         }
                     }
                 }
+                Control::Archive | Control::Unarchive | Control::Delete => {}
                 Control::Cancel | Control::Kill => {
                     let signal = if action == Control::Kill {
                         Signal::Kill
@@ -409,6 +423,7 @@ impl ClusterState {
                 e.state = ExperimentState::Canceled;
             }
         }
+        self.maybe_collect(experiment, changes);
         Reply::Ok
     }
 }

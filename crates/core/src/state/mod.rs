@@ -31,6 +31,7 @@ mod apply;
 pub mod auth;
 mod replication;
 pub use replication::CHECKPOINT_REPLICAS;
+mod retention;
 pub mod scheduling;
 mod search;
 
@@ -111,6 +112,10 @@ pub struct Experiment {
     pub created_ms: u64,
     /// When (state clock) it ended, once it has.
     pub ended_ms: Option<u64>,
+    /// Hidden from lists (`experiment archive`), kept.
+    pub archived: bool,
+    /// Its checkpoint policy has been applied (`retention`).
+    pub collected: bool,
     #[serde(skip)]
     config: Option<ExperimentConfig>,
     #[serde(skip)]
@@ -209,6 +214,10 @@ pub struct Trial {
     pub latest_validation: Option<f64>,
     /// Its best validation value of the searcher metric.
     pub best_validation: Option<f64>,
+    /// The step of its latest validation.
+    pub latest_validation_step: Option<u64>,
+    /// Metric reports accepted for it (the tracking store holds them).
+    pub reports: u64,
     /// After a stop or pause signal: when it is killed if it has not exited
     /// (`preemption_timeout` after the signal).
     pub stop_deadline_ms: Option<u64>,
@@ -235,7 +244,7 @@ impl Trial {
 }
 
 /// A checkpoint's metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Its trial.
     pub trial: TrialId,
@@ -247,6 +256,9 @@ pub struct Checkpoint {
     pub digest: String,
     /// Nodes holding a copy.
     pub holders: BTreeSet<NodeId>,
+    /// The trial's validation value of the searcher metric at this
+    /// checkpoint's step, when it reported one (what `save_*_best` rank by).
+    pub validation: Option<f64>,
 }
 
 /// Something that happened while applying, for the node to act on.
@@ -289,6 +301,14 @@ pub enum Change {
         incarnation: u64,
         /// Why, in words (`completed`, `preempted by the scheduler`, ...).
         why: String,
+    },
+    /// A checkpoint was deleted (its experiment's policy, or the experiment
+    /// was): its holders delete the blob.
+    Released {
+        /// The blob (the checkpoint's uuid).
+        digest: String,
+        /// Who held it.
+        holders: Vec<NodeId>,
     },
     /// A checkpoint was recorded or gained a holder (for the tracking store).
     Checkpoint {

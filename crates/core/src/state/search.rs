@@ -47,6 +47,8 @@ impl ClusterState {
                 trials: BTreeMap::new(),
                 created_ms: self.now_ms,
                 ended_ms: None,
+                archived: false,
+                collected: false,
                 config: Some(config),
                 searcher: Some(searcher),
             },
@@ -152,6 +154,8 @@ impl ClusterState {
                         stop_deadline_ms: None,
                         latest_validation: None,
                         best_validation: None,
+                        latest_validation_step: None,
+                        reports: 0,
                     },
                 );
                 self.live.insert(id);
@@ -304,20 +308,35 @@ impl ClusterState {
                 .and_then(|t| self.experiments.get(&t.experiment))
                 .and_then(Experiment::config)
                 .map(|c| (c.searcher.metric.clone(), c.searcher.smaller_is_better));
-            let (experiment, request_id) = match self.current(record.trial, record.incarnation) {
-                Ok(t) => {
-                    t.steps_completed = t.steps_completed.max(record.steps_completed);
-                    if record.kind == MetricKind::Validation {
-                        note_validation(t, &record.metrics, searcher_metric.as_ref());
+            let (experiment, request_id, latest_checkpoint) =
+                match self.current(record.trial, record.incarnation) {
+                    Ok(t) => {
+                        t.steps_completed = t.steps_completed.max(record.steps_completed);
+                        t.reports += 1;
+                        if record.kind == MetricKind::Validation {
+                            note_validation(t, &record, searcher_metric.as_ref());
+                        }
+                        (t.experiment, t.request_id, t.latest_checkpoint.clone())
                     }
-                    (t.experiment, t.request_id)
-                }
-                Err(_) => {
-                    refused += 1;
-                    continue;
-                }
-            };
+                    Err(_) => {
+                        refused += 1;
+                        continue;
+                    }
+                };
             if record.kind == MetricKind::Validation {
+                // A validation at the latest checkpoint's step ranks it.
+                let value = self.trials.get(&record.trial).and_then(|t| {
+                    (t.latest_validation_step == Some(record.steps_completed))
+                        .then_some(t.latest_validation)
+                        .flatten()
+                });
+                if let Some(c) = latest_checkpoint
+                    .as_ref()
+                    .and_then(|u| self.checkpoints.get_mut(u))
+                    .filter(|c| c.steps_completed == record.steps_completed)
+                {
+                    c.validation = value.or(c.validation);
+                }
                 self.search_event(
                     experiment,
                     SearchEvent::ValidationCompleted {
@@ -426,6 +445,7 @@ impl ClusterState {
         for event in events {
             self.search_event(experiment, event, changes);
         }
+        self.maybe_collect(experiment, changes);
         Reply::Ok
     }
 
@@ -452,15 +472,12 @@ impl ClusterState {
 /// Keeps a trial's latest and best value of its experiment's searcher metric
 /// (`metric`: its name and whether smaller is better). A report without it, or
 /// with a value that is not a finite number, changes neither.
-fn note_validation(
-    t: &mut Trial,
-    metrics: &BTreeMap<String, Value>,
-    metric: Option<&(String, bool)>,
-) {
+fn note_validation(t: &mut Trial, record: &MetricRecord, metric: Option<&(String, bool)>) {
     let Some((name, smaller_is_better)) = metric else {
         return;
     };
-    let Some(value) = metrics
+    let Some(value) = record
+        .metrics
         .get(name)
         .and_then(Value::as_f64)
         .filter(|v| v.is_finite())
@@ -468,6 +485,7 @@ fn note_validation(
         return;
     };
     t.latest_validation = Some(value);
+    t.latest_validation_step = Some(record.steps_completed);
     let better = match t.best_validation {
         None => true,
         Some(best) if *smaller_is_better => value < best,

@@ -321,13 +321,16 @@ async fn control(
         "activate" => Control::Activate,
         "cancel" => Control::Cancel,
         "kill" => Control::Kill,
-        other => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no action {other:?} (pause, activate, cancel, kill)"),
-            )
-        }
+        "archive" => Control::Archive,
+        "unarchive" => Control::Unarchive,
+        "delete" => Control::Delete,
+        other => return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no action {other:?} (pause, activate, cancel, kill, archive, unarchive, delete)"
+            ),
+        ),
     };
     if let Err(e) = allow(&node, &caller, Access::ControlExperiment(id)).await {
         return e;

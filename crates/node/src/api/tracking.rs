@@ -94,10 +94,13 @@ pub(super) struct ListQuery {
     limit: Option<usize>,
     #[serde(default)]
     offset: u64,
+    /// Archived experiments too.
+    #[serde(default)]
+    archived: bool,
 }
 
 /// The experiments the caller may read: filtered (`state`, `owner`,
-/// `workspace`, `name` contains), sorted (`sort`: id, name, state, owner,
+/// `workspace`, `name` contains; archived ones only with `archived=true`), sorted (`sort`: id, name, state, owner,
 /// progress, best_metric, started, ended; `order`: asc or desc) and paged
 /// (`limit`, default 100, at most 1,000; `offset`).
 pub(super) async fn list(
@@ -120,6 +123,7 @@ pub(super) async fn list(
             workspace: q.workspace,
             name: q.name,
             readable,
+            archived: q.archived,
             sort: match &q.sort {
                 None => ExperimentSort::Id,
                 Some(s) => ExperimentSort::parse(s).map_err(bad)?,

@@ -281,6 +281,11 @@ impl NodeActor {
                     self.control(ctx, trial, incarnation, Control::Kill)
                 }
                 Action::Fetch { digest, holders } => self.fetch(ctx, digest, holders),
+                Action::DeleteBlob { digest } => {
+                    if let Err(e) = self.blobs.remove(&digest) {
+                        eprintln!("node {:016x}: deleting blob {digest}: {e}", self.id());
+                    }
+                }
                 Action::CheckGpus => self.check_gpus(ctx),
                 Action::Settled { .. } => {}
                 Action::Note(text) => eprintln!("node {:016x}: {text}", self.id()),

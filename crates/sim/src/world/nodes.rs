@@ -214,6 +214,9 @@ impl World<'_> {
                 p @ Action::Persist { .. } => self.persist(node, p),
                 // Not emitted: `cfg.track` is off.
                 Action::Track(_) => {}
+                Action::DeleteBlob { digest } => {
+                    self.nodes[node].blobs.remove(&digest);
+                }
                 Action::Reply { id, result } => self.reply(id, result),
                 Action::Launch(spec) => self.launch(node, *spec),
                 Action::Preempt { trial, incarnation } => self.preempt(node, trial, incarnation),

@@ -1,0 +1,152 @@
+//! Garbage collection through the log, with real processes: an experiment of
+//! ten trials with `save_trial_best: 1` (and no `save_trial_latest`) ends;
+//! every node's state keeps exactly the ten best checkpoints, every node's
+//! blob directory holds no other checkpoint, and every kept one is still on
+//! each of its holders. Then the experiment is deleted: its checkpoints
+//! leave every blob directory and its rows every tracking store.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use resolute_tests::{cli, get, repo, start, until, NodeProc};
+use serde_json::Value;
+
+/// The complete blobs in a node's store (their manifests are there).
+fn blobs(data: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(data.join("blobs"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".manifest").map(str::to_string))
+        .collect()
+}
+
+fn trials(n: &NodeProc, id: u64) -> Vec<Value> {
+    get(&n.api, &["experiment", "trials", &id.to_string()])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn checkpoint_rows(n: &NodeProc) -> u64 {
+    get(&n.api, &["cluster", "tracking"])["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r[0] == "checkpoints")
+        .and_then(|r| r[1].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn an_ended_experiment_keeps_its_policys_checkpoints_on_every_node_and_a_deleted_one_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 71, None);
+    let b = start(&dir.path().join("b"), 72, Some(&a.listen));
+    let c = start(&dir.path().join("c"), 73, Some(&a.listen));
+    until("three voters", Duration::from_secs(30), || {
+        let v = get(&c.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 3)
+    });
+    let env = format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    );
+    let config = repo().join("examples/python-core/experiment.yaml");
+    let model = repo().join("examples/python-core");
+    let created = get(
+        &a.api,
+        &[
+            "experiment",
+            "create",
+            config.to_str().unwrap_or_default(),
+            model.to_str().unwrap_or_default(),
+            "--config",
+            &env,
+            "--config",
+            "searcher.max_trials=10",
+            "--config",
+            "searcher.max_time=300",
+            "--config",
+            "hyperparameters.checkpoint_every=100",
+            "--config",
+            "checkpoint_storage.save_trial_best=1",
+            "--config",
+            "checkpoint_storage.save_trial_latest=0",
+        ],
+    );
+    let id = created["id"].as_u64().expect("experiment id");
+    let nodes = [&a, &b, &c];
+    until("the experiment completes", Duration::from_secs(240), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    until(
+        "every node applied the policy",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| checkpoint_rows(n) == 10),
+    );
+    let model_digest = get(&a.api, &["experiment", "describe", &id.to_string()])["model_digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // The kept checkpoints, with their holders, as the store has them.
+    let mut kept: Vec<(String, Vec<String>)> = Vec::new();
+    for t in trials(&a, id) {
+        let runs = get(&a.api, &["trial", "runs", &t["id"].to_string()]);
+        let cks = runs["checkpoints"].as_array().cloned().unwrap_or_default();
+        assert_eq!(cks.len(), 1, "one checkpoint a trial: {runs}");
+        let holders = cks[0]["holders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().map(str::to_string))
+            .collect();
+        kept.push((
+            cks[0]["uuid"].as_str().unwrap_or_default().to_string(),
+            holders,
+        ));
+        assert_eq!(
+            t["latest_checkpoint"], cks[0]["uuid"],
+            "its latest checkpoint is the kept one"
+        );
+    }
+    let kept_uuids: BTreeSet<String> = kept.iter().map(|(u, _)| u.clone()).collect();
+    until(
+        "released blobs are deleted",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                blobs(&n.data)
+                    .iter()
+                    .all(|d| kept_uuids.contains(d) || *d == model_digest)
+            })
+        },
+    );
+    for (uuid, holders) in &kept {
+        assert!(!holders.is_empty(), "{uuid} has a holder");
+        for n in nodes {
+            let me = get(&n.api, &["cluster", "status"])["this_node"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if holders.contains(&me) {
+                assert!(blobs(&n.data).contains(uuid), "{me} holds {uuid}");
+            }
+        }
+    }
+    // Deleted: no checkpoint blob, no row, anywhere.
+    let (code, out) = cli(&b.api, &["experiment", "delete", &id.to_string()]);
+    assert_eq!(code, 0, "{out}");
+    until(
+        "the deletion reaches every node",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                checkpoint_rows(n) == 0 && blobs(&n.data).iter().all(|d| !kept_uuids.contains(d))
+            })
+        },
+    );
+    let listed = get(&c.api, &["experiment", "list"]);
+    assert_eq!(listed, serde_json::json!([]), "{listed}");
+}
