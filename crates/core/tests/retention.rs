@@ -220,3 +220,32 @@ fn the_experiments_best_and_each_trials_latest_are_kept_and_delete_removes_the_r
     );
     assert_eq!(released(&c).len(), 9, "every checkpoint released once");
 }
+
+#[test]
+fn a_node_that_replays_the_policys_entry_after_a_restart_deletes_the_blobs_then() {
+    let mut c = three(33);
+    ok(
+        &mut c,
+        1,
+        create("save_trial_best: 1, save_trial_latest: 0"),
+    );
+    run_to_the_end(&mut c);
+    let holder = released(&c).first().map(|r| r.0).expect("a release");
+    let mine: std::collections::BTreeSet<String> = released(&c)
+        .into_iter()
+        .filter(|(n, _)| *n == holder)
+        .map(|(_, d)| d)
+        .collect();
+    c.effects.clear();
+    c.crash(holder);
+    c.restart(holder);
+    c.until(10_000, "converged", |c| c.converged());
+    let again: std::collections::BTreeSet<String> = released(&c)
+        .into_iter()
+        .filter(|(n, _)| *n == holder)
+        .map(|(_, d)| d)
+        .collect();
+    // Its log still holds the entry that released them (no snapshot since):
+    // once the replay is over, it deletes them (again: deleting is idempotent).
+    assert_eq!(again, mine);
+}

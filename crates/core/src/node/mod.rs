@@ -354,6 +354,8 @@ pub struct Node {
     cfg: NodeConfig,
     /// What the entries applied so far in this batch mean to the tracking store.
     track: track::TrackBatch,
+    /// Blobs of this node's released while the log replayed (see `effects`).
+    released_in_replay: BTreeSet<String>,
     /// Peer messages dropped before raft-rs, by reason.
     guard: guard::Guard,
     raw: RawNode<LogCache>,
@@ -493,6 +495,7 @@ impl Node {
             tick_proposed: None,
             deadline_cache: None,
             track: track::TrackBatch::default(),
+            released_in_replay: BTreeSet::new(),
             cfg,
         };
         node.watch_role();
@@ -1032,6 +1035,15 @@ impl Node {
     /// log after a restart: `reconcile` covers that).
     fn effects(&mut self, changes: Vec<Change>, out: &mut Vec<Output>) {
         if self.replaying {
+            // Blobs released while the log replays are deleted when it is
+            // over, unless a later entry saved the same checkpoint again.
+            for change in changes {
+                if let Change::Released { digest, holders } = change {
+                    if holders.contains(&self.cfg.id) {
+                        self.released_in_replay.insert(digest);
+                    }
+                }
+            }
             return;
         }
         for change in changes {
@@ -1097,6 +1109,11 @@ impl Node {
         for trial in mine {
             if let Some(effect) = self.start_effect(trial) {
                 out.push(Output::Effect(effect));
+            }
+        }
+        for digest in std::mem::take(&mut self.released_in_replay) {
+            if !self.state.checkpoints.contains_key(&digest) {
+                out.push(Output::Effect(Effect::DeleteBlob { digest }));
             }
         }
     }

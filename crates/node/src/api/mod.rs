@@ -324,13 +324,15 @@ async fn control(
         "archive" => Control::Archive,
         "unarchive" => Control::Unarchive,
         "delete" => Control::Delete,
-        other => return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!(
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
                 "no action {other:?} (pause, activate, cancel, kill, archive, unarchive, delete)"
             ),
-        ),
+            )
+        }
     };
     if let Err(e) = allow(&node, &caller, Access::ControlExperiment(id)).await {
         return e;
