@@ -118,17 +118,23 @@ impl ClusterState {
                 holders: c.holders.into_iter().collect(),
             });
         }
+        // Each trial's newest kept checkpoint (the smaller uuid on a tie), in
+        // one pass.
+        let mut newest: BTreeMap<TrialId, (u64, String)> = BTreeMap::new();
+        for (uuid, c) in self
+            .checkpoints
+            .iter()
+            .filter(|(_, c)| trials.contains(&c.trial))
+        {
+            let better = newest.get(&c.trial).is_none_or(|(steps, u)| {
+                c.steps_completed > *steps || (c.steps_completed == *steps && uuid < u)
+            });
+            if better {
+                newest.insert(c.trial, (c.steps_completed, uuid.clone()));
+            }
+        }
         for trial in trials {
-            let newest = self
-                .checkpoints
-                .iter()
-                .filter(|(_, c)| c.trial == trial)
-                .max_by(|a, b| {
-                    a.1.steps_completed
-                        .cmp(&b.1.steps_completed)
-                        .then(b.0.cmp(a.0))
-                })
-                .map(|(u, _)| u.clone());
+            let newest = newest.remove(&trial).map(|(_, u)| u);
             if let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) {
                 if t.latest_checkpoint
                     .as_ref()
