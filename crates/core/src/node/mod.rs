@@ -417,7 +417,7 @@ impl Node {
             && recovered.entries.is_empty()
             && recovered.hard_state == store::HardState::default();
         let mut out = Vec::new();
-        let (cache, state) = if !fresh {
+        let (cache, mut state) = if !fresh {
             let state = match &recovered.snapshot {
                 Some(s) if !s.data.is_empty() => ClusterState::decode(&s.data)
                     .map_err(|e| raft::Error::ConfigInvalid(e.to_string()))?,
@@ -444,6 +444,7 @@ impl Node {
         } else {
             (LogCache::new(ConfState::default()), ClusterState::default())
         };
+        state.note_touched(cfg.track);
         // raft-rs draws its randomized election timeout from thread_rng, which would
         // make runs irreproducible. A width-one range makes that draw constant; the
         // spread comes from a per-node timeout derived from the seed (and, in the
@@ -823,7 +824,8 @@ impl Node {
                 // A snapshot that does not decode came from a different version;
                 // keep the old state rather than crash.
                 self.flush_tracking(out);
-                if let Ok(state) = ClusterState::decode(&snap.data) {
+                if let Ok(mut state) = ClusterState::decode(&snap.data) {
+                    state.note_touched(self.cfg.track);
                     self.state = state;
                 }
                 // The state now is the snapshot's: it counts as applied.

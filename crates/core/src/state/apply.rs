@@ -259,7 +259,7 @@ impl ClusterState {
             if !t.is_placed_on(node) {
                 continue;
             }
-            self.touched.trials.insert(*id);
+            self.touched.trial(*id);
             for (other, _) in &t.layout {
                 if *other != node {
                     changes.push(Change::Signal {
@@ -285,7 +285,7 @@ impl ClusterState {
         let now = self.now_ms;
         for (id, t) in self.trials.iter_mut() {
             if t.is_placed_on(node) {
-                self.touched.trials.insert(*id);
+                self.touched.trial(*id);
                 signal_trial(*id, t, signal, now, changes);
             }
         }

@@ -411,6 +411,23 @@ pub struct Touched {
     pub trials: BTreeSet<TrialId>,
     /// Experiments.
     pub experiments: BTreeSet<ExperimentId>,
+    /// Whether anyone takes them (a node with a tracking store): a node
+    /// without one (the simulator's) notes nothing.
+    enabled: bool,
+}
+
+impl Touched {
+    fn trial(&mut self, id: TrialId) {
+        if self.enabled {
+            self.trials.insert(id);
+        }
+    }
+
+    fn experiment(&mut self, id: ExperimentId) {
+        if self.enabled {
+            self.experiments.insert(id);
+        }
+    }
 }
 
 /// A trial to change, noted as touched. Every change of a trial record goes
@@ -421,7 +438,7 @@ fn trial_mut<'a>(
     touched: &mut Touched,
     id: TrialId,
 ) -> Option<&'a mut Trial> {
-    touched.trials.insert(id);
+    touched.trial(id);
     trials.get_mut(&id)
 }
 
@@ -431,7 +448,7 @@ fn experiment_mut<'a>(
     touched: &mut Touched,
     id: ExperimentId,
 ) -> Option<&'a mut Experiment> {
-    touched.experiments.insert(id);
+    touched.experiment(id);
     experiments.get_mut(&id)
 }
 
@@ -509,7 +526,16 @@ impl ClusterState {
     /// The trials and experiments changed since the last call (the node takes
     /// them after each entry, for the tracking store).
     pub fn take_touched(&mut self) -> Touched {
-        std::mem::take(&mut self.touched)
+        let enabled = self.touched.enabled;
+        let taken = std::mem::take(&mut self.touched);
+        self.touched.enabled = enabled;
+        taken
+    }
+
+    /// Whether this replica notes the records it changes (`take_touched`):
+    /// only a node with a tracking store asks for them.
+    pub fn note_touched(&mut self, on: bool) {
+        self.touched.enabled = on;
     }
 
     /// The reply of an already-applied proposal.

@@ -202,11 +202,11 @@ impl ClusterState {
                 self.reports_applied = self.reports_applied.saturating_sub(t.reports);
             }
             self.live.remove(id);
-            self.touched.trials.insert(*id);
+            self.touched.trial(*id);
             self.refresh_replication(*id);
         }
         self.experiments.remove(&experiment);
-        self.touched.experiments.insert(experiment);
+        self.touched.experiment(experiment);
         self.placement_dirty = true;
         self.replication_generation += 1;
         Reply::Ok

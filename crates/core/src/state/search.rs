@@ -33,7 +33,7 @@ impl ClusterState {
         let mut searcher =
             Searcher::new(&config.searcher, &config.hyperparameters, u64::from(seed));
         let ops = searcher.initial_operations();
-        self.touched.experiments.insert(id);
+        self.touched.experiment(id);
         self.experiments.insert(
             id,
             Experiment {
@@ -128,7 +128,7 @@ impl ClusterState {
                 let latest_checkpoint = warm
                     .and_then(|w| self.trials.get(&w))
                     .and_then(|t| t.latest_checkpoint.clone());
-                self.touched.trials.insert(id);
+                self.touched.trial(id);
                 self.trials.insert(
                     id,
                     Trial {
@@ -302,28 +302,35 @@ impl ClusterState {
                 oversized += 1;
                 continue;
             }
-            let searcher_metric = self
-                .trials
-                .get(&record.trial)
-                .and_then(|t| self.experiments.get(&t.experiment))
-                .and_then(Experiment::config)
-                .map(|c| (c.searcher.metric.clone(), c.searcher.smaller_is_better));
+            let validation = record.kind == MetricKind::Validation;
+            let searcher_metric = validation
+                .then(|| {
+                    self.trials
+                        .get(&record.trial)
+                        .and_then(|t| self.experiments.get(&t.experiment))
+                        .and_then(Experiment::config)
+                        .map(|c| (c.searcher.metric.clone(), c.searcher.smaller_is_better))
+                })
+                .flatten();
             let (experiment, request_id, latest_checkpoint) =
                 match self.current(record.trial, record.incarnation) {
                     Ok(t) => {
                         t.steps_completed = t.steps_completed.max(record.steps_completed);
                         t.reports += 1;
-                        if record.kind == MetricKind::Validation {
+                        let latest = if validation {
                             note_validation(t, &record, searcher_metric.as_ref());
-                        }
-                        (t.experiment, t.request_id, t.latest_checkpoint.clone())
+                            t.latest_checkpoint.clone()
+                        } else {
+                            None
+                        };
+                        (t.experiment, t.request_id, latest)
                     }
                     Err(_) => {
                         refused += 1;
                         continue;
                     }
                 };
-            if record.kind == MetricKind::Validation {
+            if validation {
                 // A validation at the latest checkpoint's step ranks it.
                 let value = self.trials.get(&record.trial).and_then(|t| {
                     (t.latest_validation_step == Some(record.steps_completed))
