@@ -112,17 +112,27 @@ fn an_ended_experiment_keeps_its_policys_checkpoints_on_every_node_and_a_deleted
         );
     }
     let kept_uuids: BTreeSet<String> = kept.iter().map(|(u, _)| u.clone()).collect();
-    until(
-        "released blobs are deleted",
-        Duration::from_secs(30),
-        || {
-            nodes.iter().all(|n| {
+    let left = || -> Vec<(String, String)> {
+        nodes
+            .iter()
+            .flat_map(|n| {
                 blobs(&n.data)
-                    .iter()
-                    .all(|d| kept_uuids.contains(d) || *d == model_digest)
+                    .into_iter()
+                    .filter(|d| !kept_uuids.contains(d) && *d != model_digest)
+                    .map(|d| (n.api.clone(), d))
+                    .collect::<Vec<_>>()
             })
-        },
-    );
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !left().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "released blobs still on nodes: {:?} (kept {kept_uuids:?}, model {model_digest})",
+            left()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for (uuid, holders) in &kept {
         assert!(!holders.is_empty(), "{uuid} has a holder");
         for n in nodes {

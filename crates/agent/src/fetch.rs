@@ -239,6 +239,21 @@ impl Agent {
         }
     }
 
+    /// Whether a blob is still wanted here: a checkpoint the state records, a
+    /// model directory of an experiment it has, or an input of a local
+    /// incarnation or fetch.
+    pub(crate) fn blob_in_use(&self, node: &Node, digest: &str) -> bool {
+        let state = node.state();
+        state.checkpoints.contains_key(digest)
+            || state.experiments.values().any(|e| e.model_digest == digest)
+            || self
+                .fetches
+                .by_digest
+                .get(digest)
+                .is_some_and(|f| !f.launches.is_empty())
+            || self.uses_input(digest)
+    }
+
     /// A fetch ended.
     pub(crate) fn on_fetched(
         &mut self,
@@ -258,6 +273,16 @@ impl Agent {
         f.in_flight = false;
         match result {
             Ok(()) => {
+                if f.copy
+                    && f.launches.is_empty()
+                    && !node.state().checkpoints.contains_key(&digest)
+                {
+                    // Its checkpoint was deleted while the copy travelled (its
+                    // experiment's policy, or the experiment): the release
+                    // went to the holders it had then, not to this node.
+                    act(out, Action::DeleteBlob { digest });
+                    return;
+                }
                 self.have.insert(digest.clone());
                 if f.copy {
                     let holder = self.cfg.node;

@@ -159,6 +159,20 @@ impl Agent {
         if let Command::Metrics { records } = &own.command {
             self.settle_validations(node, records, out);
         }
+        // A checkpoint the log refused (its incarnation had ended first) or
+        // whose record is gone (its copy arrived after a deletion) is nobody's:
+        // its blob would stay here for ever.
+        let unrecorded = match (&own.command, &reply) {
+            (Command::CheckpointSaved { uuid, .. }, Reply::Rejected { .. })
+            | (Command::CheckpointReplicated { uuid, .. }, Reply::Rejected { .. }) => {
+                Some(uuid.clone())
+            }
+            _ => None,
+        };
+        if let Some(uuid) = unrecorded.filter(|u| !self.blob_in_use(node, u)) {
+            self.have.remove(&uuid);
+            act(out, Action::DeleteBlob { digest: uuid });
+        }
         act(
             out,
             Action::Settled {

@@ -143,6 +143,15 @@ impl Agent {
         act(out, Action::Launch(Box::new(x.spec.clone())));
     }
 
+    /// Whether a local incarnation starts from `digest` (its model directory
+    /// or its checkpoint).
+    pub(crate) fn uses_input(&self, digest: &str) -> bool {
+        self.incarnations.values().any(|x| {
+            x.spec.model_digest.as_deref() == Some(digest)
+                || x.spec.latest_checkpoint.as_deref() == Some(digest)
+        })
+    }
+
     /// Launches what waited for slots.
     pub(crate) fn launch_waiting(&mut self, _node: &Node, out: &mut Outs) {
         let waiting: Vec<(TrialId, u64)> = self
