@@ -123,6 +123,19 @@ impl Background {
         let _ = wait.recv();
     }
 
+    /// Hands them over; the receiver answers once they, and everything handed
+    /// over before, are written (a query that must see what this node applied).
+    pub fn write_acked(&self, batches: Vec<TrackBatch>, slice: Slice) -> Receiver<()> {
+        let (done, ack) = sync_channel(1);
+        self.send(Job::Write {
+            batches,
+            slice,
+            durable: false,
+            done: Some(done),
+        });
+        ack
+    }
+
     /// Replaces the store with a peer's copy (see [`Tracker::install_copy`])
     /// after every write handed over before; the answer comes on the receiver.
     pub fn install_copy(

@@ -366,7 +366,7 @@ async fn trials(
         if let Err(e) = allow(&node, &caller, Access::ReadExperiment(id)).await {
             return e.into_response();
         }
-        return tracking::sorted_trials(store, id, q).await;
+        return tracking::sorted_trials(&node, store, id, q).await;
     }
     query(
         &node,

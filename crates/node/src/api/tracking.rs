@@ -39,9 +39,14 @@ impl axum::extract::FromRef<ApiState> for Store {
 /// Runs a read on a blocking thread and turns its error into a response: a
 /// bad parameter is a 400 naming it, anything else a 500.
 async fn read<T: Send + 'static>(
+    node: &Addr<NodeActor>,
     store: &Store,
     f: impl FnOnce(&Reader) -> Result<T, resolute_tracking::Error> + Send + 'static,
 ) -> Result<T, Res> {
+    // Everything this node applied before the query is in the store first.
+    if let Ok(Some(written)) = node.send(node_actor::TrackingFlushed).await {
+        let _ = tokio::task::spawn_blocking(move || written.recv()).await;
+    }
     let path = store.0.clone();
     let done = tokio::task::spawn_blocking(move || Reader::open(&path).and_then(|r| f(&r))).await;
     match done {
@@ -137,7 +142,7 @@ pub(super) async fn list(
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };
-    match read(&store, move |r| r.experiments(&filter)).await {
+    match read(&node, &store, move |r| r.experiments(&filter)).await {
         Ok(p) => page(p),
         Err(e) => e.into_response(),
     }
@@ -174,7 +179,7 @@ pub(super) async fn metrics(
         limit: q.limit,
         order,
     };
-    match read(&store, move |r| r.trial_metrics(id, &query)).await {
+    match read(&node, &store, move |r| r.trial_metrics(id, &query)).await {
         Ok(p) => page(p),
         Err(e) => e.into_response(),
     }
@@ -198,7 +203,12 @@ impl TrialsParams {
 
 /// An experiment's trials from the store: `sort` (id, best_metric,
 /// latest_metric, steps, hp.NAME, metric.NAME), `order`, `limit`, `offset`.
-pub(super) async fn sorted_trials(store: Store, id: u64, q: TrialsParams) -> Response {
+pub(super) async fn sorted_trials(
+    node: &Addr<NodeActor>,
+    store: Store,
+    id: u64,
+    q: TrialsParams,
+) -> Response {
     let sort = match &q.sort {
         None => TrialSort::Id,
         Some(s) => match TrialSort::parse(s) {
@@ -211,7 +221,11 @@ pub(super) async fn sorted_trials(store: Store, id: u64, q: TrialsParams) -> Res
         Err(e) => return e.into_response(),
     };
     let offset = q.offset.unwrap_or(0);
-    match read(&store, move |r| r.trials(id, &sort, order, q.limit, offset)).await {
+    match read(node, &store, move |r| {
+        r.trials(id, &sort, order, q.limit, offset)
+    })
+    .await
+    {
         Ok(p) => page(p),
         Err(e) => e.into_response(),
     }
@@ -228,7 +242,7 @@ pub(super) async fn runs(
     if let Err(e) = allow(&node, &caller, Access::ReadTrial(id)).await {
         return e.into_response();
     }
-    match read(&store, move |r| {
+    match read(&node, &store, move |r| {
         Ok(serde_json::json!({"runs": r.runs(id)?, "checkpoints": r.checkpoints(id)?}))
     })
     .await
@@ -249,7 +263,7 @@ pub(super) async fn summary(
     if let Err(e) = allow(&node, &caller, Access::ClusterAdmin).await {
         return e.into_response();
     }
-    match read(&store, |r| r.summary()).await {
+    match read(&node, &store, |r| r.summary()).await {
         Ok(s) => Json(serde_json::json!(s)).into_response(),
         Err(e) => e.into_response(),
     }

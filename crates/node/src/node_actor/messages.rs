@@ -329,3 +329,20 @@ impl NodeActor {
         });
     }
 }
+
+/// Hands the node's applied batches to its tracking writer; the answer says
+/// when they are written (queries of the store wait for it first).
+#[derive(Debug)]
+pub struct TrackingFlushed;
+
+impl Message for TrackingFlushed {
+    type Result = Option<std::sync::mpsc::Receiver<()>>;
+}
+
+impl Handler<TrackingFlushed> for NodeActor {
+    type Result = Option<std::sync::mpsc::Receiver<()>>;
+
+    fn handle(&mut self, _: TrackingFlushed, _ctx: &mut Context<Self>) -> Self::Result {
+        Some(self.flush_for_query())
+    }
+}

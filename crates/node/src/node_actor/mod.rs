@@ -37,7 +37,7 @@ use crate::setup::{host_of, write_atomically, PEERS_FILE};
 pub use messages::{
     local_log_lines, Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied,
     ExperimentTrials, ExperimentView, Leave, LogSources, Propose, ReadableWorkspaces, TokenOwner,
-    TokenOwnerInfo, TrialLogSources, TrialView, UsersView,
+    TokenOwnerInfo, TrackingFlushed, TrialLogSources, TrialView, UsersView,
 };
 
 /// Mailbox of the node: swarm events, trial reports, API calls.

@@ -142,6 +142,19 @@ impl NodeActor {
         t.handed_at = Instant::now();
     }
 
+    /// Hands every applied batch to the writer now; the receiver answers once
+    /// it is written: a query made after it sees everything this node applied.
+    pub(super) fn flush_for_query(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let t = &mut self.tracking;
+        let batches = std::mem::take(&mut t.tracks);
+        let slice = Slice::of(&batches, self.driver.node().state());
+        if t.writer.status().wants_copy.is_some() {
+            t.retained.extend(batches.iter().cloned());
+        }
+        t.handed_at = Instant::now();
+        t.writer.write_acked(batches, slice)
+    }
+
     /// A member asks for a copy of this store at or past `min_index`: the
     /// copy's blob when one is ready, else "not yet" (and one is made).
     pub(super) fn serve_tracking_copy(
