@@ -269,3 +269,29 @@ pub fn trials(api: &str, id: u64) -> Vec<Value> {
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
 }
+
+/// Submits the dependency-free Python example (`examples/python-core`) to the
+/// node at `api`, with the project's Python client on its path and each of
+/// `overrides` (`key.path=value`) as a `--config`; the experiment's id.
+pub fn create_python_core(api: &str, overrides: &[&str]) -> u64 {
+    let env = format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    );
+    let config = repo().join("examples/python-core/experiment.yaml");
+    let model = repo().join("examples/python-core");
+    let mut args: Vec<String> = vec![
+        "experiment".into(),
+        "create".into(),
+        config.display().to_string(),
+        model.display().to_string(),
+        "--config".into(),
+        env,
+    ];
+    for o in overrides {
+        args.push("--config".into());
+        args.push((*o).to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    get(api, &args)["id"].as_u64().expect("experiment id")
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use resolute_tests::{cli, get, repo, start, until, NodeProc};
+use resolute_tests::{cli, create_python_core, get, start, until, NodeProc};
 use serde_json::Value;
 
 /// The complete blobs in a node's store (their manifests are there).
@@ -49,34 +49,16 @@ fn an_ended_experiment_keeps_its_policys_checkpoints_on_every_node_and_a_deleted
         let v = get(&c.api, &["cluster", "status"]);
         v["voters"].as_array().is_some_and(|x| x.len() == 3)
     });
-    let env = format!(
-        "environment.environment_variables=[\"PYTHONPATH={}\"]",
-        repo().join("python").display()
-    );
-    let config = repo().join("examples/python-core/experiment.yaml");
-    let model = repo().join("examples/python-core");
-    let created = get(
+    let id = create_python_core(
         &a.api,
         &[
-            "experiment",
-            "create",
-            config.to_str().unwrap_or_default(),
-            model.to_str().unwrap_or_default(),
-            "--config",
-            &env,
-            "--config",
             "searcher.max_trials=10",
-            "--config",
             "searcher.max_time=300",
-            "--config",
             "hyperparameters.checkpoint_every=100",
-            "--config",
             "checkpoint_storage.save_trial_best=1",
-            "--config",
             "checkpoint_storage.save_trial_latest=0",
         ],
     );
-    let id = created["id"].as_u64().expect("experiment id");
     let nodes = [&a, &b, &c];
     until("the experiment completes", Duration::from_secs(240), || {
         get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use resolute_tests::{bin, get, repo, start, until, NodeProc};
+use resolute_tests::{bin, create_python_core, get, start, until, NodeProc};
 use serde_json::Value;
 
 fn tracking(n: &NodeProc) -> Value {
@@ -35,30 +35,14 @@ fn a_node_killed_while_applying_metric_batches_restarts_with_the_same_rows_as_it
         let v = get(&c.api, &["cluster", "status"]);
         v["voters"].as_array().is_some_and(|x| x.len() == 3)
     });
-    let python = repo().join("python");
-    let env = format!(
-        "environment.environment_variables=[\"PYTHONPATH={}\"]",
-        python.display()
-    );
-    let config = repo().join("examples/python-core/experiment.yaml");
-    let model = repo().join("examples/python-core");
     // Four trials of 6,000 steps, a training report every 10: 2,400 reports.
-    let created = get(
+    let id = create_python_core(
         &a.api,
         &[
-            "experiment",
-            "create",
-            config.to_str().unwrap_or_default(),
-            model.to_str().unwrap_or_default(),
-            "--config",
-            &env,
-            "--config",
             "searcher.max_time=6000",
-            "--config",
             "hyperparameters.checkpoint_every=1000",
         ],
     );
-    let id = created["id"].as_u64().expect("experiment id");
     until("reports streaming in", Duration::from_secs(60), || {
         metric_rows(&tracking(&b)) >= 300
     });

@@ -105,15 +105,9 @@ pub enum ExperimentCommand {
         /// dotted when nested) or metric.NAME (its latest validation value).
         #[arg(long)]
         sort: Option<String>,
-        /// asc or desc.
-        #[arg(long)]
-        order: Option<String>,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<u64>,
-        /// Skip this many.
-        #[arg(long)]
-        offset: Option<u64>,
+        /// Order and page.
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Stops scheduling its trials (they checkpoint and pause).
     Pause {
@@ -181,18 +175,37 @@ pub struct ListArgs {
     /// id, name, state, owner, progress, best_metric, started or ended.
     #[arg(long)]
     sort: Option<String>,
+    /// Order and page (default 100 a page, at most 1,000).
+    #[command(flatten)]
+    page: PageArgs,
+    /// Archived experiments too.
+    #[arg(long)]
+    archived: bool,
+}
+
+/// The order and page of a sorted list.
+#[derive(clap::Args)]
+pub struct PageArgs {
     /// asc or desc.
     #[arg(long)]
     order: Option<String>,
-    /// Page size (default 100, at most 1,000).
+    /// At most this many.
     #[arg(long)]
     limit: Option<u64>,
     /// Skip this many.
     #[arg(long)]
     offset: Option<u64>,
-    /// Archived experiments too.
-    #[arg(long)]
-    archived: bool,
+}
+
+impl PageArgs {
+    /// The query parameters they set.
+    fn query(&self) -> [(&'static str, Option<String>); 3] {
+        [
+            ("order", self.order.clone()),
+            ("limit", self.limit.map(|n| n.to_string())),
+            ("offset", self.offset.map(|n| n.to_string())),
+        ]
+    }
 }
 
 /// `path?k=v&...` for the parameters that are set, percent-encoded.
@@ -530,11 +543,11 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                         ("workspace", a.workspace.clone()),
                         ("name", a.name.clone()),
                         ("sort", a.sort.clone()),
-                        ("order", a.order.clone()),
-                        ("limit", a.limit.map(|n| n.to_string())),
-                        ("offset", a.offset.map(|n| n.to_string())),
                         ("archived", a.archived.then(|| "true".to_string())),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(a.page.query())
+                    .collect::<Vec<_>>(),
                 );
                 let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
@@ -562,22 +575,12 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 });
                 Ok(())
             }
-            ExperimentCommand::Trials {
-                id,
-                sort,
-                order,
-                limit,
-                offset,
-            } => {
-                let path = with_query(
-                    &format!("/experiments/{id}/trials"),
-                    &[
-                        ("sort", sort.clone()),
-                        ("order", order.clone()),
-                        ("limit", limit.map(|n| n.to_string())),
-                        ("offset", offset.map(|n| n.to_string())),
-                    ],
-                );
+            ExperimentCommand::Trials { id, sort, page } => {
+                let params: Vec<_> = [("sort", sort.clone())]
+                    .into_iter()
+                    .chain(page.query())
+                    .collect();
+                let path = with_query(&format!("/experiments/{id}/trials"), &params);
                 let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
                     for tr in v.as_array().into_iter().flatten() {

@@ -345,11 +345,6 @@ impl Tracker {
         self.wants_copy
     }
 
-    /// Gives up on a copy (none came in time): the gap stays, recorded.
-    pub fn forget_copy(&mut self) {
-        self.wants_copy = None;
-    }
-
     /// Replaces the store with `copy` (a consistent copy of a peer's store,
     /// made by [`copy_store`]) when the copy reaches `at_least` (the snapshot
     /// index of the gap it is to fill); its rows are every replica's rows up

@@ -61,6 +61,14 @@ pub(super) struct Tracking {
     failed: Option<String>,
     /// Batches written since the store wanted a copy: written again on it.
     retained: Vec<TrackBatch>,
+    /// The store's index when batches began to be kept for a copy: the copy
+    /// must reach it.
+    retained_after: Option<u64>,
+    /// Too many batches waited for a copy: the store keeps its gap (until the
+    /// node restarts).
+    copy_given_up: bool,
+    /// The last applied index handed to the writer.
+    handed_index: u64,
     /// A request for a copy is out.
     asking: bool,
     /// The copy this node serves, and whether it is making one.
@@ -70,6 +78,7 @@ pub(super) struct Tracking {
 
 impl Tracking {
     pub(super) fn new(writer: Background, path: PathBuf) -> Tracking {
+        let writer_index = writer.status().applied_index;
         Tracking {
             writer,
             path,
@@ -77,6 +86,10 @@ impl Tracking {
             handed_at: Instant::now(),
             failed: None,
             retained: Vec::new(),
+            retained_after: None,
+            copy_given_up: false,
+            // What the store holds already counts as handed over.
+            handed_index: writer_index,
             asking: false,
             served: None,
             making: false,
@@ -93,12 +106,33 @@ impl NodeActor {
     /// disk). A store that fails to write does not stop the node (the writer
     /// keeps the writes for another try, or asks for a resync from the state).
     pub(super) fn write_tracking(&mut self, flush: Flush) {
-        let t = &mut self.tracking;
+        let t = &self.tracking;
         let due = t.handed_at.elapsed() >= Duration::from_millis(resolute_tracking::WRITE_EVERY_MS)
             || t.tracks.len() >= resolute_tracking::WRITE_BATCHES_MAX;
         if (t.tracks.is_empty() || !due) && flush == Flush::IfDue {
             return;
         }
+        let (batches, slice) = self.hand_over();
+        let writer = &self.tracking.writer;
+        match flush {
+            Flush::IfDue => writer.write(batches, slice),
+            Flush::Wait => writer.write_and_wait(batches, slice, false),
+            Flush::Durable => writer.write_and_wait(batches, slice, true),
+        }
+    }
+
+    /// Hands every applied batch to the writer now; the receiver answers once
+    /// it is written: a query made after it sees everything this node applied.
+    pub(super) fn flush_for_query(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let (batches, slice) = self.hand_over();
+        self.tracking.writer.write_acked(batches, slice)
+    }
+
+    /// The batches gathered so far and the rows they changed (every row when
+    /// the writer asks for a resync), kept for a copy on its way; logs the
+    /// writer's failures as they start and end.
+    fn hand_over(&mut self) -> (Vec<TrackBatch>, Slice) {
+        let t = &mut self.tracking;
         let status = t.writer.status();
         match (&status.failed, &t.failed) {
             (Some(e), last) if last.as_ref() != Some(e) => {
@@ -123,36 +157,26 @@ impl NodeActor {
         } else {
             Slice::of(&batches, state)
         };
-        if status.wants_copy.is_some() {
+        if status.wants_copy.is_some() && !t.copy_given_up {
+            // A copy must reach past what was handed over before the batches
+            // kept for it: those are not written again on it.
+            t.retained_after.get_or_insert(t.handed_index);
             if t.retained.len() + batches.len() > TRACK_PENDING_BATCHES_MAX {
                 eprintln!(
                     "node {:016x}: no tracking copy came in time; the store keeps its gap",
                     self.local.node
                 );
                 t.retained.clear();
+                t.copy_given_up = true;
             } else {
                 t.retained.extend(batches.iter().cloned());
             }
         }
-        match flush {
-            Flush::IfDue => t.writer.write(batches, slice),
-            Flush::Wait => t.writer.write_and_wait(batches, slice, false),
-            Flush::Durable => t.writer.write_and_wait(batches, slice, true),
+        if let Some(last) = batches.iter().map(|b| b.applied_index).max() {
+            t.handed_index = t.handed_index.max(last);
         }
         t.handed_at = Instant::now();
-    }
-
-    /// Hands every applied batch to the writer now; the receiver answers once
-    /// it is written: a query made after it sees everything this node applied.
-    pub(super) fn flush_for_query(&mut self) -> std::sync::mpsc::Receiver<()> {
-        let t = &mut self.tracking;
-        let batches = std::mem::take(&mut t.tracks);
-        let slice = Slice::of(&batches, self.driver.node().state());
-        if t.writer.status().wants_copy.is_some() {
-            t.retained.extend(batches.iter().cloned());
-        }
-        t.handed_at = Instant::now();
-        t.writer.write_acked(batches, slice)
+        (batches, slice)
     }
 
     /// A member asks for a copy of this store at or past `min_index`: the
@@ -204,11 +228,13 @@ impl NodeActor {
     /// When the store wants a copy: asks the leader for one, fetches its blob,
     /// installs it and writes the batches applied since on top.
     pub(super) fn ask_for_tracking_copy(&mut self, ctx: &mut Context<Self>) {
-        let Some(at_least) = self.tracking.writer.status().wants_copy else {
+        let Some(gap) = self.tracking.writer.status().wants_copy else {
             return;
         };
+        let at_least = gap.max(self.tracking.retained_after.unwrap_or(0));
         let leader = self.driver.node().leader_id();
-        if self.tracking.asking || leader == 0 || leader == self.local.node {
+        let t = &self.tracking;
+        if t.asking || t.copy_given_up || leader == 0 || leader == self.local.node {
             return;
         }
         self.tracking.asking = true;
@@ -257,6 +283,7 @@ impl NodeActor {
             match done {
                 Ok(Ok(Ok(Some(index)))) => {
                     let retained = std::mem::take(&mut act.tracking.retained);
+                    act.tracking.retained_after = None;
                     let slice = Slice::of(&retained, act.driver.node().state());
                     act.tracking.writer.write(retained, slice);
                     eprintln!(
