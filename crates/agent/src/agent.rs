@@ -13,6 +13,7 @@
 //! - `proposals`: its own proposals, retried with the same id, and metric
 //!   batching;
 //! - `gpu`: GPU health turned into capacity;
+//! - `disk`: free space against the low-water mark;
 //! - `leave`: draining and leaving.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +44,9 @@ pub struct AgentConfig {
     pub proposal_base: u128,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace_ms: u64,
+    /// Below this many free bytes on the data dir's file system the node takes
+    /// no new work (`disk`); 0: the disk is not watched.
+    pub disk_low_water_bytes: u64,
 }
 
 impl AgentConfig {
@@ -54,6 +58,7 @@ impl AgentConfig {
             cpu_slots,
             proposal_base: proposal_base & !(1u128 << 127),
             kill_grace_ms: KILL_GRACE_DEFAULT_MS,
+            disk_low_water_bytes: 0,
         }
     }
 }
@@ -95,6 +100,7 @@ pub struct Agent {
     pub(crate) fetches: crate::fetch::Fetches,
     pub(crate) proposals: crate::proposals::Proposals,
     pub(crate) gpu: crate::gpu::GpuWatch,
+    pub(crate) disk: crate::disk::DiskWatch,
     pub(crate) leave: crate::leave::Leaving,
     /// How long each trial's latest launch here took to prepare (fetches and
     /// waiting for slots), by trial: (incarnation, milliseconds).
@@ -107,7 +113,9 @@ impl Agent {
     pub fn new(cfg: AgentConfig, blobs: impl IntoIterator<Item = String>, now_ms: u64) -> Agent {
         let slots = Slots::new(cfg.gpus.clone(), cfg.cpu_slots);
         let gpu = crate::gpu::GpuWatch::new(slots.are_gpus(), now_ms);
+        let disk = crate::disk::DiskWatch::new(cfg.disk_low_water_bytes, now_ms);
         Agent {
+            disk,
             proposals: crate::proposals::Proposals::new(cfg.proposal_base),
             cfg,
             slots,
@@ -206,6 +214,7 @@ impl Agent {
         self.copy_checkpoints(node, out);
         self.keep_models(node, out);
         self.check_gpus_when_due(out);
+        self.check_disk_when_due(out);
         self.continue_leaving(node, out);
     }
 

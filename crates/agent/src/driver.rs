@@ -87,6 +87,9 @@ impl Driver {
             Event::GpuHealth(health) => self
                 .agent
                 .on_gpu_health(now_ms, &self.node, health, &mut outs),
+            Event::DiskSpace { free_bytes } => self
+                .agent
+                .on_disk_space(now_ms, &self.node, free_bytes, &mut outs),
             Event::Drain => self.agent.drain(&mut outs),
             Event::Leave => self.agent.begin_leaving(now_ms, &mut outs),
         }

@@ -133,6 +133,9 @@ impl Agent {
     /// Keeps the copies the state asks of this node: fetches them, and records
     /// a copy this node already has (a restart may have lost that record).
     pub(crate) fn copy_checkpoints(&mut self, node: &Node, out: &mut Outs) {
+        if self.disk_low().is_some() {
+            return; // Looked at again once the disk has recovered.
+        }
         let me = self.cfg.node;
         // Only when something changed (failed fetches are tried again by
         // `retry_fetches` meanwhile).
@@ -185,6 +188,9 @@ impl Agent {
     /// Fetches the model directory of every unfinished experiment this node
     /// lacks (looked at again whenever the log moved on).
     pub(crate) fn keep_models(&mut self, node: &Node, out: &mut Outs) {
+        if self.disk_low().is_some() {
+            return; // Looked at again once the disk has recovered.
+        }
         let applied = node.applied();
         if self.fetches.models_seen_at == Some(applied) {
             return;

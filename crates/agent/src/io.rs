@@ -70,6 +70,13 @@ pub enum Event {
     /// What NVML says of this node's GPU slots (asked for by `Action::CheckGpus`):
     /// `None` when NVML could not be asked (nothing is concluded from that).
     GpuHealth(Option<Vec<SlotHealth>>),
+    /// Free bytes on the data dir's file system (asked for by
+    /// `Action::CheckDisk`, or measured after the log used its reserve): `None`
+    /// when it could not be measured.
+    DiskSpace {
+        /// Free bytes (available to the node's user).
+        free_bytes: Option<u64>,
+    },
     /// This node should take no new work and move its trials away (a spot
     /// notice, an operator's drain): it proposes `NodeDraining` for itself.
     Drain,
@@ -278,6 +285,9 @@ pub enum Action {
     },
     /// Ask NVML about this node's GPU slots, then answer `Event::GpuHealth`.
     CheckGpus,
+    /// Measure the free space of the data dir's file system, then answer
+    /// `Event::DiskSpace`.
+    CheckDisk,
     /// One of this node's own proposals applied (for logs and observers: the
     /// simulator checks fencing with it).
     Settled {

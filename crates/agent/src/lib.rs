@@ -11,6 +11,7 @@
 //! | which blobs to fetch for a launch, which checkpoints to copy, which model directories to keep, when to try again | `fetch` |
 //! | retrying its own proposals with the same id; metric batching | `proposals` |
 //! | GPU health to `NodeCapacity`; an error on a failed GPU is not the trial's | `gpu` |
+//! | free disk space against the low-water mark to `NodeDisk`; what a node low on disk refuses | `disk` |
 //! | how an exit is classified; when a stopping trial gets SIGTERM, then SIGKILL | `trials` |
 //! | what a target change does to a running trial; whether a trial at its target goes on | `trials` |
 //! | a trial's command, environment and place in a gang | `launch` |
@@ -22,6 +23,7 @@
 //! id come in as arguments.
 
 mod agent;
+mod disk;
 mod driver;
 mod fetch;
 mod gpu;
@@ -33,6 +35,7 @@ mod slots;
 mod trials;
 
 pub use agent::{Agent, AgentConfig, KILL_GRACE_DEFAULT_MS};
+pub use disk::{DISK_CHECK_MS, DISK_RECOVERY_PERCENT};
 pub use driver::Driver;
 pub use fetch::{FETCH_ATTEMPTS, FETCH_RETRY_MAX_MS, FETCH_RETRY_MS};
 pub use gpu::GPU_HEALTH_CHECK_MS;

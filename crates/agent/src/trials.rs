@@ -92,6 +92,9 @@ impl Agent {
         for k in older {
             self.drop_quietly(k, out);
         }
+        if self.refuse_launch_for_disk(node, key, out) {
+            return;
+        }
         let Some(spec) = launch::spec(node.state(), start, self.slots.are_gpus()) else {
             note(out, format!("trial {}: no such experiment here", key.0));
             return;

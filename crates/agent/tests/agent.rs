@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use resolute_agent::{
-    Action, AgentConfig, Driver, Event, ProcessExit, SlotHealth, TrialReport, FETCH_ATTEMPTS,
-    FETCH_RETRY_MAX_MS, GPU_HEALTH_CHECK_MS, KILL_GRACE_DEFAULT_MS,
+    Action, AgentConfig, Driver, Event, ProcessExit, SlotHealth, TrialReport, DISK_CHECK_MS,
+    FETCH_ATTEMPTS, FETCH_RETRY_MAX_MS, GPU_HEALTH_CHECK_MS, KILL_GRACE_DEFAULT_MS,
 };
 use resolute_core::command::{Command, Control, MetricKind, ProposalId, Reply, TrialOutcome};
 use resolute_core::log_store::Recovered;
@@ -43,10 +43,20 @@ struct Shell {
     now: u64,
     seen: Vec<Action>,
     next_client: u128,
+    /// The notes for an operator.
+    notes: Vec<String>,
+    /// Writes are held back, not acknowledged (`release` acknowledges them).
+    hold: bool,
+    held: Option<u64>,
 }
 
 impl Shell {
     fn new(gpus: &[&str], cpu_slots: u32) -> Shell {
+        Shell::with_low_water(gpus, cpu_slots, 0)
+    }
+
+    /// A node that watches its disk against a low-water mark of `bytes`.
+    fn with_low_water(gpus: &[&str], cpu_slots: u32, bytes: u64) -> Shell {
         let gpus: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
         let slots = if gpus.is_empty() {
             cpu_slots
@@ -59,7 +69,8 @@ impl Shell {
             ..Default::default()
         };
         let node = NodeConfig::new(1, info);
-        let agent = AgentConfig::new(1, gpus, cpu_slots, 1 << 64);
+        let mut agent = AgentConfig::new(1, gpus, cpu_slots, 1 << 64);
+        agent.disk_low_water_bytes = bytes;
         let (driver, first) =
             Driver::new(node, agent, &Recovered::default(), true, Vec::new(), 0).expect("start");
         let mut shell = Shell {
@@ -67,6 +78,9 @@ impl Shell {
             now: 0,
             seen: Vec::new(),
             next_client: 1,
+            notes: Vec::new(),
+            hold: false,
+            held: None,
         };
         shell.carry(first);
         for _ in 0..30 {
@@ -88,10 +102,21 @@ impl Shell {
     fn carry(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
+                Action::Persist { seq, .. } if seq > 0 && self.hold => self.held = Some(seq),
                 Action::Persist { seq, .. } if seq > 0 => self.step(Event::Persisted { seq }),
-                Action::Persist { .. } | Action::Note(_) => {}
+                Action::Persist { .. } => {}
+                Action::Note(text) => self.notes.push(text),
                 other => self.seen.push(other),
             }
+        }
+    }
+
+    /// Acknowledges the writes held back (each acknowledgement covers every
+    /// earlier write), and acknowledges at once from now on.
+    fn release(&mut self) {
+        self.hold = false;
+        if let Some(seq) = self.held.take() {
+            self.step(Event::Persisted { seq });
         }
     }
 
@@ -496,4 +521,74 @@ fn exits_are_classified_from_the_code_the_signal_and_what_was_asked() {
         let outcome = settled.unwrap_or_else(|| panic!("case {i}: no exit reported"));
         assert!(expect(&outcome), "case {i}: {outcome:?}");
     }
+}
+
+#[test]
+fn a_node_low_on_disk_records_it_refuses_a_launch_without_a_charge_and_recovers() {
+    const MIB: u64 = 1024 * 1024;
+    let mut s = Shell::with_low_water(&[], 2, 100 * MIB);
+    assert!(
+        s.take().contains(&Action::CheckDisk),
+        "checked from the start"
+    );
+    s.step(Event::DiskSpace {
+        free_bytes: Some(500 * MIB),
+    });
+    assert!(s.driver.node().state().nodes[&1].disk_low.is_none());
+    // The experiment's entry and the node's word that its disk is low are
+    // appended in that order before either applies: the trial is placed here,
+    // and its launch arrives at an agent that knows better.
+    s.hold = true;
+    let id = ProposalId(999);
+    s.step(Event::Propose {
+        id,
+        command: random(1, ""),
+        user: None,
+    });
+    s.wait(DISK_CHECK_MS);
+    assert!(
+        s.take().contains(&Action::CheckDisk),
+        "checked every few seconds"
+    );
+    s.step(Event::DiskSpace {
+        free_bytes: Some(40 * MIB),
+    });
+    s.release();
+    assert!(
+        Shell::launches(&s.take()).is_empty(),
+        "no launch below the mark"
+    );
+    assert!(
+        s.notes.iter().any(|n| n.contains("not launched here")
+            && n.contains("40 MiB free, under its low-water mark of 100 MiB")),
+        "{:?}",
+        s.notes
+    );
+    let state = s.driver.node().state();
+    let low = state.nodes[&1].disk_low.expect("recorded low");
+    assert_eq!(low.free_bytes, 40 * MIB);
+    let trial = *state.trials.keys().next().expect("a trial");
+    assert_eq!(
+        s.trial_state(trial),
+        TrialState::Queued,
+        "back to the queue"
+    );
+    assert_eq!(state.trials[&trial].restarts, 0, "no restart charged");
+    // Just above the mark is not enough (no flapping); 10% above it is.
+    s.wait(DISK_CHECK_MS);
+    s.step(Event::DiskSpace {
+        free_bytes: Some(105 * MIB),
+    });
+    assert!(s.driver.node().state().nodes[&1].disk_low.is_some());
+    assert!(Shell::launches(&s.take()).is_empty());
+    s.wait(DISK_CHECK_MS);
+    s.step(Event::DiskSpace {
+        free_bytes: Some(111 * MIB),
+    });
+    assert!(s.driver.node().state().nodes[&1].disk_low.is_none());
+    assert_eq!(
+        Shell::launches(&s.take()).len(),
+        1,
+        "the trial launches now"
+    );
 }

@@ -467,10 +467,15 @@ fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
         .header("content-type", "application/octet-stream")
         .send(&bytes[..])
         .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let status = resp.status().as_u16();
     let v: Value = resp
         .body_mut()
         .read_json()
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
+    if status >= 300 {
+        // A node low on disk (507) says why and where to go instead.
+        return Err(failure(status, &v));
+    }
     v["digest"]
         .as_str()
         .map(str::to_string)
@@ -791,6 +796,18 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                 "leader {}  queue {}  applied {}",
                 v["leader"], v["queue"], v["applied"]
             );
+            let d = &v["this_disk"];
+            println!(
+                "this node's disk: {} MiB free, low-water mark {} MiB, log reserve {} MiB ({})",
+                d["free_mib"],
+                d["low_water_mib"],
+                d["log_reserve_mib"],
+                if d["log_reserve_kept"] == json!(true) {
+                    "kept"
+                } else {
+                    "not kept: used by a full disk, or no room yet"
+                }
+            );
             for n in v["nodes"].as_array().into_iter().flatten() {
                 println!(
                     "  {} {:<8} site {:<10} slots {}/{} {}",
@@ -805,6 +822,9 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                         "learner"
                     }
                 );
+                if let Some(why) = n["disk_low"]["message"].as_str() {
+                    println!("      disk low, takes no new work: {why}");
+                }
                 // GPUs as the node last gossiped them, a disabled one with why.
                 for g in n["gpus"].as_array().into_iter().flatten() {
                     let state = match g["disabled"].as_str() {

@@ -331,6 +331,36 @@ pub enum Command {
     },
     /// Users, roles and tokens.
     User(UserCommand),
+    /// A node's disk went below its low-water mark (`Some`) or came back
+    /// (`None`): a node low on disk takes no new trials and no checkpoint
+    /// copies; what runs there goes on (node-scoped).
+    NodeDisk {
+        /// The node.
+        node: NodeId,
+        /// What it measured when it went low.
+        low: Option<DiskLow>,
+    },
+}
+
+/// A node's disk below its low-water mark, as the node measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLow {
+    /// Free bytes on its data dir's file system.
+    pub free_bytes: u64,
+    /// Its low-water mark (`[disk] low_water_mib`), in bytes.
+    pub low_water_bytes: u64,
+}
+
+impl std::fmt::Display for DiskLow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MIB: u64 = 1024 * 1024;
+        write!(
+            f,
+            "its disk has {} MiB free, under its low-water mark of {} MiB ([disk] low_water_mib)",
+            self.free_bytes / MIB,
+            self.low_water_bytes / MIB
+        )
+    }
 }
 
 /// The commands that manage users and their tokens (user-scoped: see

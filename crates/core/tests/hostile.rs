@@ -199,6 +199,13 @@ fn a_member_cannot_report_for_trials_or_nodes_it_is_not() {
             slots: 0,
             stop_first: Vec::new(),
         },
+        Command::NodeDisk {
+            node: runs_on,
+            low: Some(resolute_core::command::DiskLow {
+                free_bytes: 0,
+                low_water_bytes: 1,
+            }),
+        },
         Command::Metrics {
             records: vec![MetricRecord {
                 trial,
@@ -229,10 +236,11 @@ fn a_member_cannot_report_for_trials_or_nodes_it_is_not() {
         t.state
     );
     assert!(state.nodes[&runs_on].info.slots > 0, "capacity unchanged");
+    assert!(state.nodes[&runs_on].disk_low.is_none(), "disk unchanged");
     assert_eq!(
         state.forbidden - forbidden_before,
-        4,
-        "three entries refused and one metric record dropped"
+        5,
+        "four entries refused and one metric record dropped"
     );
     assert_eq!(dropped(&c, leader, Dropped::ForgedOrigin), 1);
     assert!(c.converged());

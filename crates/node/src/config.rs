@@ -40,6 +40,35 @@ pub struct NodeFile {
     /// Who trials run as.
     #[serde(default)]
     pub trial: Trial,
+    /// Disk space: the low-water mark and the log's reserve.
+    #[serde(default)]
+    pub disk: Disk,
+}
+
+/// Largest `disk.low_water_mib` (1 TiB).
+pub const LOW_WATER_MIB_MAX: u64 = 1 << 20;
+/// Largest `disk.log_reserve_mib` (64 GiB).
+pub const LOG_RESERVE_MIB_MAX: u64 = 64 << 10;
+
+/// The `[disk]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Disk {
+    /// Below this much free space (MiB) on the data dir's file system the node
+    /// takes no new trials, checkpoint copies or uploads (0: not watched).
+    pub low_water_mib: u64,
+    /// Space (MiB) kept for the log: given up when a write finds the disk full,
+    /// so the node goes on instead of exiting (0: none).
+    pub log_reserve_mib: u64,
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk {
+            low_water_mib: 1024,
+            log_reserve_mib: 64,
+        }
+    }
 }
 
 fn default_site() -> String {
@@ -216,6 +245,16 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
     f.trial.run_as().map_err(|e| format!("{name}: {e}"))?;
     if f.api.tls_cert.is_some() != f.api.tls_key.is_some() {
         return bad("api.tls_cert and api.tls_key go together: set both or neither".into());
+    }
+    if f.disk.low_water_mib > LOW_WATER_MIB_MAX {
+        return bad(format!(
+            "disk.low_water_mib must be at most {LOW_WATER_MIB_MAX}"
+        ));
+    }
+    if f.disk.log_reserve_mib > LOG_RESERVE_MIB_MAX {
+        return bad(format!(
+            "disk.log_reserve_mib must be at most {LOG_RESERVE_MIB_MAX}"
+        ));
     }
     if !(1..=7).contains(&f.node.voters) {
         return bad("node.voters must be between 1 and 7".into());

@@ -131,7 +131,16 @@ struct Started {
 async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError> {
     let c = &opts.config;
     bootstrap::private_dir(&opts.data_dir).map_err(fail)?;
-    let (store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(fail)?;
+    let (mut store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(fail)?;
+    let log_reserve_bytes = c.disk.log_reserve_mib << 20;
+    if let Err(e) = store.set_reserve(log_reserve_bytes) {
+        // A disk too full for the reserve still runs the node (it takes no
+        // new work); the reserve is made once space is back.
+        eprintln!(
+            "warning: the log's reserve of {} MiB: {e}",
+            c.disk.log_reserve_mib
+        );
+    }
     let net_config = setup::net_config(opts)?;
     let (join, _) = setup::join_addresses(opts)?;
     let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(fail)?;
@@ -162,7 +171,9 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         bootstrap::read_admin(&opts.data_dir).ok()
     };
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
-    let agent_cfg = AgentConfig::new(id, gpu_uuids.clone(), c.cpu_slots, setup::proposal_base());
+    let mut agent_cfg =
+        AgentConfig::new(id, gpu_uuids.clone(), c.cpu_slots, setup::proposal_base());
+    agent_cfg.disk_low_water_bytes = c.disk.low_water_mib << 20;
     let now = wall_ms();
     let (driver, first) = Driver::new(
         node_cfg,
@@ -237,6 +248,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         addrs: known,
         join,
         data_dir: opts.data_dir.clone(),
+        log_reserve_bytes,
         events: net_events,
         tracker: (
             resolute_tracking::background::Background::spawn(tracker).map_err(fail)?,

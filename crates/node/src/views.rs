@@ -136,7 +136,7 @@ pub fn experiment_trials(node: &Node, agent: &Agent, id: u64) -> Option<Value> {
 }
 
 /// The cluster as this node sees it.
-pub fn cluster(node: &Node, local: &Local) -> Value {
+pub fn cluster(node: &Node, local: &Local, this_disk: Value) -> Value {
     let state = node.state();
     let (voters, learners) = node.membership();
     let mut used: BTreeMap<u64, u32> = BTreeMap::new();
@@ -159,6 +159,12 @@ pub fn cluster(node: &Node, local: &Local) -> Value {
                 "slots": n.info.slots,
                 "slots_used": used.get(id).copied().unwrap_or(0),
                 "voter": voters.contains(id),
+                // Below its low-water mark: it takes no new work.
+                "disk_low": n.disk_low.map(|d| json!({
+                    "free_mib": d.free_bytes >> 20,
+                    "low_water_mib": d.low_water_bytes >> 20,
+                    "message": d.to_string(),
+                })),
                 "gpus": record.map(|r| r.gpus.iter().map(|g| json!({
                     "uuid": g.uuid,
                     "model": g.model,
@@ -176,6 +182,7 @@ pub fn cluster(node: &Node, local: &Local) -> Value {
         .count();
     json!({
         "this_node": format!("{:016x}", local.node),
+        "this_disk": this_disk,
         "api": local.api,
         "listen": local.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected": local.connected.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),

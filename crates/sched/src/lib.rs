@@ -112,6 +112,10 @@ pub struct Node {
     /// Cost of one slot for an hour, in millionths of the currency unit (cheapest
     /// burst capacity first).
     pub cost_per_slot_hour_micros: u64,
+    /// Takes no new work (its disk is below its low-water mark): the slots its
+    /// running trials hold stay theirs, the rest are neither free nor counted
+    /// as capacity, and its trials are not preempted for slots nobody can use.
+    pub closed: bool,
 }
 
 impl Node {
@@ -123,6 +127,7 @@ impl Node {
             site: String::new(),
             burst: false,
             cost_per_slot_hour_micros: 0,
+            closed: false,
         }
     }
 }

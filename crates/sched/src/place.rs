@@ -25,6 +25,8 @@ struct Free {
     free: u32,
     tier: Tier,
     site: usize,
+    /// Takes no new work: its free slots stay 0.
+    closed: bool,
 }
 
 /// The free slots of one pool's nodes.
@@ -76,6 +78,7 @@ impl Placer {
                     free: n.slots,
                     tier,
                     site,
+                    closed: n.closed,
                 },
             ));
         }
@@ -89,6 +92,14 @@ impl Placer {
                     free[i].1.free = free[i].1.free.saturating_sub(*s);
                 }
             }
+        }
+        // A closed node's capacity is what its running trials hold.
+        for (_, f) in free.iter_mut().filter(|(_, f)| f.closed) {
+            p.capacity = p.capacity.saturating_sub(f.free);
+            if !f.tier.0 {
+                p.owned = p.owned.saturating_sub(f.free);
+            }
+            f.free = 0;
         }
         let mut by_tier: Vec<(Tier, u32, NodeId)> = Vec::with_capacity(free.len());
         let mut by_site: Vec<((Tier, usize), u32, NodeId)> = Vec::with_capacity(free.len());
@@ -263,6 +274,9 @@ impl Placer {
         let Some(f) = self.nodes.get_mut(&node) else {
             return;
         };
+        if f.closed {
+            return; // Slots given back on a closed node stay unused.
+        }
         let old = f.free;
         let new = (i64::from(old) + delta).clamp(0, i64::from(u32::MAX)) as u32;
         f.free = new;

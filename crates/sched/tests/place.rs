@@ -32,6 +32,7 @@ fn cloud(id: u64, slots: u32, cost_micros: u64) -> Node {
         site: "cloud".to_string(),
         burst: true,
         cost_per_slot_hour_micros: cost_micros,
+        closed: false,
     }
 }
 
@@ -175,4 +176,21 @@ fn property_gangs_are_whole_never_over_allocated_fewest_nodes_deterministic() {
             assert_eq!(layout.len(), fewest, "{layout:?} from {before:?}");
         }
     }
+}
+
+#[test]
+fn a_closed_node_takes_no_new_work_and_counts_only_what_runs_there() {
+    let mut full = node(2, 8, "a");
+    full.closed = true;
+    let nodes = vec![node(1, 4, "a"), full];
+    let running = vec![vec![(2, 3)]];
+    let mut p = Placer::new(&nodes, &running);
+    assert_eq!(p.capacity(), 4 + 3, "its 5 idle slots are no capacity");
+    assert_eq!(p.free(2), 0);
+    let mut t = task(1, 2);
+    t.holders = vec![2];
+    assert_eq!(p.place(&t), Some(vec![(1, 2)]), "not even for its holder");
+    assert_eq!(p.place(&task(2, 4)), None, "2 of 4 free elsewhere");
+    p.give_back(&vec![(2, 3)]);
+    assert_eq!(p.free(2), 0, "slots given back there stay unused");
 }

@@ -5,7 +5,14 @@
 //! ```text
 //! log/wal-0000000000000001.log   segments, appended in order; only the newest grows
 //! log/snapshot.bin                the installed snapshot (crc32c + encoded record)
+//! log/reserve.bin                 the log's reserve of disk space (`space`)
 //! ```
+//!
+//! A write that meets a full disk is cut back to where the segment ended
+//! before it (so no partial record is left between valid ones), the reserve is
+//! deleted, and the write is tried once more; `reserve_released` tells the
+//! node, which then refuses new work until the space is back (`set_reserve`
+//! makes the reserve again).
 //!
 //! `append` writes into a buffer; `sync` writes the buffer and calls `fdatasync`
 //! once, so many Ready batches share one fsync (group commit). A snapshot install
@@ -19,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::space;
 use crate::wal::{self, Kind, Replay, SEGMENT_MAGIC};
 use crate::{HardState, LogEntry, LogStore, Recovered, SnapshotRecord, StorageError};
 
@@ -34,8 +42,15 @@ pub struct DurableStore {
     dir: PathBuf,
     segment_seq: u64,
     segment: File,
+    /// Bytes of the newest segment that are written (where a failed write is
+    /// cut back to).
+    segment_len: u64,
     buffer: Vec<u8>,
     log_bytes: u64,
+    /// The reserve's size when it exists (0: none kept).
+    reserve_bytes: u64,
+    /// How often a full disk made the store delete its reserve.
+    reserve_released: u64,
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -124,12 +139,16 @@ impl DurableStore {
             }
             None => new_segment(dir, 1, &[])?,
         };
+        let segment_len = segment.metadata().map_err(io("stat", dir))?.len();
         let store = DurableStore {
             dir: dir.to_path_buf(),
             segment_seq,
             segment,
+            segment_len,
             buffer: Vec::new(),
             log_bytes,
+            reserve_bytes: 0,
+            reserve_released: 0,
         };
         Ok((store, recovered))
     }
@@ -139,12 +158,64 @@ impl DurableStore {
             return Ok(());
         }
         let path = self.segment_path(self.segment_seq);
-        self.segment
-            .write_all(&self.buffer)
-            .map_err(io("write", &path))?;
+        let mut result = self.segment.write_all(&self.buffer);
+        if let Err(e) = &result {
+            if space::is_disk_full(e) {
+                // Cut back the part that was written before trying again.
+                self.segment
+                    .set_len(self.segment_len)
+                    .map_err(io("truncate", &path))?;
+                if self.release_reserve()? {
+                    result = self.segment.write_all(&self.buffer);
+                }
+            }
+        }
+        if let Err(e) = result {
+            // No partial record stays behind: a later write follows valid data.
+            let _ = self.segment.set_len(self.segment_len);
+            return Err(io("write", &path)(e));
+        }
+        self.segment_len += self.buffer.len() as u64;
         self.log_bytes += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
+    }
+
+    /// A write met a full disk: deletes the reserve. Whether there was one to
+    /// delete.
+    fn release_reserve(&mut self) -> Result<bool, StorageError> {
+        let reserve = self.dir.join(space::RESERVE_FILE);
+        if self.reserve_bytes == 0 || !reserve.exists() {
+            return Ok(false);
+        }
+        fs::remove_file(&reserve).map_err(io("remove", &reserve))?;
+        sync_dir(&self.dir)?;
+        self.reserve_released += 1;
+        Ok(true)
+    }
+
+    /// Keeps a reserve of `bytes` for the log (0: none), making it when it is
+    /// missing (at start, and after a full disk used it once space is back).
+    pub fn set_reserve(&mut self, bytes: u64) -> Result<(), StorageError> {
+        self.reserve_bytes = bytes;
+        let path = self.dir.join(space::RESERVE_FILE);
+        if bytes == 0 {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &path)(e)),
+                _ => Ok(()),
+            };
+        }
+        space::allocate(&path, bytes)
+    }
+
+    /// Whether the reserve exists now.
+    pub fn has_reserve(&self) -> bool {
+        self.reserve_bytes > 0 && self.dir.join(space::RESERVE_FILE).exists()
+    }
+
+    /// How often a full disk made the store give up its reserve.
+    pub fn reserve_released(&self) -> u64 {
+        self.reserve_released
     }
 
     fn segment_path(&self, seq: u64) -> PathBuf {
@@ -240,6 +311,37 @@ impl LogStore for DurableStore {
         snapshot: &SnapshotRecord,
         hard_state: &HardState,
     ) -> Result<(), StorageError> {
+        match self.install_snapshot_once(snapshot, hard_state) {
+            Err(StorageError::Io { source, op, path }) if space::is_disk_full(&source) => {
+                // What the attempt left is not in use yet: the temporary file,
+                // or a new segment the store does not write to.
+                let _ = fs::remove_file(self.dir.join(format!("{SNAPSHOT_FILE}.tmp")));
+                let next = self.segment_path(self.segment_seq + 1);
+                if next.exists() {
+                    fs::remove_file(&next).map_err(io("remove", &next))?;
+                }
+                if self.release_reserve()? {
+                    self.install_snapshot_once(snapshot, hard_state)
+                } else {
+                    Err(StorageError::Io { source, op, path })
+                }
+            }
+            result => result,
+        }
+    }
+
+    fn log_bytes(&self) -> u64 {
+        self.log_bytes + self.buffer.len() as u64
+    }
+}
+
+impl DurableStore {
+    /// One attempt at `install_snapshot`.
+    fn install_snapshot_once(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        hard_state: &HardState,
+    ) -> Result<(), StorageError> {
         self.sync()?;
         // 1. The snapshot file, atomically.
         let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
@@ -259,6 +361,7 @@ impl LogStore for DurableStore {
         let old: Vec<(u64, PathBuf)> = list_segments(&self.dir)?;
         let (seq, file) = new_segment(&self.dir, self.segment_seq + 1, &records)?;
         self.segment_seq = seq;
+        self.segment_len = file.metadata().map_err(io("stat", &self.dir))?.len();
         self.segment = file;
         self.log_bytes = records.len() as u64;
         // 3. Older segments are now redundant.
@@ -266,9 +369,5 @@ impl LogStore for DurableStore {
             fs::remove_file(&path).map_err(io("remove", &path))?;
         }
         sync_dir(&self.dir)
-    }
-
-    fn log_bytes(&self) -> u64 {
-        self.log_bytes + self.buffer.len() as u64
     }
 }

@@ -25,6 +25,7 @@
 pub mod blob;
 mod durable;
 mod sim;
+pub mod space;
 pub mod wal;
 
 pub use durable::DurableStore;

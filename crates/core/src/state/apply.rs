@@ -69,6 +69,7 @@ impl ClusterState {
                 | Command::NodeDraining { .. }
                 | Command::NodeAlive { .. }
                 | Command::NodeCapacity { .. }
+                | Command::NodeDisk { .. }
         ) {
             self.pool_nodes = None;
         }
@@ -175,6 +176,15 @@ impl ClusterState {
                 incarnation,
                 outcome,
             } => self.trial_exited(trial, incarnation, outcome, changes),
+            Command::NodeDisk { node, low } => match self.nodes.get_mut(&node) {
+                Some(n) => {
+                    n.disk_low = low;
+                    // Who copies which checkpoint changes with it.
+                    self.replication_generation += 1;
+                    Reply::Ok
+                }
+                None => rejected(format!("unknown node {node}")),
+            },
         }
     }
 

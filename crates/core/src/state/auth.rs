@@ -355,6 +355,7 @@ impl ClusterState {
                 }
             }
             Command::NodeCapacity { node, .. } => node_only(*node, "capacity"),
+            Command::NodeDisk { node, .. } => node_only(*node, "disk space"),
             Command::NodeDraining { node } => {
                 if p == *node || !self.secured() || self.is_cluster_admin(user) {
                     Ok(())

@@ -62,6 +62,9 @@ pub struct NodeRecord {
     pub info: NodeInfo,
     /// Its standing.
     pub state: NodeState,
+    /// Its disk is below its low-water mark: it takes no new trials and no
+    /// checkpoint copies.
+    pub disk_low: Option<crate::command::DiskLow>,
 }
 
 /// Where an experiment is in its life.
@@ -561,6 +564,7 @@ impl ClusterState {
             NodeRecord {
                 info,
                 state: NodeState::Alive,
+                disk_low: None,
             },
         );
         changes.push(Change::NodeJoined { node });

@@ -49,7 +49,7 @@ impl ClusterState {
 
     /// The live trials' latest checkpoints that `me` should copy so that each has
     /// [`CHECKPOINT_REPLICAS`] holders, each with its current holders. Among the
-    /// alive nodes that lack a copy (a draining or lost node takes none), those
+    /// alive nodes that lack a copy (a draining, lost or disk-low node takes none), those
     /// on a site that holds no copy yet come first (a site outage then loses no
     /// checkpoint), then the lowest hash of (checkpoint, node): every node
     /// agrees on who copies without talking. Cheap enough for every node's every
@@ -57,7 +57,8 @@ impl ClusterState {
     /// candidates better placed than `me` once there are enough of them.
     pub fn checkpoints_to_copy(&self, me: NodeId) -> Vec<(String, Vec<NodeId>)> {
         let mut wanted = Vec::new();
-        let alive = |n: &NodeRecord| n.state == NodeState::Alive;
+        // A node low on disk takes no copies either.
+        let alive = |n: &NodeRecord| n.state == NodeState::Alive && n.disk_low.is_none();
         let Some(my_site) = self
             .nodes
             .get(&me)

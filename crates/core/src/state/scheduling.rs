@@ -80,6 +80,7 @@ pub fn pool_nodes(state: &ClusterState) -> PoolNodes {
             site: n.info.site.clone(),
             burst: n.info.preemptible || n.info.cost_per_slot_hour_micros > 0,
             cost_per_slot_hour_micros: n.info.cost_per_slot_hour_micros,
+            closed: n.disk_low.is_some(),
         });
     }
     nodes
@@ -123,6 +124,11 @@ pub fn place(state: &ClusterState) -> Decision {
                 .get(n)
                 .is_none_or(|r| r.state != NodeState::Alive)
         });
+        // Slots on a node that takes no new work are of no use to anyone else.
+        let on_closed = t
+            .layout
+            .iter()
+            .any(|(n, _)| state.nodes.get(n).is_some_and(|r| r.disk_low.is_some()));
         let young = now < t.started_ms.saturating_add(settings.min_runtime_s * 1000);
         let stopping = t.pending != Pending::None || t.preempting;
         let waited = t
@@ -144,7 +150,7 @@ pub fn place(state: &ClusterState) -> Decision {
                 Vec::new()
             },
             preemptible: true,
-            protected: running && (leaving || young || stopping),
+            protected: running && (leaving || on_closed || young || stopping),
             may_burst: !running && waited,
             holders,
             priority: e.priority,

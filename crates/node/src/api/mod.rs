@@ -629,6 +629,17 @@ async fn upload(
     if let Err(e) = allow(&node, &caller, Access::Write).await {
         return e;
     }
+    match node.send(node_actor::DiskLowNow).await {
+        Ok(Some(low)) => {
+            return error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_low",
+                format!("this node takes no uploads: {low}; submit to another node, or free space"),
+            )
+        }
+        Ok(None) => {}
+        Err(_) => return stopping(),
+    }
     // Hashed and written off the node actor's thread and off the async workers.
     let stored = tokio::task::spawn_blocking(move || blobs.put_bytes(&body)).await;
     match stored {
@@ -636,6 +647,15 @@ async fn upload(
             StatusCode::OK,
             Json(json!({"digest": m.digest(), "size": m.size})),
         ),
+        Ok(Err(resolute_storage::blob::BlobError::Io { path, source }))
+            if resolute_storage::space::is_disk_full(&source) =>
+        {
+            error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!("this node's disk is full ({path}: {source}); submit to another node, or free space"),
+            )
+        }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "blob", e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "blob", e.to_string()),
     }

@@ -124,7 +124,23 @@ query!(
 );
 query!(
     /// The cluster as this node sees it.
-    ClusterView, Value, |act| views::cluster(act.driver.node(), &act.local)
+    ClusterView, Value, |act| {
+        let agent = act.driver.agent();
+        let disk = json!({
+            "free_mib": agent.disk_free_bytes().map(|b| b >> 20),
+            "low_water_mib": agent.disk_low_water_bytes() >> 20,
+            "low": agent.disk_low().is_some(),
+            "log_reserve_mib": act.log_reserve_bytes >> 20,
+            "log_reserve_kept": act.store.has_reserve(),
+            "log_reserve_released": act.store.reserve_released(),
+        });
+        views::cluster(act.driver.node(), &act.local, disk)
+    }
+);
+query!(
+    /// Whether this node's disk is below its low-water mark (uploads are
+    /// refused then), with what it measured.
+    DiskLowNow, Option<resolute_core::command::DiskLow>, |act| act.driver.agent().disk_low()
 );
 query!(
     /// Where a trial's log lines are: this node's file, the other nodes' APIs.

@@ -35,7 +35,7 @@ use crate::net_actor::{self, NetActor, Outbox, Publish, SetMembers};
 use crate::setup::{host_of, write_atomically, PEERS_FILE};
 
 pub use messages::{
-    local_log_lines, Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied,
+    local_log_lines, Access, Allowed, BlobUnavailable, Checkpoint, ClusterView, Denied, DiskLowNow,
     ExperimentTrials, ExperimentView, Leave, LogSources, Propose, ReadableWorkspaces, TokenOwner,
     TokenOwnerInfo, TrackingFlushed, TrialLogSources, TrialView, UsersView,
 };
@@ -116,6 +116,8 @@ pub struct Parts {
     pub join: Vec<Multiaddr>,
     /// The data dir.
     pub data_dir: PathBuf,
+    /// The log's reserve of disk space (`[disk] log_reserve_mib`), in bytes.
+    pub log_reserve_bytes: u64,
     /// The swarm's events.
     pub events: tokio::sync::mpsc::Receiver<NetEvent>,
     /// The experiment-tracking store (its writer thread) and its file.
@@ -142,6 +144,9 @@ pub struct NodeActor {
     join_wait_logged_ms: Option<u64>,
     join: Vec<Multiaddr>,
     data_dir: PathBuf,
+    log_reserve_bytes: u64,
+    /// How often the log had given up its reserve when this node last looked.
+    reserve_released_seen: u64,
     first: Vec<Action>,
     /// API proposals waiting for their reply.
     waiting: BTreeMap<ProposalId, oneshot::Sender<Result<Reply, NodeError>>>,
@@ -178,6 +183,8 @@ impl NodeActor {
             join_wait_logged_ms: None,
             join: p.join,
             data_dir: p.data_dir,
+            log_reserve_bytes: p.log_reserve_bytes,
+            reserve_released_seen: 0,
             first: p.first,
             waiting: BTreeMap::new(),
             members: Vec::new(),
@@ -240,6 +247,16 @@ impl NodeActor {
                         eprintln!("fatal: the log store failed: {e}");
                         std::process::exit(3);
                     }
+                    if self.store.reserve_released() > self.reserve_released_seen {
+                        self.reserve_released_seen = self.store.reserve_released();
+                        eprintln!(
+                            "node {:016x}: the disk is full: the log used its reserve of {} MiB",
+                            self.id(),
+                            self.log_reserve_bytes >> 20
+                        );
+                        // The agent hears of it now, not at its next check.
+                        work.push_back(Action::CheckDisk);
+                    }
                     if seq > 0 {
                         let now = self.now();
                         work.extend(self.driver.step(now, Event::Persisted { seq }));
@@ -287,6 +304,11 @@ impl NodeActor {
                     }
                 }
                 Action::CheckGpus => self.check_gpus(ctx),
+                Action::CheckDisk => {
+                    let free_bytes = self.measure_disk();
+                    let now = self.now();
+                    work.extend(self.driver.step(now, Event::DiskSpace { free_bytes }));
+                }
                 Action::Settled { .. } => {}
                 Action::Note(text) => eprintln!("node {:016x}: {text}", self.id()),
                 Action::Left => self.finish_leaving(ctx),
@@ -624,6 +646,38 @@ fn api_is_claimable(api: &str, addrs: &[String]) -> bool {
 }
 
 impl NodeActor {
+    /// Free space on the data dir's file system (a syscall: cheap enough for
+    /// the actor's thread every few seconds); the log's reserve is made again
+    /// once the disk has recovered.
+    fn measure_disk(&mut self) -> Option<u64> {
+        let free = match resolute_storage::space::free_bytes(&self.data_dir) {
+            Ok(free) => free,
+            Err(e) => {
+                eprintln!("node {:016x}: measuring free space: {e}", self.id());
+                return None;
+            }
+        };
+        // Made again only with room for it above the low-water mark, so that
+        // making it does not take the node under the mark again.
+        let agent = self.driver.agent();
+        let room = agent.disk_low_water_bytes() + self.log_reserve_bytes;
+        if agent.disk_low().is_none()
+            && self.log_reserve_bytes > 0
+            && !self.store.has_reserve()
+            && free > room
+        {
+            match self.store.set_reserve(self.log_reserve_bytes) {
+                Ok(()) => eprintln!(
+                    "node {:016x}: the log's reserve of {} MiB is back",
+                    self.id(),
+                    self.log_reserve_bytes >> 20
+                ),
+                Err(e) => eprintln!("node {:016x}: the log's reserve: {e}", self.id()),
+            }
+        }
+        Some(free)
+    }
+
     /// The swarm's event stream ended: when the node did not stop it (its
     /// task died), the node cannot keep its promises and the process exits
     /// with code 3, to be started again from its data dir.

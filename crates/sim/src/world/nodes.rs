@@ -239,6 +239,9 @@ impl World<'_> {
                 Action::Fetch { digest, holders } => self.fetch(node, digest, holders),
                 // NVML answers at once (the answer waits in the step queue).
                 Action::CheckGpus => self.gpu_answer(node, self.nodes[node].epoch),
+                // Simulated disks do not fill: their agents watch no low-water
+                // mark (`disk_low_water_bytes` 0) and never ask.
+                Action::CheckDisk => {}
                 Action::Settled { command, reply } => self.settled(command, reply),
                 Action::Note(text) => {
                     let name = self.nodes[node].name.clone();
