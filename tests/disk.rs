@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use resolute_storage::space;
 use resolute_tests::{bin, create_python_core, get, repo, start_with, token_of, until, NodeProc};
 use serde_json::Value;
 
@@ -25,13 +26,9 @@ struct SmallFs(PathBuf);
 
 impl SmallFs {
     fn mount(dir: &Path) -> Option<SmallFs> {
-        let root = fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                == Some("0")
-        });
-        if !root {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to this process's effective uid.
+        if fs::metadata("/proc/self").map_or(true, |m| m.uid() != 0) {
             eprintln!("skipped: mounting a small file system needs root");
             return None;
         }
@@ -55,19 +52,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn free_bytes(dir: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()
-        .expect("df");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .expect("df's answer")
-}
-
 /// Appends to `ballast` until the file system has `leave` bytes free (0: until
 /// a write fails).
 fn fill(ballast: &Path, leave: u64) {
@@ -78,7 +62,7 @@ fn fill(ballast: &Path, leave: u64) {
         .expect("ballast");
     let chunk = vec![7u8; 256 * 1024];
     loop {
-        let free = free_bytes(ballast.parent().expect("dir"));
+        let free = space::free_bytes(ballast.parent().expect("dir")).expect("statvfs");
         if leave > 0 && free <= leave {
             break;
         }

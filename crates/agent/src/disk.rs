@@ -48,13 +48,18 @@ impl DiskWatch {
         }
     }
 
+    /// Free bytes a node low on disk needs before it takes work again.
+    fn recovery_bytes(&self) -> u64 {
+        let mark = self.low_water_bytes;
+        mark.saturating_add(mark / 100 * DISK_RECOVERY_PERCENT)
+    }
+
     /// Whether free space `free` leaves the node low, given whether it is now.
     fn is_low(&self, free: u64, low_now: bool) -> bool {
-        let mark = self.low_water_bytes;
         if low_now {
-            free < mark.saturating_add(mark / 100 * DISK_RECOVERY_PERCENT)
+            free < self.recovery_bytes()
         } else {
-            free < mark
+            free < self.low_water_bytes
         }
     }
 }
@@ -116,7 +121,7 @@ impl Agent {
                 format!(
                     "disk low: {l}; this node takes no new trials, checkpoint copies or uploads \
                      until it has {} MiB free",
-                    (d.low_water_bytes + d.low_water_bytes / 100 * DISK_RECOVERY_PERCENT) >> 20
+                    d.recovery_bytes() >> 20
                 ),
             ),
             (Some(_), None) => note(
