@@ -207,9 +207,14 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
     // The administrator's token works once the node has the entry that made
     // it (a new cluster's first entries; a joiner's catch-up): wait for that,
     // a while at most (a test may start a node that never joins).
+    // Each failed try counts against the address's authentication budget
+    // (`AUTH_FAILURES_MAX` a minute): the pause doubles, so a slow catch-up
+    // does not get the tests throttled.
     let deadline = Instant::now() + Duration::from_millis(AUTHENTICATED_WAIT_MS);
+    let mut pause_ms = 100;
     while cli_as(&api, &token, &["whoami"]).0 != 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        pause_ms = (pause_ms * 2).min(2_000);
     }
     NodeProc {
         api,

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use resolute_tests::{bin, create_python_core, get, start, until, NodeProc};
+use resolute_tests::{bin, cli, create_python_core, get, repo, start, start_with, until, NodeProc};
 use serde_json::Value;
 
 fn tracking(n: &NodeProc) -> Value {
@@ -139,4 +139,67 @@ fn a_node_killed_while_applying_metric_batches_restarts_with_the_same_rows_as_it
         runs["runs"].as_array().is_some_and(|r| !r.is_empty()),
         "{runs}"
     );
+}
+
+/// A node joins a cluster whose state's snapshot is larger than the largest
+/// message the wire takes (`net.max_message_bytes`, 2 MiB here): the leader
+/// keeps the snapshot as a blob, the joiner fetches it in chunks, and both
+/// end with the same state.
+#[test]
+fn a_node_joins_from_a_snapshot_larger_than_any_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let laptop = std::fs::read_to_string(repo().join("config/laptop.toml")).expect("config");
+    let small = laptop.replace(
+        "max_message_bytes = 16777216",
+        "max_message_bytes = 2097152",
+    );
+    assert_ne!(small, laptop, "the shipped config sets max_message_bytes");
+    let config = dir.path().join("small-messages.toml");
+    std::fs::write(&config, small).expect("config");
+    let a = start_with(&dir.path().join("a"), 64, None, &config);
+    // Three experiments whose configs carry 900 KB descriptions: a state of
+    // more than 2.7 MB. They are killed at once (their configs stay).
+    let base = std::fs::read_to_string(repo().join("examples/python-core/experiment.yaml"))
+        .expect("example");
+    let model = repo().join("examples/python-core");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let yaml = dir.path().join(format!("big-{i}.yaml"));
+        let description = format!("{i}").repeat(900_000);
+        std::fs::write(&yaml, format!("{base}description: \"{description}\"\n")).expect("yaml");
+        let args = [
+            "experiment",
+            "create",
+            yaml.to_str().expect("path"),
+            model.to_str().expect("path"),
+        ];
+        let id = get(&a.api, &args)["id"].as_u64().expect("experiment id");
+        let (code, out) = cli(&a.api, &["experiment", "kill", &id.to_string()]);
+        assert_eq!(code, 0, "{out}");
+        ids.push(id);
+    }
+    let a_applied = get(&a.api, &["cluster", "status"])["applied"]
+        .as_u64()
+        .expect("applied");
+    let b = start_with(&dir.path().join("b"), 65, Some(&a.listen), &config);
+    until("b applied what a did", Duration::from_secs(60), || {
+        get(&b.api, &["cluster", "status"])["applied"]
+            .as_u64()
+            .is_some_and(|x| x >= a_applied)
+    });
+    let snapshot =
+        |n: &NodeProc| std::fs::metadata(n.data.join("log/snapshot.bin")).map_or(0, |m| m.len());
+    assert!(
+        snapshot(&b) > 2_700_000,
+        "b installed a snapshot of {} bytes",
+        snapshot(&b)
+    );
+    for id in ids {
+        let e = get(&b.api, &["experiment", "describe", &id.to_string()]);
+        assert_eq!(e["id"].as_u64(), Some(id), "{e}");
+    }
+    let leftovers = std::fs::read_dir(b.data.join("partial"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0, "no partial fetch is left on b");
 }

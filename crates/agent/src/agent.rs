@@ -102,6 +102,7 @@ pub struct Agent {
     pub(crate) gpu: crate::gpu::GpuWatch,
     pub(crate) disk: crate::disk::DiskWatch,
     pub(crate) leave: crate::leave::Leaving,
+    pub(crate) sweep: crate::sweep::Sweep,
     /// How long each trial's latest launch here took to prepare (fetches and
     /// waiting for slots), by trial: (incarnation, milliseconds).
     pub(crate) launches: BTreeMap<TrialId, (u64, u64)>,
@@ -124,6 +125,7 @@ impl Agent {
             fetches: crate::fetch::Fetches::default(),
             gpu,
             leave: crate::leave::Leaving::default(),
+            sweep: crate::sweep::Sweep::new(now_ms),
             launches: BTreeMap::new(),
             now_ms,
         }
@@ -215,6 +217,7 @@ impl Agent {
         self.keep_models(node, out);
         self.check_gpus_when_due(out);
         self.check_disk_when_due(out);
+        self.sweep_blobs_when_due(node, out);
         self.continue_leaving(node, out);
     }
 

@@ -67,6 +67,11 @@ impl Fetches {
     pub(crate) fn len(&self) -> usize {
         self.by_digest.len()
     }
+
+    /// Whether `digest` is wanted or being fetched.
+    pub(crate) fn wants(&self, digest: &str) -> bool {
+        self.by_digest.contains_key(digest)
+    }
 }
 
 impl Agent {
@@ -260,6 +265,25 @@ impl Agent {
             || self.uses_input(digest)
     }
 
+    /// A blob that arrived when nothing here asked for it any more: kept if
+    /// the state says this node holds it (or it is an experiment's model
+    /// directory, or a local incarnation's input), else deleted. A release
+    /// goes only to a checkpoint's recorded holders, so a copy nobody recorded
+    /// would otherwise stay on this disk for ever.
+    fn keep_or_delete(&mut self, node: &Node, digest: String, out: &mut Outs) {
+        let state = node.state();
+        let held_here = match state.checkpoints.get(&digest) {
+            Some(c) => c.holders.contains(&self.cfg.node),
+            None => state.experiments.values().any(|e| e.model_digest == digest),
+        };
+        if held_here || self.uses_input(&digest) {
+            self.have.insert(digest);
+        } else {
+            self.have.remove(&digest);
+            act(out, Action::DeleteBlob { digest });
+        }
+    }
+
     /// A fetch ended.
     pub(crate) fn on_fetched(
         &mut self,
@@ -272,17 +296,22 @@ impl Agent {
         self.now_ms = now_ms;
         let Some(mut f) = self.fetches.by_digest.remove(&digest) else {
             if result.is_ok() {
-                self.have.insert(digest);
+                self.keep_or_delete(node, digest, out);
             }
             return;
         };
         f.in_flight = false;
         match result {
             Ok(()) => {
-                if f.copy
-                    && f.launches.is_empty()
-                    && !node.state().checkpoints.contains_key(&digest)
-                {
+                let recorded = node.state().checkpoints.contains_key(&digest);
+                if f.launches.is_empty() && !(f.copy && recorded) && !f.model {
+                    // Nothing here wants it any more: the copy was given to
+                    // another node, or its checkpoint was deleted, while it
+                    // travelled.
+                    self.keep_or_delete(node, digest, out);
+                    return;
+                }
+                if f.copy && !recorded {
                     // Its checkpoint was deleted while the copy travelled (its
                     // experiment's policy, or the experiment): the release
                     // went to the holders it had then, not to this node.

@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | which slots (and GPUs) an incarnation gets, when it may launch | `slots`, `trials` |
 //! | which blobs to fetch for a launch, which checkpoints to copy, which model directories to keep, when to try again | `fetch` |
+//! | deleting a blob on this disk that no record names (a lost proposal, a late copy, a release missed behind a snapshot) | `sweep` |
 //! | retrying its own proposals with the same id; metric batching | `proposals` |
 //! | GPU health to `NodeCapacity`; an error on a failed GPU is not the trial's | `gpu` |
 //! | free disk space against the low-water mark to `NodeDisk`; what a node low on disk refuses | `disk` |
@@ -32,6 +33,7 @@ pub mod launch;
 mod leave;
 mod proposals;
 mod slots;
+mod sweep;
 mod trials;
 
 pub use agent::{Agent, AgentConfig, KILL_GRACE_DEFAULT_MS};
@@ -44,3 +46,4 @@ pub use launch::{Gang, LaunchSpec};
 pub use leave::{LEAVE_DRAIN_MS, LEAVE_REMOVE_MS};
 pub use proposals::PROPOSAL_RETRY_MS;
 pub use slots::Slots;
+pub use sweep::{BLOB_ORPHAN_GRACE_MS, BLOB_SWEEP_MS};

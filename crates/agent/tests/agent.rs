@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use resolute_agent::{
-    Action, AgentConfig, Driver, Event, ProcessExit, SlotHealth, TrialReport, DISK_CHECK_MS,
-    FETCH_ATTEMPTS, FETCH_RETRY_MAX_MS, GPU_HEALTH_CHECK_MS, KILL_GRACE_DEFAULT_MS,
+    Action, AgentConfig, Driver, Event, ProcessExit, SlotHealth, TrialReport, BLOB_ORPHAN_GRACE_MS,
+    BLOB_SWEEP_MS, DISK_CHECK_MS, FETCH_ATTEMPTS, FETCH_RETRY_MAX_MS, GPU_HEALTH_CHECK_MS,
+    KILL_GRACE_DEFAULT_MS,
 };
 use resolute_core::command::{Command, Control, MetricKind, ProposalId, Reply, TrialOutcome};
 use resolute_core::log_store::Recovered;
@@ -57,6 +58,11 @@ impl Shell {
 
     /// A node that watches its disk against a low-water mark of `bytes`.
     fn with_low_water(gpus: &[&str], cpu_slots: u32, bytes: u64) -> Shell {
+        Shell::with(gpus, cpu_slots, bytes, Vec::new())
+    }
+
+    /// A node whose store holds `blobs` when it starts.
+    fn with(gpus: &[&str], cpu_slots: u32, bytes: u64, blobs: Vec<String>) -> Shell {
         let gpus: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
         let slots = if gpus.is_empty() {
             cpu_slots
@@ -72,7 +78,7 @@ impl Shell {
         let mut agent = AgentConfig::new(1, gpus, cpu_slots, 1 << 64);
         agent.disk_low_water_bytes = bytes;
         let (driver, first) =
-            Driver::new(node, agent, &Recovered::default(), true, Vec::new(), 0).expect("start");
+            Driver::new(node, agent, &Recovered::default(), true, blobs, 0).expect("start");
         let mut shell = Shell {
             driver,
             now: 0,
@@ -590,5 +596,57 @@ fn a_node_low_on_disk_records_it_refuses_a_launch_without_a_charge_and_recovers(
         Shell::launches(&s.take()).len(),
         1,
         "the trial launches now"
+    );
+}
+
+#[test]
+fn a_blob_no_record_names_is_deleted_after_the_grace_and_a_named_one_kept() {
+    // A store as a crash leaves it: the experiment's model directory, a
+    // checkpoint whose `CheckpointSaved` never committed, and nothing else.
+    let blobs = vec!["model".to_string(), "lost".to_string()];
+    let mut s = Shell::with(&[], 1, 0, blobs);
+    s.propose(random(1, "model"));
+    let l = Shell::launches(&s.take()).remove(0);
+    let deleted = |s: &mut Shell| -> Vec<String> {
+        s.take()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::DeleteBlob { digest } => Some(digest),
+                _ => None,
+            })
+            .collect()
+    };
+    s.wait(BLOB_ORPHAN_GRACE_MS);
+    assert!(
+        deleted(&mut s).is_empty(),
+        "nothing before the grace is over"
+    );
+    s.wait(2 * BLOB_SWEEP_MS);
+    assert_eq!(deleted(&mut s), vec!["lost".to_string()]);
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("blob lost was in no record")),
+        "{:?}",
+        s.notes
+    );
+    // A checkpoint the log records here stays for as long as it is recorded,
+    // and so does the model directory of an experiment the state has.
+    s.report(TrialReport::Launched {
+        trial: l.trial,
+        incarnation: l.incarnation,
+    });
+    s.report(TrialReport::CheckpointSaved {
+        trial: l.trial,
+        incarnation: l.incarnation,
+        uuid: "kept".into(),
+        steps_completed: 10,
+        size: 1,
+    });
+    assert!(s.driver.node().state().checkpoints.contains_key("kept"));
+    s.wait(BLOB_ORPHAN_GRACE_MS + 2 * BLOB_SWEEP_MS);
+    assert!(
+        deleted(&mut s).is_empty(),
+        "the model and the checkpoint stay"
     );
 }

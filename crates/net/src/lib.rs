@@ -93,6 +93,16 @@ pub enum NetEvent {
     /// A request from a node that is not a member was refused (its Raft
     /// traffic, forwards or blob reads): counted, for the operator.
     Denied(NodeId),
+    /// A member sent a peer message as a blob (`Request::PeerBlob`): fetch
+    /// it from the member and take its bytes as `PeerMessage::Raft`.
+    PeerBlob {
+        /// The sender (which holds the blob).
+        from: NodeId,
+        /// The blob.
+        digest: String,
+        /// Its length, at most `wire::PEER_BLOB_MAX_BYTES`.
+        size: u64,
+    },
     /// A member asks for a copy of this node's tracking store at or past
     /// `min_index`: answer on `reply` within `LOGS_ANSWER_TIMEOUT_MS` (the
     /// copy's blob, encoded, or why not).
@@ -156,7 +166,7 @@ pub struct NetInfo {
 pub(crate) enum SwarmCommand {
     Send {
         to: NodeId,
-        msg: PeerMessage,
+        request: wire::Request,
         reply: Option<oneshot::Sender<Result<(), NetError>>>,
     },
     Publish {
@@ -219,7 +229,7 @@ impl NetHandle {
     pub async fn send(&self, to: NodeId, msg: PeerMessage) -> Result<(), NetError> {
         self.call(|reply| SwarmCommand::Send {
             to,
-            msg,
+            request: wire::Request::Peer(msg),
             reply: Some(reply),
         })
         .await?
@@ -231,7 +241,19 @@ impl NetHandle {
         self.commands
             .try_send(SwarmCommand::Send {
                 to,
-                msg,
+                request: wire::Request::Peer(msg),
+                reply: None,
+            })
+            .is_ok()
+    }
+
+    /// Tells `to` that a peer message waits for it in this node's blob store
+    /// as `digest` (`Request::PeerBlob`), without waiting; false when dropped.
+    pub fn send_blob_nowait(&self, to: NodeId, digest: String, size: u64) -> bool {
+        self.commands
+            .try_send(SwarmCommand::Send {
+                to,
+                request: wire::Request::PeerBlob { digest, size },
                 reply: None,
             })
             .is_ok()

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::config::{NetConfig, CHANNEL_DEPTH};
 use crate::gossip::Announcement;
 use crate::identity::{self, node_id};
-use crate::wire::{Request, Response, WireCodec, PROTOCOL};
+use crate::wire::{Request, Response, WireCodec, PEER_BLOB_MAX_BYTES, PROTOCOL};
 use crate::{FetchReport, NetError, NetEvent, NetHandle, NetInfo, SwarmCommand};
 
 /// Manifests kept in memory for serving chunks.
@@ -331,7 +331,7 @@ impl EventLoop {
 
     fn on_command(&mut self, command: SwarmCommand) {
         match command {
-            SwarmCommand::Send { to, msg, reply } => self.send(to, msg, reply),
+            SwarmCommand::Send { to, request, reply } => self.send(to, request, reply),
             SwarmCommand::Publish {
                 announcement,
                 reply,
@@ -411,7 +411,7 @@ impl EventLoop {
     fn send(
         &mut self,
         to: NodeId,
-        msg: PeerMessage,
+        request: Request,
         reply: Option<oneshot::Sender<Result<(), NetError>>>,
     ) {
         let Some(peer) = self.peers.get(&to).copied() else {
@@ -420,11 +420,7 @@ impl EventLoop {
             }
             return;
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rpc
-            .send_request(&peer, Request::Peer(msg));
+        let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
         self.pending.insert(id, Pending::Send { node: to, reply });
     }
 
@@ -612,6 +608,20 @@ impl EventLoop {
                 };
                 return self.ask_node(wanted, answer, channel);
             }
+            Request::PeerBlob { digest, size } if size <= PEER_BLOB_MAX_BYTES => {
+                let event = NetEvent::PeerBlob {
+                    from: node,
+                    digest,
+                    size,
+                };
+                match self.events.try_send(event) {
+                    Ok(()) => Response::Ack,
+                    Err(_) => Response::Denied("receiver busy".to_string()),
+                }
+            }
+            Request::PeerBlob { size, .. } => Response::Denied(format!(
+                "a peer message of {size} bytes exceeds the limit of {PEER_BLOB_MAX_BYTES} bytes"
+            )),
             Request::TrackingCopy { min_index } => {
                 let (reply, answer) = oneshot::channel();
                 let wanted = NetEvent::TrackingCopyWanted {

@@ -62,7 +62,21 @@ pub enum Request {
         /// The snapshot index the asker caught up to.
         min_index: u64,
     },
+    /// A peer message too large to travel inline (a Raft snapshot of a large
+    /// state): the sender keeps its bytes as a blob, and the receiver fetches
+    /// them over the verified, chunked transfer and then takes them as the
+    /// `Request::Peer(PeerMessage::Raft)` they stand for.
+    PeerBlob {
+        /// The blob holding the message's bytes (on the sender).
+        digest: String,
+        /// Their length (checked against `PEER_BLOB_MAX_BYTES` before fetching).
+        size: u64,
+    },
 }
+
+/// Largest peer message that travels as a blob, in bytes: the largest state the
+/// codec decodes, and room for the Raft message around it.
+pub const PEER_BLOB_MAX_BYTES: u64 = resolute_types::codec::DECODE_LIMIT_BYTES as u64 + (1 << 20);
 
 /// The answer.
 #[derive(Debug, Clone, PartialEq)]

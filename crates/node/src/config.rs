@@ -130,7 +130,16 @@ pub struct Net {
     pub cluster_key: Option<String>,
     /// Discover peers on the LAN.
     pub mdns: bool,
+    /// Largest request or answer on the wire, in bytes; a larger peer message
+    /// (a Raft snapshot of a large state) travels as a blob instead.
+    pub max_message_bytes: usize,
 }
+
+/// Smallest `net.max_message_bytes`: a Raft append of
+/// `RAFT_MESSAGE_BYTES_MAX` and its frame must fit.
+pub const MAX_MESSAGE_BYTES_MIN: usize = 2 << 20;
+/// Largest `net.max_message_bytes` (a frame is read whole into memory).
+pub const MAX_MESSAGE_BYTES_MAX: usize = 256 << 20;
 
 impl Default for Net {
     fn default() -> Self {
@@ -140,6 +149,7 @@ impl Default for Net {
             cluster: "resolute".into(),
             cluster_key: None,
             mdns: false,
+            max_message_bytes: resolute_net::wire::MESSAGE_DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -245,6 +255,11 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
     f.trial.run_as().map_err(|e| format!("{name}: {e}"))?;
     if f.api.tls_cert.is_some() != f.api.tls_key.is_some() {
         return bad("api.tls_cert and api.tls_key go together: set both or neither".into());
+    }
+    if !(MAX_MESSAGE_BYTES_MIN..=MAX_MESSAGE_BYTES_MAX).contains(&f.net.max_message_bytes) {
+        return bad(format!(
+            "net.max_message_bytes must be between {MAX_MESSAGE_BYTES_MIN} and {MAX_MESSAGE_BYTES_MAX}"
+        ));
     }
     if f.disk.low_water_mib > LOW_WATER_MIB_MAX {
         return bad(format!(

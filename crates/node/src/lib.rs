@@ -249,6 +249,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         join,
         data_dir: opts.data_dir.clone(),
         log_reserve_bytes,
+        peer_inline_max_bytes: node_actor::PEER_INLINE_MAX_BYTES.min(c.net.max_message_bytes / 2),
         events: net_events,
         tracker: (
             resolute_tracking::background::Background::spawn(tracker).map_err(fail)?,

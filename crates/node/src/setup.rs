@@ -57,6 +57,7 @@ pub(crate) fn net_config(opts: &Options) -> Result<NetConfig, DaemonError> {
     net.listen = listen;
     net.cluster = c.net.cluster.clone();
     net.mdns = c.net.mdns;
+    net.max_message_bytes = c.net.max_message_bytes;
     let key = crate::bootstrap::cluster_key(c.net.cluster_key.as_deref(), &opts.data_dir)
         .map_err(setup)?;
     crate::bootstrap::check_net_listen(&net.listen, key.as_deref()).map_err(setup)?;

@@ -12,6 +12,7 @@
 //! not durable; it restarts from its data dir.
 
 mod messages;
+mod peer_blobs;
 mod tracking;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -48,6 +49,9 @@ pub const ANNOUNCE_EVERY_TICKS: u64 = 10;
 pub const ANNOUNCEMENT_TTL_MS: u64 = 10_000;
 /// How often a node waiting to be admitted says what admits it.
 pub const JOIN_WAIT_LOG_EVERY_MS: u64 = 30_000;
+pub use peer_blobs::{
+    PEER_BLOBS_FETCHING_MAX, PEER_BLOBS_KEPT_MAX, PEER_BLOB_KEEP_MS, PEER_INLINE_MAX_BYTES,
+};
 pub use tracking::{TRACK_COPY_ASK_EVERY_TICKS, TRACK_PENDING_BATCHES_MAX};
 /// `MASTER_ADDR` when rank 0's address is unknown.
 pub const LOOPBACK_HOST: &str = "127.0.0.1";
@@ -118,6 +122,8 @@ pub struct Parts {
     pub data_dir: PathBuf,
     /// The log's reserve of disk space (`[disk] log_reserve_mib`), in bytes.
     pub log_reserve_bytes: u64,
+    /// Largest peer message sent inline (larger ones go as blobs).
+    pub peer_inline_max_bytes: usize,
     /// The swarm's events.
     pub events: tokio::sync::mpsc::Receiver<NetEvent>,
     /// The experiment-tracking store (its writer thread) and its file.
@@ -161,6 +167,10 @@ pub struct NodeActor {
     events: Option<tokio::sync::mpsc::Receiver<NetEvent>>,
     /// The tracking store, its pending batches, the copies it serves and asks for.
     tracking: tracking::Tracking,
+    /// Largest peer message sent inline.
+    peer_inline_max_bytes: usize,
+    /// Peer messages that travel as blobs.
+    peer_blobs: peer_blobs::PeerBlobs,
 }
 
 impl NodeActor {
@@ -194,6 +204,8 @@ impl NodeActor {
             left: false,
             events: Some(p.events),
             tracking: tracking::Tracking::new(p.tracker.0, p.tracker.1),
+            peer_inline_max_bytes: p.peer_inline_max_bytes,
+            peer_blobs: peer_blobs::PeerBlobs::default(),
         }
     }
 
@@ -219,10 +231,7 @@ impl NodeActor {
         let mut work: VecDeque<Action> = actions.into();
         while let Some(action) = work.pop_front() {
             match action {
-                Action::Send { to, msg } => {
-                    // A full channel drops it: Raft and the proposers retransmit.
-                    self.peers.outbox.send(to, msg);
-                }
+                Action::Send { to, msg } => self.send_peer(ctx, to, msg),
                 Action::Track(batch) => self.tracking.tracks.push(*batch),
                 Action::Persist {
                     seq,
@@ -588,6 +597,9 @@ impl StreamHandler<NetEvent> for NodeActor {
                 self.step(ctx, Event::Disconnected { node: n });
             }
             NetEvent::Denied(_) => self.local.denied_requests += 1,
+            NetEvent::PeerBlob { from, digest, size } => {
+                self.receive_peer_blob(ctx, from, digest, size)
+            }
             NetEvent::LogsWanted {
                 from,
                 trial,

@@ -355,9 +355,21 @@ impl World<'_> {
             let all_in = self.clients.all_answered()
                 && self.clients.submitted == self.expected_submissions();
             if let Some((finished, total)) = done {
+                let nobodys = self.blobs_in_no_record();
                 if all_in && total >= self.clients.submitted && finished == total {
-                    self.finished = true;
-                    return;
+                    if nobodys.is_empty() {
+                        self.finished = true;
+                        return;
+                    }
+                    if self.now >= deadline {
+                        for p in nobodys {
+                            self.violation(format!(
+                                "liveness: {p} {} s after every fault healed",
+                                self.sc.liveness_bound_s
+                            ));
+                        }
+                        return;
+                    }
                 }
                 if self.now >= deadline {
                     let detail = self.unfinished_detail();
@@ -367,6 +379,39 @@ impl World<'_> {
                 self.violation("liveness: no node is up".into());
             }
         }
+    }
+
+    /// The blobs on live nodes' disks that no record names: each must be a
+    /// checkpoint its node's state says it holds, or an experiment's model
+    /// directory. A blob no record names is never released (a release goes to
+    /// recorded holders only) and would fill the disk over the years; the
+    /// agent's sweep deletes it, so the run is not over until none is left.
+    /// Nodes with own proposals or incarnations in flight are left out: what
+    /// they propose may still record a blob.
+    fn blobs_in_no_record(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for n in self.nodes.iter().filter(|n| !n.down && !n.gone) {
+            let Some(d) = n.driver.as_ref().filter(|d| !d.agent().busy()) else {
+                continue;
+            };
+            let state = d.node().state();
+            for digest in &n.blobs {
+                let named = match state.checkpoints.get(digest) {
+                    Some(c) => c.holders.contains(&n.id),
+                    None => state
+                        .experiments
+                        .values()
+                        .any(|e| &e.model_digest == digest),
+                };
+                if !named {
+                    found.push(format!(
+                        "{}: blob {digest} is on its disk and in no record",
+                        n.name
+                    ));
+                }
+            }
+        }
+        found
     }
 
     /// What the unfinished experiments' trials are doing (for a liveness report).
