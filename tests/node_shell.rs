@@ -116,6 +116,13 @@ fn a_node_stopped_with_sigterm_drains_leaves_and_its_trial_moves() {
         moving.is_some()
     });
     let trial = moving.expect("trial");
+    // Room for b's trials: a's two slots are taken by trials that run on, so
+    // a third node joins with two free ones.
+    let _c = start(&dir.path().join("c"), 64, Some(&a.listen));
+    until("three members", Duration::from_secs(30), || {
+        let v = get(&a.api, &["cluster", "status"]);
+        v["nodes"].as_array().is_some_and(|n| n.len() == 3)
+    });
     // SIGTERM: b drains (its trials checkpoint and stop), leaves, exits 0.
     let pid = b.child.id() as i32;
     assert_eq!(send_signal(pid, "TERM"), Some(true), "signal sent");
@@ -130,14 +137,20 @@ fn a_node_stopped_with_sigterm_drains_leaves_and_its_trial_moves() {
         Duration::from_secs(30),
         || {
             let v = get(&a.api, &["cluster", "status"]);
-            v["nodes"].as_array().is_some_and(|n| n.len() == 1)
+            v["nodes"].as_array().is_some_and(|n| n.len() == 2)
         },
     );
-    until("its trial runs on a", Duration::from_secs(60), || {
-        trials(&a.api, id).iter().any(|t| {
-            t["id"].as_u64() == Some(trial) && t["state"] == "Running" && t["node"] != b_id.as_str()
-        })
-    });
+    until(
+        "its trial runs on another node",
+        Duration::from_secs(60),
+        || {
+            trials(&a.api, id).iter().any(|t| {
+                t["id"].as_u64() == Some(trial)
+                    && t["state"] == "Running"
+                    && t["node"] != b_id.as_str()
+            })
+        },
+    );
     let t = trials(&a.api, id)
         .into_iter()
         .find(|t| t["id"].as_u64() == Some(trial))

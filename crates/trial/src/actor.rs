@@ -269,16 +269,23 @@ impl Handler<Ended> for TrialActor {
         if let Some(g) = self.group.as_mut() {
             g.exited();
         }
-        let (trial, incarnation) = self.key();
-        self.report(
-            ctx,
-            TrialReport::Exited {
-                trial,
-                incarnation,
-                exit,
-            },
-        );
-        ctx.stop();
+        // Tidied before the exit is reported: the node may launch the next
+        // incarnation here as soon as it hears of it, and that one unpacks
+        // into the same trial directory.
+        let dirs = self.dirs.take();
+        let tidy = tokio::task::spawn_blocking(move || dirs.as_ref().map(process::tidy));
+        ctx.wait(tidy.into_actor(self).map(move |_, act, ctx| {
+            let (trial, incarnation) = act.key();
+            act.report(
+                ctx,
+                TrialReport::Exited {
+                    trial,
+                    incarnation,
+                    exit,
+                },
+            );
+            ctx.stop();
+        }));
     }
 }
 

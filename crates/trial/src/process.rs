@@ -139,6 +139,19 @@ pub(crate) fn prepare(
     Ok((Dirs { trial, work }, latest))
 }
 
+/// Removes what an ended incarnation leaves that nothing reads again: its
+/// working copy of the model directory, the checkpoints unpacked for it (each
+/// is a blob in the store, unpacked again where a later incarnation needs it)
+/// and its staging area. Its log stays: `trial.log` serves every incarnation's
+/// lines. Blocking; errors are ignored (a leftover costs disk, not
+/// correctness, and the next incarnation makes fresh directories).
+pub(crate) fn tidy(dirs: &Dirs) {
+    let _ = std::fs::remove_dir_all(&dirs.work);
+    for sub in ["checkpoints", "staging"] {
+        let _ = std::fs::remove_dir_all(dirs.trial.join(sub));
+    }
+}
+
 /// What the process needs besides its spec.
 pub(crate) struct Runtime<'a> {
     pub(crate) dirs: &'a Dirs,

@@ -384,6 +384,12 @@ fn a_trial_killed_mid_run_resumes_from_its_checkpoint() {
         t.signal(1, 1, Control::Kill).await;
         let rest = t.until_exit(1, 1).await;
         assert_eq!(exit_of(&rest).signal, Some(9), "SIGKILLed");
+        // What the incarnation ran in is gone; its log stays.
+        let trial_dir = resolute_trial::trial_dir(&t.work_root, 1);
+        let left = |name: &str| trial_dir.join(name).exists();
+        assert!(!left("work-1"), "the working copy is removed");
+        assert!(!left("checkpoints"), "the unpacked checkpoints are removed");
+        assert!(left("trial.log"), "the log stays");
         // The next incarnation starts from that checkpoint.
         let mut second = spec(1, 2, "python3 train.py", Some(model));
         second.target = Some(6000);
@@ -397,6 +403,7 @@ fn a_trial_killed_mid_run_resumes_from_its_checkpoint() {
             "resumed after step 2000"
         );
         assert_eq!(exit_of(&got).code, Some(0));
+        assert!(!left("work-2") && !left("checkpoints"), "tidied again");
     });
 }
 

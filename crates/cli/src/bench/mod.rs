@@ -3,6 +3,7 @@
 
 pub mod all;
 pub mod cluster;
+pub mod command;
 pub mod gossip;
 pub mod log;
 pub mod recovery;

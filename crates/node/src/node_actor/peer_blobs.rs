@@ -93,7 +93,11 @@ impl NodeActor {
         kept.retain(|(d, _)| d != digest);
         kept.push((digest.to_string(), Instant::now()));
         let keep_for = Duration::from_millis(PEER_BLOB_KEEP_MS);
-        while kept.len() > PEER_BLOBS_KEPT_MAX || kept[0].1.elapsed() > keep_for {
+        while kept.len() > PEER_BLOBS_KEPT_MAX
+            || kept
+                .first()
+                .is_some_and(|(_, sent)| sent.elapsed() > keep_for)
+        {
             let (old, _) = kept.remove(0);
             let _ = self.blobs.remove(&old);
         }
