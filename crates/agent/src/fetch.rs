@@ -271,12 +271,7 @@ impl Agent {
     /// goes only to a checkpoint's recorded holders, so a copy nobody recorded
     /// would otherwise stay on this disk for ever.
     fn keep_or_delete(&mut self, node: &Node, digest: String, out: &mut Outs) {
-        let state = node.state();
-        let held_here = match state.checkpoints.get(&digest) {
-            Some(c) => c.holders.contains(&self.cfg.node),
-            None => state.experiments.values().any(|e| e.model_digest == digest),
-        };
-        if held_here || self.uses_input(&digest) {
+        if self.recorded_here(node, &digest) || self.uses_input(&digest) {
             self.have.insert(digest);
         } else {
             self.have.remove(&digest);
@@ -306,16 +301,10 @@ impl Agent {
                 let recorded = node.state().checkpoints.contains_key(&digest);
                 if f.launches.is_empty() && !(f.copy && recorded) && !f.model {
                     // Nothing here wants it any more: the copy was given to
-                    // another node, or its checkpoint was deleted, while it
-                    // travelled.
+                    // another node, or its checkpoint was deleted (its
+                    // experiment's policy, or the experiment), while it
+                    // travelled; a release went to the holders it had then.
                     self.keep_or_delete(node, digest, out);
-                    return;
-                }
-                if f.copy && !recorded {
-                    // Its checkpoint was deleted while the copy travelled (its
-                    // experiment's policy, or the experiment): the release
-                    // went to the holders it had then, not to this node.
-                    act(out, Action::DeleteBlob { digest });
                     return;
                 }
                 self.have.insert(digest.clone());

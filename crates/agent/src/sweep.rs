@@ -86,14 +86,19 @@ impl Agent {
         }
     }
 
-    /// Whether a record or something in flight here names `digest`.
-    fn blob_named(&self, node: &Node, digest: &str) -> bool {
+    /// Whether the applied state names `digest` as this node's: a checkpoint
+    /// it holds, or an experiment's model directory.
+    pub(crate) fn recorded_here(&self, node: &Node, digest: &str) -> bool {
         let state = node.state();
-        let recorded = match state.checkpoints.get(digest) {
+        match state.checkpoints.get(digest) {
             Some(c) => c.holders.contains(&self.cfg.node),
             None => state.experiments.values().any(|e| e.model_digest == digest),
-        };
-        recorded
+        }
+    }
+
+    /// Whether a record or something in flight here names `digest`.
+    fn blob_named(&self, node: &Node, digest: &str) -> bool {
+        self.recorded_here(node, digest)
             || self.uses_input(digest)
             || self.fetches.wants(digest)
             || self.proposals.any(|c| match c {
