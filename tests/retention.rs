@@ -2,8 +2,10 @@
 //! ten trials with `save_trial_best: 1` (and no `save_trial_latest`) ends;
 //! every node's state keeps exactly the ten best checkpoints, every node's
 //! blob directory holds no other checkpoint, and every kept one is still on
-//! each of its holders. Then the experiment is deleted: its checkpoints
-//! leave every blob directory and its rows every tracking store.
+//! each of its holders; its model directory stays on the two nodes that
+//! recorded it and leaves the third. Then the experiment is deleted: its
+//! checkpoints and model directory leave every blob directory and its rows
+//! every tracking store.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -37,6 +39,13 @@ fn checkpoint_rows(n: &NodeProc) -> u64 {
         .find(|r| r[0] == "checkpoints")
         .and_then(|r| r[1].as_u64())
         .unwrap_or(u64::MAX)
+}
+
+fn this_node(n: &NodeProc) -> String {
+    get(&n.api, &["cluster", "status"])["this_node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -115,15 +124,44 @@ fn an_ended_experiment_keeps_its_policys_checkpoints_on_every_node_and_a_deleted
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The model directory stays on the two nodes that recorded it and leaves
+    // the third, its unpacked copy with it.
+    let unpacked = |n: &NodeProc| {
+        n.data
+            .join("trials/models/checkpoints")
+            .join(&model_digest)
+            .exists()
+    };
+    let with_model = || -> BTreeSet<String> {
+        nodes
+            .iter()
+            .filter(|n| blobs(&n.data).contains(&model_digest))
+            .map(|n| this_node(n))
+            .collect()
+    };
+    until(
+        "the model directory is on two nodes",
+        Duration::from_secs(30),
+        || with_model().len() == 2,
+    );
+    let holders: BTreeSet<String> = get(&a.api, &["experiment", "describe", &id.to_string()])
+        ["model_holders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(with_model(), holders, "the recorded holders keep it");
+    for n in nodes {
+        if !holders.contains(&this_node(n)) {
+            assert!(!unpacked(n), "{}: its unpacked copy went too", n.api);
+        }
+    }
     for (uuid, holders) in &kept {
         assert!(!holders.is_empty(), "{uuid} has a holder");
         for n in nodes {
-            let me = get(&n.api, &["cluster", "status"])["this_node"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if holders.contains(&me) {
-                assert!(blobs(&n.data).contains(uuid), "{me} holds {uuid}");
+            if holders.contains(&this_node(n)) {
+                assert!(blobs(&n.data).contains(uuid), "{} holds {uuid}", n.api);
             }
         }
     }
@@ -135,7 +173,11 @@ fn an_ended_experiment_keeps_its_policys_checkpoints_on_every_node_and_a_deleted
         Duration::from_secs(30),
         || {
             nodes.iter().all(|n| {
-                checkpoint_rows(n) == 0 && blobs(&n.data).iter().all(|d| !kept_uuids.contains(d))
+                checkpoint_rows(n) == 0
+                    && blobs(&n.data)
+                        .iter()
+                        .all(|d| !kept_uuids.contains(d) && *d != model_digest)
+                    && !unpacked(n)
             })
         },
     );

@@ -10,6 +10,8 @@
 //!   and how its exit is classified;
 //! - `fetch`: which blobs this node fetches (a launch's inputs, checkpoint
 //!   copies, model directories) and when it tries again;
+//! - `models`: which model directories this node keeps, records and deletes;
+//! - `sweep`: blobs no record names;
 //! - `proposals`: its own proposals, retried with the same id, and metric
 //!   batching;
 //! - `gpu`: GPU health turned into capacity;

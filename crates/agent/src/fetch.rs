@@ -4,9 +4,7 @@
 //!   nothing unverified reaches a trial, so a launch waits for its fetches;
 //! - a second copy of a live trial's latest checkpoint when the state says this
 //!   node is the one to keep it (`ClusterState::checkpoints_to_copy`);
-//! - the model directory of every unfinished experiment
-//!   (`ClusterState::models_to_keep`), so an experiment outlives the node it was
-//!   submitted to.
+//! - the model directories the state asks this node to keep (`models`).
 //!
 //! One fetch per blob at a time, whatever wants it. A failed fetch is tried
 //! again after a pause that grows with each failure: a holder's address may not
@@ -56,8 +54,9 @@ impl Fetch {
 #[derive(Debug, Default)]
 pub(crate) struct Fetches {
     by_digest: BTreeMap<String, Fetch>,
-    /// The applied index at which model directories were last looked at.
-    models_seen_at: Option<u64>,
+    /// The state's models generation and whether the disk was low at the
+    /// last look at model directories (`None`: look again at the next tick).
+    pub(crate) models_seen_at: Option<(u64, bool)>,
     /// The state's replication generation at the last look at the copies.
     copies_seen_at: Option<u64>,
 }
@@ -76,13 +75,26 @@ impl Fetches {
 
 impl Agent {
     /// Who may have `digest`: a checkpoint's holders, else (a model directory)
-    /// every other member.
-    fn sources(&self, node: &Node, digest: &str) -> Vec<NodeId> {
+    /// every other member, those that recorded a copy first.
+    pub(crate) fn sources(&self, node: &Node, digest: &str) -> Vec<NodeId> {
         let me = self.cfg.node;
-        match node.state().checkpoints.get(digest) {
-            Some(c) => c.holders.iter().copied().filter(|n| *n != me).collect(),
-            None => self.other_members(node),
+        let state = node.state();
+        if let Some(c) = state.checkpoints.get(digest) {
+            return c.holders.iter().copied().filter(|n| *n != me).collect();
         }
+        let recorded = state.models.get(digest);
+        let mut sources: Vec<NodeId> = recorded
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|n| *n != me)
+            .collect();
+        sources.extend(
+            self.other_members(node)
+                .into_iter()
+                .filter(|n| !recorded.is_some_and(|r| r.contains(n))),
+        );
+        sources
     }
 
     /// Asks the shell for the blob (once at a time).
@@ -190,36 +202,21 @@ impl Agent {
             .any(|c| matches!(c, Command::CheckpointReplicated { uuid: u, .. } if u == uuid))
     }
 
-    /// Fetches the model directory of every unfinished experiment this node
-    /// lacks (looked at again whenever the log moved on).
-    pub(crate) fn keep_models(&mut self, node: &Node, out: &mut Outs) {
-        if self.disk_low().is_some() {
-            return; // Looked at again once the disk has recovered.
+    /// Wants the model directories in `wanted` (digest and sources) and no
+    /// others: a fetch for one this node lacks starts unless it waits out a
+    /// pause after a failure.
+    pub(crate) fn want_models(&mut self, wanted: Vec<(String, Vec<NodeId>)>, out: &mut Outs) {
+        let digests: BTreeSet<&String> = wanted.iter().map(|(d, _)| d).collect();
+        for (digest, f) in self.fetches.by_digest.iter_mut() {
+            f.model = digests.contains(digest);
         }
-        let applied = node.applied();
-        if self.fetches.models_seen_at == Some(applied) {
-            return;
-        }
-        self.fetches.models_seen_at = Some(applied);
-        let wanted = node.state().models_to_keep();
-        for f in self.fetches.by_digest.iter_mut() {
-            f.1.model = wanted.contains(f.0);
-        }
-        let missing: Vec<String> = wanted
-            .into_iter()
-            .filter(|d| !self.have.contains(d))
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let members = self.other_members(node);
-        if members.is_empty() {
-            return;
-        }
-        for digest in missing {
+        for (digest, holders) in wanted {
+            if self.have.contains(&digest) || holders.is_empty() {
+                continue;
+            }
             let f = self.fetches.by_digest.entry(digest.clone()).or_default();
             f.model = true;
-            f.holders = members.clone();
+            f.holders = holders;
             if f.retry_at.is_none() {
                 self.start_fetch(&digest, out);
             }
@@ -227,6 +224,14 @@ impl Agent {
         self.fetches
             .by_digest
             .retain(|_, f| f.wanted() || f.in_flight);
+    }
+
+    /// Whether a launch here waits for `digest`.
+    pub(crate) fn launch_wants(&self, digest: &str) -> bool {
+        self.fetches
+            .by_digest
+            .get(digest)
+            .is_some_and(|f| !f.launches.is_empty())
     }
 
     /// Tries again the fetches whose pause is over (with fresh sources).
@@ -257,11 +262,7 @@ impl Agent {
         let state = node.state();
         state.checkpoints.contains_key(digest)
             || state.experiments.values().any(|e| e.model_digest == digest)
-            || self
-                .fetches
-                .by_digest
-                .get(digest)
-                .is_some_and(|f| !f.launches.is_empty())
+            || self.launch_wants(digest)
             || self.uses_input(digest)
     }
 
@@ -308,6 +309,10 @@ impl Agent {
                     return;
                 }
                 self.have.insert(digest.clone());
+                if f.model {
+                    // A copy to record, perhaps (`models`).
+                    self.fetches.models_seen_at = None;
+                }
                 if f.copy {
                     let holder = self.cfg.node;
                     self.propose_own(

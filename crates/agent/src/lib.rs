@@ -31,6 +31,7 @@ mod gpu;
 mod io;
 pub mod launch;
 mod leave;
+mod models;
 mod proposals;
 mod slots;
 mod sweep;

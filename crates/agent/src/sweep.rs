@@ -13,7 +13,7 @@
 //! Every `BLOB_SWEEP_MS` the agent looks at the blobs it has, while its node
 //! is caught up with the leader (a lagging node has not yet applied the entry
 //! that may name a blob). A blob that no applied record names (a checkpoint
-//! this node holds, an experiment's model directory) and that nothing here is
+//! this node holds, a model directory it keeps) and that nothing here is
 //! still busy with (an incarnation's input, a fetch, an own proposal in
 //! flight) becomes a suspect; one still a suspect `BLOB_ORPHAN_GRACE_MS`
 //! later is deleted. The grace covers entries committed elsewhere that this
@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use resolute_core::command::Command;
+use resolute_core::state::ModelRole;
 use resolute_core::Node;
 
 use crate::agent::{act, note, Agent, Outs};
@@ -60,10 +61,11 @@ impl Agent {
         if node.leader_id() == 0 || node.applied() < node.committed() {
             return; // Its suspects wait for a node that knows the log's end.
         }
+        let models = node.state().models_for(self.cfg.node);
         let unnamed: BTreeSet<String> = self
             .have
             .iter()
-            .filter(|d| !self.blob_named(node, d))
+            .filter(|d| !self.blob_named(node, &models, d))
             .cloned()
             .collect();
         self.sweep.suspects.retain(|d, _| unnamed.contains(d));
@@ -87,23 +89,31 @@ impl Agent {
     }
 
     /// Whether the applied state names `digest` as this node's: a checkpoint
-    /// it holds, or an experiment's model directory.
+    /// it holds, or a model directory it keeps (`models`).
     pub(crate) fn recorded_here(&self, node: &Node, digest: &str) -> bool {
-        let state = node.state();
-        match state.checkpoints.get(digest) {
+        let models = node.state().models_for(self.cfg.node);
+        self.recorded_in(node, &models, digest)
+    }
+
+    /// [`Agent::recorded_here`] with this node's model roles at hand.
+    fn recorded_in(&self, node: &Node, models: &BTreeMap<String, ModelRole>, digest: &str) -> bool {
+        match node.state().checkpoints.get(digest) {
             Some(c) => c.holders.contains(&self.cfg.node),
-            None => state.experiments.values().any(|e| e.model_digest == digest),
+            None => models
+                .get(digest)
+                .is_some_and(|r| *r != ModelRole::KeptElsewhere),
         }
     }
 
     /// Whether a record or something in flight here names `digest`.
-    fn blob_named(&self, node: &Node, digest: &str) -> bool {
-        self.recorded_here(node, digest)
+    fn blob_named(&self, node: &Node, models: &BTreeMap<String, ModelRole>, digest: &str) -> bool {
+        self.recorded_in(node, models, digest)
             || self.uses_input(digest)
             || self.fetches.wants(digest)
             || self.proposals.any(|c| match c {
                 Command::CheckpointSaved { uuid, .. }
                 | Command::CheckpointReplicated { uuid, .. } => uuid == digest,
+                Command::ModelKept { digest: d, .. } => d == digest,
                 _ => false,
             })
     }

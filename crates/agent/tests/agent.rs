@@ -650,3 +650,33 @@ fn a_blob_no_record_names_is_deleted_after_the_grace_and_a_named_one_kept() {
         "the model and the checkpoint stay"
     );
 }
+
+#[test]
+fn an_ended_experiments_model_directory_is_recorded_by_a_node_chosen_to_keep_it() {
+    // No slots: the trial stays queued and the experiment ends when canceled.
+    let mut s = Shell::with(&[], 0, 0, vec!["model".to_string()]);
+    let id = match s.propose(random(1, "model")) {
+        Reply::ExperimentCreated { experiment, .. } => experiment,
+        other => panic!("{other:?}"),
+    };
+    s.wait(10 * TICK_MS);
+    assert!(
+        s.driver.node().state().models.is_empty(),
+        "an unfinished experiment's directory is on every node, unrecorded"
+    );
+    s.propose(Command::ExperimentControl {
+        experiment: id,
+        action: Control::Cancel,
+    });
+    s.wait(10 * TICK_MS);
+    let holders = s.driver.node().state().models.get("model").cloned();
+    assert_eq!(holders, Some([1].into()), "the only node keeps it");
+    // Recorded: the sweep leaves it alone.
+    s.wait(BLOB_ORPHAN_GRACE_MS + 2 * BLOB_SWEEP_MS);
+    assert!(
+        !s.take()
+            .iter()
+            .any(|a| matches!(a, Action::DeleteBlob { .. })),
+        "the kept model directory stays"
+    );
+}

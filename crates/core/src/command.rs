@@ -320,6 +320,15 @@ pub enum Command {
         /// The new holder.
         holder: NodeId,
     },
+    /// A node keeps a copy of an ended experiment's model directory (one of
+    /// the few the state asks for: `ClusterState::models_to_hold`); the other
+    /// nodes then delete theirs (node-scoped).
+    ModelKept {
+        /// The model directory's blob.
+        digest: String,
+        /// The node that keeps it.
+        holder: NodeId,
+    },
     /// A trial process ended.
     TrialExited {
         /// The trial.

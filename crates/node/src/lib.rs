@@ -208,6 +208,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     // Absolute: trials run elsewhere (their working copies) and are told
     // paths under it (checkpoint staging, restored checkpoints).
     let work_root = std::path::absolute(opts.data_dir.join("trials")).map_err(fail)?;
+    resolute_trial::tidy_models(&work_root, &blobs);
     let (trials, _endpoint) = TrialSupervisor::start(
         SupervisorConfig {
             work_root: work_root.clone(),

@@ -56,6 +56,16 @@ pub fn experiment(node: &Node, id: u64) -> Option<Value> {
         "progress": e.progress(),
         "trials": trials,
         "model_digest": e.model_digest,
+        // The nodes that keep the model directory of an ended experiment (an
+        // unfinished one's is on every node).
+        "model_holders": node
+            .state()
+            .models
+            .get(&e.model_digest)
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{n:016x}"))
+            .collect::<Vec<_>>(),
         "archived": e.archived,
         "searcher_metric": metric,
         "best_metric": best,

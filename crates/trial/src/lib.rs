@@ -33,8 +33,8 @@ pub use actor::{Control, TrialActor};
 pub use endpoint::{LONG_POLL_MAX_S, REPORT_BODY_MAX_BYTES};
 pub use isolation::RunAs;
 pub use process::{
-    log_path, read_logs, trial_dir, LogLine, EXIT_MESSAGE_LINES, LOG_FILE_MAX_BYTES,
-    LOG_LINES_SERVED_MAX, LOG_TAIL_LINES,
+    forget_model, log_path, read_logs, tidy_models, trial_dir, LogLine, EXIT_MESSAGE_LINES,
+    LOG_FILE_MAX_BYTES, LOG_LINES_SERVED_MAX, LOG_TAIL_LINES,
 };
 pub use resolute_agent::{EarlyExit, TrialReport};
 pub use supervisor::{KillAll, Launch, ReportSink, Signal, SupervisorConfig, TrialSupervisor};

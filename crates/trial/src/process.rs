@@ -514,6 +514,42 @@ pub(crate) fn unpack(store: &BlobStore, dir: &Path, digest: &str) -> Result<Path
     Ok(dest)
 }
 
+/// Removes the unpacked copy of model directory `digest` under `work_root`
+/// (its blob is being deleted). Renamed away first, so that a launch never
+/// finds half of it; the node deletes a model directory only when no
+/// incarnation of its uses it, so none is unpacking it now. Blocking; errors
+/// are ignored (a leftover costs disk, and `tidy_models` takes it at the
+/// next start).
+pub fn forget_model(work_root: &Path, digest: &str) {
+    if resolute_storage::blob::check_digest(digest).is_err() {
+        return;
+    }
+    let dir = work_root.join("models").join("checkpoints");
+    let unpacked = dir.join(digest);
+    let gone = dir.join(format!(".{digest}.removing-{}", std::process::id()));
+    if std::fs::rename(&unpacked, &gone).is_ok() {
+        let _ = std::fs::remove_dir_all(&gone);
+    }
+}
+
+/// At a node's start: removes the unpacked model directories whose blob is
+/// no longer in `store` and what an interrupted unpack or removal left.
+/// Blocking; errors are ignored.
+pub fn tidy_models(work_root: &Path, store: &BlobStore) {
+    let dir = work_root.join("models").join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let leftover = name.starts_with('.');
+        if leftover || !store.has(&name) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Packs a staged checkpoint directory into the blob store; the staged files
 /// become the unpacked copy (a restore need not unpack). Blocking. Returns the
 /// checkpoint's uuid (its digest) and packed size. With `identity`, the

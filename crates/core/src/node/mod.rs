@@ -1114,7 +1114,9 @@ impl Node {
             }
         }
         for digest in std::mem::take(&mut self.released_in_replay) {
-            if !self.state.checkpoints.contains_key(&digest) {
+            let named = self.state.checkpoints.contains_key(&digest)
+                || self.state.models.contains_key(&digest);
+            if !named {
                 out.push(Output::Effect(Effect::DeleteBlob { digest }));
             }
         }

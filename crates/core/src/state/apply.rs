@@ -57,6 +57,7 @@ impl ClusterState {
             Command::Metrics { .. }
                 | Command::CheckpointSaved { .. }
                 | Command::CheckpointReplicated { .. }
+                | Command::ModelKept { .. }
                 | Command::TrialStarted { .. }
                 | Command::User(_)
                 | Command::Noop
@@ -171,6 +172,7 @@ impl ClusterState {
                 }
                 None => rejected(format!("unknown checkpoint {uuid}")),
             },
+            Command::ModelKept { digest, holder } => self.model_kept(digest, holder),
             Command::TrialExited {
                 trial,
                 incarnation,

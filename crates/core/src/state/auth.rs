@@ -408,6 +408,7 @@ impl ClusterState {
                 self.reports_from(p, *trial, *incarnation)
             }
             Command::CheckpointReplicated { holder, .. } => node_only(*holder, "a copy"),
+            Command::ModelKept { holder, .. } => node_only(*holder, "a model copy"),
             // Checked record by record (`own_records`).
             Command::Metrics { .. } => Ok(()),
             Command::User(_) => Ok(()),

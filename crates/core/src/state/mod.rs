@@ -30,7 +30,7 @@ use resolute_types::{codec, Value};
 mod apply;
 pub mod auth;
 mod replication;
-pub use replication::CHECKPOINT_REPLICAS;
+pub use replication::{ModelRole, CHECKPOINT_REPLICAS, MODEL_REPLICAS};
 mod retention;
 pub mod scheduling;
 mod search;
@@ -306,9 +306,10 @@ pub enum Change {
         why: String,
     },
     /// A checkpoint was deleted (its experiment's policy, or the experiment
-    /// was): its holders delete the blob.
+    /// was), or a model directory no experiment has any more: its holders
+    /// delete the blob.
     Released {
-        /// The blob (the checkpoint's uuid).
+        /// The blob (the checkpoint's uuid, or the model directory's digest).
         digest: String,
         /// Who held it.
         holders: Vec<NodeId>,
@@ -344,6 +345,9 @@ pub struct ClusterState {
     pub trials: BTreeMap<TrialId, Trial>,
     /// Checkpoints by uuid.
     pub checkpoints: BTreeMap<String, Checkpoint>,
+    /// The nodes that keep each ended experiment's model directory, by its
+    /// digest (`ModelKept`; see `replication`).
+    pub models: BTreeMap<String, BTreeSet<NodeId>>,
     /// Replies of applied proposals, for exactly-once submission.
     seen: BTreeMap<ProposalId, Reply>,
     seen_order: VecDeque<ProposalId>,
@@ -397,6 +401,11 @@ pub struct ClusterState {
     /// `checkpoints_to_copy` again only then. Derived, not stored.
     #[serde(skip)]
     replication_generation: u64,
+    /// Bumped whenever which model directories a node keeps may have
+    /// changed (an experiment, a node or a model's holders changed): a node's
+    /// agent asks `models_for` again only then. Derived, not stored.
+    #[serde(skip)]
+    models_generation: u64,
     /// The alive nodes as the scheduler sees them, by pool: rebuilt only when a
     /// node changes (derived).
     #[serde(skip)]
@@ -637,6 +646,9 @@ impl ClusterState {
         // that saw the old one.
         state.replication_generation = state
             .replication_generation
+            .wrapping_add(state.applied_index << 20);
+        state.models_generation = state
+            .models_generation
             .wrapping_add(state.applied_index << 20);
         Ok(state)
     }

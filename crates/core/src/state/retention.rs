@@ -164,8 +164,9 @@ impl ClusterState {
     }
 
     /// Deletes an ended experiment whose trials hold no slots: its trials,
-    /// their checkpoints (blobs released) and metrics (the tracking store
-    /// drops the rows of records that are gone).
+    /// their checkpoints (blobs released), its model directory unless another
+    /// experiment has the same, and its metrics (the tracking store drops the
+    /// rows of records that are gone).
     pub(super) fn delete_experiment(
         &mut self,
         experiment: ExperimentId,
@@ -205,7 +206,9 @@ impl ClusterState {
             self.touched.trial(*id);
             self.refresh_replication(*id);
         }
-        self.experiments.remove(&experiment);
+        if let Some(e) = self.experiments.remove(&experiment) {
+            self.release_model(&e.model_digest, changes);
+        }
         self.touched.experiment(experiment);
         self.placement_dirty = true;
         self.replication_generation += 1;

@@ -261,6 +261,9 @@ impl ClusterState {
         if !std::mem::take(&mut self.placement_dirty) {
             return;
         }
+        // What changes placement (an experiment, a node) can change who keeps
+        // which model directory.
+        self.models_generation += 1;
         let now = self.now_ms;
         if self.pool_nodes.is_none() {
             self.pool_nodes = Some(pool_nodes(self));

@@ -424,9 +424,9 @@ pub fn honest_envelope(
         Command::TrialStarted { trial, .. } | Command::TrialExited { trial, .. } => {
             trial_node(trial)
         }
-        Command::CheckpointSaved { holder, .. } | Command::CheckpointReplicated { holder, .. } => {
-            Some(*holder)
-        }
+        Command::CheckpointSaved { holder, .. }
+        | Command::CheckpointReplicated { holder, .. }
+        | Command::ModelKept { holder, .. } => Some(*holder),
         Command::Metrics { records } => records.first().and_then(|r| trial_node(&r.trial)),
         _ => None,
     }

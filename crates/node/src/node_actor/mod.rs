@@ -311,6 +311,8 @@ impl NodeActor {
                     if let Err(e) = self.blobs.remove(&digest) {
                         eprintln!("node {:016x}: deleting blob {digest}: {e}", self.id());
                     }
+                    // A model directory's unpacked copy goes with its blob.
+                    resolute_trial::forget_model(&self.local.work_root, &digest);
                 }
                 Action::CheckGpus => self.check_gpus(ctx),
                 Action::CheckDisk => {

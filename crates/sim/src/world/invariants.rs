@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use resolute_core::command::{Command, Reply};
-use resolute_core::state::{ClusterState, TrialState};
+use resolute_core::state::{ClusterState, ModelRole, TrialState};
 use resolute_core::NodeId;
 
 use super::{mix, Occurrence, World, SAMPLE_EVERY_MS};
@@ -382,8 +382,8 @@ impl World<'_> {
     }
 
     /// The blobs on live nodes' disks that no record names: each must be a
-    /// checkpoint its node's state says it holds, or an experiment's model
-    /// directory. A blob no record names is never released (a release goes to
+    /// checkpoint its node's state says it holds, or a model directory it
+    /// keeps (`ClusterState::models_for`). A blob no record names is never released (a release goes to
     /// recorded holders only) and would fill the disk over the years; the
     /// agent's sweep deletes it, so the run is not over until none is left.
     /// Nodes with own proposals or incarnations in flight are left out: what
@@ -395,13 +395,13 @@ impl World<'_> {
                 continue;
             };
             let state = d.node().state();
+            let models = state.models_for(n.id);
             for digest in &n.blobs {
                 let named = match state.checkpoints.get(digest) {
                     Some(c) => c.holders.contains(&n.id),
-                    None => state
-                        .experiments
-                        .values()
-                        .any(|e| &e.model_digest == digest),
+                    None => models
+                        .get(digest)
+                        .is_some_and(|r| *r != ModelRole::KeptElsewhere),
                 };
                 if !named {
                     found.push(format!(
