@@ -300,8 +300,20 @@ impl Tracker {
         let tx = self.conn.transaction().map_err(sql)?;
         let mut w = write::Rows::new(&tx, &mut self.written);
         let mut gap_at = None;
-        for batch in batches.iter().filter(|b| b.applied_index > stored) {
-            w.reports(batch, stored).map_err(sql)?;
+        let fresh: Vec<&TrackBatch> = batches
+            .iter()
+            .filter(|b| b.applied_index > stored)
+            .collect();
+        // A snapshot's gap is counted against the rows before it: then the
+        // reports go in batch by batch.
+        let one_go = !fresh.iter().any(|b| b.replaced);
+        if one_go {
+            w.reports(&fresh, stored).map_err(sql)?;
+        }
+        for batch in fresh {
+            if !one_go {
+                w.reports(&[batch], stored).map_err(sql)?;
+            }
             for run in &batch.runs {
                 w.run(run, stored).map_err(sql)?;
             }

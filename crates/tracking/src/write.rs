@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use rusqlite::{params, Connection, Transaction};
 
+use resolute_core::command::MetricRecord;
 use resolute_core::track::{RunEvent, TrackBatch};
 
 use crate::rows::{CheckpointRow, ExperimentRow, Slice, TrialRow};
@@ -32,32 +33,50 @@ impl<'t> Rows<'t> {
         Rows { tx, written }
     }
 
-    /// The batch's reports the store does not hold yet (entries past `stored`).
-    pub(crate) fn reports(&mut self, batch: &TrackBatch, stored: u64) -> rusqlite::Result<()> {
+    /// The batches' reports the store does not hold yet (entries past
+    /// `stored`), inserted in key order: reports of many trials arrive
+    /// interleaved, and sorted they touch each B-tree page once rather than
+    /// once a report.
+    pub(crate) fn reports(&mut self, batches: &[&TrackBatch], stored: u64) -> rusqlite::Result<()> {
         let mut insert = self.tx.prepare_cached(
             "INSERT INTO metrics (trial_id, grp, steps_completed, entry_index, seq, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut seq = 0u64;
-        let mut entry = 0u64;
-        for report in &batch.reports {
-            if report.index != entry {
-                entry = report.index;
-                seq = 0;
+        type Key = (u64, &'static str, u64, u64, u64);
+        let mut rows: Vec<(Key, &MetricRecord)> = Vec::new();
+        for batch in batches {
+            let mut seq = 0u64;
+            let mut entry = 0u64;
+            for report in &batch.reports {
+                if report.index != entry {
+                    entry = report.index;
+                    seq = 0;
+                }
+                if report.index > stored {
+                    let r = &report.record;
+                    let key = (r.trial, group_name(r.kind), r.steps_completed, entry, seq);
+                    rows.push((key, r));
+                }
+                seq += 1;
             }
-            if report.index > stored {
-                let r = &report.record;
-                let body = serde_json::to_string(&r.metrics).unwrap_or_else(|_| "{}".into());
-                insert.execute(params![
-                    r.trial as i64,
-                    group_name(r.kind),
-                    r.steps_completed as i64,
-                    report.index as i64,
-                    seq as i64,
-                    body
-                ])?;
+        }
+        rows.sort_unstable_by_key(|(key, _)| *key);
+        let mut body = Vec::new();
+        for ((trial, group, steps, index, seq), r) in rows {
+            body.clear();
+            if serde_json::to_writer(&mut body, &r.metrics).is_err() {
+                body.clear();
+                body.extend_from_slice(b"{}");
             }
-            seq += 1;
+            let text = std::str::from_utf8(&body).unwrap_or("{}");
+            insert.execute(params![
+                trial as i64,
+                group,
+                steps as i64,
+                index as i64,
+                seq as i64,
+                text
+            ])?;
         }
         Ok(())
     }

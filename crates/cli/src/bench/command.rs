@@ -534,6 +534,11 @@ fn bench_state(json: bool, quick: bool) -> anyhow::Result<ExitCode> {
             "one store's writer, per busy second",
         ),
         (
+            "writer_cpu_records_per_s",
+            format!("{:.0}", r.writer_cpu_records_per_s),
+            "one store's writer, per second of its CPU",
+        ),
+        (
             "stores_agree",
             r.stores_agree.to_string(),
             "same rows on the three nodes",

@@ -142,6 +142,12 @@ pub struct Report {
     /// Reports the leader's tracking writer wrote per second it was busy (on
     /// its own thread): what one store can take, whatever the log does.
     pub writer_records_per_s: f64,
+    /// Reports a tracking writer wrote per second of its own CPU time in the
+    /// last wave (the three writers' CPU time from the kernel's accounting):
+    /// what one store takes on a core of its own. On a machine with fewer
+    /// cores than this process's four busy threads (three writers and the
+    /// nodes), `apply_records_per_s` is bounded by the CPU they share.
+    pub writer_cpu_records_per_s: f64,
     /// Whether the three stores ended with the same rows (digest).
     pub stores_agree: bool,
     /// Seconds the whole history took to build.
@@ -202,9 +208,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let long: Vec<u64> = last.iter().take(opts.long_trials).map(|p| p.0).collect();
     let plan = Plan::last(&last, total.saturating_sub(reports), opts.long_trials);
     let load_before = c.writer_load(leader).unwrap_or_default();
+    let writers_cpu_before = writers_cpu_s();
     let (last_reports, seconds) = report_points(&mut c, opts, &plan)?;
     reports += last_reports;
     c.flush_tracking()?;
+    // The three writers' CPU time for the phase's reports, the flush included.
+    let writers_cpu = writers_cpu_s() - writers_cpu_before;
+    let writer_cpu_records_per_s = 3.0 * last_reports as f64 / writers_cpu.max(1e-9);
     let load_after = c.writer_load(leader).unwrap_or_default();
     let writer_records_per_s =
         (load_after.1 - load_before.1) as f64 / (load_after.0 - load_before.0).max(1e-9);
@@ -264,6 +274,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         log_records_per_s: log.records_per_s,
         apply_over_log: apply_records_per_s / log.records_per_s.max(1e-9),
         writer_records_per_s,
+        writer_cpu_records_per_s,
         stores_agree,
         build_s,
     };
@@ -551,4 +562,27 @@ fn rss_mib() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds the tracking writer threads of this process have used, in all
+/// (Linux: each thread's `schedstat`; 0 elsewhere).
+fn writers_cpu_s() -> f64 {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "tracking" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    ns as f64 / 1e9
 }
