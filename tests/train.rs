@@ -32,6 +32,15 @@ fn spec(trial: u64, incarnation: u64, checkpoint: Option<String>, target: u64) -
         gpus: Vec::new(),
         slots_here: 1,
         gang: None,
+        config: Box::new(
+            resolute_types::config::parse_str(
+                "experiment.yaml",
+                "searcher: {name: single, metric: validation_loss, max_length: {batches: 100}}\n",
+                &[],
+            )
+            .expect("config")
+            .config,
+        ),
     }
 }
 
@@ -130,7 +139,7 @@ async fn supervisor(
 async fn launch(sup: &actix::Addr<TrialSupervisor>, spec: LaunchSpec) {
     sup.send(Launch {
         spec,
-        master_addr: None,
+        hosts: Vec::new(),
     })
     .await
     .expect("launch");

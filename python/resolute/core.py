@@ -1,15 +1,32 @@
-"""The Core API: `init()` returns a context with `train`, `checkpoint`, `preempt`,
-`distributed` and `searcher`, shaped like Determined's `det.core`."""
+"""The Core API: `init()` returns a context with `train`, `checkpoint`,
+`preempt`, `distributed` and `searcher`, shaped like Determined's `det.core`
+(0.38). On a Resolute trial it talks to the node that runs the trial; off a
+cluster (no `RESOLUTE_REPORT_URL`) it returns the local context of
+`resolute._local`, as Determined's `core.init()` does."""
 
 import contextlib
+import enum
 import json
+import logging
 import os
+import pathlib
+import shutil
 import threading
 import urllib.error
 import urllib.request
+import warnings
+
+from resolute import _values
+
+logger = logging.getLogger("determined.core")
 
 # Longest a preemption long-poll waits on the node, in seconds.
 PREEMPTION_POLL_S = 60
+# Longest one ask for the next operation waits on the node, in seconds.
+NEXT_POLL_S = 30
+# The file a checkpoint's metadata is written to, inside the checkpoint (as
+# Determined's storage managers do).
+METADATA_FILE = "metadata.json"
 
 
 class ReportError(Exception):
@@ -21,6 +38,30 @@ class ReportError(Exception):
         self.reason = reason
 
 
+class Unit(enum.Enum):
+    """The unit of a searcher's lengths (`searcher.max_length`)."""
+
+    EPOCHS = "EPOCHS"
+    RECORDS = "RECORDS"
+    BATCHES = "BATCHES"
+
+
+class DownloadMode(enum.Enum):
+    """How the processes of a node share a checkpoint download."""
+
+    LocalWorkersShareDownload = "LOCAL_WORKERS_SHARE_DOWNLOAD"
+    NoSharedDownload = "NO_SHARED_DOWNLOAD"
+
+
+class TensorboardMode(enum.Enum):
+    """Whether metrics also go to TensorBoard files (`AUTO`) or only where the
+    code writes them (`MANUAL`). Resolute keeps metrics in its tracking store
+    and writes no TensorBoard files in either mode."""
+
+    AUTO = "AUTO"
+    MANUAL = "MANUAL"
+
+
 class _Endpoint:
     """The node-local report endpoint of this trial incarnation."""
 
@@ -28,9 +69,7 @@ class _Endpoint:
         self.url = (url or os.environ.get("RESOLUTE_REPORT_URL", "")).rstrip("/")
         self.token = token or os.environ.get("RESOLUTE_TOKEN", "")
         if not self.url:
-            raise RuntimeError(
-                "RESOLUTE_REPORT_URL is not set: this code must run as a Resolute trial"
-            )
+            raise RuntimeError("RESOLUTE_REPORT_URL is not set: this code must run as a Resolute trial")
 
     def call(self, method, path, body=None, timeout=30):
         data = None if body is None else json.dumps(body).encode()
@@ -51,24 +90,48 @@ class _Endpoint:
 
 
 class _TrialInfo:
-    def __init__(self, env):
+    def __init__(self, env, info):
         self.trial_id = int(env.get("RESOLUTE_TRIAL_ID", "0"))
         self.experiment_id = int(env.get("RESOLUTE_EXPERIMENT_ID", "0"))
         self.hparams = json.loads(env.get("RESOLUTE_HPARAMS", "{}"))
         self.trial_seed = int(env.get("RESOLUTE_TRIAL_SEED", "0"))
         self._trial_seed = self.trial_seed
+        # The experiment's config as the node parsed it.
+        self.config = info.get("config", {})
+        self._config = self.config
+
+
+def _info_file(env):
+    path = env.get("RESOLUTE_INFO_FILE")
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 class ClusterInfo:
-    """What this trial is: hyperparameters, ids, seed, where to resume from."""
+    """What this trial is: ids, hyperparameters, seed, config and its `data`,
+    slots, the gang's hosts, where to resume from."""
 
     def __init__(self, env=None):
         env = os.environ if env is None else env
-        self.trial = _TrialInfo(env)
+        info = _info_file(env)
+        self.trial = _TrialInfo(env, info)
         self.hparams = self.trial.hparams
         self.trial_id = self.trial.trial_id
         self.experiment_id = self.trial.experiment_id
         self.trial_seed = self.trial.trial_seed
+        self.task_type = "TRIAL"
+        # The config's `data` section.
+        self.user_data = info.get("user_data") or {}
+        self.slot_ids = list(info.get("slot_ids", [0]))
+        self.gpu_uuids = list(info.get("gpu_uuids", []))
+        # One host per node of the trial, the chief's first.
+        self.container_addrs = list(info.get("container_addrs", ["127.0.0.1"]))
+        self.container_rank = int(info.get("container_rank", env.get("GROUP_RANK", 0)))
         # A directory holding the latest checkpoint's files (restore_path accepts it).
         self.latest_checkpoint = env.get("RESOLUTE_LATEST_CHECKPOINT") or None
         target = env.get("RESOLUTE_TARGET_LENGTH")
@@ -84,54 +147,156 @@ def get_cluster_info():
 
 
 class TrainContext:
-    def __init__(self, endpoint):
+    def __init__(self, endpoint, distributed):
         self._e = endpoint
+        self._dist = distributed
 
-    def report_training_metrics(self, steps_completed, metrics):
-        self._e.call("POST", "/training", {"steps_completed": int(steps_completed), "metrics": metrics})
+    def _chief_only(self, what):
+        if self._dist.rank != 0:
+            raise RuntimeError("only the chief (rank 0) may call {}".format(what))
+
+    def report_training_metrics(self, steps_completed, metrics, batch_metrics=None):
+        self._chief_only("report_training_metrics")
+        body = {"steps_completed": int(steps_completed), "metrics": _values.metrics(metrics)}
+        self._e.call("POST", "/training", body)
 
     def report_validation_metrics(self, steps_completed, metrics):
-        self._e.call("POST", "/validation", {"steps_completed": int(steps_completed), "metrics": metrics})
+        self._chief_only("report_validation_metrics")
+        body = {"steps_completed": int(steps_completed), "metrics": _values.metrics(metrics)}
+        self._e.call("POST", "/validation", body)
+
+    def report_metrics(self, group, steps_completed, metrics):
+        """Metrics of `group`: "training" and "validation" are kept; the node's
+        store knows no other group yet, so another one is refused."""
+        if group == "training":
+            return self.report_training_metrics(steps_completed, metrics)
+        if group == "validation":
+            return self.report_validation_metrics(steps_completed, metrics)
+        raise ValueError(
+            "metric group {!r}: Resolute keeps the 'training' and 'validation' groups only".format(group)
+        )
 
     def report_progress(self, progress):
+        self._chief_only("report_progress")
         self._e.call("POST", "/progress", {"progress": float(progress)})
 
     def report_early_exit(self, reason):
-        """`reason`: "invalid_hyperparameters", "user_canceled" or "errored"
-        (Determined's EarlyExitReason names are accepted too)."""
+        """`reason`: an EarlyExitReason, or "invalid_hyperparameters",
+        "user_canceled" or "errored"."""
         names = {"INVALID_HP": "invalid_hyperparameters", "USER_REQUESTED_STOP": "user_canceled", "ERRORED": "errored"}
         reason = getattr(reason, "name", reason)
         self._e.call("POST", "/exit", {"reason": names.get(str(reason), str(reason))})
 
+    def get_experiment_best_validation(self):
+        """Not served to trials yet: the experiment's best validation is in
+        `resolute experiment describe` (`best_metric`)."""
+        raise NotImplementedError(
+            "get_experiment_best_validation() is not served to trials by Resolute yet; "
+            "`resolute experiment describe ID` shows best_metric"
+        )
+
+    def set_status(self, status):
+        """A line for the trial's log (Determined shows it beside the trial)."""
+        print("status: {}".format(status), flush=True)
+
+
+def _write_metadata(path, metadata):
+    with open(os.path.join(path, METADATA_FILE), "w") as f:
+        json.dump(_values.plain(metadata), f, indent=2, sort_keys=True)
+
+
+def _copy_tree(src, dst):
+    """Copies the files under `src` into `dst` (which exists)."""
+    src = pathlib.Path(src)
+    for item in src.rglob("*"):
+        target = pathlib.Path(dst) / item.relative_to(src)
+        if item.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, target)
+
 
 class CheckpointContext:
-    def __init__(self, endpoint):
+    """Checkpoints as content-addressed blobs on the node: written into a
+    staging directory, packed when the block ends, copied to a second node."""
+
+    def __init__(self, endpoint, distributed):
         self._e = endpoint
+        self._dist = distributed
+        self.last_uuid = None
+
+    def _single(self, shard, what):
+        if self._dist.size > 1 and shard:
+            raise NotImplementedError(
+                "{}(shard=True) across {} processes: Resolute saves a checkpoint from the chief only "
+                "for now; gather what each rank holds to rank 0 and save it there".format(what, self._dist.size)
+            )
+        if self._dist.rank != 0:
+            raise RuntimeError("only the chief (rank 0) may call {}() without shard=True".format(what))
 
     @contextlib.contextmanager
-    def store_path(self, metadata=None):
-        """Yields `(path, storage_id)`: write the checkpoint's files under `path`;
-        when the block ends the node packs them into a content-addressed blob."""
+    def store_path(self, metadata=None, shard=False):
+        """Yields `(path, storage_id)`: write the checkpoint's files under `path`
+        (a `pathlib.Path`); when the block ends the node packs them, with
+        `metadata` in `metadata.json`, into a content-addressed blob."""
+        self._single(shard, "store_path")
         metadata = dict(metadata or {})
-        begun = self._e.call("POST", "/checkpoints", {"metadata": metadata})
+        begun = self._e.call("POST", "/checkpoints", {"metadata": _values.plain(metadata)})
         storage_id = begun["storage_id"]
-        yield begun["path"], storage_id
+        path = pathlib.Path(begun["path"])
+        yield path, storage_id
+        _write_metadata(path, metadata)
         steps = int(metadata.get("steps_completed", 0))
         done = self._e.call(
             "POST",
             "/checkpoints/commit",
-            {"storage_id": storage_id, "steps_completed": steps, "metadata": metadata},
+            {"storage_id": storage_id, "steps_completed": steps, "metadata": _values.plain(metadata)},
         )
         self.last_uuid = done["uuid"]
 
     @contextlib.contextmanager
-    def restore_path(self, storage_id):
-        """Yields a directory with the checkpoint's files (read-only by intent)."""
+    def restore_path(self, storage_id, download_mode=DownloadMode.LocalWorkersShareDownload, selector=None):
+        """Yields a `pathlib.Path` holding the checkpoint's files (read them;
+        do not change them): this trial's own checkpoints or the one it
+        started from."""
         if storage_id and os.path.isdir(str(storage_id)):
-            yield str(storage_id)
+            yield pathlib.Path(str(storage_id))
             return
         got = self._e.call("GET", "/checkpoints/" + str(storage_id))
-        yield got["path"]
+        yield pathlib.Path(got["path"])
+
+    def upload(self, ckpt_dir, metadata=None, shard=False, selector=None):
+        """Saves the files under `ckpt_dir` as a checkpoint; returns its id."""
+        with self.store_path(metadata, shard=shard) as (path, _):
+            if ckpt_dir is not None:
+                _copy_tree(ckpt_dir, path)
+        return self.last_uuid
+
+    def download(self, storage_id, ckpt_dir, download_mode=DownloadMode.LocalWorkersShareDownload, selector=None):
+        """Copies a checkpoint's files into `ckpt_dir`."""
+        pathlib.Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        with self.restore_path(storage_id) as path:
+            _copy_tree(path, ckpt_dir)
+
+    def get_metadata(self, storage_id):
+        """The metadata the checkpoint was saved with."""
+        with self.restore_path(storage_id) as path:
+            try:
+                with open(path / METADATA_FILE) as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                return {}
+
+    def delete(self, storage_id):
+        """Checkpoints leave the cluster through the experiment's checkpoint
+        policy (`checkpoint_storage.save_*`) or `resolute experiment delete`,
+        as one log entry every holder applies, never one at a time."""
+        raise NotImplementedError(
+            "checkpoint {}: a trial does not delete checkpoints on Resolute; the experiment's "
+            "checkpoint_storage policy (save_trial_best, save_trial_latest, save_experiment_best) "
+            "decides what stays when it ends".format(storage_id)
+        )
 
 
 class PreemptContext:
@@ -150,17 +315,24 @@ class PreemptContext:
     def _poll(self):
         while not self._stop.is_set() and not self._flag.is_set():
             try:
-                got = self._e.call("GET", "/preemption?timeout_s={}".format(PREEMPTION_POLL_S), timeout=PREEMPTION_POLL_S + 10)
+                got = self._e.call(
+                    "GET", "/preemption?timeout_s={}".format(PREEMPTION_POLL_S), timeout=PREEMPTION_POLL_S + 10
+                )
                 if got.get("preempt"):
                     self._flag.set()
             except Exception:  # noqa: BLE001 - the node may be restarting: retry
                 self._stop.wait(1.0)
 
     def should_preempt(self, auto_ack=True):
-        if self._flag.is_set() and auto_ack and not self._acked:
+        if self._flag.is_set() and auto_ack:
+            self.acknowledge_preemption_signal()
+        return self._flag.is_set()
+
+    def acknowledge_preemption_signal(self):
+        """Tells the node the signal was seen (the trial checkpoints and exits)."""
+        if self._flag.is_set() and not self._acked:
             self._acked = True
             self._e.call("POST", "/preemption/ack", {})
-        return self._flag.is_set()
 
     def close(self):
         self._stop.set()
@@ -169,14 +341,27 @@ class PreemptContext:
 class DistributedContext:
     """Ranks, from the torchrun variables the node sets (one process: rank 0 of 1)."""
 
-    def __init__(self, rank=None, size=None, local_rank=None, local_size=None, cross_rank=None, cross_size=None):
+    def __init__(
+        self,
+        rank=None,
+        size=None,
+        local_rank=None,
+        local_size=None,
+        cross_rank=None,
+        cross_size=None,
+        chief_ip=None,
+        **_ports,
+    ):
         env = os.environ
-        self.rank = int(env.get("RANK", 0)) if rank is None else rank
-        self.size = int(env.get("WORLD_SIZE", 1)) if size is None else size
-        self.local_rank = int(env.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-        self.local_size = int(env.get("LOCAL_WORLD_SIZE", 1)) if local_size is None else local_size
-        self.cross_rank = int(env.get("GROUP_RANK", 0)) if cross_rank is None else cross_rank
-        self.cross_size = cross_size if cross_size is not None else max(1, self.size // max(1, self.local_size))
+        self.rank = int(env.get("RANK", 0)) if rank is None else int(rank)
+        self.size = int(env.get("WORLD_SIZE", 1)) if size is None else int(size)
+        self.local_rank = int(env.get("LOCAL_RANK", 0)) if local_rank is None else int(local_rank)
+        self.local_size = int(env.get("LOCAL_WORLD_SIZE", 1)) if local_size is None else int(local_size)
+        self.cross_rank = int(env.get("GROUP_RANK", 0)) if cross_rank is None else int(cross_rank)
+        self.cross_size = (
+            int(cross_size) if cross_size is not None else max(1, self.size // max(1, self.local_size))
+        )
+        self.chief_ip = chief_ip or env.get("MASTER_ADDR", "127.0.0.1")
 
     def get_rank(self):
         return self.rank
@@ -187,35 +372,127 @@ class DistributedContext:
     def get_local_rank(self):
         return self.local_rank
 
+    def get_local_size(self):
+        return self.local_size
+
+    def get_cross_rank(self):
+        return self.cross_rank
+
+    def get_cross_size(self):
+        return self.cross_size
+
+    def _alone(self, what, local=False):
+        size = self.local_size if local else self.size
+        if size > 1:
+            raise NotImplementedError(
+                "{} across {} processes is not supported by Resolute's client yet; use "
+                "torch.distributed collectives between the ranks".format(what, size)
+            )
+
+    def allgather(self, stuff):
+        self._alone("allgather")
+        return [stuff]
+
+    def gather(self, stuff):
+        self._alone("gather")
+        return [stuff]
+
+    def broadcast(self, stuff):
+        self._alone("broadcast")
+        return stuff
+
+    def allgather_local(self, stuff):
+        self._alone("allgather_local", local=True)
+        return [stuff]
+
+    def gather_local(self, stuff):
+        self._alone("gather_local", local=True)
+        return [stuff]
+
+    def broadcast_local(self, stuff=None):
+        self._alone("broadcast_local", local=True)
+        return stuff
+
+    def close(self):
+        pass
+
     @classmethod
     def from_torch_distributed(cls, chief_ip=None):
-        return cls()
+        return cls(chief_ip=chief_ip)
+
+
+class DummyDistributedContext(DistributedContext):
+    """One process: rank 0 of 1."""
+
+    def __init__(self):
+        super().__init__(rank=0, size=1, local_rank=0, local_size=1, cross_rank=0, cross_size=1)
+
+
+class SearcherMode(enum.Enum):
+    WorkersAskChief = "WORKERS_ASK_CHIEF"
+    ChiefOnly = "CHIEF_ONLY"
 
 
 class SearcherOperation:
-    """Train to `length` units of the time metric, then report completion."""
+    """Train to `length` units of the time metric, then `report_completed`."""
 
-    def __init__(self, train, length):
+    def __init__(self, train, length, is_chief=True):
         self._train = train
-        self.length = length
-        self.completed = False
+        self._length = length
+        self._is_chief = is_chief
+        self._completed = False
+
+    @property
+    def length(self):
+        return self._length
 
     def report_progress(self, length):
-        if self.length:
-            self._train.report_progress(min(1.0, max(0.0, float(length) / float(self.length))))
+        if not self._is_chief:
+            raise RuntimeError("you must only call op.report_progress() from the chief worker")
+        if self._completed and length != self._length:
+            raise RuntimeError("you must not call op.report_progress() after op.report_completed()")
+        if self._train is not None and self._length:
+            self._train.report_progress(min(1.0, max(0.0, float(length) / float(self._length))))
 
     def report_completed(self, searcher_metric):
-        self.completed = True
+        """The operation is done (the searcher ranks the validation metric the
+        trial reported at this length)."""
+        if not self._is_chief:
+            raise RuntimeError("you must only call op.report_completed() from the chief worker")
+        if self._completed:
+            raise RuntimeError("you may only call op.report_completed() once")
+        self._completed = True
 
 
-# Longest one ask for the next operation waits on the node, in seconds.
-NEXT_POLL_S = 30
+_UNITS = {"batches": Unit.BATCHES, "records": Unit.RECORDS, "epochs": Unit.EPOCHS}
+
+
+def _operations(first, following, train, is_chief):
+    """Determined's operations loop: each op's length, until `following`
+    gives none past the last."""
+    warnings.warn(
+        "SearcherContext.operations() was deprecated in Determined 0.38.0; set the training "
+        "length in the training code (Resolute keeps serving it)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    length = first
+    while True:
+        op = SearcherOperation(train, length, is_chief)
+        yield op
+        if not op._completed:
+            raise RuntimeError("you must call op.report_completed() on each operation before requesting the next one")
+        length_next = following(length)
+        if not length_next or length_next <= length:
+            return
+        length = length_next
 
 
 class SearcherContext:
-    def __init__(self, train, endpoint=None):
+    def __init__(self, train, endpoint=None, distributed=None):
         self._train = train
         self._e = endpoint
+        self._dist = distributed or DummyDistributedContext()
 
     def _next_length(self, reached):
         """Asks the node whether to go on after training to `reached`: it answers
@@ -232,43 +509,78 @@ class SearcherContext:
             if not got.get("pending"):
                 return got.get("length")
 
-    def operations(self, searcher_mode=None, auto_ack=True):
+    def operations(self, searcher_mode=SearcherMode.WorkersAskChief, auto_ack=True):
         """The searcher's operations for this trial, as Determined's: train to each
         op's `length`, report the validation, `report_completed`, and the next one
         comes when the searcher has one (none: the trial is done)."""
         target = os.environ.get("RESOLUTE_TARGET_LENGTH")
-        length = int(target) if target else 0
-        while True:
-            op = SearcherOperation(self._train, length)
-            yield op
-            if not length:
-                return
-            following = self._next_length(length)
-            if not following or following <= length:
-                return
-            length = following
+        if not target:
+            raise RuntimeError(
+                "the searcher gave this trial no length: set searcher.max_length (or max_time "
+                "with time_metric) in the experiment config to train through operations()"
+            )
+        return _operations(int(target), self._next_length, self._train, self._dist.rank == 0)
+
+    def acknowledge_out_of_ops(self):
+        """The trial has no more operations to ask for: it ends when its
+        process exits."""
+
+    def get_configured_units(self):
+        """The unit of the searcher's lengths (None: the searcher has none)."""
+        if not os.environ.get("RESOLUTE_TARGET_LENGTH"):
+            return None
+        return _UNITS.get(os.environ.get("RESOLUTE_TIME_METRIC", "batches"), Unit.BATCHES)
 
 
 class Context:
-    def __init__(self, endpoint, distributed=None):
-        self.train = TrainContext(endpoint)
-        self.checkpoint = CheckpointContext(endpoint)
-        self.preempt = PreemptContext(endpoint)
-        self.distributed = distributed or DistributedContext()
-        self.searcher = SearcherContext(self.train, endpoint)
-        self.info = ClusterInfo()
+    def __init__(self, train, checkpoint, preempt, distributed, searcher, info=None):
+        self.train = train
+        self.checkpoint = checkpoint
+        self.preempt = preempt
+        self.distributed = distributed
+        self.searcher = searcher
+        self.info = info
 
     def close(self):
         self.preempt.close()
+        self.distributed.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.close()
+        # As Determined's: invalid hyperparameters end the trial as such, not
+        # as an error.
+        if exc is not None and type(exc).__name__ == "InvalidHP":
+            self.train.report_early_exit("invalid_hyperparameters")
+            logger.info("InvalidHP detected, converting it to exit(0)")
+            raise SystemExit(0)
         return False
 
 
-def init(distributed=None, **_ignored):
-    """The Core API context of this trial (use it as a context manager)."""
-    return Context(_Endpoint(), distributed=distributed)
+def _on_cluster(distributed):
+    info = ClusterInfo()
+    if distributed is None and (len(info.container_addrs) > 1 or len(info.slot_ids) > 1):
+        raise ValueError("you must provide a valid DistributedContext for a multi-slot task")
+    distributed = distributed or DummyDistributedContext()
+    endpoint = _Endpoint()
+    train = TrainContext(endpoint, distributed)
+    return Context(
+        train=train,
+        checkpoint=CheckpointContext(endpoint, distributed),
+        preempt=PreemptContext(endpoint),
+        distributed=distributed,
+        searcher=SearcherContext(train, endpoint, distributed),
+        info=info,
+    )
+
+
+def init(distributed=None, checkpoint_storage=None, preempt_mode=None, tensorboard_mode=None, **_ignored):
+    """The Core API context of this trial (use it as a context manager); off a
+    cluster, a local one (`resolute._local`)."""
+    if get_cluster_info() is None:
+        from resolute import _local
+
+        return _local.init(distributed=distributed, checkpoint_storage=checkpoint_storage)
+    return _on_cluster(distributed)

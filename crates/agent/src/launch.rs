@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use resolute_core::command::{ExperimentId, TrialId};
 use resolute_core::state::ClusterState;
 use resolute_core::{NodeId, StartTrial};
-use resolute_types::config::Entrypoint;
+use resolute_types::config::{Entrypoint, ExperimentConfig};
 use resolute_types::Value;
 
 /// torchrun rendezvous ports: `MASTER_PORT_BASE` plus a value derived from the
@@ -33,6 +33,8 @@ pub struct Gang {
     pub group_rank: u32,
     /// The node that runs rank 0 (the shell turns it into `MASTER_ADDR`).
     pub rank0: NodeId,
+    /// The gang's nodes in rank order (rank 0's first).
+    pub nodes: Vec<NodeId>,
     /// The rendezvous port on rank 0's node.
     pub master_port: u16,
 }
@@ -70,6 +72,9 @@ pub struct LaunchSpec {
     pub slots_here: u32,
     /// Its place in a multi-node gang (None: all its slots are here).
     pub gang: Option<Gang>,
+    /// The experiment's config as parsed (the trial sees it as
+    /// `ClusterInfo.trial.config`, and its `data` as `user_data`).
+    pub config: Box<ExperimentConfig>,
 }
 
 /// The rendezvous port of one incarnation of a trial.
@@ -117,6 +122,7 @@ pub fn spec(state: &ClusterState, start: StartTrial, gpus: bool) -> Option<Launc
         local_world_size: start.slots,
         group_rank: start.node_rank as u32,
         rank0: layout[0].0,
+        nodes: layout.iter().map(|(n, _)| *n).collect(),
         master_port: master_port(start.trial, start.incarnation),
     });
     Some(LaunchSpec {
@@ -135,6 +141,7 @@ pub fn spec(state: &ClusterState, start: StartTrial, gpus: bool) -> Option<Launc
         gpus: Vec::new(),
         slots_here: start.slots,
         gang,
+        config: Box::new(config.clone()),
     })
 }
 

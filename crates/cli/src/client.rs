@@ -311,26 +311,32 @@ pub fn post_json(t: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
 }
 
 /// Validates an experiment config (errors name `label` and the line), uploads
-/// the model directory if there is one, and creates the experiment; its id.
+/// the model directory if there is one, and creates the experiment; its id
+/// and the config's warnings (what `config check` prints).
 fn submit(
     t: &Target,
     label: &str,
     config: &str,
     overrides: &[String],
     dir: Option<&Path>,
-) -> Result<u64, Failure> {
+) -> Result<(u64, Vec<String>), Failure> {
     // Errors with the file's own name and lines, before anything is sent.
-    resolute_types::config::parse_str(label, config, overrides)
-        .map_err(|e| Failure::User(e.to_string()))?;
+    let warnings: Vec<String> = resolute_types::config::parse_str(label, config, overrides)
+        .map_err(|e| Failure::User(e.to_string()))?
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let model_digest = match dir {
         Some(d) => upload_dir(t, d)?,
         None => String::new(),
     };
     let body = json!({"config": config, "overrides": overrides, "model_digest": model_digest});
     let v = call(t, "POST", "/experiments", Some(body))?;
-    v["id"]
+    let id = v["id"]
         .as_u64()
-        .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))
+        .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))?;
+    Ok((id, warnings))
 }
 
 /// Creates an experiment from config text (see `submit`); its id.
@@ -341,7 +347,12 @@ pub fn create_experiment(
     overrides: &[String],
     dir: Option<&Path>,
 ) -> anyhow::Result<u64> {
-    submit(t, label, config, overrides, dir).map_err(|e| anyhow::anyhow!("{e}"))
+    let (id, warnings) =
+        submit(t, label, config, overrides, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(id)
 }
 
 /// An HTTP client for `t`'s node; `timeout` bounds a whole call.
@@ -530,8 +541,11 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 let config = std::fs::read_to_string(file)
                     .map_err(|e| Failure::User(format!("{}: {e}", file.display())))?;
                 let label = file.display().to_string();
-                let id = submit(t, &label, &config, overrides, dir.as_deref())?;
-                print(t, &json!({"id": id}), |_| {
+                let (id, warnings) = submit(t, &label, &config, overrides, dir.as_deref())?;
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
+                print(t, &json!({"id": id, "warnings": warnings}), |_| {
                     println!("created experiment {id}")
                 });
                 if *follow {

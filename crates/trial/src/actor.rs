@@ -57,7 +57,7 @@ pub(crate) struct Answer {
 /// One incarnation.
 pub struct TrialActor {
     spec: LaunchSpec,
-    master_addr: Option<String>,
+    hosts: Vec<String>,
     work_root: PathBuf,
     store: BlobStore,
     registry: Registry,
@@ -83,7 +83,7 @@ pub struct TrialActor {
 /// What the supervisor gives a new actor.
 pub(crate) struct Start {
     pub(crate) spec: LaunchSpec,
-    pub(crate) master_addr: Option<String>,
+    pub(crate) hosts: Vec<String>,
     pub(crate) work_root: PathBuf,
     pub(crate) store: BlobStore,
     pub(crate) registry: Registry,
@@ -102,7 +102,7 @@ impl TrialActor {
         let target = s.spec.target;
         TrialActor {
             spec: s.spec,
-            master_addr: s.master_addr,
+            hosts: s.hosts,
             work_root: s.work_root,
             store: s.store,
             registry: s.registry,
@@ -158,7 +158,7 @@ impl TrialActor {
             checkpoint: checkpoint.as_deref(),
             report_url: self.report_url.clone(),
             token: &self.token,
-            master_addr: self.master_addr.as_deref(),
+            hosts: &self.hosts,
             identity: self.identity,
         };
         let mut child = match process::spawn(&self.spec, &rt) {

@@ -102,6 +102,10 @@ pub(crate) struct Dirs {
     pub(crate) trial: PathBuf,
     /// This incarnation's working copy of the model directory.
     pub(crate) work: PathBuf,
+    /// What the training code learns through `det.get_cluster_info()` beyond
+    /// its environment (`RESOLUTE_INFO_FILE`): the config, its `data`, the
+    /// slots and the gang's hosts.
+    pub(crate) info: PathBuf,
 }
 
 /// Makes the working copy and unpacks the checkpoint to resume from (both
@@ -136,7 +140,8 @@ pub(crate) fn prepare(
             isolation::share(path, id)?;
         }
     }
-    Ok((Dirs { trial, work }, latest))
+    let info = trial.join(format!("info-{}.json", spec.incarnation));
+    Ok((Dirs { trial, work, info }, latest))
 }
 
 /// Removes what an ended incarnation leaves that nothing reads again: its
@@ -147,6 +152,7 @@ pub(crate) fn prepare(
 /// correctness, and the next incarnation makes fresh directories).
 pub(crate) fn tidy(dirs: &Dirs) {
     let _ = std::fs::remove_dir_all(&dirs.work);
+    let _ = std::fs::remove_file(&dirs.info);
     for sub in ["checkpoints", "staging"] {
         let _ = std::fs::remove_dir_all(dirs.trial.join(sub));
     }
@@ -158,10 +164,34 @@ pub(crate) struct Runtime<'a> {
     pub(crate) checkpoint: Option<&'a Path>,
     pub(crate) report_url: String,
     pub(crate) token: &'a str,
-    /// `MASTER_ADDR` of a multi-node gang.
-    pub(crate) master_addr: Option<&'a str>,
+    /// The hosts of a multi-node gang's nodes, rank 0's (`MASTER_ADDR`) first.
+    pub(crate) hosts: &'a [String],
     /// Who the process runs as (`None`: the node's user).
     pub(crate) identity: Option<Identity>,
+}
+
+/// Writes the incarnation's info file (readable by the trial's identity).
+fn write_info(spec: &LaunchSpec, rt: &Runtime<'_>) -> Result<(), TrialError> {
+    let hosts: Vec<&str> = if rt.hosts.is_empty() {
+        vec!["127.0.0.1"]
+    } else {
+        rt.hosts.iter().map(String::as_str).collect()
+    };
+    let info = serde_json::json!({
+        "config": &*spec.config,
+        "user_data": &spec.config.data,
+        "slot_ids": &spec.slots,
+        "gpu_uuids": &spec.gpus,
+        "container_addrs": hosts,
+        "container_rank": spec.gang.as_ref().map_or(0, |g| g.group_rank),
+    });
+    let path = &rt.dirs.info;
+    let io = |e: std::io::Error| TrialError::Io(format!("{}: {e}", path.display()));
+    std::fs::write(path, serde_json::to_vec(&info).unwrap_or_default()).map_err(io)?;
+    if let Some(id) = rt.identity {
+        isolation::share(path, id)?;
+    }
+    Ok(())
 }
 
 /// Starts the entrypoint through `/bin/sh -c` (as Determined does) in its own
@@ -170,6 +200,7 @@ pub(crate) fn spawn(
     spec: &LaunchSpec,
     rt: &Runtime<'_>,
 ) -> Result<tokio::process::Child, TrialError> {
+    write_info(spec, rt)?;
     let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(inherits)))
@@ -188,6 +219,7 @@ pub(crate) fn spawn(
         .env("RESOLUTE_REPORT_URL", &rt.report_url)
         .env("RESOLUTE_TOKEN", rt.token)
         .env("RESOLUTE_TIME_METRIC", &spec.time_metric)
+        .env("RESOLUTE_INFO_FILE", &rt.dirs.info)
         .env("CUDA_VISIBLE_DEVICES", spec.gpus.join(","))
         .env_remove("RESOLUTE_LATEST_CHECKPOINT")
         .env_remove("RESOLUTE_TARGET_LENGTH")
@@ -217,7 +249,10 @@ pub(crate) fn spawn(
             .env("WORLD_SIZE", g.world_size.to_string())
             .env("LOCAL_WORLD_SIZE", g.local_world_size.to_string())
             .env("GROUP_RANK", g.group_rank.to_string())
-            .env("MASTER_ADDR", rt.master_addr.unwrap_or("127.0.0.1"))
+            .env(
+                "MASTER_ADDR",
+                rt.hosts.first().map_or("127.0.0.1", String::as_str),
+            )
             .env("MASTER_PORT", g.master_port.to_string());
     }
     let child = cmd

@@ -35,8 +35,9 @@ pub struct SupervisorConfig {
 pub struct Launch {
     /// What the node's agent decided.
     pub spec: LaunchSpec,
-    /// The host of a gang's rank 0 (`MASTER_ADDR`), when it has other nodes.
-    pub master_addr: Option<String>,
+    /// The hosts of a gang's nodes in rank order (the first is
+    /// `MASTER_ADDR`); empty when all its slots are on this node.
+    pub hosts: Vec<String>,
 }
 
 impl Message for Launch {
@@ -171,7 +172,7 @@ impl Handler<Launch> for TrialSupervisor {
         };
         let actor = TrialActor::new(actor::Start {
             spec: launch.spec,
-            master_addr: launch.master_addr,
+            hosts: launch.hosts,
             work_root: self.cfg.work_root.clone(),
             store: self.store.clone(),
             registry: self.registry.clone(),

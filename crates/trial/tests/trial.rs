@@ -81,7 +81,7 @@ impl Trials {
         self.sup
             .send(Launch {
                 spec,
-                master_addr: None,
+                hosts: Vec::new(),
             })
             .await
             .expect("launch");
@@ -151,6 +151,15 @@ fn spec(
         gpus: Vec::new(),
         slots_here: 1,
         gang: None,
+        config: Box::new(
+            resolute_types::config::parse_str(
+                "experiment.yaml",
+                "searcher: {name: single, metric: validation_loss, max_length: {batches: 100}}\ndata: {dataset: mnist, shards: [1, 2]}\n",
+                &[],
+            )
+            .expect("config")
+            .config,
+        ),
     }
 }
 
@@ -220,6 +229,9 @@ results["exit"] = call("POST", "/exit", {"reason": "invalid_hyperparameters"})[0
 results["searcher"] = call("GET", "/searcher")
 results["env"] = {k: os.environ.get(k) for k in ["RESOLUTE_TRIAL_ID", "RESOLUTE_EXPERIMENT_ID", "RESOLUTE_TRIAL_SEED", "RESOLUTE_TARGET_LENGTH", "RESOLUTE_TIME_METRIC", "CUDA_VISIBLE_DEVICES", "MY_VAR"]}
 results["hparams"] = json.loads(os.environ["RESOLUTE_HPARAMS"])
+info = json.load(open(os.environ["RESOLUTE_INFO_FILE"]))
+results["info"] = {k: info[k] for k in ["user_data", "slot_ids", "container_addrs", "container_rank"]}
+results["config_searcher"] = info["config"]["searcher"]["name"]
 print("RESULTS " + json.dumps(results, sort_keys=True), flush=True)
 "#;
 
@@ -306,6 +318,17 @@ fn every_report_call_and_malformed_ones() {
             .as_u64()
             .is_some_and(|s| (400..500).contains(&s)));
         assert_eq!(r["stale"], 409);
+        // What `det.get_cluster_info()` reads beyond the environment.
+        assert_eq!(
+            r["info"],
+            serde_json::json!({
+                "user_data": {"dataset": "mnist", "shards": [1, 2]},
+                "slot_ids": [0],
+                "container_addrs": ["127.0.0.1"],
+                "container_rank": 0,
+            })
+        );
+        assert_eq!(r["config_searcher"], "single");
         assert_eq!(
             r["env"],
             serde_json::json!({

@@ -94,6 +94,10 @@ fn exact_messages() {
             "exp.yaml:2:39: environment.environment_variables[0]: expected KEY=VALUE, found `FOO`",
         ),
         ("[1, 2]\n", "exp.yaml:1:1: expected a map, found a list"),
+        (
+            "searcher: {name: single, metric: l}\nentrypoint: model_def:MyTrial\n",
+            "exp.yaml:2:13: entrypoint: \"model_def:MyTrial\" names a Trial class; Resolute runs a command in the model directory (for example `python3 train.py` with the Core API), and does not run PyTorchTrial/Keras Trial classes",
+        ),
     ];
     for (yaml, want) in cases {
         let got = errors(yaml);
@@ -307,4 +311,16 @@ fn searches_that_would_create_too_many_trials_are_rejected() {
     );
     let got = errors("searcher: {name: pbt, metric: l, population_size: 100000, num_rounds: 100, length_per_round: 10, time_metric: b, replace_function: {truncate_fraction: 0.5}, explore_function: {resample_probability: 0, perturb_factor: 0}}\n");
     assert!(got[0].contains("at most 100000"), "{got:#?}");
+}
+
+#[test]
+fn a_command_with_a_colon_is_still_a_command() {
+    for entrypoint in [
+        "python3 train.py --arg a:b",
+        "python3 -m determined.launch.torch_distributed -- python3 train.py",
+        "\"sh -c 'echo a:b'\"",
+    ] {
+        let yaml = format!("searcher: {{name: single, metric: l}}\nentrypoint: {entrypoint}\n");
+        assert!(parse_str("exp.yaml", &yaml, &[]).is_ok(), "{entrypoint}");
+    }
 }

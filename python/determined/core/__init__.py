@@ -1,4 +1,5 @@
-"""`det.core`: the Core API, served by Resolute's node."""
+"""`det.core`: the Core API, served by Resolute's node (or locally, off a
+cluster)."""
 
 import enum
 
@@ -6,11 +7,16 @@ from resolute.core import (  # noqa: F401 - re-exported names
     CheckpointContext,
     Context,
     DistributedContext,
+    DownloadMode,
+    DummyDistributedContext,
     PreemptContext,
     ReportError,
     SearcherContext,
+    SearcherMode,
     SearcherOperation,
+    TensorboardMode,
     TrainContext,
+    Unit,
     init,
 )
 
@@ -19,11 +25,6 @@ class EarlyExitReason(enum.Enum):
     INVALID_HP = "invalid_hyperparameters"
     USER_REQUESTED_STOP = "user_canceled"
     ERRORED = "errored"
-
-
-class SearcherMode(enum.Enum):
-    WorkersAskChief = "WORKERS_ASK_CHIEF"
-    ChiefOnly = "CHIEF_ONLY"
 
 
 class PreemptMode(enum.Enum):

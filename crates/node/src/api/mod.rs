@@ -272,10 +272,13 @@ async fn create(
             format!("config: {size} bytes with its overrides; the limit is {CONFIG_BYTES_MAX}"),
         );
     }
-    // Check the config here so that the user gets every error, with lines.
-    if let Err(e) = resolute_types::config::parse_str("experiment.yaml", &b.config, &b.overrides) {
-        return error(StatusCode::BAD_REQUEST, "invalid_config", e.to_string());
-    }
+    // Check the config here so that the user gets every error, with lines,
+    // and every warning with the reply.
+    let warnings: Vec<String> =
+        match resolute_types::config::parse_str("experiment.yaml", &b.config, &b.overrides) {
+            Ok(loaded) => loaded.warnings.iter().map(ToString::to_string).collect(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_config", e.to_string()),
+        };
     let seed = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos()))
@@ -288,9 +291,10 @@ async fn create(
         default_seed: seed,
     };
     match propose(&node, &caller, command).await {
-        Ok(Reply::ExperimentCreated { experiment }) => {
-            (StatusCode::OK, Json(json!({"id": experiment})))
-        }
+        Ok(Reply::ExperimentCreated { experiment }) => (
+            StatusCode::OK,
+            Json(json!({"id": experiment, "warnings": warnings})),
+        ),
         Ok(other) => (StatusCode::OK, Json(json!({"reply": format!("{other:?}")}))),
         Err(e) => e,
     }

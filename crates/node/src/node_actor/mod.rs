@@ -280,11 +280,10 @@ impl NodeActor {
                     }
                 }
                 Action::Launch(spec) => {
-                    let master_addr = spec.gang.as_ref().map(|g| self.host_of_node(g.rank0));
-                    let launch = Launch {
-                        spec: *spec,
-                        master_addr,
-                    };
+                    let hosts = spec.gang.as_ref().map_or_else(Vec::new, |g| {
+                        g.nodes.iter().map(|n| self.host_of_node(*n)).collect()
+                    });
+                    let launch = Launch { spec: *spec, hosts };
                     tell(ctx, self, &self.peers.trials.clone(), launch);
                 }
                 Action::Preempt { trial, incarnation } => {

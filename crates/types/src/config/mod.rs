@@ -549,8 +549,36 @@ fn parse_root(diag: &mut Diag, root: &Node) -> Option<ExperimentConfig> {
     })
 }
 
+/// Whether `command` names a Trial class (`model_def:MyTrial`, Determined's
+/// legacy entrypoint) rather than a command to run.
+fn names_a_trial_class(command: &str) -> bool {
+    let ident = |s: &str| {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match command.trim().split_once(':') {
+        Some((module, class)) => module.split('.').all(ident) && ident(class),
+        None => false,
+    }
+}
+
 fn entrypoint(diag: &mut Diag, node: &Node) -> Option<Entrypoint> {
     match &node.kind {
+        NodeKind::Str(s) if names_a_trial_class(s) => {
+            diag.error(
+                node.pos,
+                "entrypoint",
+                format!(
+                    "{s:?} names a Trial class; Resolute runs a command in the model \
+                     directory (for example `python3 train.py` with the Core API), and \
+                     does not run PyTorchTrial/Keras Trial classes"
+                ),
+            );
+            None
+        }
         NodeKind::Str(s) => Some(Entrypoint::Command(s.clone())),
         NodeKind::Seq(_) => read::strings(diag, node, "entrypoint").map(Entrypoint::Args),
         _ => {

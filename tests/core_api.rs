@@ -1,0 +1,315 @@
+//! Scripts written against Determined's Core API, run unchanged: off a
+//! cluster (a laptop run: the local context), and on a real three-node
+//! cluster with a node SIGKILLed under one of them.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use resolute_tests::{get, repo, start, trials, until, NodeProc};
+
+/// A script in the style of Determined's tutorials that touches every part of
+/// the local context: logging in `det.LOG_FORMAT`, `pathlib` checkpoint paths
+/// with metadata, upload, download, delete, numpy-like metric values, the
+/// searcher's one operation, and `det.InvalidHP` ending the run cleanly.
+const LOCAL_SCRIPT: &str = r#"
+import json, logging, pathlib, sys
+import determined as det
+
+class Scalar:
+    """What a numpy scalar or a 0-d tensor offers: `.item()`."""
+    def __init__(self, v):
+        self.v = v
+    def item(self):
+        return self.v
+
+logging.basicConfig(level=logging.INFO, format=det.LOG_FORMAT, stream=sys.stdout)
+assert det.get_cluster_info() is None
+with det.core.init() as core:
+    for op in core.searcher.operations():
+        assert op.length == 1, op.length
+        core.train.report_training_metrics(steps_completed=1, metrics={"loss": Scalar(0.25), "both": [Scalar(1), 2.5]})
+        with core.checkpoint.store_path({"steps_completed": 1, "note": "first"}) as (path, storage_id):
+            assert isinstance(path, pathlib.Path), type(path)
+            (path / "weights").write_text("w=1")
+        core.train.report_validation_metrics(steps_completed=1, metrics={"validation_loss": Scalar(0.5)})
+        op.report_completed(0.5)
+    assert core.checkpoint.get_metadata(storage_id) == {"steps_completed": 1, "note": "first"}
+    with core.checkpoint.restore_path(storage_id) as path:
+        assert (path / "weights").read_text() == "w=1"
+        copy = core.checkpoint.upload(path, {"steps_completed": 2})
+    core.checkpoint.download(copy, "downloaded")
+    print("DOWNLOADED", sorted(p.name for p in pathlib.Path("downloaded").iterdir()))
+    core.checkpoint.delete(copy)
+    print("UNITS", core.searcher.get_configured_units())
+    print("PREEMPT", core.preempt.should_preempt())
+    print("KEPT", storage_id)
+    raise det.InvalidHP("lr too large for this model")
+print("NOT REACHED")
+"#;
+
+#[test]
+fn a_determined_script_runs_off_a_cluster_with_the_local_context() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("train.py"), LOCAL_SCRIPT).expect("script");
+    let out = Command::new("python3")
+        .arg("train.py")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("XDG_DATA_HOME", dir.path().join("xdg"))
+        .env("PYTHONPATH", repo().join("python"))
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "InvalidHP ends it cleanly: {stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains("NOT REACHED"), "{stdout}");
+    // Determined's log format, its logger's lines, numbers for the scalars.
+    assert!(
+        stdout.contains(
+            "determined.core: report_training_metrics(steps_completed=1, metrics={\"both\": [1, 2.5], \"loss\": 0.25})"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("INFO: ["), "LOG_FORMAT: {stdout}");
+    assert!(
+        stdout.contains("report_early_exit(invalid_hyperparameters)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("DOWNLOADED ['metadata.json', 'weights']"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("UNITS None"), "{stdout}");
+    assert!(stdout.contains("PREEMPT False"), "{stdout}");
+    assert!(
+        stderr.contains("FutureWarning"),
+        "operations() is deprecated in 0.38: {stderr}"
+    );
+    // The kept checkpoint is where Determined keeps them off-cluster; the
+    // deleted copy is gone.
+    let kept = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("KEPT "))
+        .expect("kept id");
+    let store = dir.path().join("xdg/determined");
+    let entries: Vec<String> = std::fs::read_dir(&store)
+        .expect("checkpoint store")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(entries, vec![kept.to_string()], "one checkpoint left");
+    let metadata: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join(kept).join("metadata.json")).expect("metadata.json"),
+    )
+    .expect("json");
+    assert_eq!(metadata["note"], "first");
+}
+
+fn this_node(n: &NodeProc) -> String {
+    get(&n.api, &["cluster", "status"])["this_node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn create(api: &str, config: &Path, model: &Path, overrides: &[String]) -> u64 {
+    let mut args: Vec<String> = vec![
+        "experiment".into(),
+        "create".into(),
+        config.display().to_string(),
+        model.display().to_string(),
+    ];
+    for o in overrides {
+        args.push("--config".into());
+        args.push(o.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    get(api, &args)["id"].as_u64().expect("experiment id")
+}
+
+#[test]
+fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 81, None);
+    let b = start(&dir.path().join("b"), 82, Some(&a.listen));
+    let c = start(&dir.path().join("c"), 83, Some(&a.listen));
+    until("three voters", Duration::from_secs(30), || {
+        let v = get(&c.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 3)
+    });
+    let model = repo().join("examples/core-api");
+    let env = format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    );
+    // Slow enough (data.pause_s, read from the config's `data` through
+    // `ClusterInfo.user_data`) that a node dies while a trial runs on it.
+    let id = create(
+        &a.api,
+        &model.join("experiment.yaml"),
+        &model,
+        &[
+            env,
+            "searcher.max_length.batches=300".into(),
+            "data.pause_s=0.05".into(),
+        ],
+    );
+    let ids = [this_node(&b), this_node(&c)];
+    let mut victim: Option<(u64, usize)> = None;
+    // A checkpoint with a second copy: the trial resumes from it, not from
+    // the start, once its node is gone.
+    let copied = |trial: &serde_json::Value| {
+        let runs = get(&a.api, &["trial", "runs", &trial["id"].to_string()]);
+        runs["checkpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2))
+    };
+    until(
+        "a trial on b or c with a copied checkpoint",
+        Duration::from_secs(90),
+        || {
+            for t in trials(&a.api, id) {
+                for (k, node) in ids.iter().enumerate() {
+                    if t["node"].as_str() == Some(node) && copied(&t) {
+                        victim = Some((t["id"].as_u64().unwrap_or(0), k));
+                        return true;
+                    }
+                }
+            }
+            false
+        },
+    );
+    let (trial, k) = victim.expect("victim");
+    let mut others = [Some(b), Some(c)];
+    drop(others[k].take());
+    until("the experiment completes", Duration::from_secs(180), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    // Every trial trained to the searcher's length; the moved one resumed from
+    // its checkpoint (the script checks the checkpoint's metadata against
+    // what it restored, and fails the trial otherwise).
+    for t in trials(&a.api, id) {
+        assert_eq!(t["state"], "Done(Completed)", "{t}");
+        assert_eq!(t["steps_completed"], 300, "{t}");
+    }
+    let moved = get(&a.api, &["trial", "describe", &trial.to_string()]);
+    assert!(
+        moved["incarnation"].as_u64().unwrap_or(0) >= 2,
+        "it moved: {moved}"
+    );
+    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]);
+    let text = logs.to_string();
+    assert!(
+        text.contains("core-api-example: resumed at batch"),
+        "{text}"
+    );
+    // What Determined would report: x = step * batches at each validation.
+    let step = moved["hparams"]["step"].as_u64().expect("step");
+    let m = get(&a.api, &["trial", "metrics", &trial.to_string()]);
+    let last = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|p| p["kind"] == "Validation")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["steps_completed"], 300, "{m}");
+    assert_eq!(
+        last["metrics"]["x"].as_f64(),
+        Some((step * 300) as f64),
+        "{m}"
+    );
+}
+
+#[test]
+fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial_class() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 84, None);
+    let config = dir.path().join("exp.yaml");
+    std::fs::write(
+        &config,
+        "entrypoint: python3 -c pass\n\
+         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n\
+         environment: {image: determinedai/pytorch-ngc:0.38.0}\n\
+         checkpoint_storage: {type: s3, bucket: my-bucket}\n",
+    )
+    .expect("config");
+    let out = Command::new(resolute_tests::bin())
+        .args(["experiment", "create", "--json"])
+        .arg(&config)
+        .args(["-m", &a.api])
+        .env("RESOLUTE_TOKEN", &a.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str())
+        .collect();
+    // The ignored image, the replaced s3 storage (its type and its bucket),
+    // and the deprecated max_length.
+    assert_eq!(warnings.len(), 4, "{v}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("checkpoint_storage.bucket")),
+        "{v}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("searcher.max_length")),
+        "{v}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("environment.image")),
+        "{v}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("checkpoint_storage.type")),
+        "{v}"
+    );
+    for w in &warnings {
+        assert!(stderr.contains(&format!("warning: {w}")), "{stderr}");
+    }
+    // A Trial class as the entrypoint is refused before anything is sent.
+    std::fs::write(
+        &config,
+        "entrypoint: model_def:MyTrial\nsearcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    let out = Command::new(resolute_tests::bin())
+        .args(["experiment", "create"])
+        .arg(&config)
+        .args(["-m", &a.api])
+        .env("RESOLUTE_TOKEN", &a.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("exp.yaml:1:13: entrypoint: \"model_def:MyTrial\" names a Trial class"),
+        "{stderr}"
+    );
+    assert_eq!(
+        get(&a.api, &["experiment", "list"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
