@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use resolute_tests::{get, repo, start, trials, until, NodeProc};
+use resolute_tests::{get, repo, start, this_node, trials, until, NodeProc};
 
 /// A script in the style of Determined's tutorials that touches every part of
 /// the local context: logging in `det.LOG_FORMAT`, `pathlib` checkpoint paths
@@ -109,13 +109,6 @@ fn a_determined_script_runs_off_a_cluster_with_the_local_context() {
     )
     .expect("json");
     assert_eq!(metadata["note"], "first");
-}
-
-fn this_node(n: &NodeProc) -> String {
-    get(&n.api, &["cluster", "status"])["this_node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 fn create(api: &str, config: &Path, model: &Path, overrides: &[String]) -> u64 {
@@ -229,6 +222,20 @@ fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_
     );
 }
 
+/// `resolute experiment create CONFIG` against `n`, its stderr kept apart.
+fn experiment_create(n: &NodeProc, config: &Path, json: bool) -> std::process::Output {
+    let mut cmd = Command::new(resolute_tests::bin());
+    cmd.args(["experiment", "create"]).arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.args(["-m", &n.api])
+        .env("RESOLUTE_TOKEN", &n.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli")
+}
+
 #[test]
 fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial_class() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -242,14 +249,7 @@ fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial
          checkpoint_storage: {type: s3, bucket: my-bucket}\n",
     )
     .expect("config");
-    let out = Command::new(resolute_tests::bin())
-        .args(["experiment", "create", "--json"])
-        .arg(&config)
-        .args(["-m", &a.api])
-        .env("RESOLUTE_TOKEN", &a.token)
-        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
-        .output()
-        .expect("cli");
+    let out = experiment_create(&a, &config, true);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -292,14 +292,7 @@ fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial
         "entrypoint: model_def:MyTrial\nsearcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
     )
     .expect("config");
-    let out = Command::new(resolute_tests::bin())
-        .args(["experiment", "create"])
-        .arg(&config)
-        .args(["-m", &a.api])
-        .env("RESOLUTE_TOKEN", &a.token)
-        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
-        .output()
-        .expect("cli");
+    let out = experiment_create(&a, &config, false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     assert!(

@@ -247,6 +247,14 @@ pub fn cli_as(api: &str, token: &str, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// A node's id as `cluster status` shows it (16 hex digits).
+pub fn this_node(n: &NodeProc) -> String {
+    get(&n.api, &["cluster", "status"])["this_node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The CLI's JSON answer (which must succeed).
 pub fn get(api: &str, args: &[&str]) -> Value {
     let (code, out) = cli(api, args);

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use resolute_tests::{cli, create_python_core, get, start, until, NodeProc};
+use resolute_tests::{cli, create_python_core, get, start, this_node, until, NodeProc};
 use serde_json::Value;
 
 /// The complete blobs in a node's store (their manifests are there).
@@ -39,13 +39,6 @@ fn checkpoint_rows(n: &NodeProc) -> u64 {
         .find(|r| r[0] == "checkpoints")
         .and_then(|r| r[1].as_u64())
         .unwrap_or(u64::MAX)
-}
-
-fn this_node(n: &NodeProc) -> String {
-    get(&n.api, &["cluster", "status"])["this_node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

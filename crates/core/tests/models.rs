@@ -5,7 +5,7 @@
 mod common;
 
 use resolute_core::command::{Command, Control};
-use resolute_core::state::{ClusterState, ModelRole, MODEL_REPLICAS};
+use resolute_core::state::{Change, ClusterState, ModelRole, MODEL_REPLICAS};
 use resolute_core::{NodeId, NodeInfo, Reply};
 
 const MODEL: &str = "model-digest";
@@ -33,9 +33,14 @@ impl Sm {
     }
 
     fn apply(&mut self, command: Command) -> Reply {
+        self.apply_with_changes(command).0
+    }
+
+    /// The reply and the changes the entry made.
+    fn apply_with_changes(&mut self, command: Command) -> (Reply, Vec<Change>) {
         self.index += 1;
         let env = common::honest_envelope(&self.state, self.index, self.index * 1000, command);
-        self.state.apply(self.index, env).0
+        self.state.apply(self.index, env)
     }
 
     fn create(&mut self) -> u64 {
@@ -149,35 +154,19 @@ fn a_model_directory_is_released_on_its_keepers_when_no_experiment_has_it_any_mo
     let second = sm.create();
     assert_eq!(sm.with_role(|r| *r == ModelRole::Everywhere).len(), 4);
     // Deleting the first keeps it (the second has it).
-    let (reply, changes) = {
-        sm.index += 1;
-        let env = common::honest_envelope(
-            &sm.state,
-            sm.index,
-            sm.index * 1000,
-            Command::ExperimentControl {
-                experiment: first,
-                action: Control::Delete,
-            },
-        );
-        sm.state.apply(sm.index, env)
-    };
+    let (reply, changes) = sm.apply_with_changes(Command::ExperimentControl {
+        experiment: first,
+        action: Control::Delete,
+    });
     assert_eq!(reply, Reply::Ok);
     assert!(!format!("{changes:?}").contains("Released"), "{changes:?}");
     assert!(sm.state.models.contains_key(MODEL));
     // Deleting the second too releases it on the recorded keepers.
     sm.control(second, Control::Cancel);
-    sm.index += 1;
-    let env = common::honest_envelope(
-        &sm.state,
-        sm.index,
-        sm.index * 1000,
-        Command::ExperimentControl {
-            experiment: second,
-            action: Control::Delete,
-        },
-    );
-    let (reply, changes) = sm.state.apply(sm.index, env);
+    let (reply, changes) = sm.apply_with_changes(Command::ExperimentControl {
+        experiment: second,
+        action: Control::Delete,
+    });
     assert_eq!(reply, Reply::Ok);
     let released = format!("{changes:?}");
     assert!(

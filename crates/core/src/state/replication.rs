@@ -132,15 +132,7 @@ impl ClusterState {
                     ModelRole::Held
                 } else {
                     // A lost holder's copy is out of reach, and so is its site's.
-                    let alive: BTreeSet<NodeId> = holders
-                        .iter()
-                        .copied()
-                        .filter(|h| {
-                            self.nodes
-                                .get(h)
-                                .is_some_and(|n| n.state == NodeState::Alive)
-                        })
-                        .collect();
+                    let alive = self.alive_among(holders);
                     match (MODEL_REPLICAS.checked_sub(alive.len()), my_site) {
                         (None | Some(0), _) => ModelRole::KeptElsewhere,
                         (Some(need), Some(site))
@@ -168,21 +160,14 @@ impl ClusterState {
         if !self.experiments.values().any(|e| e.model_digest == digest) {
             return rejected(format!("no experiment has model directory {digest}"));
         }
-        let holders = self.models.entry(digest.clone()).or_default();
-        let alive = holders
-            .iter()
-            .filter(|h| {
-                self.nodes
-                    .get(h)
-                    .is_some_and(|n| n.state == NodeState::Alive)
-            })
-            .count();
+        let holders = self.models.get(&digest).cloned().unwrap_or_default();
+        let alive = self.alive_among(&holders).len();
         if !holders.contains(&holder) && alive >= MODEL_REPLICAS {
             return rejected(format!(
                 "model directory {digest} is kept by {alive} nodes already"
             ));
         }
-        holders.insert(holder);
+        self.models.entry(digest).or_default().insert(holder);
         self.models_generation += 1;
         Reply::Ok
     }
@@ -199,6 +184,20 @@ impl ClusterState {
                 holders: holders.into_iter().collect(),
             });
         }
+    }
+
+    /// Those of `holders` that are alive members (a lost holder's copy is
+    /// out of reach).
+    fn alive_among(&self, holders: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        holders
+            .iter()
+            .copied()
+            .filter(|h| {
+                self.nodes
+                    .get(h)
+                    .is_some_and(|n| n.state == NodeState::Alive)
+            })
+            .collect()
     }
 
     /// The site of `me` if it takes copies (alive, not low on disk).
