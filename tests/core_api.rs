@@ -306,3 +306,223 @@ fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial
         Some(1)
     );
 }
+
+/// The config's `data` and a PYTHONPATH to the client, for the examples.
+fn client_env() -> String {
+    format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    )
+}
+
+#[test]
+fn a_three_slot_trial_gathers_and_saves_sharded_checkpoints_across_nodes_and_resumes_after_a_kill()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 85, None);
+    let b = start(&dir.path().join("b"), 86, Some(&a.listen));
+    let c = start(&dir.path().join("c"), 87, Some(&a.listen));
+    until("three voters", Duration::from_secs(30), || {
+        let v = get(&c.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 3)
+    });
+    let model = repo().join("examples/core-api-distributed");
+    let id = create(
+        &a.api,
+        &model.join("experiment.yaml"),
+        &model,
+        &[
+            client_env(),
+            "searcher.max_length.batches=200".into(),
+            "data.pause_s=0.05".into(),
+        ],
+    );
+    // A trial with slots on b or c and a checkpoint copied to a second node.
+    let ids = [this_node(&b), this_node(&c)];
+    let mut victim: Option<(u64, usize)> = None;
+    until(
+        "a 3-slot trial on b or c with a copied checkpoint",
+        Duration::from_secs(120),
+        || {
+            for t in trials(&a.api, id) {
+                let runs = get(&a.api, &["trial", "runs", &t["id"].to_string()]);
+                let copied = runs["checkpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2));
+                let on = |node: &str| {
+                    t["layout"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|l| l["node"].as_str() == Some(node))
+                };
+                for (k, node) in ids.iter().enumerate() {
+                    if copied && on(node) {
+                        victim = Some((t["id"].as_u64().unwrap_or(0), k));
+                        return true;
+                    }
+                }
+            }
+            false
+        },
+    );
+    let (trial, k) = victim.expect("victim");
+    let mut others = [Some(b), Some(c)];
+    drop(others[k].take());
+    until("the experiment completes", Duration::from_secs(240), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    for t in trials(&a.api, id) {
+        assert_eq!(t["state"], "Done(Completed)", "{t}");
+        assert_eq!(t["steps_completed"], 200, "{t}");
+    }
+    let moved = get(&a.api, &["trial", "describe", &trial.to_string()]);
+    assert!(
+        moved["incarnation"].as_u64().unwrap_or(0) >= 2,
+        "it moved: {moved}"
+    );
+    // Every rank read its own shard back (the script checks the shard's
+    // batch against the checkpoint's metadata and fails otherwise), and the
+    // launcher told the ranks' lines apart.
+    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    for rank in 0..3 {
+        assert!(
+            text.contains(&format!("[rank={rank}] "))
+                && text.contains(&format!("rank {rank} resumed at batch")),
+            "rank {rank}: {text}"
+        );
+    }
+    // What Determined would report: the ranks' shares summed by allgather,
+    // step * (1 + 2 + 3) per batch.
+    let step = moved["hparams"]["step"].as_u64().expect("step");
+    let m = get(&a.api, &["trial", "metrics", &trial.to_string()]);
+    let last = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|p| p["kind"] == "Validation")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["steps_completed"], 200, "{m}");
+    assert_eq!(
+        last["metrics"]["x"].as_f64(),
+        Some((step * 6 * 200) as f64),
+        "{m}"
+    );
+}
+
+/// The launcher and the collectives off a cluster: an info file that gives
+/// this "node" three slots, and the variables a node would set.
+#[test]
+fn the_launcher_runs_one_process_per_slot_off_a_cluster_and_a_peer_without_the_secret_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let info = dir.path().join("info.json");
+    std::fs::write(
+        &info,
+        r#"{"slot_ids": [0, 1, 2], "container_addrs": ["127.0.0.1"], "container_rank": 0,
+            "first_rank": 0, "world_size": 3}"#,
+    )
+    .expect("info");
+    let python = |args: &[&str], secret: &str| {
+        Command::new("python3")
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path().join("xdg"))
+            .env("PYTHONPATH", repo().join("python"))
+            .env("RESOLUTE_INFO_FILE", &info)
+            .env("RESOLUTE_COLLECTIVES_PORT", "29731")
+            .env("RESOLUTE_COLLECTIVES_SECRET", secret)
+            .env("MASTER_PORT", "29730")
+            .output()
+            .expect("python3")
+    };
+    let script = repo().join("examples/core-api-distributed/train.py");
+    let out = python(
+        &[
+            "-m",
+            "determined.launch.torch_distributed",
+            "python3",
+            &script.display().to_string(),
+        ],
+        "launcher-test",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for rank in 0..3 {
+        assert!(
+            stderr.contains(&format!("[rank={rank}] INFO: "))
+                && stderr.contains(&format!("rank {rank} of 3")),
+            "{stderr}"
+        );
+    }
+    // The searcher's one local operation, summed over the three ranks.
+    assert!(
+        stderr.contains("report_validation_metrics(steps_completed=1, metrics={\"x\": 6})"),
+        "{stderr}"
+    );
+
+    // A process that fails stops the others, and the launcher exits with its code.
+    let failing = dir.path().join("fail.py");
+    std::fs::write(
+        &failing,
+        "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(7)\ntime.sleep(60)\n",
+    )
+    .expect("script");
+    let started = std::time::Instant::now();
+    let out = python(
+        &[
+            "-m",
+            "determined.launch.torch_distributed",
+            "python3",
+            "fail.py",
+        ],
+        "launcher-test",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the others were stopped"
+    );
+
+    // A connection without the secret is dropped; the real member still gets in.
+    let check = r#"
+import logging, sys, threading
+from resolute import _collectives as c
+logging.basicConfig(level=logging.WARNING)
+server = c.Server("127.0.0.1", 0, [1], b"right")
+t = threading.Thread(target=server.accept_all)
+t.start()
+try:
+    c.CONNECT_WAIT_S = 2
+    c.connect("127.0.0.1", server.port, 1, b"wrong")
+    print("INTRUDER ACCEPTED")
+except c.CollectivesError as e:
+    print("INTRUDER REFUSED", e)
+c.CONNECT_WAIT_S = 600
+member = c.connect("127.0.0.1", server.port, 1, b"right")
+t.join()
+member.send({"from": 1})
+print("GATHERED", server.gather())
+server.close()
+member.close()
+"#;
+    std::fs::write(dir.path().join("check.py"), check).expect("check");
+    let out = python(&["check.py"], "unused");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("INTRUDER REFUSED"), "{stdout}");
+    assert!(stdout.contains("GATHERED [{'from': 1}]"), "{stdout}");
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+}

@@ -128,6 +128,7 @@ async fn supervisor(
             work_root: dir.join("work"),
             data_dir: dir.join("data"),
             run_as: Default::default(),
+            cluster_key: None,
         },
         sink.clone().recipient(),
     )

@@ -15,7 +15,7 @@ import pathlib
 import shutil
 import uuid
 
-from resolute import _values
+from resolute import _checkpoint, _values
 from resolute import core
 
 logger = logging.getLogger("determined.core")
@@ -89,10 +89,14 @@ class LocalTrainContext:
 
 
 class LocalCheckpointContext:
-    """Checkpoints as directories under one local base path."""
+    """Checkpoints as directories under one local base path. A sharded
+    checkpoint of several local processes is one directory they all write
+    into (as Determined's shared_fs storage): the chief names it, and writes
+    the merged metadata once everyone is done."""
 
-    def __init__(self, base):
+    def __init__(self, base, distributed):
         self._base = pathlib.Path(base)
+        self._dist = distributed
 
     def _dir(self, storage_id):
         path = self._base / str(storage_id)
@@ -102,11 +106,20 @@ class LocalCheckpointContext:
 
     @contextlib.contextmanager
     def store_path(self, metadata=None, shard=False):
-        storage_id = str(uuid.uuid4())
+        metadata = dict(metadata or {})
+        dist = self._dist
+        if not shard and dist.rank != 0:
+            raise RuntimeError("only the chief (rank 0) may call store_path() without shard=True")
+        storage_id = str(uuid.uuid4()) if dist.rank == 0 else None
+        if shard:
+            storage_id = dist.broadcast(storage_id)
         path = self._base / storage_id
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
         yield path, storage_id
-        core._write_metadata(path, dict(metadata or {}))
+        if shard:
+            metadata = _checkpoint.merge_metadata(dist.allgather(_values.plain(metadata)))
+        if dist.rank == 0:
+            _checkpoint.write_metadata(path, metadata)
 
     @contextlib.contextmanager
     def restore_path(self, storage_id, download_mode=None, selector=None):
@@ -116,18 +129,18 @@ class LocalCheckpointContext:
         yield self._dir(storage_id)
 
     def upload(self, ckpt_dir, metadata=None, shard=False, selector=None):
-        with self.store_path(metadata) as (path, storage_id):
+        with self.store_path(metadata, shard=shard) as (path, storage_id):
             if ckpt_dir is not None:
-                core._copy_tree(ckpt_dir, path)
+                _checkpoint.copy_tree(ckpt_dir, path, selector)
         return storage_id
 
     def download(self, storage_id, ckpt_dir, download_mode=None, selector=None):
         pathlib.Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        core._copy_tree(self._dir(storage_id), ckpt_dir)
+        _checkpoint.copy_tree(self._dir(storage_id), ckpt_dir, selector)
 
     def get_metadata(self, storage_id):
         try:
-            with open(self._dir(storage_id) / core.METADATA_FILE) as f:
+            with open(self._dir(storage_id) / _checkpoint.METADATA_FILE) as f:
                 return json.load(f)
         except FileNotFoundError:
             return {}
@@ -171,7 +184,7 @@ def init(distributed=None, checkpoint_storage=None):
     distributed = distributed or core.DummyDistributedContext()
     return core.Context(
         train=LocalTrainContext(),
-        checkpoint=LocalCheckpointContext(_storage_path(checkpoint_storage)),
+        checkpoint=LocalCheckpointContext(_storage_path(checkpoint_storage), distributed),
         preempt=LocalPreemptContext(),
         distributed=distributed,
         searcher=LocalSearcherContext(distributed),

@@ -4,19 +4,18 @@
 cluster (no `RESOLUTE_REPORT_URL`) it returns the local context of
 `resolute._local`, as Determined's `core.init()` does."""
 
-import contextlib
 import enum
 import json
 import logging
 import os
-import pathlib
-import shutil
 import threading
 import urllib.error
 import urllib.request
 import warnings
 
 from resolute import _values
+from resolute._checkpoint import METADATA_FILE, CheckpointContext, DownloadMode  # noqa: F401 - re-exported
+from resolute._distributed import DistributedContext, DummyDistributedContext  # noqa: F401 - re-exported
 
 logger = logging.getLogger("determined.core")
 
@@ -24,9 +23,6 @@ logger = logging.getLogger("determined.core")
 PREEMPTION_POLL_S = 60
 # Longest one ask for the next operation waits on the node, in seconds.
 NEXT_POLL_S = 30
-# The file a checkpoint's metadata is written to, inside the checkpoint (as
-# Determined's storage managers do).
-METADATA_FILE = "metadata.json"
 
 
 class ReportError(Exception):
@@ -44,13 +40,6 @@ class Unit(enum.Enum):
     EPOCHS = "EPOCHS"
     RECORDS = "RECORDS"
     BATCHES = "BATCHES"
-
-
-class DownloadMode(enum.Enum):
-    """How the processes of a node share a checkpoint download."""
-
-    LocalWorkersShareDownload = "LOCAL_WORKERS_SHARE_DOWNLOAD"
-    NoSharedDownload = "NO_SHARED_DOWNLOAD"
 
 
 class TensorboardMode(enum.Enum):
@@ -137,6 +126,9 @@ class ClusterInfo:
         target = env.get("RESOLUTE_TARGET_LENGTH")
         self.target_length = int(target) if target else None
         self.time_metric = env.get("RESOLUTE_TIME_METRIC", "batches")
+        # The info file as the node wrote it (the launchers read the gang's
+        # ranks from it: `first_rank`, `world_size`).
+        self._raw = info
 
 
 def get_cluster_info():
@@ -200,103 +192,14 @@ class TrainContext:
         print("status: {}".format(status), flush=True)
 
 
-def _write_metadata(path, metadata):
-    with open(os.path.join(path, METADATA_FILE), "w") as f:
-        json.dump(_values.plain(metadata), f, indent=2, sort_keys=True)
+class PreemptMode(enum.Enum):
+    """Who asks the node about preemption: the chief, and it tells the others
+    inside `should_preempt()` (every process calls it together); the chief
+    only (the others must not call it); or every process on its own."""
 
-
-def _copy_tree(src, dst):
-    """Copies the files under `src` into `dst` (which exists)."""
-    src = pathlib.Path(src)
-    for item in src.rglob("*"):
-        target = pathlib.Path(dst) / item.relative_to(src)
-        if item.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(item, target)
-
-
-class CheckpointContext:
-    """Checkpoints as content-addressed blobs on the node: written into a
-    staging directory, packed when the block ends, copied to a second node."""
-
-    def __init__(self, endpoint, distributed):
-        self._e = endpoint
-        self._dist = distributed
-        self.last_uuid = None
-
-    def _single(self, shard, what):
-        if self._dist.size > 1 and shard:
-            raise NotImplementedError(
-                "{}(shard=True) across {} processes: Resolute saves a checkpoint from the chief only "
-                "for now; gather what each rank holds to rank 0 and save it there".format(what, self._dist.size)
-            )
-        if self._dist.rank != 0:
-            raise RuntimeError("only the chief (rank 0) may call {}() without shard=True".format(what))
-
-    @contextlib.contextmanager
-    def store_path(self, metadata=None, shard=False):
-        """Yields `(path, storage_id)`: write the checkpoint's files under `path`
-        (a `pathlib.Path`); when the block ends the node packs them, with
-        `metadata` in `metadata.json`, into a content-addressed blob."""
-        self._single(shard, "store_path")
-        metadata = dict(metadata or {})
-        begun = self._e.call("POST", "/checkpoints", {"metadata": _values.plain(metadata)})
-        storage_id = begun["storage_id"]
-        path = pathlib.Path(begun["path"])
-        yield path, storage_id
-        _write_metadata(path, metadata)
-        steps = int(metadata.get("steps_completed", 0))
-        done = self._e.call(
-            "POST",
-            "/checkpoints/commit",
-            {"storage_id": storage_id, "steps_completed": steps, "metadata": _values.plain(metadata)},
-        )
-        self.last_uuid = done["uuid"]
-
-    @contextlib.contextmanager
-    def restore_path(self, storage_id, download_mode=DownloadMode.LocalWorkersShareDownload, selector=None):
-        """Yields a `pathlib.Path` holding the checkpoint's files (read them;
-        do not change them): this trial's own checkpoints or the one it
-        started from."""
-        if storage_id and os.path.isdir(str(storage_id)):
-            yield pathlib.Path(str(storage_id))
-            return
-        got = self._e.call("GET", "/checkpoints/" + str(storage_id))
-        yield pathlib.Path(got["path"])
-
-    def upload(self, ckpt_dir, metadata=None, shard=False, selector=None):
-        """Saves the files under `ckpt_dir` as a checkpoint; returns its id."""
-        with self.store_path(metadata, shard=shard) as (path, _):
-            if ckpt_dir is not None:
-                _copy_tree(ckpt_dir, path)
-        return self.last_uuid
-
-    def download(self, storage_id, ckpt_dir, download_mode=DownloadMode.LocalWorkersShareDownload, selector=None):
-        """Copies a checkpoint's files into `ckpt_dir`."""
-        pathlib.Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        with self.restore_path(storage_id) as path:
-            _copy_tree(path, ckpt_dir)
-
-    def get_metadata(self, storage_id):
-        """The metadata the checkpoint was saved with."""
-        with self.restore_path(storage_id) as path:
-            try:
-                with open(path / METADATA_FILE) as f:
-                    return json.load(f)
-            except FileNotFoundError:
-                return {}
-
-    def delete(self, storage_id):
-        """Checkpoints leave the cluster through the experiment's checkpoint
-        policy (`checkpoint_storage.save_*`) or `resolute experiment delete`,
-        as one log entry every holder applies, never one at a time."""
-        raise NotImplementedError(
-            "checkpoint {}: a trial does not delete checkpoints on Resolute; the experiment's "
-            "checkpoint_storage policy (save_trial_best, save_trial_latest, save_experiment_best) "
-            "decides what stays when it ends".format(storage_id)
-        )
+    WorkersAskChief = "WORKERS_ASK_CHIEF"
+    ChiefOnly = "CHIEF_ONLY"
+    WorkersAskMaster = "WORKERS_ASK_MASTER"
 
 
 class PreemptContext:
@@ -304,13 +207,17 @@ class PreemptContext:
     and stop (a searcher stop, a preemption, a draining node). A background thread
     long-polls the node."""
 
-    def __init__(self, endpoint):
+    def __init__(self, endpoint, distributed=None, mode=PreemptMode.WorkersAskChief):
         self._e = endpoint
+        self._dist = distributed or DummyDistributedContext()
+        self._mode = PreemptMode(getattr(mode, "value", mode))
         self._flag = threading.Event()
         self._stop = threading.Event()
         self._acked = False
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if self._dist.rank == 0 or self._mode == PreemptMode.WorkersAskMaster:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
 
     def _poll(self):
         while not self._stop.is_set() and not self._flag.is_set():
@@ -324,9 +231,15 @@ class PreemptContext:
                 self._stop.wait(1.0)
 
     def should_preempt(self, auto_ack=True):
-        if self._flag.is_set() and auto_ack:
+        """Whether to checkpoint and exit now."""
+        flag = self._flag.is_set()
+        if self._dist.size > 1 and self._mode == PreemptMode.WorkersAskChief:
+            flag = self._dist.broadcast(flag if self._dist.rank == 0 else None)
+        elif self._dist.rank != 0 and self._mode == PreemptMode.ChiefOnly:
+            raise RuntimeError("with PreemptMode.ChiefOnly only the chief may call should_preempt()")
+        if flag and auto_ack and self._dist.rank == 0:
             self.acknowledge_preemption_signal()
-        return self._flag.is_set()
+        return bool(flag)
 
     def acknowledge_preemption_signal(self):
         """Tells the node the signal was seen (the trial checkpoints and exits)."""
@@ -336,96 +249,6 @@ class PreemptContext:
 
     def close(self):
         self._stop.set()
-
-
-class DistributedContext:
-    """Ranks, from the torchrun variables the node sets (one process: rank 0 of 1)."""
-
-    def __init__(
-        self,
-        rank=None,
-        size=None,
-        local_rank=None,
-        local_size=None,
-        cross_rank=None,
-        cross_size=None,
-        chief_ip=None,
-        **_ports,
-    ):
-        env = os.environ
-        self.rank = int(env.get("RANK", 0)) if rank is None else int(rank)
-        self.size = int(env.get("WORLD_SIZE", 1)) if size is None else int(size)
-        self.local_rank = int(env.get("LOCAL_RANK", 0)) if local_rank is None else int(local_rank)
-        self.local_size = int(env.get("LOCAL_WORLD_SIZE", 1)) if local_size is None else int(local_size)
-        self.cross_rank = int(env.get("GROUP_RANK", 0)) if cross_rank is None else int(cross_rank)
-        self.cross_size = (
-            int(cross_size) if cross_size is not None else max(1, self.size // max(1, self.local_size))
-        )
-        self.chief_ip = chief_ip or env.get("MASTER_ADDR", "127.0.0.1")
-
-    def get_rank(self):
-        return self.rank
-
-    def get_size(self):
-        return self.size
-
-    def get_local_rank(self):
-        return self.local_rank
-
-    def get_local_size(self):
-        return self.local_size
-
-    def get_cross_rank(self):
-        return self.cross_rank
-
-    def get_cross_size(self):
-        return self.cross_size
-
-    def _alone(self, what, local=False):
-        size = self.local_size if local else self.size
-        if size > 1:
-            raise NotImplementedError(
-                "{} across {} processes is not supported by Resolute's client yet; use "
-                "torch.distributed collectives between the ranks".format(what, size)
-            )
-
-    def allgather(self, stuff):
-        self._alone("allgather")
-        return [stuff]
-
-    def gather(self, stuff):
-        self._alone("gather")
-        return [stuff]
-
-    def broadcast(self, stuff):
-        self._alone("broadcast")
-        return stuff
-
-    def allgather_local(self, stuff):
-        self._alone("allgather_local", local=True)
-        return [stuff]
-
-    def gather_local(self, stuff):
-        self._alone("gather_local", local=True)
-        return [stuff]
-
-    def broadcast_local(self, stuff=None):
-        self._alone("broadcast_local", local=True)
-        return stuff
-
-    def close(self):
-        pass
-
-    @classmethod
-    def from_torch_distributed(cls, chief_ip=None):
-        return cls(chief_ip=chief_ip)
-
-
-class DummyDistributedContext(DistributedContext):
-    """One process: rank 0 of 1."""
-
-    def __init__(self):
-        super().__init__(rank=0, size=1, local_rank=0, local_size=1, cross_rank=0, cross_size=1)
 
 
 class SearcherMode(enum.Enum):
@@ -480,7 +303,7 @@ def _operations(first, following, train, is_chief):
     while True:
         op = SearcherOperation(train, length, is_chief)
         yield op
-        if not op._completed:
+        if is_chief and not op._completed:
             raise RuntimeError("you must call op.report_completed() on each operation before requesting the next one")
         length_next = following(length)
         if not length_next or length_next <= length:
@@ -495,9 +318,16 @@ class SearcherContext:
         self._dist = distributed or DummyDistributedContext()
 
     def _next_length(self, reached):
-        """Asks the node whether to go on after training to `reached`: it answers
-        once the validation reported there is in (the searcher may have raised the
-        target, e.g. a promotion on arrival), with the new length or None."""
+        """The chief asks the node whether to go on after training to `reached`
+        and tells the others (Determined's WorkersAskChief)."""
+        if self._dist.size < 2:
+            return self._ask_next(reached)
+        return self._dist.broadcast(self._ask_next(reached) if self._dist.rank == 0 else None)
+
+    def _ask_next(self, reached):
+        """The node answers once the validation reported at `reached` is in
+        (the searcher may have raised the target, e.g. a promotion on arrival),
+        with the new length or None."""
         if self._e is None:
             return None
         while True:
@@ -513,13 +343,17 @@ class SearcherContext:
         """The searcher's operations for this trial, as Determined's: train to each
         op's `length`, report the validation, `report_completed`, and the next one
         comes when the searcher has one (none: the trial is done)."""
+        mode = SearcherMode(getattr(searcher_mode, "value", searcher_mode))
+        if mode == SearcherMode.ChiefOnly and self._dist.rank != 0:
+            raise RuntimeError("with SearcherMode.ChiefOnly only the chief may call operations()")
         target = os.environ.get("RESOLUTE_TARGET_LENGTH")
         if not target:
             raise RuntimeError(
                 "the searcher gave this trial no length: set searcher.max_length (or max_time "
                 "with time_metric) in the experiment config to train through operations()"
             )
-        return _operations(int(target), self._next_length, self._train, self._dist.rank == 0)
+        following = self._ask_next if mode == SearcherMode.ChiefOnly else self._next_length
+        return _operations(int(target), following, self._train, self._dist.rank == 0)
 
     def acknowledge_out_of_ops(self):
         """The trial has no more operations to ask for: it ends when its
@@ -559,7 +393,7 @@ class Context:
         return False
 
 
-def _on_cluster(distributed):
+def _on_cluster(distributed, preempt_mode):
     info = ClusterInfo()
     if distributed is None and (len(info.container_addrs) > 1 or len(info.slot_ids) > 1):
         raise ValueError("you must provide a valid DistributedContext for a multi-slot task")
@@ -569,7 +403,7 @@ def _on_cluster(distributed):
     return Context(
         train=train,
         checkpoint=CheckpointContext(endpoint, distributed),
-        preempt=PreemptContext(endpoint),
+        preempt=PreemptContext(endpoint, distributed, preempt_mode or PreemptMode.WorkersAskChief),
         distributed=distributed,
         searcher=SearcherContext(train, endpoint, distributed),
         info=info,
@@ -583,4 +417,4 @@ def init(distributed=None, checkpoint_storage=None, preempt_mode=None, tensorboa
         from resolute import _local
 
         return _local.init(distributed=distributed, checkpoint_storage=checkpoint_storage)
-    return _on_cluster(distributed)
+    return _on_cluster(distributed, preempt_mode)

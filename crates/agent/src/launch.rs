@@ -17,6 +17,13 @@ use resolute_types::Value;
 pub const MASTER_PORT_BASE: u16 = 29_500;
 /// How many ports the rendezvous ports spread over.
 pub const MASTER_PORT_SPAN: u64 = 2_000;
+/// The ports of the Core API's collectives (`allgather`, `broadcast`, ...) on
+/// rank 0's node sit this far above the rendezvous ports: torchrun's store
+/// and the collectives' listener never take the same port.
+pub const COLLECTIVES_PORT_OFFSET: u16 = 2_000;
+const _: () = assert!(
+    MASTER_PORT_BASE as u64 + MASTER_PORT_SPAN + (COLLECTIVES_PORT_OFFSET as u64) < u16::MAX as u64
+);
 /// The unit of a trial's target when its searcher names none.
 pub const TIME_METRIC_DEFAULT: &str = "batches";
 
@@ -85,6 +92,12 @@ pub fn master_port(trial: TrialId, incarnation: u64) -> u16 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     let spread = (z ^ (z >> 31)) % MASTER_PORT_SPAN;
     MASTER_PORT_BASE + spread as u16
+}
+
+/// The port the chief of one incarnation of a trial listens on for the
+/// Core API's collectives (every node of a gang computes the same one).
+pub fn collectives_port(trial: TrialId, incarnation: u64) -> u16 {
+    master_port(trial, incarnation) + COLLECTIVES_PORT_OFFSET
 }
 
 /// The launch of `start` on a node with GPU slots (`gpus`) or CPU slots; None

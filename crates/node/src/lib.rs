@@ -142,6 +142,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         );
     }
     let net_config = setup::net_config(opts)?;
+    let cluster_key = net_config.cluster_key;
     let (join, _) = setup::join_addresses(opts)?;
     let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(fail)?;
     let id = net.node_id;
@@ -214,6 +215,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
             work_root: work_root.clone(),
             data_dir: opts.data_dir.clone(),
             run_as: c.trial.run_as().map_err(fail)?,
+            cluster_key,
         },
         addr.clone().recipient(),
     )

@@ -118,6 +118,9 @@ pub fn trial(node: &Node, agent: &Agent, id: u64) -> Option<Value> {
         "experiment": t.experiment,
         "state": state,
         "node": node_id.map(|n| format!("{n:016x}")),
+        // Where its slots are while it is placed: node and slots, rank 0's first.
+        "layout": t.layout.iter().map(|(n, s)| json!({"node": format!("{n:016x}"), "slots": s}))
+            .collect::<Vec<_>>(),
         "hparams": t.hparams,
         "seed": t.seed,
         "incarnation": t.incarnation,

@@ -66,6 +66,8 @@ pub struct TrialActor {
     node: Recipient<Report>,
     /// Who the process runs as (`None`: the node's user).
     identity: Option<Identity>,
+    /// Authenticates its processes' collectives (`process::Runtime`).
+    collectives_secret: String,
     dirs: Option<Dirs>,
     group: Option<Group>,
     tail: Tail,
@@ -91,6 +93,7 @@ pub(crate) struct Start {
     pub(crate) endpoint: std::net::SocketAddr,
     pub(crate) node: Recipient<Report>,
     pub(crate) identity: Option<Identity>,
+    pub(crate) collectives_secret: String,
 }
 
 impl TrialActor {
@@ -110,6 +113,7 @@ impl TrialActor {
             report_url: url,
             node: s.node,
             identity: s.identity,
+            collectives_secret: s.collectives_secret,
             dirs: None,
             group: None,
             tail: Arc::new(Mutex::new(Default::default())),
@@ -160,6 +164,7 @@ impl TrialActor {
             token: &self.token,
             hosts: &self.hosts,
             identity: self.identity,
+            collectives_secret: &self.collectives_secret,
         };
         let mut child = match process::spawn(&self.spec, &rt) {
             Ok(c) => c,

@@ -37,7 +37,9 @@ pub use process::{
     LOG_FILE_MAX_BYTES, LOG_LINES_SERVED_MAX, LOG_TAIL_LINES,
 };
 pub use resolute_agent::{EarlyExit, TrialReport};
-pub use supervisor::{KillAll, Launch, ReportSink, Signal, SupervisorConfig, TrialSupervisor};
+pub use supervisor::{
+    collectives_secret, KillAll, Launch, ReportSink, Signal, SupervisorConfig, TrialSupervisor,
+};
 
 /// Mailbox of a trial actor (its trial's calls and the node's controls).
 pub const TRIAL_MAILBOX: usize = 64;

@@ -85,14 +85,19 @@ pub fn log_path(work_root: &Path, trial: u64) -> PathBuf {
     trial_dir(work_root, trial).join("trial.log")
 }
 
-/// 32 random bytes as hex (the kernel's randomness).
-pub(crate) fn secret() -> Result<String, TrialError> {
+/// 32 random bytes (the kernel's randomness).
+pub(crate) fn random_key() -> Result<[u8; 32], TrialError> {
     use std::io::Read;
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(|e| TrialError::Io(format!("/dev/urandom: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(b)
+}
+
+/// 32 random bytes as hex (the kernel's randomness).
+pub(crate) fn secret() -> Result<String, TrialError> {
+    Ok(random_key()?.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The directories an incarnation runs in.
@@ -168,6 +173,10 @@ pub(crate) struct Runtime<'a> {
     pub(crate) hosts: &'a [String],
     /// Who the process runs as (`None`: the node's user).
     pub(crate) identity: Option<Identity>,
+    /// The key that authenticates the frames of the Core API's collectives
+    /// between the incarnation's processes (every node of a gang derives the
+    /// same one; see `supervisor::collectives_secret`).
+    pub(crate) collectives_secret: &'a str,
 }
 
 /// Writes the incarnation's info file (readable by the trial's identity).
@@ -184,6 +193,10 @@ fn write_info(spec: &LaunchSpec, rt: &Runtime<'_>) -> Result<(), TrialError> {
         "gpu_uuids": &spec.gpus,
         "container_addrs": hosts,
         "container_rank": spec.gang.as_ref().map_or(0, |g| g.group_rank),
+        // The global rank of this node's first process and the gang's slots
+        // (a launcher numbers its processes from them).
+        "first_rank": spec.gang.as_ref().map_or(0, |g| g.rank),
+        "world_size": spec.gang.as_ref().map_or(spec.slots_here, |g| g.world_size),
     });
     let path = &rt.dirs.info;
     let io = |e: std::io::Error| TrialError::Io(format!("{}: {e}", path.display()));
@@ -243,18 +256,7 @@ pub(crate) fn spawn(
     if let Some(path) = rt.checkpoint {
         cmd.env("RESOLUTE_LATEST_CHECKPOINT", path);
     }
-    if let Some(g) = &spec.gang {
-        cmd.env("RANK", g.rank.to_string())
-            .env("LOCAL_RANK", "0")
-            .env("WORLD_SIZE", g.world_size.to_string())
-            .env("LOCAL_WORLD_SIZE", g.local_world_size.to_string())
-            .env("GROUP_RANK", g.group_rank.to_string())
-            .env(
-                "MASTER_ADDR",
-                rt.hosts.first().map_or("127.0.0.1", String::as_str),
-            )
-            .env("MASTER_PORT", g.master_port.to_string());
-    }
+    rendezvous(&mut cmd, spec, rt);
     let child = cmd
         .spawn()
         .map_err(|e| TrialError::Io(format!("starting {:?}: {e}", spec.entrypoint)))?;
@@ -264,6 +266,45 @@ pub(crate) fn spawn(
         remember_group(&rt.dirs.trial, spec.incarnation, p as i32);
     }
     Ok(child)
+}
+
+/// The variables of the torchrun contract and of the Core API's
+/// collectives. Every process of the trial's gang meets at rank 0's node
+/// (`MASTER_ADDR`, `DET_CHIEF_IP`): torchrun's store on `MASTER_PORT`, the
+/// collectives on `RESOLUTE_COLLECTIVES_PORT`. The per-process variables
+/// (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`) are set only where
+/// this node runs one slot of the trial, so that its process is that rank;
+/// with more slots here a launcher (`determined.launch.torch_distributed`)
+/// starts one process per slot and numbers them.
+fn rendezvous(cmd: &mut tokio::process::Command, spec: &LaunchSpec, rt: &Runtime<'_>) {
+    use resolute_agent::launch::{collectives_port, master_port};
+    let chief = rt.hosts.first().map_or("127.0.0.1", String::as_str);
+    let (rank, world_size, group_rank, nodes) = match &spec.gang {
+        Some(g) => (g.rank, g.world_size, g.group_rank, g.nodes.len()),
+        None => (0, spec.slots_here, 0, 1),
+    };
+    cmd.env("MASTER_ADDR", chief)
+        .env("DET_CHIEF_IP", chief)
+        .env(
+            "MASTER_PORT",
+            master_port(spec.trial, spec.incarnation).to_string(),
+        )
+        .env("GROUP_RANK", group_rank.to_string())
+        .env("GROUP_WORLD_SIZE", nodes.to_string())
+        .env(
+            "RESOLUTE_COLLECTIVES_PORT",
+            collectives_port(spec.trial, spec.incarnation).to_string(),
+        )
+        .env("RESOLUTE_COLLECTIVES_SECRET", rt.collectives_secret);
+    for v in ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"] {
+        cmd.env_remove(v);
+    }
+    if spec.slots_here <= 1 {
+        cmd.env("RANK", rank.to_string())
+            .env("LOCAL_RANK", "0")
+            .env("WORLD_SIZE", world_size.to_string())
+            .env("LOCAL_WORLD_SIZE", "1");
+    }
 }
 
 /// A running process group: killed with SIGKILL when dropped before it exited

@@ -28,6 +28,24 @@ pub struct SupervisorConfig {
     pub data_dir: PathBuf,
     /// Who the trials run as (`[trial]` in the node config).
     pub run_as: RunAs,
+    /// The cluster's key, from which every node of a gang derives the same
+    /// secret for its processes' collectives. Without one (a keyless
+    /// loopback cluster) the supervisor draws a key of its own: the
+    /// processes of one node still meet, a gang's across nodes cannot.
+    pub cluster_key: Option<[u8; 32]>,
+}
+
+/// The secret that authenticates the Core API's collectives between the
+/// processes of incarnation `incarnation` of `trial` (hex): a key derived
+/// from `key`, so that every node of its gang computes the same one, no
+/// other incarnation's processes know it, and it tells nothing of `key`.
+pub fn collectives_secret(key: &[u8; 32], trial: u64, incarnation: u64) -> String {
+    let mut h =
+        blake3::Hasher::new_derive_key("resolute 2026-12 collectives of a trial incarnation");
+    h.update(key);
+    h.update(&trial.to_le_bytes());
+    h.update(&incarnation.to_le_bytes());
+    h.finalize().to_hex().to_string()
 }
 
 /// Start an incarnation (its inputs are in the blob store, its slots are free).
@@ -77,6 +95,8 @@ pub struct TrialSupervisor {
     actors: BTreeMap<(u64, u64), Addr<TrialActor>>,
     /// The uids the running incarnations hold.
     uids: Allocator,
+    /// What the collectives' secrets are derived from.
+    collectives_key: [u8; 32],
     /// The arbiter the supervisor and its trial actors run on: it lives as long
     /// as the supervisor does.
     _thread: Arbiter,
@@ -117,8 +137,13 @@ impl TrialSupervisor {
         let arbiter =
             Arbiter::try_new().map_err(|e| TrialError::Io(format!("the trials' thread: {e}")))?;
         let handle = arbiter.handle();
+        let collectives_key = match cfg.cluster_key {
+            Some(k) => k,
+            None => process::random_key()?,
+        };
         let supervisor = TrialSupervisor {
             uids: Allocator::new(cfg.run_as),
+            collectives_key,
             cfg,
             store,
             registry,
@@ -180,6 +205,7 @@ impl Handler<Launch> for TrialSupervisor {
             endpoint: self.endpoint,
             node: self.node.clone(),
             identity,
+            collectives_secret: collectives_secret(&self.collectives_key, key.0, key.1),
         })
         .start();
         self.registry.insert(key, token, actor.clone());

@@ -56,6 +56,7 @@ async fn trials_as(dir: &Path, run_as: RunAs) -> Trials {
         work_root: dir.join("work"),
         data_dir: dir.join("data"),
         run_as,
+        cluster_key: None,
     };
     let (sup, _) = TrialSupervisor::start(cfg, sink.clone().recipient())
         .await

@@ -10,6 +10,7 @@ from resolute.core import (  # noqa: F401 - re-exported names
     DownloadMode,
     DummyDistributedContext,
     PreemptContext,
+    PreemptMode,
     ReportError,
     SearcherContext,
     SearcherMode,
@@ -25,9 +26,3 @@ class EarlyExitReason(enum.Enum):
     INVALID_HP = "invalid_hyperparameters"
     USER_REQUESTED_STOP = "user_canceled"
     ERRORED = "errored"
-
-
-class PreemptMode(enum.Enum):
-    WorkersAskChief = "WORKERS_ASK_CHIEF"
-    ChiefOnly = "CHIEF_ONLY"
-    WorkersAskMaster = "WORKERS_ASK_MASTER"
