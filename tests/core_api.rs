@@ -526,3 +526,131 @@ member.close()
     assert!(stdout.contains("GATHERED [{'from': 1}]"), "{stdout}");
     assert!(stderr.contains("failed authentication"), "{stderr}");
 }
+
+/// The CLI the way a `det` user drives it, against one real node: aliases,
+/// `DET_MASTER` and `--master`, tables as CSV, timestamps on log lines,
+/// `checkpoint list`, completions, the exit codes; and a trial that finds
+/// the node's own client without any PYTHONPATH in its config.
+#[test]
+fn the_cli_takes_det_habits_and_trials_find_the_nodes_client_by_themselves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 88, None);
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(resolute_tests::bin());
+        cmd.args(args)
+            .env_remove("RESOLUTE_NODE")
+            .env_remove("DET_MASTER")
+            .env("RESOLUTE_TOKEN", &a.token)
+            .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("cli");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No PYTHONPATH here: `import determined` works because the node puts
+    // its client first on every trial's PYTHONPATH.
+    let model = repo().join("examples/core-api");
+    let (code, out, err) = run(
+        &[
+            "e",
+            "create",
+            &model.join("experiment.yaml").display().to_string(),
+            &model.display().to_string(),
+            "--config",
+            "searcher.max_trials=1",
+            "--config",
+            "searcher.max_length.batches=20",
+            "--config",
+            "data.pause_s=0",
+            "--master",
+            &a.api,
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).expect("json")["id"]
+        .as_u64()
+        .expect("id");
+    until("the experiment completes", Duration::from_secs(90), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    // DET_MASTER as Determined's users export it: host:port, no scheme.
+    let host_port = a.api.trim_start_matches("http://").to_string();
+    let (code, out, err) = run(&["e", "list", "--csv"], &[("DET_MASTER", &host_port)]);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("ID,Name,Owner,State,Progress,Best"),
+        "{out}"
+    );
+    let row = lines.next().unwrap_or_default();
+    assert!(
+        row.starts_with(&format!("{id},core-api,")) && row.contains(",Completed,100.0%,"),
+        "{out}"
+    );
+    // The aligned table: a header and a row whose columns line up.
+    let (code, out, _) = run(&["experiment", "list", "--all", "-m", &host_port], &[]);
+    assert_eq!(code, 0);
+    let header = out.lines().next().unwrap_or_default();
+    let row = out.lines().nth(1).unwrap_or_default();
+    let state_at = header.find("State").expect("State column");
+    assert_eq!(row.get(state_at..state_at + 9), Some("Completed"), "{out}");
+    // checkpoint list (alias cp): the trial's checkpoints, JSON and CSV.
+    let (code, out, err) = run(
+        &["cp", "list", &id.to_string(), "-m", &a.api, "--json"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let cps: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(cps.as_array().is_some_and(|c| !c.is_empty()), "{cps}");
+    let (_, out, _) = run(&["cp", "list", &id.to_string(), "-m", &a.api, "--csv"], &[]);
+    assert!(out.starts_with("UUID,Trial,Steps,Bytes,Holders\n"), "{out}");
+    // Log lines carry their time (UTC, to the millisecond).
+    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
+    let (code, out, _) = run(&["t", "logs", &trial.to_string(), "-m", &a.api], &[]);
+    assert_eq!(code, 0);
+    let first = out.lines().next().unwrap_or_default();
+    let stamp = first.split(' ').next().unwrap_or_default();
+    assert!(
+        stamp.len() == 24 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+        "{first}"
+    );
+    // Completions for the three shells.
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(
+            out.contains("resolute") && out.contains("experiment"),
+            "{shell}"
+        );
+    }
+    // Exit codes: a usage error 1, a missing experiment 1, no node 2.
+    assert_eq!(run(&["e", "list", "--no-such-flag"], &[]).0, 1);
+    assert_eq!(run(&["e", "describe", "999", "-m", &a.api], &[]).0, 1);
+    assert_eq!(run(&["e", "list", "-m", "127.0.0.1:1"], &[]).0, 2);
+    assert_eq!(run(&["--help"], &[]).0, 0);
+    // The client for a run off a cluster, without installing anything.
+    let client = dir.path().join("client");
+    let (code, out, err) = run(
+        &["client", "path", "--dir", &client.display().to_string()],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, client.display().to_string().as_str()),
+        "{err}"
+    );
+    let py = Command::new("python3")
+        .args(["-c", "import determined as det; print(det.LOG_FORMAT)"])
+        .env("PYTHONPATH", &client)
+        .output()
+        .expect("python3");
+    assert!(String::from_utf8_lossy(&py.stdout).contains("%(levelname)s"));
+}

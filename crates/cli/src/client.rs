@@ -1,5 +1,6 @@
-//! The commands that talk to a running node over its REST API (`-m/--node URL`
-//! or `RESOLUTE_NODE`). Exit codes: 0 success, 1 user error, 2 cluster
+//! The commands that talk to a running node over its REST API (`-m/--node URL`,
+//! `--master` as Determined's `det` spells it, or `RESOLUTE_NODE`, else
+//! Determined's `DET_MASTER`). Exit codes: 0 success, 1 user error, 2 cluster
 //! unavailable.
 
 use std::path::{Path, PathBuf};
@@ -9,24 +10,60 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::table::{cell, timestamp, Rows};
+
 /// Exit code when the node cannot be reached or the cluster has no quorum.
 pub const EXIT_UNAVAILABLE: u8 = 2;
+
+/// The node's API when neither `-m` nor `RESOLUTE_NODE` names one.
+pub const DEFAULT_NODE: &str = "http://127.0.0.1:8080";
+
+/// The node the CLI talks to without `-m`/`RESOLUTE_NODE`: Determined's
+/// `DET_MASTER` where it is set (scripts written for `det` export it).
+fn default_node() -> String {
+    match std::env::var("DET_MASTER") {
+        Ok(m) if !m.trim().is_empty() => node_url(&m).unwrap_or(m),
+        _ => DEFAULT_NODE.to_string(),
+    }
+}
+
+/// A node address as a URL: `host:port` (as `det -m` takes it) gets `http://`.
+fn node_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("an empty node address".into());
+    }
+    if text.starts_with("http://") || text.starts_with("https://") {
+        Ok(text.to_string())
+    } else if text.contains("://") {
+        Err(format!("{text}: the node's API is http:// or https://"))
+    } else {
+        Ok(format!("http://{text}"))
+    }
+}
 
 /// Where the node's API is.
 #[derive(clap::Args, Clone)]
 pub struct Target {
-    /// The node's REST API.
+    /// The node's REST API (`host:port` or a URL; default: $DET_MASTER, else
+    /// http://127.0.0.1:8080).
     #[arg(
         short = 'm',
         long = "node",
+        visible_alias = "master",
         env = "RESOLUTE_NODE",
-        default_value = "http://127.0.0.1:8080",
+        default_value_t = default_node(),
+        hide_default_value = true,
+        value_parser = node_url,
         global = true
     )]
     pub node: String,
     /// Print JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print lists as CSV (a header line, then one record per row).
+    #[arg(long, global = true, conflicts_with = "json")]
+    pub csv: bool,
     /// The API token (default: the one `resolute login` saved).
     #[arg(long, env = "RESOLUTE_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
@@ -178,8 +215,8 @@ pub struct ListArgs {
     /// Order and page (default 100 a page, at most 1,000).
     #[command(flatten)]
     page: PageArgs,
-    /// Archived experiments too.
-    #[arg(long)]
+    /// Archived experiments too (`-a`/`--all`, as Determined's `det e list --all`).
+    #[arg(long, short = 'a', visible_alias = "all")]
     archived: bool,
 }
 
@@ -275,6 +312,15 @@ pub enum TrialCommand {
 /// `resolute checkpoint ...`
 #[derive(Subcommand)]
 pub enum CheckpointCommand {
+    /// The checkpoints an experiment's trials keep: uuid, trial, steps, size
+    /// and the nodes holding a copy.
+    #[command(
+        after_help = "Examples:\n  resolute checkpoint list 3\n  resolute cp list 3 --csv > checkpoints.csv"
+    )]
+    List {
+        /// The experiment's id.
+        experiment: u64,
+    },
     /// Downloads a checkpoint (from any node; it fetches the blob from a holder),
     /// verifies it against its uuid and unpacks its files into a directory.
     Download {
@@ -570,20 +616,19 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 );
                 let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
-                    println!(
-                        "{:>4}  {:<24} {:<10} {:>8}  best",
-                        "id", "name", "state", "progress"
-                    );
+                    let mut rows = Rows::new(&["ID", "Name", "Owner", "State", "Progress", "Best"])
+                        .numeric(&[0, 4, 5]);
                     for e in v.as_array().into_iter().flatten() {
-                        println!(
-                            "{:>4}  {:<24} {:<10} {:>7.1}%  {}",
-                            e["id"],
-                            e["name"].as_str().unwrap_or(""),
-                            e["state"].as_str().unwrap_or(""),
-                            e["progress"].as_f64().unwrap_or(0.0) * 100.0,
-                            e["best_metric"]
-                        );
+                        rows.push(vec![
+                            cell(&e["id"]),
+                            cell(&e["name"]),
+                            cell(&e["owner"]),
+                            cell(&e["state"]),
+                            format!("{:.1}%", e["progress"].as_f64().unwrap_or(0.0) * 100.0),
+                            cell(&e["best_metric"]),
+                        ]);
                     }
+                    rows.print(t.csv);
                 });
                 Ok(())
             }
@@ -602,19 +647,20 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 let path = with_query(&format!("/experiments/{id}/trials"), &params);
                 let v = call(t, "GET", &path, None)?;
                 print(t, &v, |v| {
+                    let mut rows =
+                        Rows::new(&["Trial", "State", "Steps", "Restarts", "Best", "Sort key"])
+                            .numeric(&[0, 2, 3, 4]);
                     for tr in v.as_array().into_iter().flatten() {
-                        let key = tr
-                            .get("sort_key")
-                            .map_or(String::new(), |k| format!("  {k}"));
-                        println!(
-                            "trial {:>4}  {:<24} steps {:>6}  restarts {}  best {}{key}",
-                            tr["id"],
-                            tr["state"].as_str().unwrap_or(""),
-                            tr["steps_completed"],
-                            tr["restarts"],
-                            tr["best_metric"]
-                        );
+                        rows.push(vec![
+                            cell(&tr["id"]),
+                            cell(&tr["state"]),
+                            cell(&tr["steps_completed"]),
+                            cell(&tr["restarts"]),
+                            cell(&tr["best_metric"]),
+                            tr.get("sort_key").map(cell).unwrap_or_default(),
+                        ]);
                     }
+                    rows.print(t.csv);
                 });
                 Ok(())
             }
@@ -701,12 +747,14 @@ pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
     finish(r)
 }
 
-/// One log line for people: the node that read it, the stream, the text.
+/// One log line for people: when (UTC), the node that read it, the stream,
+/// the text.
 fn log_line(l: &Value, trial: Option<u64>) -> String {
     let node = l["node"].as_str().unwrap_or("");
     let prefix = trial.map_or(String::new(), |t| format!("[trial {t}] "));
+    let at = l["time_ms"].as_u64().map(timestamp).unwrap_or_default();
     format!(
-        "{prefix}{} {} {}",
+        "{prefix}{at} {} {} {}",
         &node[..node.len().min(8)],
         l["stream"].as_str().unwrap_or(""),
         l["line"].as_str().unwrap_or("")
@@ -739,8 +787,42 @@ fn follow_logs(t: &Target, id: u64) -> Result<(), Failure> {
 
 /// Runs `resolute checkpoint ...`.
 pub fn checkpoint(t: &Target, cmd: &CheckpointCommand) -> anyhow::Result<ExitCode> {
-    let CheckpointCommand::Download { uuid, output } = cmd;
-    finish(download_checkpoint(t, uuid, output))
+    match cmd {
+        CheckpointCommand::Download { uuid, output } => {
+            finish(download_checkpoint(t, uuid, output))
+        }
+        CheckpointCommand::List { experiment } => finish(list_checkpoints(t, *experiment)),
+    }
+}
+
+fn list_checkpoints(t: &Target, experiment: u64) -> Result<(), Failure> {
+    let trials = call(t, "GET", &format!("/experiments/{experiment}/trials"), None)?;
+    let mut all = Vec::new();
+    for tr in trials.as_array().into_iter().flatten() {
+        let id = tr["id"].as_u64().unwrap_or(0);
+        let runs = call(t, "GET", &format!("/trials/{id}/runs"), None)?;
+        for mut c in runs["checkpoints"].as_array().cloned().unwrap_or_default() {
+            c["trial"] = json!(id);
+            all.push(c);
+        }
+    }
+    let v = Value::Array(all);
+    print(t, &v, |v| {
+        let mut rows =
+            Rows::new(&["UUID", "Trial", "Steps", "Bytes", "Holders"]).numeric(&[1, 2, 3]);
+        for c in v.as_array().into_iter().flatten() {
+            let holders = c["holders"].as_array().map_or(0, Vec::len);
+            rows.push(vec![
+                cell(&c["uuid"]),
+                cell(&c["trial"]),
+                cell(&c["steps_completed"]),
+                cell(&c["size"]),
+                holders.to_string(),
+            ]);
+        }
+        rows.print(t.csv);
+    });
+    Ok(())
 }
 
 fn download_checkpoint(t: &Target, uuid: &str, output: &Path) -> Result<(), Failure> {

@@ -63,6 +63,7 @@ impl LocalNode {
         Target {
             node: self.api.clone(),
             json: true,
+            csv: false,
             token: Some(self.token.clone()),
             ca_cert: None,
         }

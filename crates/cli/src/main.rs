@@ -1,6 +1,7 @@
 //! `resolute`: the command-line interface.
 //!
-//! Exit codes: 0 success, 1 user error (bad config, bad arguments).
+//! Exit codes: 0 success, 1 user error (bad config, bad arguments, a usage
+//! error), 2 the cluster unavailable (no node reached, no quorum).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ mod client;
 mod config_file;
 mod local_cluster;
 mod quickstart;
+mod table;
 mod train;
 use clap::{Parser, Subcommand};
 
@@ -52,6 +54,11 @@ enum CliCommand {
         command: NodeCommand,
     },
     /// Submits and controls experiments on the cluster.
+    #[command(
+        visible_alias = "e",
+        after_help = "Examples:\n  resolute e create exp.yaml ./model_dir --follow\n  \
+                      DET_MASTER=host:8080 resolute e list --limit 10 --csv"
+    )]
     Experiment {
         #[command(flatten)]
         target: client::Target,
@@ -59,13 +66,18 @@ enum CliCommand {
         command: client::ExperimentCommand,
     },
     /// Looks at trials.
+    #[command(
+        visible_alias = "t",
+        after_help = "Examples:\n  resolute t logs 7 -f\n  resolute t metrics 7 --group validation --json"
+    )]
     Trial {
         #[command(flatten)]
         target: client::Target,
         #[command(subcommand)]
         command: client::TrialCommand,
     },
-    /// Downloads checkpoints.
+    /// Lists and downloads checkpoints.
+    #[command(visible_alias = "cp")]
     Checkpoint {
         #[command(flatten)]
         target: client::Target,
@@ -119,6 +131,18 @@ enum CliCommand {
         /// List only; do not create a CUDA context on each GPU.
         #[arg(long)]
         no_probe: bool,
+    },
+    /// The Python client (`determined`, `resolute`) for running training code
+    /// off a cluster; a node gives it to its trials by itself.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Prints a shell completion script: `resolute completions bash >
+    /// ~/.local/share/bash-completion/completions/resolute`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
     /// Run a benchmark and print its figures.
     Bench {
@@ -219,6 +243,18 @@ enum ClusterCommand {
 }
 
 #[derive(Subcommand)]
+enum ClientCommand {
+    /// Writes the client this binary carries into a directory and prints it,
+    /// for `PYTHONPATH`: `PYTHONPATH=$(resolute client path) python3 train.py`.
+    /// Nothing is installed into Python, so a real `determined` stays as it is.
+    Path {
+        /// Where to write it (default: ~/.cache/resolute/client-VERSION).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config; print it normalized (defaults filled, overrides applied).
     Check(CheckArgs),
@@ -253,7 +289,18 @@ struct PreviewArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits 2 on a usage error; here 2 means "cluster unavailable".
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if matches!(
         cli.command,
         CliCommand::Config { .. }
@@ -266,6 +313,8 @@ fn main() -> ExitCode {
             | CliCommand::User { .. }
             | CliCommand::Token { .. }
             | CliCommand::Gpus { .. }
+            | CliCommand::Completions { .. }
+            | CliCommand::Client { .. }
     ) {
         stop_quietly_when_stdout_closes();
     }
@@ -321,6 +370,19 @@ fn main() -> ExitCode {
         CliCommand::User { target, command } => access::user(&target, &command),
         CliCommand::Token { target, command } => access::token(&target, &command),
         CliCommand::Gpus { json, no_probe } => gpus(json, no_probe),
+        CliCommand::Client {
+            command: ClientCommand::Path { dir },
+        } => client_path(dir),
+        CliCommand::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "resolute",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         CliCommand::Bench { command } => bench::command::run(command),
         CliCommand::Sim(args) => sim(&args),
     };
@@ -589,6 +651,23 @@ fn node_start(
         )
         .await
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_path(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            let home = std::env::var_os("HOME").context("HOME is not set: pass --dir")?;
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map_or_else(|| PathBuf::from(home).join(".cache"), PathBuf::from);
+            cache
+                .join("resolute")
+                .join(format!("client-{}", env!("CARGO_PKG_VERSION")))
+        }
+    };
+    resolute_trial::client::install(&dir).with_context(|| format!("writing {}", dir.display()))?;
+    println!("{}", dir.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -157,8 +157,10 @@ impl TrialActor {
 
     /// Starts the process (its directories are ready).
     fn spawn(&mut self, ctx: &mut Context<Self>, dirs: Dirs, checkpoint: Option<PathBuf>) {
+        let client = crate::client::dir(&self.work_root);
         let rt = process::Runtime {
             dirs: &dirs,
+            client: &client,
             checkpoint: checkpoint.as_deref(),
             report_url: self.report_url.clone(),
             token: &self.token,

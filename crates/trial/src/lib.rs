@@ -13,11 +13,14 @@
 //!   checkpoints into content-addressed blobs (the digest is the checkpoint's
 //!   uuid); and reports what the trial did to the node.
 //! - `process`: the process group, its files, its environment.
+//! - [`client`]: the Python client compiled in, put first on every trial's
+//!   `PYTHONPATH`.
 //! - [`isolation`]: who a trial runs as and what it can reach on disk.
 //! - `endpoint`: the report API (Determined's Core API shape).
 //! - [`trainer`], [`trainer_cuda`]: the built-in trainer; [`gpu`]: NVML.
 
 mod actor;
+pub mod client;
 mod endpoint;
 pub mod gpu;
 pub mod isolation;

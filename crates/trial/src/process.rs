@@ -166,6 +166,8 @@ pub(crate) fn tidy(dirs: &Dirs) {
 /// What the process needs besides its spec.
 pub(crate) struct Runtime<'a> {
     pub(crate) dirs: &'a Dirs,
+    /// The node's Python client (first on the trial's `PYTHONPATH`).
+    pub(crate) client: &'a Path,
     pub(crate) checkpoint: Option<&'a Path>,
     pub(crate) report_url: String,
     pub(crate) token: &'a str,
@@ -221,6 +223,7 @@ pub(crate) fn spawn(
         .arg(&spec.entrypoint)
         .current_dir(&rt.dirs.work)
         .envs(&spec.env)
+        .env("PYTHONPATH", trial_python_path(spec, rt))
         .env("RESOLUTE_TRIAL_ID", spec.trial.to_string())
         .env("RESOLUTE_EXPERIMENT_ID", spec.experiment.to_string())
         .env("RESOLUTE_INCARNATION", spec.incarnation.to_string())
@@ -266,6 +269,13 @@ pub(crate) fn spawn(
         remember_group(&rt.dirs.trial, spec.incarnation, p as i32);
     }
     Ok(child)
+}
+
+/// The node's client first, then the config's `PYTHONPATH` (or the node's own).
+fn trial_python_path(spec: &LaunchSpec, rt: &Runtime<'_>) -> String {
+    let inherited = std::env::var("PYTHONPATH").ok();
+    let given = spec.env.get("PYTHONPATH").cloned().or(inherited);
+    crate::client::python_path(rt.client, given.as_deref())
 }
 
 /// The variables of the torchrun contract and of the Core API's

@@ -116,6 +116,7 @@ impl TrialSupervisor {
         if cfg.run_as.isolates() {
             isolation::lock_down(&cfg.data_dir, &cfg.work_root)?;
         }
+        crate::client::install(&crate::client::dir(&cfg.work_root))?;
         let leftovers = process::kill_leftovers(&cfg.work_root);
         if leftovers > 0 {
             eprintln!(
