@@ -636,6 +636,59 @@ fn the_cli_takes_det_habits_and_trials_find_the_nodes_client_by_themselves() {
     assert_eq!(run(&["e", "describe", "999", "-m", &a.api], &[]).0, 1);
     assert_eq!(run(&["e", "list", "-m", "127.0.0.1:1"], &[]).0, 2);
     assert_eq!(run(&["--help"], &[]).0, 0);
+    // `.detignore` keeps files out of the uploaded model directory.
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(model.join("data/raw")).expect("model dir");
+    std::fs::create_dir_all(model.join("src")).expect("src");
+    std::fs::write(model.join(".detignore"), "data/\n*.ckpt\n!keep.ckpt\n").expect("detignore");
+    std::fs::write(model.join("data/raw/big.bin"), vec![0u8; 1 << 20]).expect("data");
+    std::fs::write(model.join("old.ckpt"), "x").expect("ckpt");
+    std::fs::write(model.join("keep.ckpt"), "x").expect("kept ckpt");
+    std::fs::write(model.join("src/util.py"), "X = 1\n").expect("src");
+    std::fs::write(
+        model.join("train.py"),
+        "import os\nimport determined as det\n\
+         files = sorted(os.path.relpath(os.path.join(r, f)) for r, _, fs in os.walk('.') for f in fs)\n\
+         print('FILES', files, flush=True)\n\
+         with det.core.init() as core:\n\
+         \x20   for op in core.searcher.operations():\n\
+         \x20       core.train.report_validation_metrics(steps_completed=op.length, metrics={'loss': 1.0})\n\
+         \x20       op.report_completed(1.0)\n",
+    )
+    .expect("train.py");
+    std::fs::write(
+        model.join("exp.yaml"),
+        "name: ignored\nentrypoint: python3 train.py\n\
+         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    let (code, out, err) = run(
+        &[
+            "e",
+            "create",
+            &model.join("exp.yaml").display().to_string(),
+            &model.display().to_string(),
+            "-m",
+            &a.api,
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let second = serde_json::from_str::<serde_json::Value>(&out).expect("json")["id"]
+        .as_u64()
+        .expect("id");
+    until(
+        "the second experiment completes",
+        Duration::from_secs(90),
+        || get(&a.api, &["experiment", "describe", &second.to_string()])["state"] == "Completed",
+    );
+    let trial = trials(&a.api, second)[0]["id"].as_u64().expect("trial");
+    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(
+        logs.contains("FILES ['.detignore', 'exp.yaml', 'keep.ckpt', 'src/util.py', 'train.py']"),
+        "{logs}"
+    );
     // The client for a run off a cluster, without installing anything.
     let client = dir.path().join("client");
     let (code, out, err) = run(

@@ -513,17 +513,74 @@ pub(crate) fn print(t: &Target, v: &Value, human: impl FnOnce(&Value)) {
     }
 }
 
+/// The file in a model directory that names what not to upload
+/// (`.gitignore` syntax, as Determined's).
+pub const IGNORE_FILE: &str = ".detignore";
+
+/// The model directory's `.detignore` as a matcher (None: there is none).
+fn detignore(dir: &Path) -> Result<Option<ignore::gitignore::Gitignore>, Failure> {
+    let path = dir.join(IGNORE_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(dir);
+    if let Some(e) = builder.add(&path) {
+        return Err(Failure::User(format!("{}: {e}", path.display())));
+    }
+    builder
+        .build()
+        .map(Some)
+        .map_err(|e| Failure::User(format!("{}: {e}", path.display())))
+}
+
+/// Packs the model directory (less what its `.detignore` names) into a
+/// file, then streams it to the node from disk, with a progress bar when
+/// stderr is a terminal; the blob's digest.
 fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
+    use std::io::IsTerminal;
+    let ignored = detignore(dir)?;
+    let keep = |rel: &Path, is_dir: bool| {
+        ignored.as_ref().is_none_or(|g| {
+            !g.matched_path_or_any_parents(dir.join(rel), is_dir)
+                .is_ignore()
+        })
+    };
     let tmp = std::env::temp_dir().join(format!("resolute-upload-{}.pack", std::process::id()));
-    resolute_trial::pack::pack_dir(dir, &tmp).map_err(|e| Failure::User(e.to_string()))?;
-    let bytes = std::fs::read(&tmp).map_err(|e| Failure::User(e.to_string()))?;
+    let sent = (|| {
+        let size = resolute_trial::pack::pack_dir_keeping(dir, &tmp, &keep)
+            .map_err(|e| Failure::User(e.to_string()))?;
+        let file = std::fs::File::open(&tmp)
+            .map_err(|e| Failure::User(format!("{}: {e}", tmp.display())))?;
+        let bar = if !t.json && std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(size);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#>."),
+            );
+            bar.set_message(dir.display().to_string());
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut reader = bar.wrap_read(file);
+        let url = format!("{}/api/v1/blobs", t.node.trim_end_matches('/'));
+        let resp = t
+            .post(
+                &agent(t, Some(Duration::from_secs(UPLOAD_TIMEOUT_S)))?,
+                &url,
+            )
+            .header("content-type", "application/octet-stream")
+            .header("content-length", &size.to_string())
+            .send(ureq::SendBody::from_reader(&mut reader))
+            .map_err(|e| Failure::Unavailable(format!("{url}: {e}")));
+        bar.finish_and_clear();
+        resp
+    })();
     let _ = std::fs::remove_file(&tmp);
-    let url = format!("{}/api/v1/blobs", t.node.trim_end_matches('/'));
-    let mut resp = t
-        .post(&agent(t, Some(Duration::from_secs(CALL_TIMEOUT_S)))?, &url)
-        .header("content-type", "application/octet-stream")
-        .send(&bytes[..])
-        .map_err(|e| Failure::Unavailable(format!("{url}: {e}")))?;
+    let mut resp = sent?;
     let status = resp.status().as_u16();
     let v: Value = resp
         .body_mut()
@@ -538,6 +595,9 @@ fn upload_dir(t: &Target, dir: &Path) -> Result<String, Failure> {
         .map(str::to_string)
         .ok_or_else(|| Failure::User(format!("upload: {v}")))
 }
+
+/// How long a model directory's upload may take, at most.
+const UPLOAD_TIMEOUT_S: u64 = 3_600;
 
 fn wait(t: &Target, id: u64) -> Result<(), Failure> {
     loop {

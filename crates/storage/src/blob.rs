@@ -244,39 +244,56 @@ impl BlobStore {
     /// Copies the file at `src` into the store; returns its manifest.
     pub fn put_file(&self, src: &Path) -> Result<Manifest, BlobError> {
         let mut input = File::open(src).map_err(io_err(src))?;
+        self.put_reader(&mut input, src)
+    }
+
+    /// Stores what `input` yields until its end (a request body streamed
+    /// from the network, a file); `src` names it in errors. At most
+    /// `BLOB_SIZE_MAX_BYTES` are kept: past that it fails as too large.
+    pub fn put_reader(&self, input: &mut dyn Read, src: &Path) -> Result<Manifest, BlobError> {
         let tmp =
             self.root
                 .join("partial")
                 .join(format!(".put-{}-{}", std::process::id(), next_temp()));
-        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+        let written = Self::write_temp(input, src, &tmp);
+        let installed = written.and_then(|manifest| {
+            self.install(&manifest, &tmp)?;
+            Ok(manifest)
+        });
+        if installed.is_err() {
+            // A broken stream or a full disk leaves no partial file behind.
+            let _ = fs::remove_file(&tmp);
+        }
+        installed
+    }
+
+    /// Copies `input` into `tmp`, hashing its chunks; its manifest.
+    fn write_temp(input: &mut dyn Read, src: &Path, tmp: &Path) -> Result<Manifest, BlobError> {
+        let mut out = File::create(tmp).map_err(io_err(tmp))?;
         let mut size = 0u64;
         let mut chunks = Vec::new();
         let mut buf = vec![0u8; BLOB_CHUNK_BYTES as usize];
         loop {
-            let n = read_full(&mut input, &mut buf).map_err(io_err(src))?;
+            let n = read_full(input, &mut buf).map_err(io_err(src))?;
             if n == 0 {
                 break;
             }
             chunks.push(*blake3::hash(&buf[..n]).as_bytes());
-            out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+            out.write_all(&buf[..n]).map_err(io_err(tmp))?;
             size += n as u64;
             if size > BLOB_SIZE_MAX_BYTES {
-                let _ = fs::remove_file(&tmp);
                 return Err(BlobError::TooLarge(size));
             }
             if n < buf.len() {
                 break;
             }
         }
-        let manifest = Manifest {
+        out.sync_data().map_err(io_err(tmp))?;
+        Ok(Manifest {
             size,
             chunk_bytes: BLOB_CHUNK_BYTES,
             chunks,
-        };
-        out.sync_data().map_err(io_err(&tmp))?;
-        drop(out);
-        self.install(&manifest, &tmp)?;
-        Ok(manifest)
+        })
     }
 
     /// Stores `bytes` as a blob; returns its manifest.
@@ -410,7 +427,7 @@ impl BlobStore {
 }
 
 /// Reads until `buf` is full or the input ends.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match input.read(&mut buf[n..]) {

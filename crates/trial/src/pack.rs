@@ -52,8 +52,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PackError + '_ {
     }
 }
 
-/// Every regular file under `dir`, as sorted relative paths.
-fn walk(dir: &Path) -> Result<Vec<PathBuf>, PackError> {
+/// Which paths under a directory go into its pack: called with each path
+/// relative to the directory and whether it is a directory (a directory left
+/// out is not walked).
+pub type Keep<'a> = &'a dyn Fn(&Path, bool) -> bool;
+
+/// Every regular file under `dir` that `keep` keeps, as sorted relative paths.
+fn walk(dir: &Path, keep: Keep<'_>) -> Result<Vec<PathBuf>, PackError> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -62,6 +67,9 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, PackError> {
             let entry = entry.map_err(io_err(&here))?;
             let path = rel.join(entry.file_name());
             let kind = entry.file_type().map_err(io_err(&here))?;
+            if !keep(&path, kind.is_dir()) {
+                continue;
+            }
             if kind.is_dir() {
                 stack.push(path);
             } else if kind.is_file() {
@@ -83,7 +91,13 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, PackError> {
 
 /// Packs the regular files under `dir` into the file `out`; returns its size.
 pub fn pack_dir(dir: &Path, out: &Path) -> Result<u64, PackError> {
-    let files = walk(dir)?;
+    pack_dir_keeping(dir, out, &|_, _| true)
+}
+
+/// [`pack_dir`] with only the paths `keep` keeps (a model directory's
+/// `.detignore`).
+pub fn pack_dir_keeping(dir: &Path, out: &Path, keep: Keep<'_>) -> Result<u64, PackError> {
+    let files = walk(dir, keep)?;
     let mut w = BufWriter::new(File::create(out).map_err(io_err(out))?);
     let mut size = 0u64;
     let put = |w: &mut BufWriter<File>, size: &mut u64, b: &[u8]| -> Result<(), PackError> {

@@ -31,6 +31,32 @@ use crate::node_actor::{self, Access, BlobUnavailable, Denied, NodeActor};
 
 /// Largest model directory upload, in bytes.
 pub const UPLOAD_MAX_BYTES: usize = 1 << 30;
+/// Pieces of an upload's body queued between the connection and the task
+/// that writes them (each as the connection delivered it, a few KiB to a
+/// few hundred KiB).
+const UPLOAD_PIECES_QUEUED_MAX: usize = 16;
+
+/// An upload's body as a blocking reader, fed by the connection's task.
+struct Pieces {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<axum::body::Bytes>>,
+    piece: axum::body::Bytes,
+}
+
+impl std::io::Read for Pieces {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.piece.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(p)) => self.piece = p,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len());
+        buf[..n].copy_from_slice(&self.piece[..n]);
+        self.piece = self.piece.slice(n..);
+        Ok(n)
+    }
+}
 /// Largest JSON body of any other route, in bytes: an experiment config (at
 /// most `CONFIG_BYTES_MAX`) and its overrides, JSON-escaped.
 pub const JSON_BODY_MAX_BYTES: usize = 3 * CONFIG_BYTES_MAX as usize;
@@ -628,7 +654,7 @@ async fn upload(
     State(node): State<Addr<NodeActor>>,
     State(blobs): State<BlobStore>,
     Extension(caller): Extension<Caller>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Res {
     if let Err(e) = allow(&node, &caller, Access::Write).await {
         return e;
@@ -644,9 +670,47 @@ async fn upload(
         Ok(None) => {}
         Err(_) => return stopping(),
     }
-    // Hashed and written off the node actor's thread and off the async workers.
-    let stored = tokio::task::spawn_blocking(move || blobs.put_bytes(&body)).await;
-    match stored {
+    // Streamed: the body's pieces go through a bounded channel to a blocking
+    // task that hashes and writes them (off the node actor's thread and the
+    // async workers), so an upload never sits whole in memory.
+    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_PIECES_QUEUED_MAX);
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut reader = Pieces {
+            rx,
+            piece: axum::body::Bytes::new(),
+        };
+        blobs.put_reader(&mut reader, std::path::Path::new("the upload"))
+    });
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    while let Some(piece) = futures::StreamExt::next(&mut stream).await {
+        let piece = piece.map_err(|e| std::io::Error::other(e.to_string()));
+        if let Ok(p) = &piece {
+            received += p.len();
+        }
+        let over = received > UPLOAD_MAX_BYTES;
+        let failed = piece.is_err();
+        let piece = if over {
+            Err(std::io::Error::other(format!(
+                "more than {UPLOAD_MAX_BYTES} bytes"
+            )))
+        } else {
+            piece
+        };
+        if tx.send(piece).await.is_err() || over || failed {
+            break;
+        }
+    }
+    drop(tx);
+    if received > UPLOAD_MAX_BYTES {
+        let _ = stored.await;
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("an upload is at most {UPLOAD_MAX_BYTES} bytes"),
+        );
+    }
+    match stored.await {
         Ok(Ok(m)) => (
             StatusCode::OK,
             Json(json!({"digest": m.digest(), "size": m.size})),
