@@ -126,37 +126,49 @@ fn create(api: &str, config: &Path, model: &Path, overrides: &[String]) -> u64 {
     get(api, &args)["id"].as_u64().expect("experiment id")
 }
 
-#[test]
-fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_kill() {
+/// The PYTHONPATH to the repository's client, for the examples.
+fn client_env() -> String {
+    format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    )
+}
+
+/// What [`kill_under_a_trial`] leaves: the nodes' data (kept until the
+/// end of the test), the first node, the other survivor, the trial that
+/// moved and its description.
+struct Moved {
+    _dir: tempfile::TempDir,
+    a: NodeProc,
+    _survivor: Option<NodeProc>,
+    trial: u64,
+    described: serde_json::Value,
+}
+
+/// Three nodes on `hosts`; the example `model` with `overrides` submitted to
+/// the first; once a trial with slots on the second or third node has a
+/// checkpoint held by two nodes, that node is SIGKILLed. Waits until the
+/// experiment completes, with every trial trained to `length`, and the
+/// trial that was there on a later incarnation (resumed from its checkpoint,
+/// not from the start).
+fn kill_under_a_trial(hosts: [u8; 3], model: &str, overrides: &[String], length: u64) -> Moved {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 81, None);
-    let b = start(&dir.path().join("b"), 82, Some(&a.listen));
-    let c = start(&dir.path().join("c"), 83, Some(&a.listen));
+    let a = start(&dir.path().join("a"), hosts[0], None);
+    let b = start(&dir.path().join("b"), hosts[1], Some(&a.listen));
+    let c = start(&dir.path().join("c"), hosts[2], Some(&a.listen));
     until("three voters", Duration::from_secs(30), || {
         let v = get(&c.api, &["cluster", "status"]);
         v["voters"].as_array().is_some_and(|x| x.len() == 3)
     });
-    let model = repo().join("examples/core-api");
-    let env = format!(
-        "environment.environment_variables=[\"PYTHONPATH={}\"]",
-        repo().join("python").display()
-    );
-    // Slow enough (data.pause_s, read from the config's `data` through
-    // `ClusterInfo.user_data`) that a node dies while a trial runs on it.
-    let id = create(
-        &a.api,
-        &model.join("experiment.yaml"),
-        &model,
-        &[
-            env,
-            "searcher.max_length.batches=300".into(),
-            "data.pause_s=0.05".into(),
-        ],
-    );
+    let model = repo().join(model);
+    let mut all = vec![
+        client_env(),
+        format!("searcher.max_length.batches={length}"),
+    ];
+    all.extend_from_slice(overrides);
+    let id = create(&a.api, &model.join("experiment.yaml"), &model, &all);
     let ids = [this_node(&b), this_node(&c)];
     let mut victim: Option<(u64, usize)> = None;
-    // A checkpoint with a second copy: the trial resumes from it, not from
-    // the start, once its node is gone.
     let copied = |trial: &serde_json::Value| {
         let runs = get(&a.api, &["trial", "runs", &trial["id"].to_string()]);
         runs["checkpoints"]
@@ -165,13 +177,20 @@ fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_
             .flatten()
             .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2))
     };
+    let on = |trial: &serde_json::Value, node: &str| {
+        trial["layout"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["node"].as_str() == Some(node))
+    };
     until(
         "a trial on b or c with a copied checkpoint",
-        Duration::from_secs(90),
+        Duration::from_secs(120),
         || {
             for t in trials(&a.api, id) {
                 for (k, node) in ids.iter().enumerate() {
-                    if t["node"].as_str() == Some(node) && copied(&t) {
+                    if on(&t, node) && copied(&t) {
                         victim = Some((t["id"].as_u64().unwrap_or(0), k));
                         return true;
                     }
@@ -183,20 +202,60 @@ fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_
     let (trial, k) = victim.expect("victim");
     let mut others = [Some(b), Some(c)];
     drop(others[k].take());
-    until("the experiment completes", Duration::from_secs(180), || {
+    let survivor = others[1 - k].take();
+    until("the experiment completes", Duration::from_secs(240), || {
         get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
     });
-    // Every trial trained to the searcher's length; the moved one resumed from
-    // its checkpoint (the script checks the checkpoint's metadata against
-    // what it restored, and fails the trial otherwise).
     for t in trials(&a.api, id) {
         assert_eq!(t["state"], "Done(Completed)", "{t}");
-        assert_eq!(t["steps_completed"], 300, "{t}");
+        assert_eq!(t["steps_completed"], length, "{t}");
     }
-    let moved = get(&a.api, &["trial", "describe", &trial.to_string()]);
+    let described = get(&a.api, &["trial", "describe", &trial.to_string()]);
     assert!(
-        moved["incarnation"].as_u64().unwrap_or(0) >= 2,
-        "it moved: {moved}"
+        described["incarnation"].as_u64().unwrap_or(0) >= 2,
+        "it moved: {described}"
+    );
+    Moved {
+        _dir: dir,
+        a,
+        _survivor: survivor,
+        trial,
+        described,
+    }
+}
+
+/// The trial's metric reports and its last validation.
+fn last_validation(api: &str, trial: u64) -> (serde_json::Value, serde_json::Value) {
+    let m = get(api, &["trial", "metrics", &trial.to_string()]);
+    let last = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|p| p["kind"] == "Validation")
+        .cloned()
+        .unwrap_or_default();
+    (m, last)
+}
+
+#[test]
+fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_kill() {
+    // Slow enough (data.pause_s, read from the config's `data` through
+    // `ClusterInfo.user_data`) that a node dies while a trial runs on it;
+    // the script checks the checkpoint's metadata against what it restored,
+    // and fails the trial otherwise.
+    // Bound in this order, dropped in the reverse: the nodes stop before
+    // their data dir goes.
+    let Moved {
+        _dir,
+        a,
+        _survivor,
+        trial,
+        described,
+    } = kill_under_a_trial(
+        [81, 82, 83],
+        "examples/core-api",
+        &["data.pause_s=0.05".into()],
+        300,
     );
     let logs = get(&a.api, &["trial", "logs", &trial.to_string()]);
     let text = logs.to_string();
@@ -205,15 +264,8 @@ fn a_determined_tutorial_script_runs_unchanged_on_a_cluster_and_resumes_after_a_
         "{text}"
     );
     // What Determined would report: x = step * batches at each validation.
-    let step = moved["hparams"]["step"].as_u64().expect("step");
-    let m = get(&a.api, &["trial", "metrics", &trial.to_string()]);
-    let last = m
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rfind(|p| p["kind"] == "Validation")
-        .cloned()
-        .unwrap_or_default();
+    let step = described["hparams"]["step"].as_u64().expect("step");
+    let (m, last) = last_validation(&a.api, trial);
     assert_eq!(last["steps_completed"], 300, "{m}");
     assert_eq!(
         last["metrics"]["x"].as_f64(),
@@ -307,81 +359,20 @@ fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial
     );
 }
 
-/// The config's `data` and a PYTHONPATH to the client, for the examples.
-fn client_env() -> String {
-    format!(
-        "environment.environment_variables=[\"PYTHONPATH={}\"]",
-        repo().join("python").display()
-    )
-}
-
 #[test]
 fn a_three_slot_trial_gathers_and_saves_sharded_checkpoints_across_nodes_and_resumes_after_a_kill()
 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 85, None);
-    let b = start(&dir.path().join("b"), 86, Some(&a.listen));
-    let c = start(&dir.path().join("c"), 87, Some(&a.listen));
-    until("three voters", Duration::from_secs(30), || {
-        let v = get(&c.api, &["cluster", "status"]);
-        v["voters"].as_array().is_some_and(|x| x.len() == 3)
-    });
-    let model = repo().join("examples/core-api-distributed");
-    let id = create(
-        &a.api,
-        &model.join("experiment.yaml"),
-        &model,
-        &[
-            client_env(),
-            "searcher.max_length.batches=200".into(),
-            "data.pause_s=0.05".into(),
-        ],
-    );
-    // A trial with slots on b or c and a checkpoint copied to a second node.
-    let ids = [this_node(&b), this_node(&c)];
-    let mut victim: Option<(u64, usize)> = None;
-    until(
-        "a 3-slot trial on b or c with a copied checkpoint",
-        Duration::from_secs(120),
-        || {
-            for t in trials(&a.api, id) {
-                let runs = get(&a.api, &["trial", "runs", &t["id"].to_string()]);
-                let copied = runs["checkpoints"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2));
-                let on = |node: &str| {
-                    t["layout"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|l| l["node"].as_str() == Some(node))
-                };
-                for (k, node) in ids.iter().enumerate() {
-                    if copied && on(node) {
-                        victim = Some((t["id"].as_u64().unwrap_or(0), k));
-                        return true;
-                    }
-                }
-            }
-            false
-        },
-    );
-    let (trial, k) = victim.expect("victim");
-    let mut others = [Some(b), Some(c)];
-    drop(others[k].take());
-    until("the experiment completes", Duration::from_secs(240), || {
-        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
-    });
-    for t in trials(&a.api, id) {
-        assert_eq!(t["state"], "Done(Completed)", "{t}");
-        assert_eq!(t["steps_completed"], 200, "{t}");
-    }
-    let moved = get(&a.api, &["trial", "describe", &trial.to_string()]);
-    assert!(
-        moved["incarnation"].as_u64().unwrap_or(0) >= 2,
-        "it moved: {moved}"
+    let Moved {
+        _dir,
+        a,
+        _survivor,
+        trial,
+        described,
+    } = kill_under_a_trial(
+        [85, 86, 87],
+        "examples/core-api-distributed",
+        &["data.pause_s=0.05".into()],
+        200,
     );
     // Every rank read its own shard back (the script checks the shard's
     // batch against the checkpoint's metadata and fails otherwise), and the
@@ -396,15 +387,8 @@ fn a_three_slot_trial_gathers_and_saves_sharded_checkpoints_across_nodes_and_res
     }
     // What Determined would report: the ranks' shares summed by allgather,
     // step * (1 + 2 + 3) per batch.
-    let step = moved["hparams"]["step"].as_u64().expect("step");
-    let m = get(&a.api, &["trial", "metrics", &trial.to_string()]);
-    let last = m
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rfind(|p| p["kind"] == "Validation")
-        .cloned()
-        .unwrap_or_default();
+    let step = described["hparams"]["step"].as_u64().expect("step");
+    let (m, last) = last_validation(&a.api, trial);
     assert_eq!(last["steps_completed"], 200, "{m}");
     assert_eq!(
         last["metrics"]["x"].as_f64(),

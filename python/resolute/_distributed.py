@@ -22,6 +22,52 @@ def _env_int(name):
     return int(value)
 
 
+class _Group:
+    """The collectives of one group of processes (all of the trial's, or
+    those of one node): its chief holds a `Server`, every other member a
+    channel to it; a group of one needs neither."""
+
+    def __init__(self, size):
+        self.size = size
+        self.server = None
+        self.channel = None
+
+    def gather(self, stuff):
+        if self.size < 2:
+            return [stuff]
+        if self.server is not None:
+            out = [stuff, *self.server.gather()]
+            # Nobody sends the next gather's value before all sent this one's.
+            self.server.broadcast(None)
+            return out
+        self.channel.send(stuff)
+        self.channel.recv()
+        return None
+
+    def allgather(self, stuff):
+        if self.size < 2:
+            return [stuff]
+        if self.server is not None:
+            out = [stuff, *self.server.gather()]
+            self.server.broadcast(out)
+            return out
+        self.channel.send(stuff)
+        return self.channel.recv()
+
+    def broadcast(self, stuff):
+        if self.size < 2:
+            return stuff
+        if self.server is not None:
+            self.server.broadcast(stuff)
+            return stuff
+        return self.channel.recv()
+
+    def close(self):
+        for end in (self.server, self.channel):
+            if end is not None:
+                end.close()
+
+
 class DistributedContext:
     """Where this process sits in the trial: `rank` of `size` processes,
     `local_rank` of the `local_size` on its node, on node `cross_rank` of
@@ -70,10 +116,8 @@ class DistributedContext:
             self._chief_ip = "127.0.0.1"
         self._port_given = None if pub_port is None else int(pub_port) + int(port_offset)
         self._port_offset = int(port_offset)
-        self._chief = None
-        self._worker = None
-        self._local_chief = None
-        self._local_worker = None
+        self._all = _Group(self.size)
+        self._node = _Group(self.local_size)
         self._closed = False
         self._init_ipc()
 
@@ -94,25 +138,25 @@ class DistributedContext:
         key = _collectives.secret_from_env()
         if self.rank == 0:
             host = "0.0.0.0" if self.cross_size > 1 else "127.0.0.1"
-            self._chief = _collectives.Server(host, self._port(), range(1, self.size), key)
-            self._chief.accept_all()
+            self._all.server = _collectives.Server(host, self._port(), range(1, self.size), key)
+            self._all.server.accept_all()
         else:
-            self._worker = _collectives.connect(self._chief_ip, self._port(), self.rank, key)
+            self._all.channel = _collectives.connect(self._chief_ip, self._port(), self.rank, key)
         if self.local_size < 2:
             # No local chief here, but the others' first allgather needs us.
             self.allgather(None)
             return
         if self.local_rank == 0:
-            self._local_chief = _collectives.Server("127.0.0.1", 0, range(1, self.local_size), key)
-            self.allgather((self.cross_rank, self._local_chief.port))
-            self._local_chief.accept_all()
+            self._node.server = _collectives.Server("127.0.0.1", 0, range(1, self.local_size), key)
+            self.allgather((self.cross_rank, self._node.server.port))
+            self._node.server.accept_all()
         else:
             chiefs = [x for x in self.allgather(None) if x is not None and x[0] == self.cross_rank]
             if len(chiefs) != 1:
                 raise _collectives.CollectivesError(
                     "node {} has {} local chiefs: {}".format(self.cross_rank, len(chiefs), chiefs)
                 )
-            self._local_worker = _collectives.connect("127.0.0.1", chiefs[0][1], self.local_rank, key)
+            self._node.channel = _collectives.connect("127.0.0.1", chiefs[0][1], self.local_rank, key)
 
     @classmethod
     def from_torch_distributed(cls, chief_ip=None):
@@ -175,73 +219,32 @@ class DistributedContext:
 
     def gather(self, stuff):
         """The chief returns everyone's `stuff` in rank order; the others None."""
-        if self.size < 2:
-            return [stuff]
-        if self._chief is not None:
-            out = [stuff, *self._chief.gather()]
-            # Nobody sends the next gather's value before all sent this one's.
-            self._chief.broadcast(None)
-            return out
-        self._worker.send(stuff)
-        self._worker.recv()
-        return None
+        return self._all.gather(stuff)
 
     def allgather(self, stuff):
         """Everyone's `stuff`, in rank order, on every process."""
-        if self.size < 2:
-            return [stuff]
-        if self._chief is not None:
-            out = [stuff, *self._chief.gather()]
-            self._chief.broadcast(out)
-            return out
-        self._worker.send(stuff)
-        return self._worker.recv()
+        return self._all.allgather(stuff)
 
     def broadcast(self, stuff):
         """The chief's `stuff` on every process."""
-        if self.size < 2:
-            return stuff
-        if self._chief is not None:
-            self._chief.broadcast(stuff)
-            return stuff
-        return self._worker.recv()
+        return self._all.broadcast(stuff)
 
     def gather_local(self, stuff):
-        if self.local_size < 2:
-            return [stuff]
-        if self._local_chief is not None:
-            out = [stuff, *self._local_chief.gather()]
-            self._local_chief.broadcast(None)
-            return out
-        self._local_worker.send(stuff)
-        self._local_worker.recv()
-        return None
+        """`gather` among the processes of this node (to local rank 0)."""
+        return self._node.gather(stuff)
 
     def allgather_local(self, stuff):
-        if self.local_size < 2:
-            return [stuff]
-        if self._local_chief is not None:
-            out = [stuff, *self._local_chief.gather()]
-            self._local_chief.broadcast(out)
-            return out
-        self._local_worker.send(stuff)
-        return self._local_worker.recv()
+        return self._node.allgather(stuff)
 
     def broadcast_local(self, stuff=None):
-        if self.local_size < 2:
-            return stuff
-        if self._local_chief is not None:
-            self._local_chief.broadcast(stuff)
-            return stuff
-        return self._local_worker.recv()
+        return self._node.broadcast(stuff)
 
     def close(self):
         if self._closed:
             return
         self._closed = True
-        for end in (self._chief, self._worker, self._local_chief, self._local_worker):
-            if end is not None:
-                end.close()
+        self._all.close()
+        self._node.close()
 
 
 class DummyDistributedContext(DistributedContext):

@@ -684,20 +684,23 @@ async fn upload(
     let mut stream = body.into_data_stream();
     let mut received = 0usize;
     while let Some(piece) = futures::StreamExt::next(&mut stream).await {
-        let piece = piece.map_err(|e| std::io::Error::other(e.to_string()));
-        if let Ok(p) = &piece {
-            received += p.len();
-        }
-        let over = received > UPLOAD_MAX_BYTES;
-        let failed = piece.is_err();
-        let piece = if over {
-            Err(std::io::Error::other(format!(
-                "more than {UPLOAD_MAX_BYTES} bytes"
-            )))
-        } else {
-            piece
+        // An error (a broken connection, too many bytes) ends the blob's
+        // write with it; the writer gone (it failed) ends the loop.
+        let piece = match piece {
+            Ok(p) => {
+                received += p.len();
+                if received > UPLOAD_MAX_BYTES {
+                    Err(std::io::Error::other(format!(
+                        "more than {UPLOAD_MAX_BYTES} bytes"
+                    )))
+                } else {
+                    Ok(p)
+                }
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
         };
-        if tx.send(piece).await.is_err() || over || failed {
+        let last = piece.is_err();
+        if tx.send(piece).await.is_err() || last {
             break;
         }
     }
