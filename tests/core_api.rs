@@ -289,7 +289,7 @@ fn experiment_create(n: &NodeProc, config: &Path, json: bool) -> std::process::O
 }
 
 #[test]
-fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial_class() {
+fn experiment_create_prints_and_returns_the_configs_warnings() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = start(&dir.path().join("a"), 84, None);
     let config = dir.path().join("exp.yaml");
@@ -338,25 +338,220 @@ fn experiment_create_prints_and_returns_the_configs_warnings_and_refuses_a_trial
     for w in &warnings {
         assert!(stderr.contains(&format!("warning: {w}")), "{stderr}");
     }
-    // A Trial class as the entrypoint is refused before anything is sent.
-    std::fs::write(
-        &config,
-        "entrypoint: model_def:MyTrial\nsearcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
-    )
-    .expect("config");
-    let out = experiment_create(&a, &config, false);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains("exp.yaml:1:13: entrypoint: \"model_def:MyTrial\" names a Trial class"),
-        "{stderr}"
-    );
     assert_eq!(
         get(&a.api, &["experiment", "list"])
             .as_array()
             .map(Vec::len),
         Some(1)
     );
+}
+
+/// Whether `python3` here imports torch (the PyTorchTrial tests need it).
+fn has_torch() -> bool {
+    Command::new("python3")
+        .args(["-c", "import torch"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_trial_harness_loop_passes_its_python_tests_without_torch() {
+    let out = Command::new("python3")
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(repo().join("python/tests"))
+        .env("PYTHONPATH", repo().join("python"))
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Ran 10 tests") && text.contains("OK"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_trial_class_entrypoint_is_checked_up_front_and_says_what_it_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 98, None);
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).expect("model dir");
+    let config = model.join("exp.yaml");
+    std::fs::write(
+        &config,
+        "entrypoint: model_def:MyTrial\nmax_restarts: 0\n\
+         hyperparameters: {global_batch_size: 8}\n\
+         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    // Its module is not in the model directory: refused before anything is sent.
+    let out = experiment_create_in(&a, &config, &model);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("entrypoint model_def:MyTrial: neither model_def.py nor model_def/__init__.py is in the model directory"),
+        "{stderr}"
+    );
+    // With it there, the submission warns that it runs through the harness.
+    std::fs::write(model.join("model_def.py"), "import torch\n").expect("module");
+    let out = experiment_create_in(&a, &config, &model);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("exp.yaml:1:13: entrypoint: \"model_def:MyTrial\" is a Trial class")
+            && stderr.contains("needs torch on the nodes"),
+        "{stderr}"
+    );
+    if has_torch() {
+        eprintln!("the run without torch is skipped: python3 imports torch here");
+        return;
+    }
+    // Without torch the trial fails with the harness's message, not a shell error.
+    let id = get(&a.api, &["experiment", "list"])[0]["id"]
+        .as_u64()
+        .expect("id");
+    until("the experiment errors", Duration::from_secs(60), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Errored"
+    });
+    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
+    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(
+        logs.contains("entrypoint model_def:MyTrial: a Trial class runs on PyTorch, and torch is not importable"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_trial_reads_the_experiments_best_validation_from_the_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 93, None);
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).expect("model dir");
+    std::fs::write(
+        model.join("best.py"),
+        r#"
+import time
+import determined as det
+with det.core.init() as core:
+    assert core.train.get_experiment_best_validation() is None
+    core.train.report_validation_metrics(steps_completed=1, metrics={"loss": 0.5})
+    best, deadline = None, time.time() + 30
+    while best is None and time.time() < deadline:
+        time.sleep(0.2)
+        best = core.train.get_experiment_best_validation()
+    print("best validation:", best, flush=True)
+    assert best == 0.5, best
+"#,
+    )
+    .expect("script");
+    let config = model.join("exp.yaml");
+    std::fs::write(
+        &config,
+        "entrypoint: python3 best.py\nmax_restarts: 0\n\
+         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    let id = create(&a.api, &config, &model, &[]);
+    until("the experiment completes", Duration::from_secs(60), || {
+        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
+        assert_ne!(s, "Errored");
+        s == "Completed"
+    });
+    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
+    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(logs.contains("best validation: 0.5"), "{logs}");
+}
+
+/// `resolute experiment create CONFIG MODEL_DIR` against `n`.
+fn experiment_create_in(n: &NodeProc, config: &Path, model: &Path) -> std::process::Output {
+    Command::new(resolute_tests::bin())
+        .args(["experiment", "create"])
+        .arg(config)
+        .arg(model)
+        .args(["-m", &n.api])
+        .env("RESOLUTE_TOKEN", &n.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli")
+}
+
+#[test]
+fn a_pytorch_trial_runs_through_the_harness_and_resumes_after_a_kill() {
+    if !has_torch() {
+        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
+        return;
+    }
+    let Moved {
+        _dir,
+        a,
+        _survivor,
+        trial,
+        described: _,
+    } = kill_under_a_trial(
+        [94, 95, 96],
+        "examples/pytorch-trial",
+        &["data.pause_s=0.05".into()],
+        64,
+    );
+    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(text.contains("restored checkpoint"), "{text}");
+    // What Determined's harness reports: the trial's metrics with the
+    // batches and whole epochs (16 batches an epoch) trained.
+    let (m, last) = last_validation(&a.api, trial);
+    assert_eq!(last["steps_completed"], 64, "{m}");
+    assert_eq!(last["metrics"]["batches"], 64, "{m}");
+    assert_eq!(last["metrics"]["epochs"], 4, "{m}");
+    let accuracy = last["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!((0.0..=1.0).contains(&accuracy), "{m}");
+    let training: Vec<u64> = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["kind"] == "Training")
+        .filter_map(|p| p["steps_completed"].as_u64())
+        .collect();
+    assert!(
+        training.contains(&8) && training.contains(&64),
+        "scheduling_unit 8: {m}"
+    );
+}
+
+#[test]
+fn a_two_slot_pytorch_trial_trains_both_processes_under_the_launcher() {
+    if !has_torch() {
+        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 97, None);
+    let model = repo().join("examples/pytorch-trial");
+    let id = create(
+        &a.api,
+        &model.join("distributed.yaml"),
+        &model,
+        &[client_env()],
+    );
+    until("the experiment completes", Duration::from_secs(180), || {
+        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
+        assert_ne!(
+            s,
+            "Errored",
+            "{}",
+            resolute_tests::cli(&a.api, &["experiment", "logs", &id.to_string()]).1
+        );
+        s == "Completed"
+    });
+    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
+    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(
+        text.contains("[rank=0] ") && text.contains("[rank=1] "),
+        "{text}"
+    );
+    let (m, last) = last_validation(&a.api, trial);
+    assert_eq!(last["steps_completed"], 32, "{m}");
+    // Two processes of 16 records a batch: 16 batches an epoch each.
+    assert_eq!(last["metrics"]["epochs"], 2, "{m}");
 }
 
 #[test]

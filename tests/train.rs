@@ -129,6 +129,7 @@ async fn supervisor(
             data_dir: dir.join("data"),
             run_as: Default::default(),
             cluster_key: None,
+            best_validation: None,
         },
         sink.clone().recipient(),
     )

@@ -180,12 +180,10 @@ class TrainContext:
         self._e.call("POST", "/exit", {"reason": names.get(str(reason), str(reason))})
 
     def get_experiment_best_validation(self):
-        """Not served to trials yet: the experiment's best validation is in
-        `resolute experiment describe` (`best_metric`)."""
-        raise NotImplementedError(
-            "get_experiment_best_validation() is not served to trials by Resolute yet; "
-            "`resolute experiment describe ID` shows best_metric"
-        )
+        """The best value of the searcher's metric any trial of this
+        experiment has reported so far (None before any), as the cluster's
+        replicated log has it."""
+        return self._e.call("GET", "/best_validation").get("best_validation")
 
     def set_status(self, status):
         """A line for the trial's log (Determined shows it beside the trial)."""

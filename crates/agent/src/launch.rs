@@ -100,6 +100,19 @@ pub fn collectives_port(trial: TrialId, incarnation: u64) -> u16 {
     master_port(trial, incarnation) + COLLECTIVES_PORT_OFFSET
 }
 
+/// The command that runs a Trial class (`entrypoint: model_def:MyTrial`):
+/// the Python harness, under the torch launcher (one process per slot) when
+/// the trial has several slots, as Determined wraps its legacy entrypoints.
+/// `class` is `module:Class` of Python identifiers (the config parser
+/// accepts nothing else as a Trial class), so it is safe in a shell line.
+pub fn trial_class_command(class: &str, slots_per_trial: u32) -> String {
+    if slots_per_trial > 1 {
+        format!("python3 -m determined.launch.torch_distributed --trial {class}")
+    } else {
+        format!("python3 -m determined.exec.harness {class}")
+    }
+}
+
 /// The launch of `start` on a node with GPU slots (`gpus`) or CPU slots; None
 /// when its experiment is unknown here (it cannot be started).
 pub fn spec(state: &ClusterState, start: StartTrial, gpus: bool) -> Option<LaunchSpec> {
@@ -108,6 +121,9 @@ pub fn spec(state: &ClusterState, start: StartTrial, gpus: bool) -> Option<Launc
     let entrypoint = match &config.entrypoint {
         Some(Entrypoint::Command(c)) => c.clone(),
         Some(Entrypoint::Args(a)) => a.join(" "),
+        Some(Entrypoint::TrialClass(class)) => {
+            trial_class_command(class, config.resources.slots_per_trial)
+        }
         None => String::new(),
     };
     let vars = if gpus {

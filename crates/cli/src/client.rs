@@ -11,6 +11,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 
 use crate::table::{cell, timestamp, Rows};
+use resolute_types::config::Entrypoint;
 
 /// Exit code when the node cannot be reached or the cluster has no quorum.
 pub const EXIT_UNAVAILABLE: u8 = 2;
@@ -367,12 +368,12 @@ fn submit(
     dir: Option<&Path>,
 ) -> Result<(u64, Vec<String>), Failure> {
     // Errors with the file's own name and lines, before anything is sent.
-    let warnings: Vec<String> = resolute_types::config::parse_str(label, config, overrides)
-        .map_err(|e| Failure::User(e.to_string()))?
-        .warnings
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let loaded = resolute_types::config::parse_str(label, config, overrides)
+        .map_err(|e| Failure::User(e.to_string()))?;
+    if let (Some(Entrypoint::TrialClass(class)), Some(d)) = (&loaded.config.entrypoint, dir) {
+        check_trial_module(class, d)?;
+    }
+    let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
     let model_digest = match dir {
         Some(d) => upload_dir(t, d)?,
         None => String::new(),
@@ -383,6 +384,24 @@ fn submit(
         .as_u64()
         .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))?;
     Ok((id, warnings))
+}
+
+/// Fails when the module of a Trial-class entrypoint (`model_def:MyTrial`)
+/// is not in the model directory, before anything is uploaded.
+fn check_trial_module(class: &str, dir: &Path) -> Result<(), Failure> {
+    let module = class.split(':').next().unwrap_or_default();
+    let rel: PathBuf = module.split('.').collect();
+    let file = dir.join(&rel).with_extension("py");
+    let package = dir.join(&rel).join("__init__.py");
+    if file.is_file() || package.is_file() {
+        return Ok(());
+    }
+    Err(Failure::User(format!(
+        "entrypoint {class}: neither {} nor {} is in the model directory {}",
+        rel.with_extension("py").display(),
+        rel.join("__init__.py").display(),
+        dir.display()
+    )))
 }
 
 /// Creates an experiment from config text (see `submit`); its id.

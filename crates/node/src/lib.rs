@@ -216,6 +216,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
             data_dir: opts.data_dir.clone(),
             run_as: c.trial.run_as().map_err(fail)?,
             cluster_key,
+            best_validation: Some(addr.clone().recipient()),
         },
         addr.clone().recipient(),
     )

@@ -34,6 +34,17 @@ fn best_validation(node: &Node, trial: u64) -> Option<f64> {
     node.state().trials.get(&trial)?.best_validation
 }
 
+/// The best validation of the searcher's metric among experiment `id`'s
+/// trials (None before any).
+pub fn experiment_best(node: &Node, id: u64) -> Option<f64> {
+    let e = node.state().experiments.get(&id)?;
+    let smaller = smaller_is_better(node, id);
+    e.trials
+        .values()
+        .filter_map(|t| best_validation(node, *t))
+        .reduce(|a, b| better(a, b, smaller))
+}
+
 /// One experiment.
 pub fn experiment(node: &Node, id: u64) -> Option<Value> {
     let e = node.state().experiments.get(&id)?;
@@ -43,11 +54,7 @@ pub fn experiment(node: &Node, id: u64) -> Option<Value> {
         .config()
         .map(|c| c.searcher.metric.clone())
         .unwrap_or_default();
-    let smaller = smaller_is_better(node, id);
-    let best = trials
-        .iter()
-        .filter_map(|t| best_validation(node, *t))
-        .reduce(|a, b| better(a, b, smaller));
+    let best = experiment_best(node, id);
     Some(json!({
         "id": id,
         "name": name,

@@ -22,6 +22,14 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../python/determined/core/__init__.py"),
     ),
     (
+        "determined/exec/__init__.py",
+        include_str!("../../../python/determined/exec/__init__.py"),
+    ),
+    (
+        "determined/exec/harness.py",
+        include_str!("../../../python/determined/exec/harness.py"),
+    ),
+    (
         "determined/launch/__init__.py",
         include_str!("../../../python/determined/launch/__init__.py"),
     ),
@@ -32,6 +40,26 @@ pub const FILES: &[(&str, &str)] = &[
     (
         "determined/launch/wrap_rank.py",
         include_str!("../../../python/determined/launch/wrap_rank.py"),
+    ),
+    (
+        "determined/pytorch/__init__.py",
+        include_str!("../../../python/determined/pytorch/__init__.py"),
+    ),
+    (
+        "determined/pytorch/_context.py",
+        include_str!("../../../python/determined/pytorch/_context.py"),
+    ),
+    (
+        "determined/pytorch/_data.py",
+        include_str!("../../../python/determined/pytorch/_data.py"),
+    ),
+    (
+        "determined/pytorch/_lr_scheduler.py",
+        include_str!("../../../python/determined/pytorch/_lr_scheduler.py"),
+    ),
+    (
+        "determined/pytorch/_trainer.py",
+        include_str!("../../../python/determined/pytorch/_trainer.py"),
     ),
     (
         "resolute/__init__.py",
@@ -48,6 +76,22 @@ pub const FILES: &[(&str, &str)] = &[
     (
         "resolute/_distributed.py",
         include_str!("../../../python/resolute/_distributed.py"),
+    ),
+    (
+        "resolute/_harness/__init__.py",
+        include_str!("../../../python/resolute/_harness/__init__.py"),
+    ),
+    (
+        "resolute/_harness/loop.py",
+        include_str!("../../../python/resolute/_harness/loop.py"),
+    ),
+    (
+        "resolute/_harness/trial.py",
+        include_str!("../../../python/resolute/_harness/trial.py"),
+    ),
+    (
+        "resolute/_harness/units.py",
+        include_str!("../../../python/resolute/_harness/units.py"),
     ),
     (
         "resolute/_local.py",
@@ -119,7 +163,7 @@ mod tests {
     use super::*;
 
     /// Every Python file of the repository's client is compiled in (a new
-    /// module must be listed in `FILES`).
+    /// module must be listed in `FILES`); `python/tests` is not the client.
     #[test]
     fn every_client_file_is_embedded() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
@@ -129,7 +173,9 @@ mod tests {
             for entry in std::fs::read_dir(&d).expect("python dir").flatten() {
                 let p = entry.path();
                 if p.is_dir() {
-                    dirs.push(p);
+                    if p != root.join("tests") {
+                        dirs.push(p);
+                    }
                 } else if p.extension().is_some_and(|e| e == "py") {
                     let rel = p.strip_prefix(&root).expect("under root");
                     on_disk.push(rel.to_string_lossy().into_owned());

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use resolute_core::command::MetricKind;
 use resolute_types::Value;
 
 use crate::actor::{Answered, Call, TrialActor};
+use crate::BestValidation;
 
 /// Largest report body the endpoint reads.
 pub const REPORT_BODY_MAX_BYTES: usize = 4 << 20;
@@ -32,23 +33,40 @@ pub const LONG_POLL_MAX_S: u64 = 60;
 #[derive(Clone)]
 struct Entry {
     incarnation: u64,
+    experiment: u64,
     token: String,
     actor: Addr<TrialActor>,
 }
 
-/// The running incarnations, by trial (the newest incarnation only).
+/// The running incarnations, by trial (the newest incarnation only), and
+/// who answers their questions about the cluster.
 #[derive(Clone, Default)]
 pub struct Registry {
     by_trial: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    best_validation: Option<Recipient<BestValidation>>,
 }
 
 impl Registry {
-    pub(crate) fn insert(&self, key: (u64, u64), token: String, actor: Addr<TrialActor>) {
+    pub(crate) fn new(best_validation: Option<Recipient<BestValidation>>) -> Registry {
+        Registry {
+            by_trial: Arc::default(),
+            best_validation,
+        }
+    }
+
+    pub(crate) fn insert(
+        &self,
+        key: (u64, u64),
+        experiment: u64,
+        token: String,
+        actor: Addr<TrialActor>,
+    ) {
         let mut m = self.by_trial.lock().unwrap_or_else(|p| p.into_inner());
         m.insert(
             key.0,
             Entry {
                 incarnation: key.1,
+                experiment,
                 token,
                 actor,
             },
@@ -104,6 +122,10 @@ pub(crate) fn router(registry: Registry) -> Router {
         )
         .route("/trials/{trial}/{incarnation}/searcher", get(searcher))
         .route("/trials/{trial}/{incarnation}/searcher/next", get(next))
+        .route(
+            "/trials/{trial}/{incarnation}/best_validation",
+            get(best_validation),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(REPORT_BODY_MAX_BYTES))
         .with_state(registry)
 }
@@ -433,5 +455,30 @@ async fn next(
             None => ok(json!({ "pending": true })),
         },
         _ => ok(json!({ "pending": true })),
+    }
+}
+
+/// The experiment's best validation of the searcher's metric so far (None
+/// before any), from the node's replicated state.
+async fn best_validation(
+    State(r): State<Registry>,
+    UrlPath((t, i)): UrlPath<(u64, u64)>,
+    headers: HeaderMap,
+) -> Reply {
+    if let Err(e) = authorize(&r, &headers, t, i) {
+        return e;
+    }
+    let (Some(entry), Some(node)) = (r.get(t), r.best_validation.clone()) else {
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "this node does not serve the experiment's best validation",
+        );
+    };
+    let asked = BestValidation {
+        experiment: entry.experiment,
+    };
+    match node.send(asked).await {
+        Ok(best) => ok(json!({ "best_validation": best })),
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "the node is not answering"),
     }
 }

@@ -57,6 +57,20 @@ impl Message for Report {
     type Result = ();
 }
 
+/// The trial endpoint asks the node for the best validation of the searcher's
+/// metric among an experiment's trials (the Core API's
+/// `get_experiment_best_validation`); None when there is none yet. A read of
+/// the replicated state, answered by the node actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BestValidation {
+    /// The experiment asked about.
+    pub experiment: u64,
+}
+
+impl Message for BestValidation {
+    type Result = Option<f64>;
+}
+
 /// Why a trial operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrialError {

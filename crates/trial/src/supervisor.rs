@@ -33,6 +33,9 @@ pub struct SupervisorConfig {
     /// loopback cluster) the supervisor draws a key of its own: the
     /// processes of one node still meet, a gang's across nodes cannot.
     pub cluster_key: Option<[u8; 32]>,
+    /// Who answers a trial's `get_experiment_best_validation` (the node
+    /// actor); None: trials are told it is not served.
+    pub best_validation: Option<Recipient<crate::BestValidation>>,
 }
 
 /// The secret that authenticates the Core API's collectives between the
@@ -130,7 +133,7 @@ impl TrialSupervisor {
         let endpoint = listener
             .local_addr()
             .map_err(|e| TrialError::Io(e.to_string()))?;
-        let registry = Registry::default();
+        let registry = Registry::new(cfg.best_validation.clone());
         let app = endpoint::router(registry.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -171,6 +174,7 @@ impl Handler<Launch> for TrialSupervisor {
 
     fn handle(&mut self, launch: Launch, ctx: &mut Context<Self>) {
         let key = (launch.spec.trial, launch.spec.incarnation);
+        let experiment = launch.spec.experiment;
         self.actors.retain(|_, a| a.connected());
         if self.actors.contains_key(&key) {
             return; // Already running: a repeated launch changes nothing.
@@ -209,7 +213,7 @@ impl Handler<Launch> for TrialSupervisor {
             collectives_secret: collectives_secret(&self.collectives_key, key.0, key.1),
         })
         .start();
-        self.registry.insert(key, token, actor.clone());
+        self.registry.insert(key, experiment, token, actor.clone());
         self.actors.insert(key, actor);
     }
 }

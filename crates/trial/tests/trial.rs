@@ -57,6 +57,7 @@ async fn trials_as(dir: &Path, run_as: RunAs) -> Trials {
         data_dir: dir.join("data"),
         run_as,
         cluster_key: None,
+        best_validation: None,
     };
     let (sup, _) = TrialSupervisor::start(cfg, sink.clone().recipient())
         .await

@@ -94,10 +94,6 @@ fn exact_messages() {
             "exp.yaml:2:39: environment.environment_variables[0]: expected KEY=VALUE, found `FOO`",
         ),
         ("[1, 2]\n", "exp.yaml:1:1: expected a map, found a list"),
-        (
-            "searcher: {name: single, metric: l}\nentrypoint: model_def:MyTrial\n",
-            "exp.yaml:2:13: entrypoint: \"model_def:MyTrial\" names a Trial class; Resolute runs a command in the model directory (for example `python3 train.py` with the Core API), and does not run PyTorchTrial/Keras Trial classes",
-        ),
     ];
     for (yaml, want) in cases {
         let got = errors(yaml);
@@ -323,4 +319,44 @@ fn a_command_with_a_colon_is_still_a_command() {
         let yaml = format!("searcher: {{name: single, metric: l}}\nentrypoint: {entrypoint}\n");
         assert!(parse_str("exp.yaml", &yaml, &[]).is_ok(), "{entrypoint}");
     }
+}
+
+#[test]
+fn a_trial_class_entrypoint_runs_through_the_harness_and_says_so() {
+    use resolute_types::config::Entrypoint;
+    let yaml = "searcher: {name: single, metric: l, max_length: {batches: 10}}\nentrypoint: model_def:MyTrial\nscheduling_unit: 5\n";
+    let loaded = parse_str("exp.yaml", yaml, &[]).expect("valid");
+    assert_eq!(
+        loaded.config.entrypoint,
+        Some(Entrypoint::TrialClass("model_def:MyTrial".into()))
+    );
+    assert_eq!(loaded.config.scheduling_unit, Some(5));
+    let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings.iter().any(|w| w.starts_with(
+            "exp.yaml:2:13: entrypoint: \"model_def:MyTrial\" is a Trial class (deprecated since Determined 0.38)"
+        ) && w.contains("needs torch")),
+        "{warnings:#?}"
+    );
+    // A command is not a Trial class, and scheduling_unit has no effect on it.
+    let yaml =
+        "searcher: {name: single, metric: l}\nentrypoint: python3 train.py\nscheduling_unit: 5\n";
+    let loaded = parse_str("exp.yaml", yaml, &[]).expect("valid");
+    assert!(matches!(
+        loaded.config.entrypoint,
+        Some(Entrypoint::Command(_))
+    ));
+    let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings.iter().any(|w| w
+            .starts_with("exp.yaml:3:18: scheduling_unit: read only by the Trial-class harness")),
+        "{warnings:#?}"
+    );
+    assert_eq!(
+        errors("searcher: {name: single, metric: l}\nscheduling_unit: 0\n"),
+        vec![
+            "exp.yaml:2:18: scheduling_unit: must be between 1 and 9007199254740992, found 0"
+                .to_string()
+        ]
+    );
 }

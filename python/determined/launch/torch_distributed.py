@@ -1,4 +1,5 @@
-"""`python3 -m determined.launch.torch_distributed [TORCHRUN_OVERRIDES... --] SCRIPT...`:
+"""`python3 -m determined.launch.torch_distributed [TORCHRUN_OVERRIDES... --] SCRIPT...`
+(or `--trial module:TrialClass`, which runs `determined.exec.harness`):
 starts one process of SCRIPT per slot of this node for a multi-slot trial,
 as Determined's launcher does.
 
@@ -36,10 +37,11 @@ def parse(argv):
     else:
         overrides, script = [], list(argv)
     if script[:1] == ["--trial"]:
-        raise SystemExit(
-            "determined.launch.torch_distributed --trial: Trial classes run through "
-            "`entrypoint: module:Class`; give the launcher a script"
-        )
+        # A Trial class (the node's command for `entrypoint: module:Class`
+        # with several slots): every process runs the harness.
+        if len(script) != 2:
+            raise SystemExit("usage: python3 -m determined.launch.torch_distributed --trial module:TrialClass")
+        script = [sys.executable, "-m", "determined.exec.harness", script[1]]
     if not script:
         raise SystemExit("usage: python3 -m determined.launch.torch_distributed [OVERRIDES... --] SCRIPT...")
     return overrides, script

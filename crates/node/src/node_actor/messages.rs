@@ -362,3 +362,17 @@ impl Handler<TrackingFlushed> for NodeActor {
         Some(self.flush_for_query())
     }
 }
+
+/// A trial's `get_experiment_best_validation` (asked through its report
+/// endpoint).
+impl Handler<resolute_trial::BestValidation> for NodeActor {
+    type Result = MessageResult<resolute_trial::BestValidation>;
+
+    fn handle(
+        &mut self,
+        msg: resolute_trial::BestValidation,
+        _ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        MessageResult(views::experiment_best(self.driver.node(), msg.experiment))
+    }
+}

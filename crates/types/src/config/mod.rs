@@ -80,6 +80,10 @@ pub struct ExperimentConfig {
     pub preemption_timeout: u64,
     /// Validate before training starts.
     pub perform_initial_validation: bool,
+    /// Batches between the training metrics a Trial-class harness reports
+    /// (Determined's `scheduling_unit`; a Core API script reports when it likes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduling_unit: Option<u64>,
     /// The trial environment.
     pub environment: Environment,
     /// What each trial needs and how it is scheduled.
@@ -105,6 +109,9 @@ pub enum Entrypoint {
     Command(String),
     /// `[python3, train.py, --epochs, "1"]`
     Args(Vec<String>),
+    /// `model_def:MyTrial`: a `det.pytorch.PyTorchTrial` subclass, which the
+    /// node runs through the Python harness (`determined.exec.harness`).
+    TrialClass(String),
 }
 
 /// The `reproducibility` section.
@@ -379,7 +386,7 @@ fn set_path(node: &mut Node, keys: &[&str], value: Node, pos: Pos) -> Result<(),
     Ok(())
 }
 
-const IGNORED_TOP: [(&str, &str); 15] = [
+const IGNORED_TOP: [(&str, &str); 14] = [
     (
         "bind_mounts",
         "trials run as local processes and see the node's filesystem",
@@ -387,10 +394,6 @@ const IGNORED_TOP: [(&str, &str); 15] = [
     (
         "records_per_epoch",
         "deprecated by Determined; lengths are counted by the training code",
-    ),
-    (
-        "scheduling_unit",
-        "deprecated by Determined; trials report progress themselves",
     ),
     (
         "optimizations",
@@ -424,7 +427,7 @@ const IGNORED_TOP: [(&str, &str); 15] = [
     ("internal", "reserved by Determined"),
 ];
 
-const USED_TOP: [&str; 19] = [
+const USED_TOP: [&str; 20] = [
     "name",
     "description",
     "entrypoint",
@@ -439,6 +442,7 @@ const USED_TOP: [&str; 19] = [
     "min_checkpoint_period",
     "preemption_timeout",
     "perform_initial_validation",
+    "scheduling_unit",
     "environment",
     "resources",
     "hyperparameters",
@@ -488,6 +492,18 @@ fn parse_root(diag: &mut Diag, root: &Node) -> Option<ExperimentConfig> {
         .map_or(Some(false), |n| {
             read::boolean(diag, n, "perform_initial_validation")
         });
+    let scheduling_unit = f.get("scheduling_unit").and_then(|n| {
+        let units = read::uint(diag, n, "scheduling_unit", 1, searcher::TIME_MAX)?;
+        if !matches!(entrypoint, Some(Entrypoint::TrialClass(_))) {
+            diag.warn(
+                n.pos,
+                "scheduling_unit",
+                "read only by the Trial-class harness (`entrypoint: module:Class`); a Core API \
+                 script reports its metrics when it likes",
+            );
+        }
+        Some(units)
+    });
     let environment = environment(diag, f.get("environment"));
     let resources = resources(diag, f.get("resources"));
     let hyperparameters = f
@@ -541,6 +557,7 @@ fn parse_root(diag: &mut Diag, root: &Node) -> Option<ExperimentConfig> {
         min_checkpoint_period,
         preemption_timeout: preemption_timeout?,
         perform_initial_validation: perform_initial_validation?,
+        scheduling_unit,
         environment: environment?,
         resources: resources?,
         hyperparameters,
@@ -568,16 +585,16 @@ fn names_a_trial_class(command: &str) -> bool {
 fn entrypoint(diag: &mut Diag, node: &Node) -> Option<Entrypoint> {
     match &node.kind {
         NodeKind::Str(s) if names_a_trial_class(s) => {
-            diag.error(
+            diag.warn(
                 node.pos,
                 "entrypoint",
                 format!(
-                    "{s:?} names a Trial class; Resolute runs a command in the model \
-                     directory (for example `python3 train.py` with the Core API), and \
-                     does not run PyTorchTrial/Keras Trial classes"
+                    "{s:?} is a Trial class (deprecated since Determined 0.38): it runs \
+                     through the PyTorchTrial harness, which needs torch on the nodes; a \
+                     script (`python3 train.py` with det.pytorch.Trainer) is the newer form"
                 ),
             );
-            None
+            Some(Entrypoint::TrialClass(s.trim().to_string()))
         }
         NodeKind::Str(s) => Some(Entrypoint::Command(s.clone())),
         NodeKind::Seq(_) => read::strings(diag, node, "entrypoint").map(Entrypoint::Args),

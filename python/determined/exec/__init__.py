@@ -1,0 +1,1 @@
+"""Entry points the node runs for trials (`python3 -m determined.exec.harness`)."""
