@@ -463,6 +463,42 @@ with det.core.init() as core:
     assert!(logs.contains("best validation: 0.5"), "{logs}");
 }
 
+#[test]
+fn a_pytorch_trial_search_follows_the_searchers_lengths_in_epochs() {
+    if !has_torch() {
+        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 99, None);
+    let model = repo().join("examples/pytorch-trial");
+    let id = create(
+        &a.api,
+        &model.join("adaptive.yaml"),
+        &model,
+        &[client_env(), "data.pause_s=0.03".into()],
+    );
+    until("the search completes", Duration::from_secs(300), || {
+        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
+        assert_ne!(s, "Errored");
+        s == "Completed"
+    });
+    // Rungs at 2 and 4 epochs (16 batches an epoch), a validation every
+    // epoch: the trial of the two-rung bracket was stopped by the searcher
+    // before 4 (checkpointed at its last batch), the others trained to 4.
+    let mut ends = Vec::new();
+    for t in trials(&a.api, id) {
+        let (m, last) = last_validation(&a.api, t["id"].as_u64().expect("id"));
+        let epochs = last["metrics"]["epochs"].as_u64().unwrap_or(0);
+        assert_eq!(last["steps_completed"], epochs * 16, "{m}");
+        ends.push(epochs);
+    }
+    ends.sort_unstable();
+    assert_eq!(ends.len(), 4, "{ends:?}");
+    assert!(ends[0] >= 2 && ends[0] < 4, "{ends:?}");
+    assert_eq!(&ends[1..], &[4, 4, 4], "{ends:?}");
+}
+
 /// `resolute experiment create CONFIG MODEL_DIR` against `n`.
 fn experiment_create_in(n: &NodeProc, config: &Path, model: &Path) -> std::process::Output {
     Command::new(resolute_tests::bin())

@@ -159,6 +159,7 @@ class Trainer:
             unit = self._info.time_metric
             following = self._core.searcher._ask_next
             lengths = loop.Lengths(target, unit, gbs, following=following, cap=max_length)
+            logger.info("the searcher's length for this trial: %d %s", target, unit)
             if max_length is not None and units.TrainUnit._from_searcher_unit(searcher.get("max_time", target), unit, gbs) != max_length:
                 warnings.warn(
                     "fit(max_length={!r}) differs from the searcher's max_time {} {}: training stops at "
