@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use resolute_tests::{get, repo, start, this_node, trials, until, NodeProc};
+use resolute_tests::{
+    create, get, kill_under_a_trial, last_validation, repo, start, trials, until, Moved, NodeProc,
+};
 
 /// A script in the style of Determined's tutorials that touches every part of
 /// the local context: logging in `det.LOG_FORMAT`, `pathlib` checkpoint paths
@@ -109,132 +111,6 @@ fn a_determined_script_runs_off_a_cluster_with_the_local_context() {
     )
     .expect("json");
     assert_eq!(metadata["note"], "first");
-}
-
-fn create(api: &str, config: &Path, model: &Path, overrides: &[String]) -> u64 {
-    let mut args: Vec<String> = vec![
-        "experiment".into(),
-        "create".into(),
-        config.display().to_string(),
-        model.display().to_string(),
-    ];
-    for o in overrides {
-        args.push("--config".into());
-        args.push(o.clone());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    get(api, &args)["id"].as_u64().expect("experiment id")
-}
-
-/// The PYTHONPATH to the repository's client, for the examples.
-fn client_env() -> String {
-    format!(
-        "environment.environment_variables=[\"PYTHONPATH={}\"]",
-        repo().join("python").display()
-    )
-}
-
-/// What [`kill_under_a_trial`] leaves: the nodes' data (kept until the
-/// end of the test), the first node, the other survivor, the trial that
-/// moved and its description.
-struct Moved {
-    _dir: tempfile::TempDir,
-    a: NodeProc,
-    _survivor: Option<NodeProc>,
-    trial: u64,
-    described: serde_json::Value,
-}
-
-/// Three nodes on `hosts`; the example `model` with `overrides` submitted to
-/// the first; once a trial with slots on the second or third node has a
-/// checkpoint held by two nodes, that node is SIGKILLed. Waits until the
-/// experiment completes, with every trial trained to `length`, and the
-/// trial that was there on a later incarnation (resumed from its checkpoint,
-/// not from the start).
-fn kill_under_a_trial(hosts: [u8; 3], model: &str, overrides: &[String], length: u64) -> Moved {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), hosts[0], None);
-    let b = start(&dir.path().join("b"), hosts[1], Some(&a.listen));
-    let c = start(&dir.path().join("c"), hosts[2], Some(&a.listen));
-    until("three voters", Duration::from_secs(30), || {
-        let v = get(&c.api, &["cluster", "status"]);
-        v["voters"].as_array().is_some_and(|x| x.len() == 3)
-    });
-    let model = repo().join(model);
-    let mut all = vec![
-        client_env(),
-        format!("searcher.max_length.batches={length}"),
-    ];
-    all.extend_from_slice(overrides);
-    let id = create(&a.api, &model.join("experiment.yaml"), &model, &all);
-    let ids = [this_node(&b), this_node(&c)];
-    let mut victim: Option<(u64, usize)> = None;
-    let copied = |trial: &serde_json::Value| {
-        let runs = get(&a.api, &["trial", "runs", &trial["id"].to_string()]);
-        runs["checkpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2))
-    };
-    let on = |trial: &serde_json::Value, node: &str| {
-        trial["layout"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|l| l["node"].as_str() == Some(node))
-    };
-    until(
-        "a trial on b or c with a copied checkpoint",
-        Duration::from_secs(120),
-        || {
-            for t in trials(&a.api, id) {
-                for (k, node) in ids.iter().enumerate() {
-                    if on(&t, node) && copied(&t) {
-                        victim = Some((t["id"].as_u64().unwrap_or(0), k));
-                        return true;
-                    }
-                }
-            }
-            false
-        },
-    );
-    let (trial, k) = victim.expect("victim");
-    let mut others = [Some(b), Some(c)];
-    drop(others[k].take());
-    let survivor = others[1 - k].take();
-    until("the experiment completes", Duration::from_secs(240), || {
-        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
-    });
-    for t in trials(&a.api, id) {
-        assert_eq!(t["state"], "Done(Completed)", "{t}");
-        assert_eq!(t["steps_completed"], length, "{t}");
-    }
-    let described = get(&a.api, &["trial", "describe", &trial.to_string()]);
-    assert!(
-        described["incarnation"].as_u64().unwrap_or(0) >= 2,
-        "it moved: {described}"
-    );
-    Moved {
-        _dir: dir,
-        a,
-        _survivor: survivor,
-        trial,
-        described,
-    }
-}
-
-/// The trial's metric reports and its last validation.
-fn last_validation(api: &str, trial: u64) -> (serde_json::Value, serde_json::Value) {
-    let m = get(api, &["trial", "metrics", &trial.to_string()]);
-    let last = m
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rfind(|p| p["kind"] == "Validation")
-        .cloned()
-        .unwrap_or_default();
-    (m, last)
 }
 
 #[test]
@@ -344,250 +220,6 @@ fn experiment_create_prints_and_returns_the_configs_warnings() {
             .map(Vec::len),
         Some(1)
     );
-}
-
-/// Whether `python3` here imports torch (the PyTorchTrial tests need it).
-fn has_torch() -> bool {
-    Command::new("python3")
-        .args(["-c", "import torch"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-#[test]
-fn the_trial_harness_loop_passes_its_python_tests_without_torch() {
-    let out = Command::new("python3")
-        .args(["-m", "unittest", "discover", "-v", "-s"])
-        .arg(repo().join("python/tests"))
-        .env("PYTHONPATH", repo().join("python"))
-        .output()
-        .expect("python3");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("Ran 10 tests") && text.contains("OK"),
-        "{text}"
-    );
-}
-
-#[test]
-fn a_trial_class_entrypoint_is_checked_up_front_and_says_what_it_needs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 98, None);
-    let model = dir.path().join("model");
-    std::fs::create_dir_all(&model).expect("model dir");
-    let config = model.join("exp.yaml");
-    std::fs::write(
-        &config,
-        "entrypoint: model_def:MyTrial\nmax_restarts: 0\n\
-         hyperparameters: {global_batch_size: 8}\n\
-         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
-    )
-    .expect("config");
-    // Its module is not in the model directory: refused before anything is sent.
-    let out = experiment_create_in(&a, &config, &model);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("entrypoint model_def:MyTrial: neither model_def.py nor model_def/__init__.py is in the model directory"),
-        "{stderr}"
-    );
-    // With it there, the submission warns that it runs through the harness.
-    std::fs::write(model.join("model_def.py"), "import torch\n").expect("module");
-    let out = experiment_create_in(&a, &config, &model);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains("exp.yaml:1:13: entrypoint: \"model_def:MyTrial\" is a Trial class")
-            && stderr.contains("needs torch on the nodes"),
-        "{stderr}"
-    );
-    if has_torch() {
-        eprintln!("the run without torch is skipped: python3 imports torch here");
-        return;
-    }
-    // Without torch the trial fails with the harness's message, not a shell error.
-    let id = get(&a.api, &["experiment", "list"])[0]["id"]
-        .as_u64()
-        .expect("id");
-    until("the experiment errors", Duration::from_secs(60), || {
-        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Errored"
-    });
-    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
-    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
-    assert!(
-        logs.contains("entrypoint model_def:MyTrial: a Trial class runs on PyTorch, and torch is not importable"),
-        "{logs}"
-    );
-}
-
-#[test]
-fn a_trial_reads_the_experiments_best_validation_from_the_cluster() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 93, None);
-    let model = dir.path().join("model");
-    std::fs::create_dir_all(&model).expect("model dir");
-    std::fs::write(
-        model.join("best.py"),
-        r#"
-import time
-import determined as det
-with det.core.init() as core:
-    assert core.train.get_experiment_best_validation() is None
-    core.train.report_validation_metrics(steps_completed=1, metrics={"loss": 0.5})
-    best, deadline = None, time.time() + 30
-    while best is None and time.time() < deadline:
-        time.sleep(0.2)
-        best = core.train.get_experiment_best_validation()
-    print("best validation:", best, flush=True)
-    assert best == 0.5, best
-"#,
-    )
-    .expect("script");
-    let config = model.join("exp.yaml");
-    std::fs::write(
-        &config,
-        "entrypoint: python3 best.py\nmax_restarts: 0\n\
-         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
-    )
-    .expect("config");
-    let id = create(&a.api, &config, &model, &[]);
-    until("the experiment completes", Duration::from_secs(60), || {
-        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
-        assert_ne!(s, "Errored");
-        s == "Completed"
-    });
-    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
-    let logs = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
-    assert!(logs.contains("best validation: 0.5"), "{logs}");
-}
-
-#[test]
-fn a_pytorch_trial_search_follows_the_searchers_lengths_in_epochs() {
-    if !has_torch() {
-        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 99, None);
-    let model = repo().join("examples/pytorch-trial");
-    let id = create(
-        &a.api,
-        &model.join("adaptive.yaml"),
-        &model,
-        &[client_env(), "data.pause_s=0.03".into()],
-    );
-    until("the search completes", Duration::from_secs(300), || {
-        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
-        assert_ne!(s, "Errored");
-        s == "Completed"
-    });
-    // Rungs at 2 and 4 epochs (16 batches an epoch), a validation every
-    // epoch: the trial of the two-rung bracket was stopped by the searcher
-    // before 4 (checkpointed at its last batch), the others trained to 4.
-    let mut ends = Vec::new();
-    for t in trials(&a.api, id) {
-        let (m, last) = last_validation(&a.api, t["id"].as_u64().expect("id"));
-        let epochs = last["metrics"]["epochs"].as_u64().unwrap_or(0);
-        assert_eq!(last["steps_completed"], epochs * 16, "{m}");
-        ends.push(epochs);
-    }
-    ends.sort_unstable();
-    assert_eq!(ends.len(), 4, "{ends:?}");
-    assert!(ends[0] >= 2 && ends[0] < 4, "{ends:?}");
-    assert_eq!(&ends[1..], &[4, 4, 4], "{ends:?}");
-}
-
-/// `resolute experiment create CONFIG MODEL_DIR` against `n`.
-fn experiment_create_in(n: &NodeProc, config: &Path, model: &Path) -> std::process::Output {
-    Command::new(resolute_tests::bin())
-        .args(["experiment", "create"])
-        .arg(config)
-        .arg(model)
-        .args(["-m", &n.api])
-        .env("RESOLUTE_TOKEN", &n.token)
-        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
-        .output()
-        .expect("cli")
-}
-
-#[test]
-fn a_pytorch_trial_runs_through_the_harness_and_resumes_after_a_kill() {
-    if !has_torch() {
-        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
-        return;
-    }
-    let Moved {
-        _dir,
-        a,
-        _survivor,
-        trial,
-        described: _,
-    } = kill_under_a_trial(
-        [94, 95, 96],
-        "examples/pytorch-trial",
-        &["data.pause_s=0.05".into()],
-        64,
-    );
-    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
-    assert!(text.contains("restored checkpoint"), "{text}");
-    // What Determined's harness reports: the trial's metrics with the
-    // batches and whole epochs (16 batches an epoch) trained.
-    let (m, last) = last_validation(&a.api, trial);
-    assert_eq!(last["steps_completed"], 64, "{m}");
-    assert_eq!(last["metrics"]["batches"], 64, "{m}");
-    assert_eq!(last["metrics"]["epochs"], 4, "{m}");
-    let accuracy = last["metrics"]["accuracy"].as_f64().expect("accuracy");
-    assert!((0.0..=1.0).contains(&accuracy), "{m}");
-    let training: Vec<u64> = m
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["kind"] == "Training")
-        .filter_map(|p| p["steps_completed"].as_u64())
-        .collect();
-    assert!(
-        training.contains(&8) && training.contains(&64),
-        "scheduling_unit 8: {m}"
-    );
-}
-
-#[test]
-fn a_two_slot_pytorch_trial_trains_both_processes_under_the_launcher() {
-    if !has_torch() {
-        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(&dir.path().join("a"), 97, None);
-    let model = repo().join("examples/pytorch-trial");
-    let id = create(
-        &a.api,
-        &model.join("distributed.yaml"),
-        &model,
-        &[client_env()],
-    );
-    until("the experiment completes", Duration::from_secs(180), || {
-        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
-        assert_ne!(
-            s,
-            "Errored",
-            "{}",
-            resolute_tests::cli(&a.api, &["experiment", "logs", &id.to_string()]).1
-        );
-        s == "Completed"
-    });
-    let trial = trials(&a.api, id)[0]["id"].as_u64().expect("trial");
-    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
-    assert!(
-        text.contains("[rank=0] ") && text.contains("[rank=1] "),
-        "{text}"
-    );
-    let (m, last) = last_validation(&a.api, trial);
-    assert_eq!(last["steps_completed"], 32, "{m}");
-    // Two processes of 16 records a batch: 16 batches an epoch each.
-    assert_eq!(last["metrics"]["epochs"], 2, "{m}");
 }
 
 #[test]
@@ -921,4 +553,72 @@ fn the_cli_takes_det_habits_and_trials_find_the_nodes_client_by_themselves() {
         .output()
         .expect("python3");
     assert!(String::from_utf8_lossy(&py.stdout).contains("%(levelname)s"));
+}
+
+/// `resolute trial kill` (Determined's `det trial kill`): the running trial
+/// ends at once, stopped, without a restart; the search goes on with the
+/// next trial; an ended trial cannot be killed again.
+#[test]
+fn trial_kill_ends_one_trial_and_the_search_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 101, None);
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).expect("model dir");
+    std::fs::write(model.join("sleep.py"), "import time\ntime.sleep(600)\n").expect("script");
+    let config = model.join("exp.yaml");
+    std::fs::write(
+        &config,
+        "entrypoint: python3 sleep.py\n\
+         hyperparameters: {x: {type: int, minval: 1, maxval: 9}}\n\
+         searcher: {name: random, metric: loss, max_trials: 2, max_concurrent_trials: 1, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    let id = create(&a.api, &config, &model, &[]);
+    let running = |n: usize| {
+        let ts = trials(&a.api, id);
+        (ts.len() == n
+            && ts[n - 1]["state"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Running")))
+        .then(|| ts[n - 1]["id"].as_u64().unwrap_or(0))
+    };
+    let mut first = 0;
+    until("the first trial runs", Duration::from_secs(60), || {
+        first = running(1).unwrap_or(0);
+        first != 0
+    });
+    let kill = |trial: u64| {
+        Command::new(resolute_tests::bin())
+            .args(["t", "kill", &trial.to_string(), "-m", &a.api])
+            .env("RESOLUTE_TOKEN", &a.token)
+            .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+            .output()
+            .expect("cli")
+    };
+    let out = kill(first);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("trial {first} killed")
+    );
+    let mut second = 0;
+    until("the second trial runs", Duration::from_secs(60), || {
+        second = running(2).unwrap_or(0);
+        second != 0
+    });
+    let described = get(&a.api, &["trial", "describe", &first.to_string()]);
+    assert_eq!(described["state"], "Done(Stopped)", "{described}");
+    assert_eq!(described["restarts"], 0, "{described}");
+    let runs = get(&a.api, &["trial", "runs", &first.to_string()]).to_string();
+    assert!(runs.contains("killed by its user"), "{runs}");
+    // Killing it again is the user's error (exit 1), and says why.
+    let out = kill(first);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("has ended"), "{stderr}");
+    // The last trial killed, the search has nothing left to run.
+    assert_eq!(kill(second).status.code(), Some(0));
+    until("the experiment ends", Duration::from_secs(60), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] != "Active"
+    });
 }

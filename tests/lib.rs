@@ -308,3 +308,159 @@ pub fn create_python_core(api: &str, overrides: &[&str]) -> u64 {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     get(api, &args)["id"].as_u64().expect("experiment id")
 }
+
+// Experiments on a real cluster, shared by the Core API and harness tests.
+
+/// Creates an experiment from `config` with `model` (`--config` overrides); its id.
+pub fn create(api: &str, config: &Path, model: &Path, overrides: &[String]) -> u64 {
+    let mut args: Vec<String> = vec![
+        "experiment".into(),
+        "create".into(),
+        config.display().to_string(),
+        model.display().to_string(),
+    ];
+    for o in overrides {
+        args.push("--config".into());
+        args.push(o.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    get(api, &args)["id"].as_u64().expect("experiment id")
+}
+
+/// The PYTHONPATH to the repository's client, for the examples.
+pub fn client_env() -> String {
+    format!(
+        "environment.environment_variables=[\"PYTHONPATH={}\"]",
+        repo().join("python").display()
+    )
+}
+
+/// What [`kill_under_a_trial`] leaves: the nodes' data (kept until the
+/// end of the test), the first node, the other survivor, the trial that
+/// moved and its description.
+pub struct Moved {
+    /// The nodes' data dirs (dropped last).
+    pub _dir: tempfile::TempDir,
+    /// The node the experiment was submitted to.
+    pub a: NodeProc,
+    /// The other node that stayed up.
+    pub _survivor: Option<NodeProc>,
+    /// The trial that moved.
+    pub trial: u64,
+    /// `trial describe` of it.
+    pub described: serde_json::Value,
+}
+
+/// Three nodes on `hosts`; the example `model` with `overrides` submitted to
+/// the first; once a trial with slots on the second or third node has a
+/// checkpoint held by two nodes, that node is SIGKILLed. Waits until the
+/// experiment completes, with every trial trained to `length`, and the
+/// trial that was there on a later incarnation (resumed from its checkpoint,
+/// not from the start).
+pub fn kill_under_a_trial(hosts: [u8; 3], model: &str, overrides: &[String], length: u64) -> Moved {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), hosts[0], None);
+    let b = start(&dir.path().join("b"), hosts[1], Some(&a.listen));
+    let c = start(&dir.path().join("c"), hosts[2], Some(&a.listen));
+    until("three voters", Duration::from_secs(30), || {
+        let v = get(&c.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 3)
+    });
+    let model = repo().join(model);
+    let mut all = vec![
+        client_env(),
+        format!("searcher.max_length.batches={length}"),
+    ];
+    all.extend_from_slice(overrides);
+    let id = create(&a.api, &model.join("experiment.yaml"), &model, &all);
+    let ids = [this_node(&b), this_node(&c)];
+    let mut victim: Option<(u64, usize)> = None;
+    let copied = |trial: &serde_json::Value| {
+        let runs = get(&a.api, &["trial", "runs", &trial["id"].to_string()]);
+        runs["checkpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["holders"].as_array().is_some_and(|h| h.len() >= 2))
+    };
+    let on = |trial: &serde_json::Value, node: &str| {
+        trial["layout"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["node"].as_str() == Some(node))
+    };
+    until(
+        "a trial on b or c with a copied checkpoint",
+        Duration::from_secs(120),
+        || {
+            for t in trials(&a.api, id) {
+                for (k, node) in ids.iter().enumerate() {
+                    if on(&t, node) && copied(&t) {
+                        victim = Some((t["id"].as_u64().unwrap_or(0), k));
+                        return true;
+                    }
+                }
+            }
+            false
+        },
+    );
+    let (trial, k) = victim.expect("victim");
+    let mut others = [Some(b), Some(c)];
+    drop(others[k].take());
+    let survivor = others[1 - k].take();
+    until("the experiment completes", Duration::from_secs(240), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    for t in trials(&a.api, id) {
+        assert_eq!(t["state"], "Done(Completed)", "{t}");
+        assert_eq!(t["steps_completed"], length, "{t}");
+    }
+    let described = get(&a.api, &["trial", "describe", &trial.to_string()]);
+    assert!(
+        described["incarnation"].as_u64().unwrap_or(0) >= 2,
+        "it moved: {described}"
+    );
+    Moved {
+        _dir: dir,
+        a,
+        _survivor: survivor,
+        trial,
+        described,
+    }
+}
+
+/// The trial's metric reports and its last validation.
+pub fn last_validation(api: &str, trial: u64) -> (serde_json::Value, serde_json::Value) {
+    let m = get(api, &["trial", "metrics", &trial.to_string()]);
+    let last = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|p| p["kind"] == "Validation")
+        .cloned()
+        .unwrap_or_default();
+    (m, last)
+}
+
+/// Whether `python3` here imports torch (the PyTorchTrial tests need it).
+pub fn has_torch() -> bool {
+    Command::new("python3")
+        .args(["-c", "import torch"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `resolute experiment create CONFIG MODEL_DIR` against `n`.
+pub fn experiment_create_in(n: &NodeProc, config: &Path, model: &Path) -> std::process::Output {
+    Command::new(bin())
+        .args(["experiment", "create"])
+        .arg(config)
+        .arg(model)
+        .args(["-m", &n.api])
+        .env("RESOLUTE_TOKEN", &n.token)
+        .env("RESOLUTE_CONFIG_DIR", "/nonexistent/resolute-tests")
+        .output()
+        .expect("cli")
+}

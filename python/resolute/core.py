@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 
@@ -158,15 +159,16 @@ class TrainContext:
         self._e.call("POST", "/validation", body)
 
     def report_metrics(self, group, steps_completed, metrics):
-        """Metrics of `group`: "training" and "validation" are kept; the node's
-        store knows no other group yet, so another one is refused."""
+        """Metrics of `group`: "training" and "validation" as their own calls;
+        any other name (letters, digits, `_`, `-`, `.`; 32 bytes at most) is
+        kept and served beside them (`resolute trial metrics ID --group G`)."""
         if group == "training":
             return self.report_training_metrics(steps_completed, metrics)
         if group == "validation":
             return self.report_validation_metrics(steps_completed, metrics)
-        raise ValueError(
-            "metric group {!r}: Resolute keeps the 'training' and 'validation' groups only".format(group)
-        )
+        self._chief_only("report_metrics")
+        body = {"steps_completed": int(steps_completed), "metrics": _values.metrics(metrics)}
+        self._e.call("POST", "/metrics/" + urllib.parse.quote(str(group), safe=""), body)
 
     def report_progress(self, progress):
         self._chief_only("report_progress")

@@ -308,6 +308,14 @@ pub enum TrialCommand {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Kills a trial at once (SIGKILL, no checkpoint): it ends stopped for
+    /// good and the searcher goes on without it; the experiment's other
+    /// trials run on.
+    #[command(after_help = "Examples:\n  resolute trial kill 7\n  resolute t kill 7")]
+    Kill {
+        /// Its id.
+        id: u64,
+    },
 }
 
 /// `resolute checkpoint ...`
@@ -792,6 +800,11 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
 pub fn trial(t: &Target, cmd: &TrialCommand) -> anyhow::Result<ExitCode> {
     let r = (|| -> Result<(), Failure> {
         let path = match cmd {
+            TrialCommand::Kill { id } => {
+                let v = call(t, "POST", &format!("/trials/{id}/kill"), None)?;
+                print(t, &v, |_| println!("trial {id} killed"));
+                return Ok(());
+            }
             TrialCommand::Describe { id } => format!("/trials/{id}"),
             TrialCommand::Metrics {
                 id,

@@ -135,13 +135,95 @@ impl Role {
     }
 }
 
-/// Training or validation.
+/// Which group a metrics report belongs to: Determined's two built-in
+/// groups, or another the training code names (`report_metrics(group, ...)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetricKind {
     /// Reported during training.
     Training,
     /// Reported after a validation pass; drives the searcher.
     Validation,
+    /// Any other group (kept and served, never read by the searcher).
+    /// Appended last: entries in the log keep their variant numbers.
+    Group(GroupName),
+}
+
+impl MetricKind {
+    /// The kind of a group named `name`: `training` and `validation` are the
+    /// built-in ones; any other must be a valid [`GroupName`].
+    pub fn of_group(name: &str) -> Result<MetricKind, String> {
+        match name {
+            "training" => Ok(MetricKind::Training),
+            "validation" => Ok(MetricKind::Validation),
+            other => GroupName::new(other).map(MetricKind::Group),
+        }
+    }
+
+    /// The group's name (`training`, `validation`, or its own).
+    pub fn group(&self) -> &str {
+        match self {
+            MetricKind::Training => "training",
+            MetricKind::Validation => "validation",
+            MetricKind::Group(g) => g.as_str(),
+        }
+    }
+}
+
+/// Longest name of a metric group other than training and validation, in bytes.
+pub const GROUP_NAME_MAX_BYTES: usize = 32;
+
+/// The name of a metric group: 1 to [`GROUP_NAME_MAX_BYTES`] bytes of ASCII
+/// letters, digits, `_`, `-` and `.`. Fixed-size so that a [`MetricKind`]
+/// stays `Copy`; checked when it is made and when it is decoded (a peer's
+/// bytes included).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName {
+    len: u8,
+    bytes: [u8; GROUP_NAME_MAX_BYTES],
+}
+
+impl GroupName {
+    /// `name` as a group name, or why it is not one.
+    pub fn new(name: &str) -> Result<GroupName, String> {
+        let ok = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
+        if name.is_empty() || name.len() > GROUP_NAME_MAX_BYTES || !name.bytes().all(ok) {
+            return Err(format!(
+                "metric group {:?}: a name is 1 to {GROUP_NAME_MAX_BYTES} letters, digits, `_`, `-` or `.`",
+                name.chars().take(GROUP_NAME_MAX_BYTES + 8).collect::<String>()
+            ));
+        }
+        let mut bytes = [0u8; GROUP_NAME_MAX_BYTES];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(GroupName {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from checked ASCII (`new`), so this cannot fail.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for GroupName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl Serialize for GroupName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<GroupName, D::Error> {
+        let name = String::deserialize(d)?;
+        GroupName::new(&name).map_err(serde::de::Error::custom)
+    }
 }
 
 /// One metrics report of one trial.
@@ -151,7 +233,7 @@ pub struct MetricRecord {
     pub trial: TrialId,
     /// The incarnation that produced it (stale ones are rejected).
     pub incarnation: u64,
-    /// Training or validation.
+    /// Its group (training, validation or another).
     pub kind: MetricKind,
     /// Training progress when reported.
     pub steps_completed: u64,
@@ -349,6 +431,15 @@ pub enum Command {
         /// What it measured when it went low.
         low: Option<DiskLow>,
     },
+    /// A user kills one trial (`resolute trial kill`, Determined's `det trial
+    /// kill`): a running one gets SIGKILL at once; it ends stopped for good,
+    /// and its searcher hears that it exited early, canceled by its user. The
+    /// experiment goes on with its other trials. Appended last: entries in
+    /// the log keep their variant numbers.
+    TrialKill {
+        /// The trial.
+        trial: TrialId,
+    },
 }
 
 /// A node's disk below its low-water mark, as the node measured it.
@@ -492,5 +583,45 @@ fn value_bytes(v: &Value) -> usize {
                 .sum::<usize>()
                 + 1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{GroupName, MetricKind, GROUP_NAME_MAX_BYTES};
+    use resolute_types::codec;
+
+    #[test]
+    fn group_names_are_checked_when_made_and_when_decoded() {
+        for ok in [
+            "inference",
+            "test-set.v2",
+            "a",
+            &"x".repeat(GROUP_NAME_MAX_BYTES),
+        ] {
+            let kind = MetricKind::of_group(ok).expect(ok);
+            assert_eq!(kind.group(), ok);
+            let back: MetricKind =
+                codec::decode(&codec::encode(&kind).expect("encode")).expect("decode");
+            assert_eq!(back, kind);
+        }
+        assert_eq!(MetricKind::of_group("training"), Ok(MetricKind::Training));
+        assert_eq!(
+            MetricKind::of_group("validation"),
+            Ok(MetricKind::Validation)
+        );
+        for bad in [
+            "",
+            "has space",
+            "ünï",
+            &"x".repeat(GROUP_NAME_MAX_BYTES + 1),
+            "../x/",
+        ] {
+            let err = MetricKind::of_group(bad).expect_err(bad);
+            assert!(err.starts_with("metric group"), "{err}");
+        }
+        // A peer's bytes that name a bad group fail to decode; nothing panics.
+        let forged = codec::encode(&"has space").expect("encode");
+        assert!(codec::decode::<GroupName>(&forged).is_err());
     }
 }

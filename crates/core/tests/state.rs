@@ -405,3 +405,51 @@ fn a_second_copy_of_each_latest_checkpoint_goes_to_another_site_first() {
     });
     assert!(wanted(&sm, 2).is_empty(), "the trial is done");
 }
+
+#[test]
+fn a_killed_trial_ends_for_good_and_its_search_goes_on() {
+    use resolute_core::state::Pending;
+    let mut sm = Sm::new();
+    sm.apply(created(EXPERIMENT));
+    let running = sm.running();
+    assert_eq!(running.len(), 2, "max_concurrent_trials: 2");
+    let (a, a_inc) = running[0];
+    let (b, _) = running[1];
+    // A placed trial is signalled; it ends when its exit comes in, however
+    // it exited (SIGKILL reads as an error), without a restart.
+    assert_eq!(sm.apply(Command::TrialKill { trial: a }), Reply::Ok);
+    assert_eq!(sm.state.trials[&a].pending, Pending::Kill);
+    sm.apply(Command::TrialExited {
+        trial: a,
+        incarnation: a_inc,
+        outcome: TrialOutcome::Errored {
+            message: "killed".into(),
+            exit_code: None,
+        },
+    });
+    let t = &sm.state.trials[&a];
+    assert_eq!(t.state, TrialState::Done(TrialOutcome::Stopped));
+    assert_eq!(t.restarts, 0);
+    // The searcher heard it ended early and started another in its place.
+    let now = sm.running();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.iter().all(|(id, _)| *id != a) && now.iter().any(|(id, _)| *id == b));
+    // A killed trial whose node is lost is not run again.
+    let node = match sm.state.trials[&b].state {
+        TrialState::Assigned { node } | TrialState::Running { node } => node,
+        ref other => panic!("{other:?}"),
+    };
+    sm.apply(Command::TrialKill { trial: b });
+    sm.apply(Command::NodeLost { node });
+    assert_eq!(
+        sm.state.trials[&b].state,
+        TrialState::Done(TrialOutcome::Stopped)
+    );
+    // An ended or unknown trial is refused, and says why.
+    for (trial, why) in [(a, "has ended"), (999, "unknown trial 999")] {
+        match sm.apply(Command::TrialKill { trial }) {
+            Reply::Rejected { reason } => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

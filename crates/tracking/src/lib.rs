@@ -411,11 +411,8 @@ fn last_index(batches: &[TrackBatch]) -> u64 {
 }
 
 /// A metric group's name in the store (`grp`): Determined's names.
-pub fn group_name(kind: MetricKind) -> &'static str {
-    match kind {
-        MetricKind::Training => "training",
-        MetricKind::Validation => "validation",
-    }
+pub fn group_name(kind: &MetricKind) -> &str {
+    kind.group()
 }
 
 /// A trial's state as the store writes it.

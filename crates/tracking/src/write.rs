@@ -42,8 +42,8 @@ impl<'t> Rows<'t> {
             "INSERT INTO metrics (trial_id, grp, steps_completed, entry_index, seq, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        type Key = (u64, &'static str, u64, u64, u64);
-        let mut rows: Vec<(Key, &MetricRecord)> = Vec::new();
+        type Key<'a> = (u64, &'a str, u64, u64, u64);
+        let mut rows: Vec<(Key<'_>, &MetricRecord)> = Vec::new();
         for batch in batches {
             let mut seq = 0u64;
             let mut entry = 0u64;
@@ -54,7 +54,7 @@ impl<'t> Rows<'t> {
                 }
                 if report.index > stored {
                     let r = &report.record;
-                    let key = (r.trial, group_name(r.kind), r.steps_completed, entry, seq);
+                    let key = (r.trial, group_name(&r.kind), r.steps_completed, entry, seq);
                     rows.push((key, r));
                 }
                 seq += 1;

@@ -101,6 +101,10 @@ pub(crate) fn router(registry: Registry) -> Router {
     Router::new()
         .route("/trials/{trial}/{incarnation}/training", post(training))
         .route("/trials/{trial}/{incarnation}/validation", post(validation))
+        .route(
+            "/trials/{trial}/{incarnation}/metrics/{group}",
+            post(group_metrics),
+        )
         .route("/trials/{trial}/{incarnation}/progress", post(progress))
         .route("/trials/{trial}/{incarnation}/exit", post(early_exit))
         .route(
@@ -261,6 +265,27 @@ async fn validation(
     body: String,
 ) -> Reply {
     metrics(r, key, headers, body, MetricKind::Validation).await
+}
+
+/// Metrics of a named group (`report_metrics(group, ...)`): training,
+/// validation, or another group (kept and served, not read by the searcher).
+async fn group_metrics(
+    State(r): State<Registry>,
+    UrlPath((t, i, group)): UrlPath<(u64, u64, String)>,
+    headers: HeaderMap,
+    body: String,
+) -> Reply {
+    let kind = match MetricKind::of_group(&group) {
+        Ok(k) => k,
+        Err(why) => {
+            // Authentication first: a caller without the token learns nothing.
+            if let Err(e) = authorize(&r, &headers, t, i) {
+                return e;
+            }
+            return refuse(StatusCode::BAD_REQUEST, why);
+        }
+    };
+    metrics(r, (t, i), headers, body, kind).await
 }
 
 #[derive(Deserialize)]

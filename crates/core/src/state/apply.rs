@@ -113,6 +113,7 @@ impl ClusterState {
             Command::ExperimentControl { experiment, action } => {
                 self.control(experiment, action, changes)
             }
+            Command::TrialKill { trial } => self.kill_trial(trial, changes),
             Command::User(command) => self.apply_user(user, command),
             Command::TrialStarted { trial, incarnation } => {
                 match self.current(trial, incarnation) {
@@ -267,6 +268,7 @@ impl ClusterState {
     /// runs whole or not at all.
     pub(super) fn requeue_from(&mut self, node: NodeId, changes: &mut Vec<Change>) {
         let now = self.now_ms;
+        let mut killed = Vec::new();
         for (id, t) in self.trials.iter_mut() {
             if !t.is_placed_on(node) {
                 continue;
@@ -287,10 +289,59 @@ impl ClusterState {
                 incarnation: t.incarnation,
                 why: format!("node {node:016x} was lost or removed"),
             });
+            t.stop_deadline_ms = None;
+            if t.pending == Pending::Kill {
+                // Its user killed it: it is not run again.
+                killed.push(*id);
+                continue;
+            }
             t.state = TrialState::Queued;
             t.queued_ms = Some(now);
-            t.stop_deadline_ms = None;
         }
+        for id in killed {
+            self.end_killed(id, changes);
+        }
+    }
+
+    /// A user kills one trial (see `Command::TrialKill`): a placed one is
+    /// signalled and ends when its exit (or its node's loss) is applied; any
+    /// other ends now.
+    pub(super) fn kill_trial(&mut self, trial: TrialId, changes: &mut Vec<Change>) -> Reply {
+        let now = self.now_ms;
+        let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) else {
+            return rejected(format!("unknown trial {trial}"));
+        };
+        if let TrialState::Done(outcome) = &t.state {
+            return rejected(format!("trial {trial} has ended ({outcome:?})"));
+        }
+        if t.is_placed() {
+            t.pending = Pending::Kill;
+            signal_trial(trial, t, Signal::Kill, now, changes);
+            return Reply::Ok;
+        }
+        self.end_killed(trial, changes);
+        Reply::Ok
+    }
+
+    /// A killed trial ends stopped; its searcher hears it was canceled.
+    pub(super) fn end_killed(&mut self, trial: TrialId, changes: &mut Vec<Change>) {
+        let Some(t) = trial_mut(&mut self.trials, &mut self.touched, trial) else {
+            return;
+        };
+        t.state = TrialState::Done(TrialOutcome::Stopped);
+        t.pending = Pending::None;
+        let (experiment, request_id) = (t.experiment, t.request_id);
+        self.settle(trial);
+        self.search_event(
+            experiment,
+            SearchEvent::TrialExitedEarly {
+                request_id,
+                reason: ExitedReason::UserCanceled,
+            },
+            changes,
+        );
+        self.search_event(experiment, SearchEvent::TrialExited { request_id }, changes);
+        self.maybe_collect(experiment, changes);
     }
 
     pub(super) fn signal_node(&mut self, node: NodeId, signal: Signal, changes: &mut Vec<Change>) {

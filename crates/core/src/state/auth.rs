@@ -107,6 +107,8 @@ pub enum Access {
     ControlExperiment(u64),
     /// Read a trial (its metrics, logs).
     ReadTrial(u64),
+    /// Kill a trial (whoever may control its experiment).
+    ControlTrial(u64),
     /// Download a checkpoint.
     ReadCheckpoint(String),
     /// Write anything at all (upload a model directory): a user role somewhere.
@@ -298,6 +300,10 @@ impl ClusterState {
                 format!("control experiment {id}"),
             ),
             Access::ReadTrial(id) => (self.may_read(u, of_trial(*id)?), format!("read trial {id}")),
+            Access::ControlTrial(id) => (
+                self.may_control(u, of_trial(*id)?),
+                format!("control trial {id}"),
+            ),
             Access::ReadCheckpoint(uuid) => {
                 let trial = self
                     .checkpoints
@@ -382,6 +388,17 @@ impl ClusterState {
                     Err("an experiment is created on a user's authority".into())
                 } else {
                     Ok(())
+                }
+            }
+            Command::TrialKill { trial } => {
+                let experiment = self.trials.get(trial).map(|t| t.experiment);
+                match experiment {
+                    Some(e) if self.may_control(user, e) => Ok(()),
+                    Some(e) => Err(format!(
+                        "{} may not control experiment {e} (trial {trial})",
+                        user.unwrap_or("a node")
+                    )),
+                    None => Ok(()), // apply rejects an unknown trial
                 }
             }
             Command::ExperimentControl { experiment, .. } => {

@@ -137,7 +137,8 @@ impl Experiment {
     }
 }
 
-/// What a searcher asked of a trial that its node has not yet carried out.
+/// What a searcher (or, for `Kill`, its user) asked of a trial that its node
+/// has not yet carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Pending {
     /// Nothing.
@@ -146,6 +147,9 @@ pub enum Pending {
     Pause,
     /// Checkpoint and stop for good.
     Stop,
+    /// Killed by its user: stopped at once and for good, whatever its exit
+    /// (appended last: snapshots keep their variant numbers).
+    Kill,
 }
 
 /// Where a trial is.

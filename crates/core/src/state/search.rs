@@ -243,6 +243,9 @@ impl ClusterState {
         };
         let now = self.now_ms;
         match t.state {
+            // A trial its user killed stays killed.
+            TrialState::Assigned { .. } | TrialState::Running { .. }
+                if t.pending == Pending::Kill => {}
             TrialState::Assigned { .. } | TrialState::Running { .. } => {
                 t.pending = what;
                 let signal = if what == Pending::Pause {
@@ -315,7 +318,12 @@ impl ClusterState {
             let (experiment, request_id, latest_checkpoint) =
                 match self.current(record.trial, record.incarnation) {
                     Ok(t) => {
-                        t.steps_completed = t.steps_completed.max(record.steps_completed);
+                        // Another group's steps are its own business (an
+                        // inference pass may count anything): only training
+                        // and validation reports say how far the trial is.
+                        if !matches!(record.kind, MetricKind::Group(_)) {
+                            t.steps_completed = t.steps_completed.max(record.steps_completed);
+                        }
                         t.reports += 1;
                         let latest = if validation {
                             note_validation(t, &record, searcher_metric.as_ref());
@@ -399,6 +407,10 @@ impl ClusterState {
             incarnation,
             why: run_end(&outcome, preempting, pending),
         });
+        if pending == Pending::Kill {
+            self.end_killed(trial, changes);
+            return Reply::Ok;
+        }
         let mut events = Vec::new();
         match outcome {
             TrialOutcome::Completed | TrialOutcome::Stopped => {
@@ -508,6 +520,7 @@ fn run_end(outcome: &TrialOutcome, preempting: bool, pending: Pending) -> String
     match outcome {
         TrialOutcome::Completed => "completed".into(),
         TrialOutcome::Stopped if preempting => "preempted by the scheduler".into(),
+        _ if pending == Pending::Kill => "killed by its user".into(),
         TrialOutcome::Stopped if pending == Pending::Pause => "paused by the searcher".into(),
         TrialOutcome::Stopped => "stopped".into(),
         TrialOutcome::Errored { exit_code, .. } => match exit_code {

@@ -118,6 +118,11 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
         (Method::GET, "/api/v1/experiments/{id}/trials", get(trials)),
         (Method::GET, "/api/v1/trials/{id}", get(trial)),
         (
+            Method::POST,
+            "/api/v1/trials/{id}/kill",
+            post(kill_trial).layer(json()),
+        ),
+        (
             Method::GET,
             "/api/v1/trials/{id}/metrics",
             get(tracking::metrics),
@@ -422,6 +427,22 @@ async fn trial(
         || format!("no trial {id}"),
     )
     .await
+}
+
+/// `POST /trials/{id}/kill`: the trial is killed at once and ends for good
+/// (`Command::TrialKill`); its experiment goes on.
+async fn kill_trial(
+    State(node): State<Addr<NodeActor>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<u64>,
+) -> Res {
+    if let Err(e) = allow(&node, &caller, Access::ControlTrial(id)).await {
+        return e;
+    }
+    match propose(&node, &caller, Command::TrialKill { trial: id }).await {
+        Ok(_) => (StatusCode::OK, Json(json!({}))),
+        Err(e) => e,
+    }
 }
 
 /// `GET /trials/{id}/logs` query.
