@@ -28,7 +28,7 @@ fn the_trial_harness_loop_passes_its_python_tests_without_torch() {
 }
 
 #[test]
-fn a_trial_class_entrypoint_is_checked_up_front_and_says_what_it_needs() {
+fn entrypoints_are_checked_up_front_and_a_trial_class_says_what_it_needs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = start(&dir.path().join("a"), 98, None);
     let model = dir.path().join("model");
@@ -49,6 +49,22 @@ fn a_trial_class_entrypoint_is_checked_up_front_and_says_what_it_needs() {
         stderr.contains("entrypoint model_def:MyTrial: neither model_def.py nor model_def/__init__.py is in the model directory"),
         "{stderr}"
     );
+    // A script the entrypoint names (after a launcher too) must be there.
+    let script_config = model.join("script.yaml");
+    std::fs::write(
+        &script_config,
+        "entrypoint: python3 -m determined.launch.torch_distributed -- python3 missing.py --lr=0.1\n\
+         searcher: {name: single, metric: loss, max_length: {batches: 1}}\n",
+    )
+    .expect("config");
+    let out = experiment_create_in(&a, &script_config, &model);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("entrypoint: missing.py is not in the model directory"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&script_config).expect("rm");
     // With it there, the submission warns that it runs through the harness.
     std::fs::write(model.join("model_def.py"), "import torch\n").expect("module");
     let out = experiment_create_in(&a, &config, &model);

@@ -378,8 +378,15 @@ fn submit(
     // Errors with the file's own name and lines, before anything is sent.
     let loaded = resolute_types::config::parse_str(label, config, overrides)
         .map_err(|e| Failure::User(e.to_string()))?;
-    if let (Some(Entrypoint::TrialClass(class)), Some(d)) = (&loaded.config.entrypoint, dir) {
-        check_trial_module(class, d)?;
+    match (&loaded.config.entrypoint, dir) {
+        (Some(Entrypoint::TrialClass(class)), Some(d)) => check_trial_module(class, d)?,
+        (Some(Entrypoint::Command(line)), Some(d)) => {
+            check_scripts(line.split_whitespace(), d)?;
+        }
+        (Some(Entrypoint::Args(args)), Some(d)) => {
+            check_scripts(args.iter().map(String::as_str), d)?
+        }
+        _ => {}
     }
     let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
     let model_digest = match dir {
@@ -392,6 +399,29 @@ fn submit(
         .as_u64()
         .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))?;
     Ok((id, warnings))
+}
+
+/// Fails when the entrypoint names a Python script (`python3 train.py`,
+/// also after a launcher) that is not in the model directory, where the
+/// entrypoint runs, before anything is uploaded. Only plain relative
+/// `*.py` words are checked: flags, `KEY=VALUE`, absolute paths and shell
+/// expansions are the command's own business.
+fn check_scripts<'a>(words: impl Iterator<Item = &'a str>, dir: &Path) -> Result<(), Failure> {
+    let plain = |w: &str| {
+        w.ends_with(".py")
+            && !w.starts_with('-')
+            && !w.starts_with('/')
+            && !w.contains(['=', '$', '*', '?', '~', '`', '"', '\''])
+    };
+    for word in words.filter(|w| plain(w)) {
+        if !dir.join(word).is_file() {
+            return Err(Failure::User(format!(
+                "entrypoint: {word} is not in the model directory {} (the entrypoint runs there)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Fails when the module of a Trial-class entrypoint (`model_def:MyTrial`)
