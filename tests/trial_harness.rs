@@ -273,3 +273,46 @@ fn a_two_slot_pytorch_trial_trains_both_processes_under_the_launcher() {
     // Two processes of 16 records a batch: 16 batches an epoch each.
     assert_eq!(last["metrics"]["epochs"], 2, "{m}");
 }
+
+#[test]
+fn a_pytorch_trial_across_two_nodes_trains_every_rank_under_torchrun() {
+    if !has_torch() {
+        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
+        return;
+    }
+    // Two nodes of two CPU slots; three slots for the trial: it spans both,
+    // torchrun on each with the gang's rendezvous (rank 0's node first).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 102, None);
+    let b = start(&dir.path().join("b"), 103, Some(&a.listen));
+    until("two voters", Duration::from_secs(30), || {
+        let v = get(&b.api, &["cluster", "status"]);
+        v["voters"].as_array().is_some_and(|x| x.len() == 2)
+    });
+    let model = repo().join("examples/pytorch-trial");
+    let id = create(
+        &a.api,
+        &model.join("distributed.yaml"),
+        &model,
+        &[client_env(), "resources.slots_per_trial=3".into()],
+    );
+    until("the experiment completes", Duration::from_secs(240), || {
+        let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
+        assert_ne!(s, "Errored");
+        s == "Completed"
+    });
+    let t = &trials(&a.api, id)[0];
+    let nodes = t["layout"].as_array().map_or(0, Vec::len);
+    assert_eq!(nodes, 2, "the trial spans both nodes: {t}");
+    let trial = t["id"].as_u64().expect("trial");
+    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    for rank in 0..3 {
+        assert!(
+            text.contains(&format!("[rank={rank}] ")),
+            "rank {rank}: {text}"
+        );
+    }
+    let (m, last) = last_validation(&a.api, trial);
+    assert_eq!(last["steps_completed"], 32, "{m}");
+    drop(b);
+}
