@@ -167,3 +167,55 @@ fn send_signal(pid: i32, signal: &str) -> Option<bool> {
         .ok()
         .map(|s| s.success())
 }
+
+/// What a node gossips as its address: the operator's `net.advertise` when
+/// set (a NAT's public address); a bad one stops the node with the field's
+/// name before it touches its data.
+#[test]
+fn a_node_advertises_the_operators_addresses_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let laptop = std::fs::read_to_string(repo().join("config/laptop.toml")).expect("laptop.toml");
+    assert!(
+        laptop.contains("advertise = []"),
+        "the shipped config documents it"
+    );
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        laptop.replace(
+            "advertise = []",
+            "advertise = [\"/ip4/203.0.113.9/tcp/4001\"]",
+        ),
+    )
+    .expect("config");
+    let a = resolute_tests::start_with(&dir.path().join("a"), 104, None, &config);
+    let status = get(&a.api, &["cluster", "status"]);
+    assert_eq!(
+        status["listen"],
+        serde_json::json!(["/ip4/203.0.113.9/tcp/4001"]),
+        "{status}"
+    );
+    drop(a);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        laptop.replace("advertise = []", "advertise = [\"not-an-address\"]"),
+    )
+    .expect("config");
+    let out = std::process::Command::new(resolute_tests::bin())
+        .args(["node", "start", "--config"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path().join("b"))
+        .args([
+            "--api",
+            "127.0.0.105:0",
+            "--listen",
+            "/ip4/127.0.0.105/tcp/0",
+        ])
+        .output()
+        .expect("node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("net.advertise not-an-address"), "{stderr}");
+}

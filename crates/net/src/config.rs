@@ -28,6 +28,8 @@ pub struct NetConfig {
     pub data_dir: PathBuf,
     /// Addresses to listen on (`/ip4/127.0.0.2/tcp/0` picks a port).
     pub listen: Vec<Multiaddr>,
+    /// Addresses peers are told besides (an operator's `net.advertise`).
+    pub advertise: Vec<Multiaddr>,
     /// Peers to dial at start.
     pub bootstrap: Vec<Multiaddr>,
     /// The cluster's name: its gossip topic.
@@ -60,6 +62,7 @@ impl NetConfig {
         NetConfig {
             data_dir,
             listen: vec![listen],
+            advertise: Vec::new(),
             bootstrap: Vec::new(),
             cluster: "resolute".to_string(),
             cluster_key: None,

@@ -15,6 +15,7 @@
 //! for a window) that decides who may send Raft traffic or read blobs. A join
 //! request is always delivered: the leader decides on it (a join token).
 
+pub mod addrs;
 pub mod config;
 pub mod gossip;
 pub mod identity;

@@ -203,6 +203,10 @@ pub(crate) async fn spawn(
             _ => {}
         }
     }
+    // The operator's addresses go out in identify (a NAT's public address).
+    for addr in &config.advertise {
+        swarm.add_external_address(addr.clone());
+    }
     for addr in &config.bootstrap {
         let _ = swarm.dial(addr.clone());
     }
@@ -474,7 +478,9 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                for addr in info.listen_addrs {
+                // Only addresses another machine can use (a peer listening on
+                // every interface also lists its loopback one).
+                for addr in crate::addrs::advertised(&info.listen_addrs, &[]) {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
             }

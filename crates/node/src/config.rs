@@ -122,6 +122,10 @@ impl Default for Pool {
 pub struct Net {
     /// Multiaddrs to listen on.
     pub listen: Vec<String>,
+    /// Multiaddrs peers are told to reach this node at, instead of what it
+    /// listens on (a NAT's public address, a DNS name). Empty: what it
+    /// listens on, never 0.0.0.0, and loopback only when it has nothing else.
+    pub advertise: Vec<String>,
     /// Peers to join through (multiaddrs); `--join` adds more.
     pub bootstrap: Vec<String>,
     /// The cluster's name (its gossip topic).
@@ -145,6 +149,7 @@ impl Default for Net {
     fn default() -> Self {
         Net {
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            advertise: Vec::new(),
             bootstrap: Vec::new(),
             cluster: "resolute".into(),
             cluster_key: None,
@@ -160,6 +165,11 @@ impl Default for Net {
 pub struct Api {
     /// Address of the REST API (`127.0.0.1:0` picks a port).
     pub listen: String,
+    /// `IP:port` peers are told the API is at (for a trial's logs), when the
+    /// API listens on every interface and the first advertised IP is not the
+    /// one to use. It must be an IP of `net.advertise` (or loopback): peers
+    /// refuse a record whose API is on a host it does not list.
+    pub advertise: Option<String>,
     /// A PEM certificate chain: the API speaks HTTPS (needed to listen
     /// beyond loopback).
     pub tls_cert: Option<PathBuf>,
@@ -171,6 +181,7 @@ impl Default for Api {
     fn default() -> Self {
         Api {
             listen: "127.0.0.1:8080".into(),
+            advertise: None,
             tls_cert: None,
             tls_key: None,
         }

@@ -84,7 +84,7 @@ pub async fn serve(
         .map_err(|e| fail(format!("api.listen {}: {e}", opts.config.api.listen)))?;
     let api_socket = listener.local_addr().map_err(fail)?;
     let api_addr = api_socket.to_string();
-    let node = start(&opts, api_addr.clone()).await?;
+    let node = start(&opts, api_socket).await?;
     let blobs = BlobStore::open(&opts.data_dir).map_err(fail)?;
     let gate = auth::Gate::new(node.addr.clone(), api_socket);
     let tracking = opts.data_dir.join(resolute_tracking::FILE_NAME);
@@ -128,8 +128,9 @@ struct Started {
 
 /// Opens the data dir, starts the swarm, the trials, the NVML thread and the
 /// node actor.
-async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError> {
+async fn start(opts: &Options, api_socket: std::net::SocketAddr) -> Result<Started, DaemonError> {
     let c = &opts.config;
+    let (advertise, api_advertise) = setup::advertise(opts)?;
     bootstrap::private_dir(&opts.data_dir).map_err(fail)?;
     let (mut store, recovered) = DurableStore::open(&opts.data_dir.join("log")).map_err(fail)?;
     let log_reserve_bytes = c.disk.log_reserve_mib << 20;
@@ -202,6 +203,11 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         let _ = net.dial(addr).await;
     }
     let info = net.info().await.map_err(fail)?;
+    // What peers are told: never 0.0.0.0, loopback only on a loopback node,
+    // or the operator's own list.
+    let listen = resolute_net::addrs::advertised(&info.listen, &advertise);
+    let api_addr =
+        resolute_net::addrs::advertised_api(api_socket, api_advertise.as_deref(), &listen);
     // The node's address exists before it runs, so that the actors it talks
     // to can be given it.
     let ctx: Context<NodeActor> = Context::new();
@@ -237,7 +243,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
         local: Local {
             node: id,
             api: api_addr,
-            listen: info.listen.clone(),
+            listen: listen.clone(),
             connected: Default::default(),
             records: Default::default(),
             ignored_records: 0,
@@ -264,7 +270,7 @@ async fn start(opts: &Options, api_addr: String) -> Result<Started, DaemonError>
     Ok(Started {
         addr,
         id,
-        listen: info.listen,
+        listen,
         admin,
     })
 }

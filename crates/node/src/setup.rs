@@ -37,6 +37,26 @@ pub(crate) fn setup(e: impl std::fmt::Display) -> DaemonError {
     DaemonError::Setup(e.to_string())
 }
 
+/// The operator's `net.advertise` multiaddrs and `api.advertise` address,
+/// checked (the error names the field and the value).
+pub(crate) fn advertise(opts: &Options) -> Result<(Vec<Multiaddr>, Option<String>), DaemonError> {
+    let c = &opts.config;
+    let addrs = c
+        .net
+        .advertise
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .map_err(|e| setup(format!("net.advertise {a}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(api) = &c.api.advertise {
+        api.parse::<std::net::SocketAddr>()
+            .map_err(|e| setup(format!("api.advertise {api}: {e} (expected IP:port)")))?;
+    }
+    Ok((addrs, c.api.advertise.clone()))
+}
+
 /// The network's settings from the config.
 pub(crate) fn net_config(opts: &Options) -> Result<NetConfig, DaemonError> {
     let c = &opts.config;
@@ -55,6 +75,7 @@ pub(crate) fn net_config(opts: &Options) -> Result<NetConfig, DaemonError> {
         .ok_or_else(|| setup("net.listen: at least one address"))?;
     let mut net = NetConfig::new(opts.data_dir.clone(), first);
     net.listen = listen;
+    net.advertise = advertise(opts)?.0;
     net.cluster = c.net.cluster.clone();
     net.mdns = c.net.mdns;
     net.max_message_bytes = c.net.max_message_bytes;
