@@ -219,3 +219,44 @@ fn a_node_advertises_the_operators_addresses_and_refuses_bad_ones() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("net.advertise not-an-address"), "{stderr}");
 }
+
+/// `resolute node init` writes a config the node starts from (and never
+/// replaces one); `node systemd` prints a unit for it.
+#[test]
+fn node_init_writes_a_config_a_node_starts_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("n");
+    let run = |args: &[&str]| {
+        std::process::Command::new(resolute_tests::bin())
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let data_s = data.display().to_string();
+    let out = run(&["node", "init", "--role", "laptop", "--data-dir", &data_s]);
+    assert!(out.status.success(), "{out:?}");
+    let config = data.join("node.toml");
+    let again = run(&["node", "init", "--role", "laptop", "--data-dir", &data_s]);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    let a = resolute_tests::start_with(&data, 106, None, &config);
+    assert_eq!(
+        get(&a.api, &["cluster", "status"])["nodes"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let unit = run(&[
+        "node",
+        "systemd",
+        "--config",
+        &config.display().to_string(),
+        "--data-dir",
+        &data_s,
+    ]);
+    let unit = String::from_utf8_lossy(&unit.stdout);
+    assert!(
+        unit.contains(&format!("--config {}", config.display()))
+            && unit.contains("Restart=on-failure"),
+        "{unit}"
+    );
+}

@@ -12,6 +12,7 @@ mod access;
 mod bench;
 mod client;
 mod config_file;
+mod deploy;
 mod local_cluster;
 mod quickstart;
 mod table;
@@ -193,6 +194,73 @@ enum NodeCommand {
         #[arg(long, env = "RESOLUTE_JOIN_TOKEN", hide_env_values = true)]
         join_token: Option<String>,
     },
+    /// Writes a node's config for its role (the shipped config/ROLE.toml with
+    /// the data dir and the peers to join), and puts the cluster key and the
+    /// join token in its data dir (readable by their owner only).
+    #[command(
+        after_help = "Examples:\n  resolute node init --role onprem --data-dir /var/lib/resolute \\\n      --join /ip4/203.0.113.10/tcp/4001 --cluster-key cluster.key --join-token \"$(resolute cluster join-token)\"\n  resolute node init --role laptop --data-dir n1"
+    )]
+    Init {
+        /// onprem, cloud or laptop.
+        #[arg(long, value_enum)]
+        role: deploy::Role,
+        /// The node's data dir (made if missing).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the config (default DATA_DIR/node.toml; never replaced).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A member's multiaddr to join through (repeatable).
+        #[arg(long)]
+        join: Vec<String>,
+        /// The cluster's key file (from the bootstrap node's data dir).
+        #[arg(long)]
+        cluster_key: Option<PathBuf>,
+        /// A join token (`resolute cluster join-token`), kept for the service.
+        #[arg(long, env = "RESOLUTE_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
+    },
+    /// Prints the systemd unit that runs a node on a server (restart on
+    /// failure; SIGTERM drains it).
+    #[command(
+        after_help = "Example:\n  resolute node systemd --config /etc/resolute/node.toml --data-dir /var/lib/resolute \\\n      > /etc/systemd/system/resolute.service && systemctl enable --now resolute"
+    )]
+    Systemd {
+        /// The node's config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The node's data dir (default /var/lib/resolute).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The resolute binary (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The user the node runs as (default: root, which trial isolation needs).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Prints cloud-init user-data that installs and starts a node on a fresh VM:
+    /// its config, the cluster key, the join token, the binary, the systemd unit.
+    #[command(
+        after_help = "Example:\n  resolute node cloud-init --role cloud --join /ip4/203.0.113.10/tcp/4001 \\\n      --cluster-key n1/cluster.key --join-token \"$(resolute cluster join-token)\" \\\n      --binary-url https://example.org/resolute > user-data.yaml"
+    )]
+    CloudInit {
+        /// onprem, cloud or laptop (default cloud).
+        #[arg(long, value_enum, default_value = "cloud")]
+        role: deploy::Role,
+        /// A member's multiaddr to join through (repeatable).
+        #[arg(long)]
+        join: Vec<String>,
+        /// The cluster's key file.
+        #[arg(long)]
+        cluster_key: PathBuf,
+        /// A join token (`resolute cluster join-token`).
+        #[arg(long, env = "RESOLUTE_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
+        /// Where the VM downloads the resolute binary from (http or https).
+        #[arg(long)]
+        binary_url: String,
+    },
     /// Asks a node to drain: its trials checkpoint and move elsewhere.
     Drain {
         #[command(flatten)]
@@ -336,6 +404,57 @@ fn main() -> ExitCode {
                     join_token,
                 },
         } => node_start(&config, &join, data_dir.as_deref(), api, listen, join_token),
+        CliCommand::Node {
+            command:
+                NodeCommand::Init {
+                    role,
+                    data_dir,
+                    config,
+                    join,
+                    cluster_key,
+                    join_token,
+                },
+        } => deploy::init(&deploy::Init {
+            role,
+            data_dir: &data_dir,
+            config: config.as_deref(),
+            join: &join,
+            cluster_key: cluster_key.as_deref(),
+            join_token: join_token.as_deref(),
+        })
+        .map(|()| ExitCode::SUCCESS),
+        CliCommand::Node {
+            command:
+                NodeCommand::Systemd {
+                    config,
+                    data_dir,
+                    binary,
+                    user,
+                },
+        } => deploy::systemd(
+            &config,
+            &data_dir.unwrap_or_else(deploy::default_data_dir),
+            binary.as_deref(),
+            user.as_deref(),
+        )
+        .map(|()| ExitCode::SUCCESS),
+        CliCommand::Node {
+            command:
+                NodeCommand::CloudInit {
+                    role,
+                    join,
+                    cluster_key,
+                    join_token,
+                    binary_url,
+                },
+        } => deploy::cloud_init(&deploy::CloudInit {
+            role,
+            join: &join,
+            cluster_key: &cluster_key,
+            join_token: join_token.as_deref(),
+            binary_url: &binary_url,
+        })
+        .map(|()| ExitCode::SUCCESS),
         CliCommand::Node {
             command: NodeCommand::Drain { target, id },
         } => client::node_action(&target, &id, "drain"),
