@@ -169,31 +169,99 @@ fn a_pytorch_trial_search_follows_the_searchers_lengths_in_epochs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = start(&dir.path().join("a"), 99, None);
     let model = repo().join("examples/pytorch-trial");
+    // 0.1 s a batch: the searcher's stop (a commit, a signal, the trial's
+    // poll) lands well before a trial it does not promote reaches 4 epochs,
+    // even with the other tests loading both cores.
     let id = create(
         &a.api,
         &model.join("adaptive.yaml"),
         &model,
-        &[client_env(), "data.pause_s=0.03".into()],
+        &[client_env(), "data.pause_s=0.1".into()],
     );
     until("the search completes", Duration::from_secs(300), || {
         let s = get(&a.api, &["experiment", "describe", &id.to_string()])["state"].clone();
         assert_ne!(s, "Errored");
         s == "Completed"
     });
-    // Rungs at 2 and 4 epochs (16 batches an epoch), a validation every
-    // epoch: the trial of the two-rung bracket was stopped by the searcher
-    // before 4 (checkpointed at its last batch), the others trained to 4.
+    // Rungs at 2 and 4 epochs (16 batches an epoch): every trial validated
+    // at each epoch it trained and ended on an epoch's last batch, at 4 or
+    // where the searcher stopped it (whether the stopping-based brackets stop
+    // one depends on the draws and on who reaches a rung first: the first
+    // arrival always goes on). The stop itself is proven deterministically
+    // by the pause test below.
     let mut ends = Vec::new();
     for t in trials(&a.api, id) {
         let (m, last) = last_validation(&a.api, t["id"].as_u64().expect("id"));
         let epochs = last["metrics"]["epochs"].as_u64().unwrap_or(0);
         assert_eq!(last["steps_completed"], epochs * 16, "{m}");
+        let validated: Vec<u64> = m
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["kind"] == "Validation")
+            .filter_map(|p| p["metrics"]["epochs"].as_u64())
+            .collect();
+        assert_eq!(validated, (1..=epochs).collect::<Vec<_>>(), "{m}");
         ends.push(epochs);
     }
     ends.sort_unstable();
     assert_eq!(ends.len(), 4, "{ends:?}");
-    assert!(ends[0] >= 2 && ends[0] < 4, "{ends:?}");
-    assert_eq!(&ends[1..], &[4, 4, 4], "{ends:?}");
+    assert!(ends[0] >= 2, "{ends:?}");
+    assert_eq!(ends[3], 4, "{ends:?}");
+}
+
+#[test]
+fn a_paused_pytorch_trial_checkpoints_stops_and_resumes_where_it_left_off() {
+    if !has_torch() {
+        eprintln!("skipped: torch is not importable here (pip install torch to run it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start(&dir.path().join("a"), 107, None);
+    let model = repo().join("examples/pytorch-trial");
+    let id = create(
+        &a.api,
+        &model.join("experiment.yaml"),
+        &model,
+        &[client_env(), "data.pause_s=0.1".into()],
+    );
+    let trial_of = || trials(&a.api, id).first().and_then(|t| t["id"].as_u64());
+    let trained = |trial: u64| {
+        let (m, _) = last_validation(&a.api, trial);
+        m.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["steps_completed"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let mut trial = 0;
+    until(
+        "the trial reports training",
+        Duration::from_secs(120),
+        || {
+            trial = trial_of().unwrap_or(0);
+            trial != 0 && trained(trial) >= 8
+        },
+    );
+    // A pause reaches the harness as a preemption: it checkpoints at its
+    // next period's end and exits, before the searcher's 48 batches.
+    let (code, out) = resolute_tests::cli(&a.api, &["experiment", "pause", &id.to_string()]);
+    assert_eq!(code, 0, "{out}");
+    until("the trial is paused", Duration::from_secs(60), || {
+        get(&a.api, &["trial", "describe", &trial.to_string()])["state"] == "Paused"
+    });
+    let at = trained(trial);
+    assert!(at < 48, "it stopped early: at {at}");
+    let (code, out) = resolute_tests::cli(&a.api, &["experiment", "activate", &id.to_string()]);
+    assert_eq!(code, 0, "{out}");
+    until("the experiment completes", Duration::from_secs(120), || {
+        get(&a.api, &["experiment", "describe", &id.to_string()])["state"] == "Completed"
+    });
+    let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
+    assert!(text.contains("restored checkpoint"), "{text}");
+    let (m, last) = last_validation(&a.api, trial);
+    assert_eq!(last["steps_completed"], 48, "{m}");
 }
 
 #[test]
@@ -211,7 +279,7 @@ fn a_pytorch_trial_runs_through_the_harness_and_resumes_after_a_kill() {
     } = kill_under_a_trial(
         [94, 95, 96],
         "examples/pytorch-trial",
-        &["data.pause_s=0.05".into()],
+        &["data.pause_s=0.1".into()],
         64,
     );
     let text = get(&a.api, &["trial", "logs", &trial.to_string()]).to_string();
