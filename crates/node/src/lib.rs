@@ -142,7 +142,8 @@ async fn start(opts: &Options, api_socket: std::net::SocketAddr) -> Result<Start
             c.disk.log_reserve_mib
         );
     }
-    let net_config = setup::net_config(opts)?;
+    let mut net_config = setup::net_config(opts)?;
+    net_config.advertise = advertise.clone();
     let cluster_key = net_config.cluster_key;
     let (join, _) = setup::join_addresses(opts)?;
     let (net, net_events, _task) = resolute_net::spawn(net_config).await.map_err(fail)?;

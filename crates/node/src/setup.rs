@@ -75,7 +75,6 @@ pub(crate) fn net_config(opts: &Options) -> Result<NetConfig, DaemonError> {
         .ok_or_else(|| setup("net.listen: at least one address"))?;
     let mut net = NetConfig::new(opts.data_dir.clone(), first);
     net.listen = listen;
-    net.advertise = advertise(opts)?.0;
     net.cluster = c.net.cluster.clone();
     net.mdns = c.net.mdns;
     net.max_message_bytes = c.net.max_message_bytes;

@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use resolute_core::command::MetricKind;
 use resolute_core::state::{ClusterState, TrialState};
 use resolute_core::track::TrackBatch;
 
@@ -408,11 +407,6 @@ const SCHEMA_VERSION_U64: u64 = schema::SCHEMA_VERSION as u64;
 
 fn last_index(batches: &[TrackBatch]) -> u64 {
     batches.iter().map(|b| b.applied_index).max().unwrap_or(0)
-}
-
-/// A metric group's name in the store (`grp`): Determined's names.
-pub fn group_name(kind: &MetricKind) -> &str {
-    kind.group()
 }
 
 /// A trial's state as the store writes it.

@@ -8,7 +8,7 @@ use resolute_core::command::MetricRecord;
 use resolute_core::track::{RunEvent, TrackBatch};
 
 use crate::rows::{CheckpointRow, ExperimentRow, Slice, TrialRow};
-use crate::{group_name, node_hex, schema, Gap, Summary};
+use crate::{node_hex, schema, Gap, Summary};
 
 /// What the writer remembers between transactions, so that it does not
 /// rewrite what it wrote already: the trials whose hyperparameters are in, and
@@ -54,7 +54,7 @@ impl<'t> Rows<'t> {
                 }
                 if report.index > stored {
                     let r = &report.record;
-                    let key = (r.trial, group_name(&r.kind), r.steps_completed, entry, seq);
+                    let key = (r.trial, r.kind.group(), r.steps_completed, entry, seq);
                     rows.push((key, r));
                 }
                 seq += 1;

@@ -21,8 +21,10 @@ _LOADER_KWARGS = (
 )
 
 
-def to_device(data, device, warned=None):
-    """`data` with every tensor in it (through dicts, lists and tuples) on `device`."""
+def to_device(data, device, warned_types=None):
+    """`data` with every tensor in it (through dicts, lists and tuples) on
+    `device`. `warned_types` is Determined's parameter, accepted and unused
+    (other types pass through silently)."""
     if isinstance(data, torch.Tensor):
         return data.to(device)
     if isinstance(data, dict):

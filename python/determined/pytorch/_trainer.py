@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from resolute import core as _core
 from resolute._harness import loop, units
-from determined.pytorch._context import PyTorchTrialContext
+from determined.pytorch._context import PyTorchTrialContext, _strip_module_prefix, _unwrap
 
 logger = logging.getLogger("determined.pytorch")
 
@@ -183,8 +183,6 @@ def load_trial_from_checkpoint_path(path, trial_class=None, trial_kwargs=None, t
         trial = trial_class(context)
         state = torch.load(str(found[0]), map_location=context.device, weights_only=False, **(torch_load_kwargs or {}))
         for model, saved in zip(context.models, state.get("models_state_dict", [])):
-            from determined.pytorch._context import _strip_module_prefix, _unwrap
-
             _unwrap(model).load_state_dict(_strip_module_prefix(saved))
             model.eval()
     return trial

@@ -332,6 +332,18 @@ impl ClusterState {
         t.pending = Pending::None;
         let (experiment, request_id) = (t.experiment, t.request_id);
         self.settle(trial);
+        self.tell_user_canceled(experiment, request_id, changes);
+        self.maybe_collect(experiment, changes);
+    }
+
+    /// The searcher hears that a trial its user canceled or killed ended
+    /// early, and then that it ended.
+    fn tell_user_canceled(
+        &mut self,
+        experiment: ExperimentId,
+        request_id: RequestId,
+        changes: &mut Vec<Change>,
+    ) {
         self.search_event(
             experiment,
             SearchEvent::TrialExitedEarly {
@@ -341,7 +353,6 @@ impl ClusterState {
             changes,
         );
         self.search_event(experiment, SearchEvent::TrialExited { request_id }, changes);
-        self.maybe_collect(experiment, changes);
     }
 
     pub(super) fn signal_node(&mut self, node: NodeId, signal: Signal, changes: &mut Vec<Change>) {
@@ -463,19 +474,7 @@ impl ClusterState {
                     } else if !matches!(t.state, TrialState::Done(_)) {
                         t.state = TrialState::Done(TrialOutcome::Stopped);
                         let request_id = t.request_id;
-                        self.search_event(
-                            experiment,
-                            SearchEvent::TrialExitedEarly {
-                                request_id,
-                                reason: ExitedReason::UserCanceled,
-                            },
-                            changes,
-                        );
-                        self.search_event(
-                            experiment,
-                            SearchEvent::TrialExited { request_id },
-                            changes,
-                        );
+                        self.tell_user_canceled(experiment, request_id, changes);
                     }
                 }
             }
