@@ -82,6 +82,8 @@ struct Clusters {
     by_data: BTreeMap<PathBuf, (String, PathBuf)>,
     /// Token, key file and the node's own API.
     by_addr: BTreeMap<String, (String, PathBuf, String)>,
+    /// The network namespace of each API that is not in the test's own.
+    namespaces: BTreeMap<String, String>,
 }
 
 fn clusters() -> std::sync::MutexGuard<'static, Clusters> {
@@ -160,14 +162,49 @@ pub fn start(data: &Path, host: u8, join: Option<&str>) -> NodeProc {
 
 /// [`start`] with another config file.
 pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> NodeProc {
+    let place = Place {
+        ns: None,
+        api_host: host,
+        listen_ip: format!("127.0.0.{host}"),
+    };
+    start_at(data, &place, join, config)
+}
+
+/// Where a node runs: a network namespace (`None`: the test's own), the
+/// loopback host of its API (127.0.0.`api_host`, in that namespace), and the
+/// IP its libp2p side listens on.
+pub struct Place {
+    /// The network namespace (`ip netns exec`).
+    pub ns: Option<String>,
+    /// The last byte of its API's loopback address.
+    pub api_host: u8,
+    /// Its libp2p listen IP.
+    pub listen_ip: String,
+}
+
+/// The `resolute` binary, run in network namespace `ns` when given.
+pub fn command_in(ns: Option<&str>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    }
+}
+
+/// [`start_with`] at a [`Place`].
+pub fn start_at(data: &Path, place: &Place, join: Option<&str>, config: &Path) -> NodeProc {
+    let host = place.api_host;
     let (token, key, join_token) = credentials(data, join);
-    let mut cmd = Command::new(bin());
+    let mut cmd = command_in(place.ns.as_deref());
     cmd.args(["node", "start", "--config"])
         .arg(config)
         .arg("--data-dir")
         .arg(data)
         .args(["--api", &format!("127.0.0.{host}:0")])
-        .args(["--listen", &format!("/ip4/127.0.0.{host}/tcp/0")]);
+        .args(["--listen", &format!("/ip4/{}/tcp/0", place.listen_ip)]);
     if let Some(j) = join {
         cmd.args(["--join", j]);
     }
@@ -203,6 +240,9 @@ pub fn start_with(data: &Path, host: u8, join: Option<&str>, config: &Path) -> N
             .insert(api.clone(), (token.clone(), key.clone(), api.clone()));
         c.by_addr
             .insert(listen.clone(), (token.clone(), key, api.clone()));
+        if let Some(ns) = &place.ns {
+            c.namespaces.insert(api.clone(), ns.clone());
+        }
     }
     // The administrator's token works once the node has the entry that made
     // it (a new cluster's first entries; a joiner's catch-up): wait for that,
@@ -234,7 +274,8 @@ pub fn cli(api: &str, args: &[&str]) -> (i32, String) {
 
 /// [`cli`] with another token.
 pub fn cli_as(api: &str, token: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin())
+    let ns = clusters().namespaces.get(api).cloned();
+    let out = command_in(ns.as_deref())
         .args(args)
         .args(["-m", api, "--json"])
         .env("RESOLUTE_TOKEN", token)

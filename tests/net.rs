@@ -75,6 +75,7 @@ fn announcement(node: u64, seq: u64) -> Announcement {
         gpus: Vec::new(),
         labels: [("site".to_string(), "a".to_string())].into(),
         blobs: Vec::new(),
+        reachability: Default::default(),
     }
 }
 

@@ -1028,7 +1028,7 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
             );
             for n in v["nodes"].as_array().into_iter().flatten() {
                 println!(
-                    "  {} {:<8} site {:<10} slots {}/{} {}",
+                    "  {} {:<8} site {:<10} slots {}/{} {:<7} {:<8} {}",
                     n["id"].as_str().unwrap_or(""),
                     n["state"].as_str().unwrap_or(""),
                     n["site"].as_str().unwrap_or(""),
@@ -1038,7 +1038,9 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                         "voter"
                     } else {
                         "learner"
-                    }
+                    },
+                    n["reachability"].as_str().unwrap_or("unknown"),
+                    connection_words(&n["connection"], n["id"] == v["this_node"]),
                 );
                 if let Some(why) = n["disk_low"]["message"].as_str() {
                     println!("      disk low, takes no new work: {why}");
@@ -1057,9 +1059,25 @@ pub fn cluster_status(t: &Target) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            for w in v["warnings"].as_array().into_iter().flatten() {
+                println!("warning: {}", w.as_str().unwrap_or(""));
+            }
         })
     });
     finish(r)
+}
+
+/// How the node that answered reaches a peer: "direct 41 ms", "relayed",
+/// "this node", "not connected".
+fn connection_words(c: &Value, itself: bool) -> String {
+    if itself {
+        return "this node".to_string();
+    }
+    match (c["kind"].as_str(), c["rtt_ms"].as_u64()) {
+        (Some(kind), Some(rtt)) => format!("{kind} {rtt} ms"),
+        (Some(kind), None) => kind.to_string(),
+        _ => "not connected".to_string(),
+    }
 }
 
 /// Runs `resolute cluster tracking`: what the node's tracking store holds.

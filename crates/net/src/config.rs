@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use libp2p::Multiaddr;
 
+use crate::reach::ReachabilityMode;
 use crate::wire::MESSAGE_DEFAULT_MAX_BYTES;
 
 /// How long a request may wait for its response.
@@ -18,6 +19,12 @@ pub const ANNOUNCEMENT_TTL_DEFAULT_MS: u64 = 30_000;
 pub const SERVE_READS_DEFAULT: usize = 8;
 /// Chunk requests a holder lets wait for a read before it answers "busy".
 pub const SERVE_QUEUE_DEFAULT: usize = 4096;
+/// Bytes a relay carries per circuit before it closes it (the two ends dial
+/// a new one, or have hole-punched a direct connection by then): Raft and
+/// gossip fit for a long while; a blob fetch prefers direct holders.
+pub const RELAY_CIRCUIT_MAX_BYTES_DEFAULT: u64 = 256 << 20;
+/// How long a relay carries one circuit before it closes it.
+pub const RELAY_CIRCUIT_MAX_DURATION_DEFAULT_S: u64 = 3_600;
 /// Depth of the channels between the swarm and the node (commands, events).
 pub const CHANNEL_DEPTH: usize = 1024;
 
@@ -54,6 +61,17 @@ pub struct NetConfig {
     pub serve_reads: usize,
     /// Chunk requests that may wait for a read before the answer is "busy".
     pub serve_queue: usize,
+    /// This node's `site` label: AutoNAT asks only nodes of other sites.
+    pub site: Option<String>,
+    /// Whether AutoNAT decides this node's reachability, or the operator.
+    pub reachability: ReachabilityMode,
+    /// Serve as a circuit relay for peers behind NAT (only reachable nodes
+    /// are asked to).
+    pub relay_server: bool,
+    /// Bytes this node relays per circuit before it closes it.
+    pub relay_circuit_max_bytes: u64,
+    /// How long this node relays one circuit, in seconds.
+    pub relay_circuit_max_duration_s: u64,
 }
 
 impl NetConfig {
@@ -74,6 +92,11 @@ impl NetConfig {
             announcement_ttl_ms: ANNOUNCEMENT_TTL_DEFAULT_MS,
             serve_reads: SERVE_READS_DEFAULT,
             serve_queue: SERVE_QUEUE_DEFAULT,
+            site: None,
+            reachability: ReachabilityMode::Auto,
+            relay_server: true,
+            relay_circuit_max_bytes: RELAY_CIRCUIT_MAX_BYTES_DEFAULT,
+            relay_circuit_max_duration_s: RELAY_CIRCUIT_MAX_DURATION_DEFAULT_S,
         }
     }
 }

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use resolute_core::NodeId;
 
+use crate::reach::Reachability;
+
 /// Blob digests listed in one record (the newest first).
 pub const ANNOUNCED_BLOBS_MAX: usize = 64;
 
@@ -49,4 +51,7 @@ pub struct Announcement {
     pub labels: BTreeMap<String, String>,
     /// Blobs it holds (at most [`ANNOUNCED_BLOBS_MAX`]).
     pub blobs: Vec<String>,
+    /// Whether nodes of other sites can dial it (AutoNAT's answer or the
+    /// operator's `net.reachability`; set by the swarm when it publishes).
+    pub reachability: Reachability,
 }

@@ -16,9 +16,11 @@
 //! request is always delivered: the leader decides on it (a join token).
 
 pub mod addrs;
+mod behaviour;
 pub mod config;
 pub mod gossip;
 pub mod identity;
+pub mod reach;
 mod swarm;
 pub mod wire;
 
@@ -33,6 +35,7 @@ use resolute_core::{NodeId, PeerMessage};
 pub use config::NetConfig;
 pub use gossip::{Announcement, Gpu};
 pub use identity::node_id;
+pub use reach::{LinkKind, PeerLink, Reachability, ReachabilityMode};
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +151,11 @@ pub struct FetchReport {
     pub bad_chunks: u32,
     /// "Busy" answers (a holder's queue was full; asked again after a pause).
     pub busy_answers: u32,
+    /// Chunks a relay carried (no holder had a direct or hole-punched
+    /// connection when they were asked for).
+    pub relayed_chunks: u32,
+    /// How each holder that sent chunks was connected when the fetch ended.
+    pub links: BTreeMap<NodeId, LinkKind>,
 }
 
 /// This node's network identity and connections.
@@ -161,6 +169,10 @@ pub struct NetInfo {
     pub listen: Vec<Multiaddr>,
     /// Nodes it has a connection to.
     pub connected: Vec<NodeId>,
+    /// How it is connected to each (direct, hole-punched, relayed) and the RTT.
+    pub links: Vec<PeerLink>,
+    /// Whether other sites can dial it.
+    pub reachability: Reachability,
 }
 
 /// What a [`NetHandle`] asks of the swarm task.

@@ -71,8 +71,11 @@ impl Default for Disk {
     }
 }
 
+/// The site of a node whose config names none.
+pub const DEFAULT_SITE: &str = "local";
+
 fn default_site() -> String {
-    "local".into()
+    DEFAULT_SITE.into()
 }
 fn one() -> u32 {
     1
@@ -137,6 +140,17 @@ pub struct Net {
     /// Largest request or answer on the wire, in bytes; a larger peer message
     /// (a Raft snapshot of a large state) travels as a blob instead.
     pub max_message_bytes: usize,
+    /// `auto` (AutoNAT asks other sites' nodes to dial this one back),
+    /// `public` (a cloud VM with a public address) or `private` (behind a
+    /// NAT or firewall: reached through relays and hole punching).
+    pub reachability: String,
+    /// Serve as a circuit relay for nodes behind NAT (they reserve only on
+    /// nodes that are reachable).
+    pub relay: bool,
+    /// Bytes relayed per circuit before the relay closes it.
+    pub relay_circuit_max_bytes: u64,
+    /// Seconds a circuit is relayed before the relay closes it.
+    pub relay_circuit_max_duration_s: u64,
 }
 
 /// Smallest `net.max_message_bytes`: a Raft append of
@@ -155,6 +169,11 @@ impl Default for Net {
             cluster_key: None,
             mdns: false,
             max_message_bytes: resolute_net::wire::MESSAGE_DEFAULT_MAX_BYTES,
+            reachability: "auto".into(),
+            relay: true,
+            relay_circuit_max_bytes: resolute_net::config::RELAY_CIRCUIT_MAX_BYTES_DEFAULT,
+            relay_circuit_max_duration_s:
+                resolute_net::config::RELAY_CIRCUIT_MAX_DURATION_DEFAULT_S,
         }
     }
 }

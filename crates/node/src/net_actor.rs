@@ -13,7 +13,7 @@ use actix::prelude::*;
 use libp2p::Multiaddr;
 
 use resolute_core::{NodeId, PeerMessage};
-use resolute_net::{Announcement, NetHandle};
+use resolute_net::{Announcement, FetchReport, NetHandle};
 
 /// Mailbox of the net actor: messages to send (a full one drops them; Raft and
 /// the proposers retransmit).
@@ -72,7 +72,7 @@ pub struct Fetch {
 }
 
 impl Message for Fetch {
-    type Result = Result<(), String>;
+    type Result = Result<FetchReport, String>;
 }
 
 /// Stop the swarm.
@@ -140,14 +140,13 @@ impl Handler<SetMembers> for NetActor {
 }
 
 impl Handler<Fetch> for NetActor {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<Result<FetchReport, String>>;
 
     fn handle(&mut self, f: Fetch, _ctx: &mut Context<Self>) -> Self::Result {
         let net = self.net.clone();
         Box::pin(async move {
             net.fetch(&f.digest, f.holders)
                 .await
-                .map(|_| ())
                 .map_err(|e| e.to_string())
         })
     }

@@ -78,6 +78,17 @@ pub(crate) fn net_config(opts: &Options) -> Result<NetConfig, DaemonError> {
     net.cluster = c.net.cluster.clone();
     net.mdns = c.net.mdns;
     net.max_message_bytes = c.net.max_message_bytes;
+    net.reachability = c
+        .net
+        .reachability
+        .parse()
+        .map_err(|e| setup(format!("net.reachability: {e}")))?;
+    net.relay_server = c.net.relay;
+    net.relay_circuit_max_bytes = c.net.relay_circuit_max_bytes;
+    net.relay_circuit_max_duration_s = c.net.relay_circuit_max_duration_s;
+    // AutoNAT asks nodes of other sites (a cluster that never named its
+    // sites asks every peer).
+    net.site = (c.site != crate::config::DEFAULT_SITE).then(|| c.site.clone());
     let key = crate::bootstrap::cluster_key(c.net.cluster_key.as_deref(), &opts.data_dir)
         .map_err(setup)?;
     crate::bootstrap::check_net_listen(&net.listen, key.as_deref()).map_err(setup)?;

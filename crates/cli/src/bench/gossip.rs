@@ -44,6 +44,7 @@ fn record(node: u64, seq: u64) -> Announcement {
         gpus: Vec::new(),
         labels: Default::default(),
         blobs: Vec::new(),
+        reachability: Default::default(),
     }
 }
 

@@ -250,7 +250,7 @@ async fn fetch_patiently(
             })
             .await;
         match asked {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => last = e,
             Err(e) => last = e.to_string(),
         }

@@ -66,6 +66,10 @@ pub struct Local {
     pub listen: Vec<Multiaddr>,
     /// The peers it has a connection to now.
     pub connected: BTreeSet<NodeId>,
+    /// How it is connected to each (as the swarm last said).
+    pub links: Vec<resolute_net::PeerLink>,
+    /// Whether other sites can dial it (as the swarm last said).
+    pub reachability: resolute_net::Reachability,
     /// Each node's latest gossiped record (this node's own included).
     pub records: BTreeMap<NodeId, Announcement>,
     /// Gossiped records ignored (not a member's) or trimmed (an API address
@@ -76,6 +80,39 @@ pub struct Local {
     pub denied_requests: u64,
     /// Where its trials' files are.
     pub work_root: PathBuf,
+    /// Its latest blob fetches, oldest first (at most [`FETCHES_SHOWN_MAX`]).
+    pub fetches: VecDeque<serde_json::Value>,
+}
+
+/// Blob fetches `cluster status` lists.
+pub const FETCHES_SHOWN_MAX: usize = 16;
+
+impl Local {
+    /// Remembers a finished fetch for the operator: from whom, how each
+    /// holder was connected, how much a relay carried, how long it took.
+    pub fn note_fetch(&mut self, digest: &str, r: &resolute_net::FetchReport, took: Duration) {
+        let from: BTreeMap<String, serde_json::Value> = r
+            .chunks_by_holder
+            .iter()
+            .map(|(node, chunks)| {
+                let via = r.links.get(node).map(|k| k.as_str());
+                (
+                    format!("{node:016x}"),
+                    serde_json::json!({"chunks": chunks, "via": via}),
+                )
+            })
+            .collect();
+        if self.fetches.len() >= FETCHES_SHOWN_MAX {
+            self.fetches.pop_front();
+        }
+        self.fetches.push_back(serde_json::json!({
+            "digest": digest,
+            "from": from,
+            "chunks_resumed": r.chunks_resumed,
+            "relayed_chunks": r.relayed_chunks,
+            "ms": u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        }));
+    }
 }
 
 /// The other actors, as the node addresses them.
@@ -353,9 +390,19 @@ impl NodeActor {
             holders,
         };
         let asked = self.peers.net.send(fetch);
+        let started = std::time::Instant::now();
         ctx.spawn(asked.into_actor(self).map(move |answer, act, ctx| {
             let result = answer.unwrap_or_else(|e| Err(e.to_string()));
-            act.step(ctx, Event::Fetched { digest, result });
+            if let Ok(report) = &result {
+                act.local.note_fetch(&digest, report, started.elapsed());
+            }
+            act.step(
+                ctx,
+                Event::Fetched {
+                    digest,
+                    result: result.map(|_| ()),
+                },
+            );
         }));
     }
 
@@ -519,9 +566,20 @@ impl NodeActor {
                 .collect(),
             labels: self.labels.clone(),
             blobs,
+            // The swarm stamps what only it knows.
+            reachability: Default::default(),
         };
         self.local.records.insert(a.node, a.clone());
         tell(ctx, self, &self.peers.net.clone(), Publish(a));
+        // Connection kinds, RTTs and reachability, for `cluster status`.
+        let net = self.peers.outbox.handle();
+        let asked = async move { net.info().await.ok() };
+        ctx.spawn(asked.into_actor(self).map(|info, act, _| {
+            if let Some(info) = info {
+                act.local.links = info.links;
+                act.local.reachability = info.reachability;
+            }
+        }));
     }
 
     /// Out of the group: whatever still runs is killed, the swarm stops, and

@@ -2,44 +2,40 @@
 //! from the node, and turns swarm events into node events and replies.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::{Boxed, Transport};
-use libp2p::core::upgrade;
-use libp2p::identity::Keypair;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::pnet::PreSharedKey;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{gossipsub, identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{autonat, dcutr, gossipsub, identify, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use resolute_core::{NodeId, PeerMessage};
-use resolute_storage::blob::{check_digest, BlobStore, Download, Manifest};
+use resolute_storage::blob::{BlobStore, Download, Manifest};
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
+use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::{NetConfig, CHANNEL_DEPTH};
 use crate::gossip::Announcement;
 use crate::identity::{self, node_id};
-use crate::wire::{Request, Response, WireCodec, PEER_BLOB_MAX_BYTES, PROTOCOL};
-use crate::{FetchReport, NetError, NetEvent, NetHandle, NetInfo, SwarmCommand};
+use crate::reach::{Links, Reachability};
+use crate::wire::{Request, Response, PEER_BLOB_MAX_BYTES};
+use crate::{NetError, NetEvent, NetHandle, NetInfo, SwarmCommand};
+
+mod fetch;
+
+use fetch::Fetch;
 
 /// Manifests kept in memory for serving chunks.
 const MANIFEST_CACHE_MAX: usize = 256;
-/// Largest gossip message, in bytes.
-const GOSSIP_MESSAGE_MAX_BYTES: usize = 256 * 1024;
 /// A chunk that failed verification this often from every holder fails the fetch.
 const CHUNK_ATTEMPTS_MAX: u32 = 8;
 /// How long an idle connection stays open.
 const IDLE_CONNECTION_TIMEOUT_S: u64 = 300;
-/// How long a connection may take to set up (pnet, noise, yamux).
-const UPGRADE_TIMEOUT_S: u64 = 20;
 /// Connections a blob fetch keeps to each holder: chunk requests go round-robin
 /// over a peer's connections, so each connection's encryption runs on its own
 /// task (one noise session tops out near one core).
@@ -47,6 +43,9 @@ const FETCH_CONNECTIONS_PER_HOLDER: u32 = 4;
 /// How long a fetch leaves a holder alone after it answered "busy" (its queue of
 /// chunk requests was full: `NetConfig::serve_queue`).
 const BUSY_BACKOFF_MS: u64 = 200;
+/// How often the loop looks at its relay reservations (made when AutoNAT
+/// finds the node unreachable, again when a relay went away).
+const RELAY_CHECK_INTERVAL_MS: u64 = 5_000;
 
 /// Disk and hashing work done on blocking threads, so that the event loop (Raft
 /// messages, heartbeats, gossip) never waits for a 4 MiB read, a chunk hash or an
@@ -69,6 +68,8 @@ enum IoDone {
         fetch: u64,
         index: u32,
         peer: PeerId,
+        /// It came over a relayed connection.
+        relayed: bool,
         result: Result<(), (bool, String)>,
     },
     /// A complete download made durable and moved into the store.
@@ -81,82 +82,6 @@ enum IoDone {
         channel: ResponseChannel<Response>,
         response: Response,
     },
-}
-
-#[derive(NetworkBehaviour)]
-struct Behaviour {
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    gossipsub: gossipsub::Behaviour,
-    rpc: request_response::Behaviour<WireCodec>,
-    mdns: Toggle<mdns::tokio::Behaviour>,
-}
-
-/// TCP, optionally inside the pre-shared-key private network, then noise and yamux.
-fn transport(
-    key: &Keypair,
-    psk: Option<PreSharedKey>,
-) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
-    let noise = noise::Config::new(key).map_err(|e| NetError::Transport(e.to_string()))?;
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-    let timeout = Duration::from_secs(UPGRADE_TIMEOUT_S);
-    Ok(match psk {
-        Some(psk) => tcp
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(upgrade::Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux::Config::default())
-            .timeout(timeout)
-            .boxed(),
-        None => tcp
-            .upgrade(upgrade::Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux::Config::default())
-            .timeout(timeout)
-            .boxed(),
-    })
-}
-
-fn behaviour(key: &Keypair, config: &NetConfig) -> Result<Behaviour, NetError> {
-    let err = |e: String| NetError::Transport(e);
-    let gossip_config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(Duration::from_millis(500))
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .max_transmit_size(GOSSIP_MESSAGE_MAX_BYTES)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let gossipsub = gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Signed(key.clone()),
-        gossip_config,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    let rpc = request_response::Behaviour::with_codec(
-        WireCodec {
-            max_message_bytes: config.max_message_bytes,
-        },
-        [(PROTOCOL, ProtocolSupport::Full)],
-        request_response::Config::default()
-            .with_request_timeout(Duration::from_millis(config.request_timeout_ms))
-            .with_max_concurrent_streams(256),
-    );
-    let mdns = if config.mdns {
-        Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())
-                .map_err(|e| err(e.to_string()))?,
-        )
-    } else {
-        None
-    };
-    Ok(Behaviour {
-        identify: identify::Behaviour::new(identify::Config::new(
-            format!("/resolute/{}/1", config.cluster),
-            key.public(),
-        )),
-        ping: ping::Behaviour::default(),
-        gossipsub,
-        rpc,
-        mdns: mdns.into(),
-    })
 }
 
 pub(crate) async fn spawn(
@@ -173,9 +98,10 @@ pub(crate) async fn spawn(
     let peer_id = key.public().to_peer_id();
     let store = BlobStore::open(&config.data_dir).map_err(|e| NetError::Io(e.to_string()))?;
     let psk = config.cluster_key.map(PreSharedKey::new);
+    let (relay_transport, relay_client) = relay::client::new(peer_id);
     let mut swarm = Swarm::new(
-        transport(&key, psk)?,
-        behaviour(&key, &config)?,
+        crate::behaviour::transport(&key, psk, relay_transport)?,
+        crate::behaviour::behaviour(&key, &config, relay_client)?,
         peer_id,
         libp2p::swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_S)),
@@ -210,6 +136,7 @@ pub(crate) async fn spawn(
     for addr in &config.bootstrap {
         let _ = swarm.dial(addr.clone());
     }
+    let config_reachability = config.reachability;
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (event_tx, event_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (io_tx, io_rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -234,6 +161,8 @@ pub(crate) async fn spawn(
         io_rx,
         reads_in_flight: 0,
         read_queue: VecDeque::new(),
+        links: Links::new(config_reachability),
+        autonat_servers: BTreeSet::new(),
     };
     let task = tokio::spawn(async move { event_loop.run().await });
     let handle = NetHandle {
@@ -263,30 +192,6 @@ enum Pending {
     },
 }
 
-/// A blob fetch in progress.
-struct Fetch {
-    digest: String,
-    /// Holders still worth asking.
-    holders: Vec<PeerId>,
-    /// Everyone waiting for this blob (a second fetch of the same digest joins
-    /// the first instead of racing it for the same partial file).
-    replies: Vec<oneshot::Sender<Result<FetchReport, NetError>>>,
-    download: Option<Download>,
-    /// Chunks not yet asked for (or to ask again).
-    queue: VecDeque<u32>,
-    in_flight: usize,
-    /// Round-robin position over `holders`.
-    turn: usize,
-    /// Failed attempts per chunk, and the holders that sent it bad.
-    attempts: BTreeMap<u32, (u32, BTreeSet<PeerId>)>,
-    report: FetchReport,
-    last_error: String,
-    /// Every chunk is written; the file is being made durable.
-    finishing: bool,
-    /// Holders that answered "busy", left alone until then.
-    busy_until: BTreeMap<PeerId, Instant>,
-}
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<SwarmCommand>,
@@ -313,6 +218,10 @@ struct EventLoop {
     /// Chunk reads running for peers, and the requests waiting for one.
     reads_in_flight: usize,
     read_queue: VecDeque<(ResponseChannel<Response>, Arc<Manifest>, u32)>,
+    /// Connection kinds and RTTs, reachability, relay reservations.
+    links: Links,
+    /// Peers of other sites that AutoNAT asks to dial this node back.
+    autonat_servers: BTreeSet<PeerId>,
 }
 
 impl EventLoop {
@@ -320,9 +229,12 @@ impl EventLoop {
         // Wakes fetches whose every holder answered "busy" once their pause ends.
         let mut backoff = tokio::time::interval(Duration::from_millis(BUSY_BACKOFF_MS));
         backoff.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut relays = tokio::time::interval(Duration::from_millis(RELAY_CHECK_INTERVAL_MS));
+        relays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = backoff.tick() => self.pump_waiting(),
+                _ = relays.tick() => self.keep_reservations(),
                 command = self.commands.recv() => match command {
                     Some(SwarmCommand::Shutdown) | None => return,
                     Some(c) => self.on_command(c),
@@ -337,9 +249,10 @@ impl EventLoop {
         match command {
             SwarmCommand::Send { to, request, reply } => self.send(to, request, reply),
             SwarmCommand::Publish {
-                announcement,
+                mut announcement,
                 reply,
             } => {
+                self.stamp(&mut announcement);
                 let result = resolute_types::codec::encode(&announcement)
                     .map_err(|e| NetError::Io(e.to_string()))
                     .and_then(|bytes| {
@@ -396,6 +309,8 @@ impl EventLoop {
                     node_id: node_id(&peer_id),
                     listen: self.swarm.listeners().cloned().collect(),
                     connected: self.connections.keys().map(node_id).collect(),
+                    links: self.links.links(),
+                    reachability: self.links.reachability(),
                 });
             }
             SwarmCommand::Announcements { reply } => {
@@ -446,8 +361,10 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
+                endpoint,
                 ..
             } => {
+                self.links.opened(connection_id, peer_id, &endpoint);
                 let node = node_id(&peer_id);
                 self.peers.insert(node, peer_id);
                 let count = self.connections.entry(peer_id).or_default();
@@ -457,7 +374,12 @@ impl EventLoop {
                 }
                 self.finish_dial(connection_id, Ok(()));
             }
-            SwarmEvent::ConnectionClosed { peer_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                self.links.closed(connection_id);
                 if let Some(count) = self.connections.get_mut(&peer_id) {
                     *count -= 1;
                     if *count == 0 {
@@ -483,6 +405,41 @@ impl EventLoop {
                 for addr in crate::addrs::advertised(&info.listen_addrs, &[]) {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
+                let hop = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                self.links.relay_capable(peer_id, hop);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                connection,
+                result: Ok(rtt),
+                ..
+            })) => self.links.rtt(connection, rtt),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(connection) => self.links.hole_punched(connection),
+                Err(e) => tracing::debug!(peer = %remote_peer_id, "hole punching failed: {e}"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                self.links.set_autonat(match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                });
+                tracing::info!(
+                    "reachability: {} (AutoNAT)",
+                    self.links.reachability().as_str()
+                );
+                self.keep_reservations();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => tracing::debug!(relay = %relay_peer_id, "relay reservation accepted"),
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.links.listener_closed(listener_id)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
@@ -503,6 +460,48 @@ impl EventLoop {
         if let Some(at) = self.dials.iter().position(|(c, _)| *c == id) {
             let (_, reply) = self.dials.swap_remove(at);
             let _ = reply.send(result);
+        }
+    }
+
+    /// What only the swarm knows goes into this node's record: whether it is
+    /// reachable, and the relayed addresses it holds reservations for (after
+    /// the node's direct ones: a gang's `MASTER_ADDR` takes the first).
+    fn stamp(&self, a: &mut Announcement) {
+        a.reachability = self.links.reachability();
+        for addr in self.swarm.listeners() {
+            if self.links.is_reservation(addr) {
+                let s = addr.to_string();
+                if !a.addrs.contains(&s) {
+                    a.addrs.push(s);
+                }
+            }
+        }
+    }
+
+    /// Reserves on relays while this node is unreachable (and gives the
+    /// reservations up once it is not): the relays are reachable peers that
+    /// serve the relay protocol and that this node dialled directly.
+    fn keep_reservations(&mut self) {
+        for listener in self.links.reservations_to_drop() {
+            self.swarm.remove_listener(listener);
+        }
+        let public: BTreeSet<PeerId> = self
+            .announcements
+            .iter()
+            .filter(|(_, (a, _))| a.reachability == Reachability::Public)
+            .filter_map(|(n, _)| self.peers.get(n).copied())
+            .collect();
+        for (relay, addr) in self.links.reservations_to_make(&public) {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(listener) => {
+                    tracing::info!(%addr, "reserving a relayed address");
+                    self.links.listening(relay, listener);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, "relay reservation: {e}");
+                    self.links.reservation_failed(&relay);
+                }
+            }
         }
     }
 
@@ -527,6 +526,12 @@ impl EventLoop {
             return;
         }
         self.peers.insert(a.node, source);
+        // AutoNAT asks only other sites' nodes to dial this node back.
+        let other_site =
+            self.config.site.is_none() || a.labels.get("site") != self.config.site.as_ref();
+        if other_site && self.autonat_servers.insert(source) {
+            self.swarm.behaviour_mut().autonat.add_server(source, None);
+        }
         for addr in a.addrs.iter().filter_map(|s| s.parse::<Multiaddr>().ok()) {
             self.swarm.add_peer_address(source, addr);
         }
@@ -548,19 +553,23 @@ impl EventLoop {
             } => self.on_request(peer, request, channel),
             request_response::Event::Message {
                 peer,
+                connection_id,
                 message:
                     request_response::Message::Response {
                         request_id,
                         response,
                     },
-                ..
-            } => self.on_response(peer, request_id, Ok(response)),
+            } => {
+                let relayed = self.links.kind_of_connection(connection_id)
+                    == Some(crate::reach::LinkKind::Relayed);
+                self.on_response(peer, request_id, relayed, Ok(response))
+            }
             request_response::Event::OutboundFailure {
                 peer,
                 request_id,
                 error,
                 ..
-            } => self.on_response(peer, request_id, Err(error.to_string())),
+            } => self.on_response(peer, request_id, false, Err(error.to_string())),
             _ => {}
         }
     }
@@ -724,8 +733,9 @@ impl EventLoop {
                 fetch,
                 index,
                 peer,
+                relayed,
                 result,
-            } => self.on_chunk_written(fetch, index, peer, result),
+            } => self.on_chunk_written(fetch, index, peer, relayed, result),
             IoDone::Finished { fetch, result } => self.on_finished(fetch, result),
             IoDone::Answer { channel, response } => self.respond(channel, response),
         }
@@ -747,6 +757,7 @@ impl EventLoop {
         &mut self,
         peer: PeerId,
         id: OutboundRequestId,
+        relayed: bool,
         result: Result<Response, String>,
     ) {
         let Some(pending) = self.pending.remove(&id) else {
@@ -780,366 +791,9 @@ impl EventLoop {
                 let _ = reply.send(outcome);
             }
             Pending::Manifest { fetch, .. } => self.on_manifest(fetch, peer, result),
-            Pending::Chunk { fetch, index, .. } => self.on_chunk(fetch, index, peer, result),
-        }
-    }
-
-    // ----- blob fetches -------------------------------------------------------
-
-    fn start_fetch(
-        &mut self,
-        digest: String,
-        holders: Vec<NodeId>,
-        reply: oneshot::Sender<Result<FetchReport, NetError>>,
-    ) {
-        if let Err(e) = check_digest(&digest) {
-            let _ = reply.send(Err(NetError::Fetch {
-                digest,
-                reason: e.to_string(),
-            }));
-            return;
-        }
-        if self.store.has(&digest) {
-            let _ = reply.send(Ok(FetchReport {
-                path: self.store.path(&digest),
-                chunks_resumed: 0,
-                chunks_by_holder: BTreeMap::new(),
-                bad_chunks: 0,
-                busy_answers: 0,
-            }));
-            return;
-        }
-        let holders: Vec<PeerId> = holders
-            .iter()
-            .filter_map(|n| self.peers.get(n).copied())
-            .collect();
-        if let Some(f) = self.fetches.values_mut().find(|f| f.digest == digest) {
-            f.replies.push(reply);
-            for h in holders {
-                if !f.holders.contains(&h) {
-                    f.holders.push(h);
-                }
+            Pending::Chunk { fetch, index, .. } => {
+                self.on_chunk(fetch, index, peer, relayed, result)
             }
-            return;
-        }
-        for peer in &holders {
-            let have = self.connections.get(peer).copied().unwrap_or(0);
-            for _ in have..FETCH_CONNECTIONS_PER_HOLDER {
-                // A new local port: with port reuse, a second connection to the
-                // same peer would have the same address 4-tuple and reset the first.
-                let opts = DialOpts::peer_id(*peer)
-                    .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
-                    .allocate_new_port()
-                    .build();
-                let _ = self.swarm.dial(opts);
-            }
-        }
-        let id = self.next_fetch;
-        self.next_fetch += 1;
-        self.fetches.insert(
-            id,
-            Fetch {
-                digest,
-                holders,
-                replies: vec![reply],
-                download: None,
-                queue: VecDeque::new(),
-                in_flight: 0,
-                turn: 0,
-                attempts: BTreeMap::new(),
-                report: FetchReport {
-                    path: Default::default(),
-                    chunks_resumed: 0,
-                    chunks_by_holder: BTreeMap::new(),
-                    bad_chunks: 0,
-                    busy_answers: 0,
-                },
-                last_error: "no holder is connected".to_string(),
-                finishing: false,
-                busy_until: BTreeMap::new(),
-            },
-        );
-        self.ask_manifest(id);
-    }
-
-    fn ask_manifest(&mut self, id: u64) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        let Some(&peer) = f.holders.first() else {
-            return self.fail_fetch(id);
-        };
-        let request = Request::Manifest {
-            digest: f.digest.clone(),
-        };
-        let rid = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
-        self.pending.insert(rid, Pending::Manifest { fetch: id });
-    }
-
-    fn on_manifest(&mut self, id: u64, peer: PeerId, result: Result<Response, String>) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        let manifest = match result {
-            Ok(Response::Manifest(bytes)) => {
-                Manifest::decode(&f.digest, &bytes).map_err(|e| e.to_string())
-            }
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) => Err(e),
-        };
-        let manifest = match manifest {
-            Ok(m) => m,
-            Err(e) => {
-                f.last_error = format!("manifest from {:016x}: {e}", node_id(&peer));
-                f.holders.retain(|h| *h != peer);
-                return self.ask_manifest(id);
-            }
-        };
-        // Opening re-hashes what a broken fetch left on disk: off the loop.
-        let store = self.store.clone();
-        let done = self.io_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = store.download(&manifest).map_err(|e| e.to_string());
-            let _ = done.blocking_send(IoDone::Opened { fetch: id, result });
-        });
-    }
-
-    fn on_opened(&mut self, id: u64, result: Result<Download, String>) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        match result {
-            Ok(d) => {
-                f.queue = d.missing().into();
-                f.report.chunks_resumed = d.manifest().chunk_count() - f.queue.len() as u32;
-                f.download = Some(d);
-                self.pump(id);
-            }
-            Err(e) => {
-                f.last_error = e;
-                f.holders.clear();
-                self.fail_fetch(id);
-            }
-        }
-    }
-
-    /// Keeps up to `fetch_parallel_chunks` chunk requests in flight, spread over
-    /// the holders in turn (a chunk that came back bad goes to another holder).
-    fn pump(&mut self, id: u64) {
-        let parallel = self.config.fetch_parallel_chunks.max(1);
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        if f.finishing {
-            return;
-        }
-        if f.download.as_ref().is_some_and(Download::is_complete) {
-            return self.complete_fetch(id);
-        }
-        if f.holders.is_empty() {
-            if f.in_flight == 0 {
-                self.fail_fetch(id);
-            }
-            return;
-        }
-        let now = Instant::now();
-        f.busy_until.retain(|_, until| *until > now);
-        let ready: Vec<PeerId> = f
-            .holders
-            .iter()
-            .filter(|h| !f.busy_until.contains_key(*h))
-            .copied()
-            .collect();
-        let mut requests = Vec::new();
-        while f.in_flight < parallel && !ready.is_empty() {
-            let Some(index) = f.queue.pop_front() else {
-                break;
-            };
-            let bad = f
-                .attempts
-                .get(&index)
-                .map(|(_, b)| b.clone())
-                .unwrap_or_default();
-            let n = ready.len();
-            let pick = (0..n)
-                .map(|k| ready[(f.turn + k) % n])
-                .find(|h| !bad.contains(h))
-                .unwrap_or(ready[f.turn % n]);
-            f.turn = (f.turn + 1) % n;
-            f.in_flight += 1;
-            requests.push((index, pick, f.digest.clone()));
-        }
-        for (index, peer, digest) in requests {
-            let rid = self
-                .swarm
-                .behaviour_mut()
-                .rpc
-                .send_request(&peer, Request::Chunk { digest, index });
-            self.pending
-                .insert(rid, Pending::Chunk { fetch: id, index });
-        }
-    }
-
-    fn on_chunk(&mut self, id: u64, index: u32, peer: PeerId, result: Result<Response, String>) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        let failed = match result {
-            Ok(Response::Chunk {
-                index: got,
-                data,
-                crc32c: crc,
-            }) if got == index => match f.download.as_ref().map(Download::writer) {
-                Some(writer) => {
-                    // Checked and written on a blocking thread; the chunk stays
-                    // in flight (and in memory) until then, which bounds both.
-                    let done = self.io_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let result = if crc32c::crc32c(&data) != crc {
-                            Err((true, "chunk damaged in transit (crc32c)".to_string()))
-                        } else {
-                            writer
-                                .write(index, &data)
-                                .map_err(|e| (true, e.to_string()))
-                        };
-                        let _ = done.blocking_send(IoDone::ChunkWritten {
-                            fetch: id,
-                            index,
-                            peer,
-                            result,
-                        });
-                    });
-                    return;
-                }
-                None => (false, "no download".to_string()),
-            },
-            Ok(Response::Busy) => {
-                // Back-pressure, not a failure: the chunk waits, and this holder
-                // is left alone for a moment (the others go on).
-                f.in_flight = f.in_flight.saturating_sub(1);
-                f.report.busy_answers += 1;
-                f.busy_until.insert(
-                    peer,
-                    Instant::now() + Duration::from_millis(BUSY_BACKOFF_MS),
-                );
-                f.queue.push_front(index);
-                return self.pump(id);
-            }
-            Ok(Response::NotFound(e)) | Ok(Response::Denied(e)) => {
-                // This holder cannot serve the blob: stop asking it.
-                f.holders.retain(|h| *h != peer);
-                (false, e)
-            }
-            Ok(other) => (true, format!("unexpected answer {other:?}")),
-            Err(e) => {
-                // The connection broke or timed out: leave this holder; the chunk
-                // goes to another one, and a later fetch resumes what is on disk.
-                f.holders.retain(|h| *h != peer);
-                (false, e)
-            }
-        };
-        self.on_chunk_written(id, index, peer, Err(failed));
-    }
-
-    /// A chunk request ended: written, or failed (`bad`: the holder sent wrong
-    /// bytes, so the chunk is asked of another holder first).
-    fn on_chunk_written(
-        &mut self,
-        id: u64,
-        index: u32,
-        peer: PeerId,
-        result: Result<(), (bool, String)>,
-    ) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        f.in_flight = f.in_flight.saturating_sub(1);
-        let holder = node_id(&peer);
-        match result {
-            Ok(()) => {
-                if let Some(d) = f.download.as_mut() {
-                    d.mark_done(index);
-                }
-                *f.report.chunks_by_holder.entry(holder).or_default() += 1;
-            }
-            Err((bad, e)) => {
-                f.last_error = format!("chunk {index} from {holder:016x}: {e}");
-                let entry = f.attempts.entry(index).or_default();
-                entry.0 += 1;
-                if bad {
-                    f.report.bad_chunks += 1;
-                    entry.1.insert(peer);
-                }
-                if entry.0 >= CHUNK_ATTEMPTS_MAX {
-                    f.holders.clear();
-                } else {
-                    f.queue.push_front(index);
-                }
-            }
-        }
-        self.pump(id);
-    }
-
-    /// Pumps the fetches that have chunks waiting and nothing in flight (every
-    /// holder answered "busy" a moment ago).
-    fn pump_waiting(&mut self) {
-        let waiting: Vec<u64> = self
-            .fetches
-            .iter()
-            .filter(|(_, f)| !f.busy_until.is_empty() && f.in_flight == 0 && !f.queue.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in waiting {
-            self.pump(id);
-        }
-    }
-
-    /// Every chunk is written: the fsync and the move into the store run on a
-    /// blocking thread (an fsync of a large blob takes seconds on a real disk).
-    fn complete_fetch(&mut self, id: u64) {
-        let Some(f) = self.fetches.get_mut(&id) else {
-            return;
-        };
-        let Some(download) = f.download.take() else {
-            return;
-        };
-        f.finishing = true;
-        let done = self.io_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = download.finish().map_err(|e| e.to_string());
-            let _ = done.blocking_send(IoDone::Finished { fetch: id, result });
-        });
-    }
-
-    fn on_finished(&mut self, id: u64, result: Result<PathBuf, String>) {
-        let Some(mut f) = self.fetches.remove(&id) else {
-            return;
-        };
-        let result = match result {
-            Ok(path) => {
-                f.report.path = path;
-                Ok(f.report.clone())
-            }
-            Err(reason) => Err(NetError::Fetch {
-                digest: f.digest.clone(),
-                reason,
-            }),
-        };
-        for r in f.replies.drain(..) {
-            let _ = r.send(result.clone());
-        }
-    }
-
-    fn fail_fetch(&mut self, id: u64) {
-        let Some(mut f) = self.fetches.remove(&id) else {
-            return;
-        };
-        let err = NetError::Fetch {
-            digest: f.digest.clone(),
-            reason: format!("no holder left: {}", f.last_error),
-        };
-        for r in f.replies.drain(..) {
-            let _ = r.send(Err(err.clone()));
         }
     }
 }

@@ -11,6 +11,8 @@ use resolute_core::Node;
 
 use crate::node_actor::Local;
 
+mod sites;
+
 /// Whether the experiment's searcher metric is better when smaller.
 fn smaller_is_better(node: &Node, experiment: u64) -> bool {
     node.state()
@@ -179,6 +181,9 @@ pub fn cluster(node: &Node, local: &Local, this_disk: Value) -> Value {
                 "slots": n.info.slots,
                 "slots_used": used.get(id).copied().unwrap_or(0),
                 "voter": voters.contains(id),
+                // How this node reaches it, and whether other sites can.
+                "connection": sites::connection(local, *id),
+                "reachability": sites::reachability(local, *id).as_str(),
                 // Below its low-water mark: it takes no new work.
                 "disk_low": n.disk_low.map(|d| json!({
                     "free_mib": d.free_bytes >> 20,
@@ -206,6 +211,10 @@ pub fn cluster(node: &Node, local: &Local, this_disk: Value) -> Value {
         "api": local.api,
         "listen": local.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "connected": local.connected.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
+        "warnings": sites::warnings(state, local, &voters),
+        "reachability": local.reachability.as_str(),
+        // Its latest blob fetches: from whom, and whether a relay carried them.
+        "fetches": local.fetches,
         "leader": format!("{:016x}", node.leader_id()),
         "voters": voters.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
         "learners": learners.iter().map(|v| format!("{v:016x}")).collect::<Vec<_>>(),
