@@ -691,6 +691,17 @@ fn print_sim_report(r: &resolute_sim::Report) {
         "  recoveries       {} (p50 {:.1} s, p99 {:.1} s), {} restarts charged",
         r.recoveries, r.recovery_s_p50, r.recovery_s_p99, r.restarts_charged
     );
+    if r.recovery_s_p50_by_sites
+        .keys()
+        .any(|k| k.split_once("->").is_some_and(|(a, b)| a != b))
+    {
+        let by: Vec<String> = r
+            .recovery_s_p50_by_sites
+            .iter()
+            .map(|(k, s)| format!("{k} {s:.1} s"))
+            .collect();
+        println!("  recovery p50     {}", by.join(", "));
+    }
     if r.gpu_failures > 0 {
         println!("  gpu failures     {}", r.gpu_failures);
     }
@@ -722,6 +733,13 @@ fn print_sim_report(r: &resolute_sim::Report) {
         r.messages,
         r.bytes_moved as f64 / 1e6
     );
+    if r.relayed_messages > 0 {
+        println!(
+            "  relayed          {} messages, {:.1} MB of checkpoints",
+            r.relayed_messages,
+            r.relayed_bytes as f64 / 1e6
+        );
+    }
     println!(
         "  time             {:.0} simulated s in {:.2} wall s ({:.0}x), {} events",
         r.simulated_s, r.wall_s, r.sim_s_per_wall_s, r.events

@@ -89,6 +89,34 @@ fn five_nodes_keep_three_voters_and_learners_forward() {
 }
 
 #[test]
+fn voters_spread_to_a_site_that_joins_later() {
+    // The first nodes to join become the voters: two of site a, one of b.
+    let mut c = Cluster::new(11);
+    c.bootstrap(1, "a");
+    c.until(5_000, "leader", |c| c.leader() == Some(1));
+    c.join(2, "a", 1);
+    c.until(20_000, "two voters", |c| c.voters(1).len() == 2);
+    c.join(3, "b", 1);
+    c.until(20_000, "three voters", |c| {
+        c.voters(1).len() == 3 && c.converged()
+    });
+    // A node of site c joins: one of a's voters (not the leader) hands it
+    // its vote, so losing any one site keeps a quorum.
+    c.join(4, "c", 1);
+    c.until(20_000, "a voter on each site", |c| {
+        let mut v = c.voters(1);
+        v.sort();
+        v == vec![1, 3, 4] && c.converged()
+    });
+    assert_eq!(c.members[&1].node.membership().1, vec![2], "2 is a learner");
+    // And it stays so.
+    c.run(10_000);
+    let mut v = c.voters(1);
+    v.sort();
+    assert_eq!(v, vec![1, 3, 4]);
+}
+
+#[test]
 fn leader_failover_and_exactly_once_submission() {
     let mut c = three(4);
     let old = c.leader().expect("leader");

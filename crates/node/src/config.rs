@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use resolute_core::node::LatencyClass;
+
 /// A node's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,11 +232,19 @@ impl Trial {
 pub struct Timing {
     /// Raft tick, in milliseconds.
     pub tick_ms: u64,
-    /// A node silent this long is declared lost.
-    pub lease_timeout_ms: u64,
+    /// How far apart the cluster's nodes are (`lan` or `wan`): the defaults of
+    /// the four timers below.
+    pub latency: String,
+    /// Raft's base election timeout (the class's default when unset).
+    pub election_ms: Option<u64>,
+    /// The leader's heartbeat period (the class's default when unset).
+    pub heartbeat_ms: Option<u64>,
+    /// A node silent this long is declared lost (the class's default when unset).
+    pub lease_timeout_ms: Option<u64>,
     /// A node whose connections all closed is declared lost after this long
-    /// unless it reconnects (a crash is noticed before the lease ends).
-    pub disconnect_grace_ms: u64,
+    /// unless it reconnects (a crash is noticed before the lease ends; the
+    /// class's default when unset).
+    pub disconnect_grace_ms: Option<u64>,
     /// Voters in the Raft group.
     pub voters: usize,
 }
@@ -243,9 +253,43 @@ impl Default for Timing {
     fn default() -> Self {
         Timing {
             tick_ms: 100,
-            lease_timeout_ms: resolute_core::node::LEASE_TIMEOUT_DEFAULT_MS,
-            disconnect_grace_ms: resolute_core::node::DISCONNECT_GRACE_DEFAULT_MS,
+            latency: LatencyClass::default().name().to_string(),
+            election_ms: None,
+            heartbeat_ms: None,
+            lease_timeout_ms: None,
+            disconnect_grace_ms: None,
             voters: 3,
+        }
+    }
+}
+
+impl Timing {
+    /// The latency class, checked.
+    pub fn class(&self) -> Result<LatencyClass, String> {
+        LatencyClass::parse(&self.latency).ok_or_else(|| {
+            let names: Vec<&str> = LatencyClass::ALL.iter().map(|c| c.name()).collect();
+            format!(
+                "node.latency must be one of {}, not {:?}",
+                names.join(", "),
+                self.latency
+            )
+        })
+    }
+
+    /// The timers: the class's defaults with what the file sets on top,
+    /// checked against each other.
+    pub fn resolved(&self) -> Result<resolute_core::node::Timing, String> {
+        let mut t = self.class()?.timing();
+        t.election_ms = self.election_ms.unwrap_or(t.election_ms);
+        t.heartbeat_ms = self.heartbeat_ms.unwrap_or(t.heartbeat_ms);
+        t.lease_timeout_ms = self.lease_timeout_ms.unwrap_or(t.lease_timeout_ms);
+        t.disconnect_grace_ms = self.disconnect_grace_ms.unwrap_or(t.disconnect_grace_ms);
+        match t.problem(self.tick_ms) {
+            Some(p) => Err(format!(
+                "node timing (election_ms {}, heartbeat_ms {}, lease_timeout_ms {}, tick_ms {}): {p}",
+                t.election_ms, t.heartbeat_ms, t.lease_timeout_ms, self.tick_ms
+            )),
+            None => Ok(t),
         }
     }
 }
@@ -304,11 +348,7 @@ pub fn parse(name: &str, text: &str) -> Result<NodeFile, String> {
     if !(1..=7).contains(&f.node.voters) {
         return bad("node.voters must be between 1 and 7".into());
     }
-    if f.node.tick_ms == 0 || f.node.lease_timeout_ms < 5 * f.node.tick_ms {
-        return bad(
-            "node.tick_ms must be positive and node.lease_timeout_ms at least 5 ticks".into(),
-        );
-    }
+    f.node.resolved().map_err(|e| format!("{name}: {e}"))?;
     Ok(f)
 }
 
@@ -322,7 +362,42 @@ mod tests {
         for name in ["laptop.toml", "onprem.toml", "cloud.toml"] {
             let f = load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
             f.trial.run_as().expect("trial settings");
+            // The multi-site roles run the wide-area timing.
+            let wan = name != "laptop.toml";
+            assert_eq!(
+                f.node.class(),
+                Ok(if wan {
+                    LatencyClass::Wan
+                } else {
+                    LatencyClass::Lan
+                })
+            );
         }
+    }
+
+    #[test]
+    fn timing_is_the_class_with_what_the_file_sets_on_top() {
+        let f = parse(
+            "x.toml",
+            "[node]\nlatency = \"wan\"\nlease_timeout_ms = 20000\n",
+        )
+        .expect("parses");
+        let t = f.node.resolved().expect("sound");
+        assert_eq!((t.election_ms, t.lease_timeout_ms), (3_000, 20_000));
+        let e = parse("x.toml", "[node]\nlatency = \"moon\"\n").expect_err("refused");
+        assert!(
+            e.starts_with("x.toml: node.latency must be one of lan, wan"),
+            "{e}"
+        );
+        let e = parse(
+            "x.toml",
+            "[node]\nlatency = \"wan\"\nlease_timeout_ms = 2000\n",
+        )
+        .expect_err("a lease shorter than an election");
+        assert!(
+            e.contains("lease_timeout_ms 2000") && e.contains("the lease"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -253,6 +253,7 @@ async fn start(opts: &Options, api_socket: std::net::SocketAddr) -> Result<Start
             denied_requests: 0,
             work_root,
             fetches: Default::default(),
+            latency: c.node.class().map_err(fail)?,
         },
         gpu_uuids,
         gpu_records,

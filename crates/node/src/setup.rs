@@ -195,8 +195,13 @@ pub(crate) fn node_config(opts: &Options, id: NodeId, info: NodeInfo) -> NodeCon
     let mut cfg = NodeConfig::new(id, info);
     cfg.join_token = opts.join_token.clone();
     cfg.tick_ms = config.node.tick_ms;
-    cfg.lease_timeout_ms = config.node.lease_timeout_ms;
-    cfg.disconnect_grace_ms = config.node.disconnect_grace_ms;
+    // Checked when the file was loaded; a config built in code falls back to
+    // the class's defaults.
+    let timing = config
+        .node
+        .resolved()
+        .unwrap_or_else(|_| resolute_core::node::LatencyClass::default().timing());
+    cfg.set_timing(timing);
     cfg.voters = config.node.voters;
     cfg
 }

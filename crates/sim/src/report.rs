@@ -29,6 +29,9 @@ pub struct Report {
     pub recovery_s_p50: f64,
     /// 99th percentile of the same.
     pub recovery_s_p99: f64,
+    /// Median recovery time by the sites a trial moved between, keyed
+    /// `from->to` (site names; `dc1->dc1` when it restarted on its own site).
+    pub recovery_s_p50_by_sites: std::collections::BTreeMap<String, f64>,
     /// Median time a trial waited in the queue.
     pub queue_wait_s_p50: f64,
     /// 99th percentile of the same.
@@ -37,6 +40,10 @@ pub struct Report {
     pub messages: u64,
     /// Checkpoint bytes moved between nodes.
     pub bytes_moved: u64,
+    /// Messages that went through a relay (two NATed sites).
+    pub relayed_messages: u64,
+    /// Checkpoint bytes that went through a relay.
+    pub relayed_bytes: u64,
     /// Simulated seconds.
     pub simulated_s: f64,
     /// Wall seconds (measured by the caller).

@@ -75,6 +75,9 @@ pub struct NodeSettings {
     pub heartbeat_ticks: usize,
     /// Lease length.
     pub lease_timeout_ms: u64,
+    /// A latency class (`lan`, `wan`): when set, its timing replaces the
+    /// three above, as `[node] latency` does in a node's config.
+    pub latency: Option<resolute_core::node::LatencyClass>,
     /// Entries between snapshots.
     pub snapshot_entries: u64,
     /// Latency of one disk write + fsync, in milliseconds.
@@ -91,9 +94,25 @@ impl Default for NodeSettings {
             election_ticks: 10,
             heartbeat_ticks: 3,
             lease_timeout_ms: 3000,
+            latency: None,
             snapshot_entries: 2000,
             fsync_ms: [1, 3],
             clock_skew_per_mille: 10,
+        }
+    }
+}
+
+impl NodeSettings {
+    /// The timing every node runs with.
+    pub fn timing(&self) -> resolute_core::node::Timing {
+        match self.latency {
+            Some(class) => class.timing(),
+            None => resolute_core::node::Timing {
+                election_ms: self.election_ticks as u64 * self.tick_ms,
+                heartbeat_ms: self.heartbeat_ticks as u64 * self.tick_ms,
+                lease_timeout_ms: self.lease_timeout_ms,
+                disconnect_grace_ms: resolute_core::node::DISCONNECT_GRACE_DEFAULT_MS,
+            },
         }
     }
 }
@@ -107,6 +126,11 @@ pub struct Site {
     /// Latency range between two nodes of this site, in milliseconds.
     #[serde(default = "default_site_latency")]
     pub latency_ms: [u64; 2],
+    /// Behind a NAT: its nodes dial out, but no node of another site can dial
+    /// them. Two NATed sites talk through a relay (a node of a site without
+    /// NAT), with the relay's latency and bandwidth.
+    #[serde(default)]
+    pub nat: bool,
 }
 
 fn default_site_latency() -> [u64; 2] {
@@ -128,6 +152,15 @@ pub struct Network {
     /// How long a request to a node that is up but cut off (a partition) takes
     /// to fail, in milliseconds (libp2p's request timeout, in production).
     pub request_timeout_ms: u64,
+    /// Latency a relay adds to each message it forwards (on top of both legs),
+    /// in milliseconds.
+    pub relay_latency_ms: [u64; 2],
+    /// Bandwidth of a relayed blob transfer, in MB per second (a relay serves
+    /// many circuits; its uplink is shared).
+    pub relay_bandwidth_mb_s: f64,
+    /// Most bytes one relayed circuit carries, in MB (`net.relay_circuit_max_bytes`
+    /// in production): a larger blob cannot come over a relay.
+    pub relay_circuit_max_mb: f64,
 }
 
 impl Default for Network {
@@ -138,6 +171,9 @@ impl Default for Network {
             duplicate: 0.0,
             bandwidth_mb_s: 500.0,
             request_timeout_ms: 30_000,
+            relay_latency_ms: [1, 5],
+            relay_bandwidth_mb_s: 50.0,
+            relay_circuit_max_mb: 256.0,
         }
     }
 }
@@ -496,18 +532,31 @@ impl Scenario {
             "faults.disk_loss_probability",
         )?;
         probability(self.faults.disk_error_rate, "faults.disk_error_rate")?;
+        if let Some(p) = self.node.timing().problem(self.node.tick_ms) {
+            return Err(format!("node timing: {p}"));
+        }
+        let positive = |v: f64| v > 0.0 && v.is_finite();
         if self.node.tick_ms == 0
-            || self.trials.units_per_gpu_s <= 0.0
-            || self.network.bandwidth_mb_s <= 0.0
+            || !positive(self.trials.units_per_gpu_s)
+            || !positive(self.network.bandwidth_mb_s)
+            || !positive(self.network.relay_bandwidth_mb_s)
+            || !positive(self.network.relay_circuit_max_mb)
         {
             return Err(
-                "node.tick_ms, trials.units_per_gpu_s and network.bandwidth_mb_s must be positive"
+                "node.tick_ms, trials.units_per_gpu_s, network.bandwidth_mb_s, \
+                 network.relay_bandwidth_mb_s and network.relay_circuit_max_mb must be positive"
                     .into(),
+            );
+        }
+        if self.sites.iter().filter(|s| s.nat).count() >= 2 && self.sites.iter().all(|s| s.nat) {
+            return Err(
+                "every site is behind NAT: two NATed sites need a site without NAT to relay".into(),
             );
         }
         for range in [
             self.node.fsync_ms,
             self.network.cross_site_latency_ms,
+            self.network.relay_latency_ms,
             self.faults.restart_after_s,
             self.faults.partition_s,
         ] {

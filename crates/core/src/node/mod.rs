@@ -49,6 +49,9 @@ use crate::track;
 
 mod membership;
 mod peers;
+mod timing;
+
+pub use timing::{LatencyClass, Timing};
 
 /// Default number of voters the leader keeps (1 to 7).
 pub const VOTERS_DEFAULT: usize = 3;

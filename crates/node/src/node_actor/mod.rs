@@ -82,6 +82,8 @@ pub struct Local {
     pub work_root: PathBuf,
     /// Its latest blob fetches, oldest first (at most [`FETCHES_SHOWN_MAX`]).
     pub fetches: VecDeque<serde_json::Value>,
+    /// The latency class its timing was chosen for (`[node] latency`).
+    pub latency: resolute_core::node::LatencyClass,
 }
 
 /// Blob fetches `cluster status` lists.

@@ -1,12 +1,14 @@
 //! The network as an operator needs to see it across sites: how this node
 //! reaches each peer (direct, hole-punched, relayed) and the round trip,
 //! whether each node can be dialled from other sites, and what is wrong with
-//! the layout (a site nobody can dial, all voters on one site).
+//! the layout (a site nobody can dial, voters on one or two sites, round
+//! trips too long for the node's timing).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
+use resolute_core::node::LatencyClass;
 use resolute_core::state::{ClusterState, NodeState};
 use resolute_core::NodeId;
 use resolute_net::{PeerLink, Reachability};
@@ -46,9 +48,17 @@ pub fn reachability(local: &Local, node: NodeId) -> Reachability {
 /// What an operator should know about the layout, in words: every site
 /// whose live nodes all say they cannot be dialled (they are reached through
 /// relays on other sites; with no reachable node anywhere, nodes behind
-/// different NATs cannot reach each other at all), and voters that sit on
-/// one site of several (losing it loses the quorum).
+/// different NATs cannot reach each other at all), voters that sit on one
+/// site of several or on only two (losing the wrong one loses the quorum),
+/// and peers whose round trip is longer than this node's timing holds.
 pub fn warnings(state: &ClusterState, local: &Local, voters: &[NodeId]) -> Vec<String> {
+    let mut out = reachability_warnings(state, local);
+    out.extend(voter_warnings(state, voters));
+    out.extend(timing_warnings(state, local));
+    out
+}
+
+fn reachability_warnings(state: &ClusterState, local: &Local) -> Vec<String> {
     let mut out = Vec::new();
     let mut sites: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
     for (id, n) in &state.nodes {
@@ -79,13 +89,29 @@ pub fn warnings(state: &ClusterState, local: &Local, voters: &[NodeId]) -> Vec<S
             ));
         }
     }
-    let voter_sites: BTreeSet<&str> = voters
-        .iter()
-        .filter_map(|v| state.nodes.get(v))
+    out
+}
+
+/// Voters on one site of several, or on exactly two sites: a quorum needs
+/// more than half the voters, so with two sites one of them holds the
+/// majority and losing it stops the log (the other site's nodes fence
+/// themselves after their lease and stop their trials) until it returns.
+fn voter_warnings(state: &ClusterState, voters: &[NodeId]) -> Vec<String> {
+    let live_sites: BTreeSet<&str> = state
+        .nodes
+        .values()
+        .filter(|n| n.state != NodeState::Lost)
         .map(|n| n.info.site.as_str())
         .collect();
-    if sites.len() > 1 && voters.len() > 1 && voter_sites.len() == 1 {
-        let site = voter_sites.first().copied().unwrap_or_default();
+    let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in voters {
+        if let Some(n) = state.nodes.get(v) {
+            *per_site.entry(n.info.site.as_str()).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    if live_sites.len() > 1 && voters.len() > 1 && per_site.len() == 1 {
+        let site = per_site.keys().next().copied().unwrap_or_default();
         out.push(format!(
             "all {} voters are on site {site}: losing that site loses the quorum (the \
              other sites have no voter-capable node up, or joined after the voters were \
@@ -93,5 +119,51 @@ pub fn warnings(state: &ClusterState, local: &Local, voters: &[NodeId]) -> Vec<S
             voters.len()
         ));
     }
+    if per_site.len() == 2 {
+        let (site, n) = per_site
+            .iter()
+            .max_by_key(|(s, n)| (**n, std::cmp::Reverse(**s)))
+            .map(|(s, n)| (*s, *n))
+            .unwrap_or_default();
+        if 2 * n > voters.len() {
+            out.push(format!(
+                "the {} voters span only two sites: losing site {site} ({n} of them) loses \
+                 the quorum and the other site stops its trials until it returns; a node \
+                 on a third site (a small cloud VM will do) keeps a quorum through the loss \
+                 of any one site",
+                voters.len()
+            ));
+        }
+    }
     out
+}
+
+/// Peers whose measured round trip is longer than the latency class this
+/// node's timers were chosen for: elections and leases would then fire on
+/// a slow link that is still up.
+fn timing_warnings(state: &ClusterState, local: &Local) -> Vec<String> {
+    let budget = local.latency.rtt_budget_ms();
+    local
+        .links
+        .iter()
+        .filter_map(|l| Some((l, u64::from(l.rtt_ms?))))
+        .filter(|(_, rtt)| *rtt > budget)
+        .map(|(l, rtt)| {
+            let site = state
+                .nodes
+                .get(&l.node)
+                .map(|n| n.info.site.as_str())
+                .unwrap_or("?");
+            let fix = match local.latency {
+                LatencyClass::Lan => "set node.latency = \"wan\" on every node",
+                LatencyClass::Wan => "raise node.election_ms and node.lease_timeout_ms",
+            };
+            format!(
+                "the round trip to node {:016x} (site {site}) is {rtt} ms, longer than \
+                 node.latency = \"{}\" holds ({budget} ms): {fix}",
+                l.node,
+                local.latency.name()
+            )
+        })
+        .collect()
 }

@@ -98,8 +98,9 @@ impl World<'_> {
                         self.step(n, Event::Leave);
                         // Its agent drains, leaves and stops it; a machine that
                         // is cut off meanwhile is switched off when its time is up.
-                        let grace =
-                            LEAVE_DRAIN_MS + LEAVE_REMOVE_MS + self.sc.node.lease_timeout_ms;
+                        let grace = LEAVE_DRAIN_MS
+                            + LEAVE_REMOVE_MS
+                            + self.sc.node.timing().lease_timeout_ms;
                         self.schedule(self.now + grace, Occurrence::SpotGone { node: n });
                     }
                 }

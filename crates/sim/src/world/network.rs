@@ -1,7 +1,15 @@
 //! The simulated network: per-link latency (within a site, across sites), loss,
 //! duplication, partitions (both ways, or a node's outgoing traffic muted),
-//! connection resets when a process dies, and blob transfers at the scenario's
-//! bandwidth.
+//! NATs and relays, connection resets when a process dies, and blob transfers
+//! at the scenario's bandwidth.
+//!
+//! A site with `nat = true` is dialled by nobody outside it; its nodes dial
+//! out. A node outside any NAT talks directly with everyone; two nodes on
+//! different NATed sites talk through a relay: a node outside any NAT that is
+//! up and reachable from both (production's circuit relay v2 on a public
+//! node). A relayed message takes both legs' latency plus the relay's; a
+//! relayed blob moves at the relay's bandwidth, and not at all when it is
+//! larger than a circuit may carry. With no relay left, the two cannot talk.
 
 use std::collections::BTreeSet;
 
@@ -23,6 +31,21 @@ pub(super) struct Net {
     pub(super) messages: u64,
     /// Bytes of blobs moved between nodes.
     pub(super) bytes_moved: u64,
+    /// Messages that went through a relay.
+    pub(super) relayed_messages: u64,
+    /// Bytes of blobs that went through a relay.
+    pub(super) relayed_bytes: u64,
+}
+
+/// How traffic goes from one node to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// A connection one of them could dial (same site, or one outside a NAT).
+    Direct,
+    /// Both behind NATs on different sites: through this relay node.
+    Relayed(usize),
+    /// No path: cut off, or both behind NATs with no relay.
+    None,
 }
 
 impl World<'_> {
@@ -35,25 +58,79 @@ impl World<'_> {
         }
     }
 
+    fn behind_nat(&self, n: usize) -> bool {
+        self.sc.sites[self.nodes[n].site].nat
+    }
+
+    /// Whether nothing blocks traffic on the direct link from `a` to `b`.
+    fn open(&self, a: usize, b: usize) -> bool {
+        let (x, y) = (self.nodes[a].id, self.nodes[b].id);
+        !self.net.blocked.contains(&(x, y)) && !self.net.muted.contains(&x)
+    }
+
+    /// How traffic goes from `a` to `b` now (the relay, where one is needed,
+    /// is the first node outside any NAT that is up and open both ways with
+    /// both).
+    pub(super) fn route(&self, a: usize, b: usize) -> Route {
+        let direct =
+            self.nodes[a].site == self.nodes[b].site || !self.behind_nat(a) || !self.behind_nat(b);
+        if direct {
+            return if self.open(a, b) {
+                Route::Direct
+            } else {
+                Route::None
+            };
+        }
+        let relays = |r: &usize| {
+            let n = &self.nodes[*r];
+            !self.behind_nat(*r)
+                && !n.down
+                && !n.gone
+                && [(a, *r), (*r, a), (*r, b), (b, *r)]
+                    .iter()
+                    .all(|(x, y)| self.open(*x, *y))
+        };
+        (0..self.nodes.len())
+            .find(relays)
+            .map_or(Route::None, Route::Relayed)
+    }
+
+    /// One message's latency over `route` (sampled).
+    fn sample_latency(&mut self, a: usize, b: usize, route: Route) -> u64 {
+        let leg = |w: &mut Self, x: usize, y: usize| {
+            let range = w.latency_range(x, y);
+            range[0] + w.rng.net.next_u64() % (range[1].saturating_sub(range[0]) + 1)
+        };
+        match route {
+            Route::Relayed(r) => {
+                let [lo, hi] = self.sc.network.relay_latency_ms;
+                let extra = lo + self.rng.net.next_u64() % (hi - lo + 1);
+                leg(self, a, r) + leg(self, r, b) + extra
+            }
+            _ => leg(self, a, b),
+        }
+    }
+
     fn lost(&mut self, p: f64) -> bool {
         p > 0.0 && (self.rng.net.next_u64() % 1_000_000) as f64 / 1_000_000.0 < p
     }
 
     pub(super) fn send(&mut self, from_idx: usize, to: NodeId, msg: PeerMessage) {
         let from = self.nodes[from_idx].id;
-        if self.net.muted.contains(&from) || self.net.blocked.contains(&(from, to)) {
-            return;
-        }
         let Some(to_idx) = self.index_of(to) else {
             return;
         };
-        if self.lost(self.sc.network.loss) {
+        let route = self.route(from_idx, to_idx);
+        if route == Route::None || self.lost(self.sc.network.loss) {
             return;
         }
-        let range = self.latency_range(from_idx, to_idx);
-        let latency = range[0] + self.rng.net.next_u64() % (range[1].saturating_sub(range[0]) + 1);
+        if matches!(route, Route::Relayed(_)) {
+            self.net.relayed_messages += 1;
+        }
+        let latency = self.sample_latency(from_idx, to_idx, route);
         if self.lost(self.sc.network.duplicate) {
-            let extra = latency + 1 + self.rng.net.next_u64() % (range[1] + 1);
+            let spread = self.latency_range(from_idx, to_idx)[1].max(latency);
+            let extra = latency + 1 + self.rng.net.next_u64() % (spread + 1);
             self.schedule(
                 self.now + extra,
                 Occurrence::Deliver {
@@ -92,21 +169,17 @@ impl World<'_> {
             if to == node || peer.down || peer.gone {
                 continue;
             }
-            if self.net.blocked.contains(&(id, peer.id)) || self.net.muted.contains(&id) {
-                continue;
-            }
-            let range = self.latency_range(node, to);
+            // Over a relay, the relay sees the reset and closes the circuit.
+            let after = match self.route(node, to) {
+                Route::None => continue,
+                Route::Direct => self.latency_range(node, to)[0],
+                Route::Relayed(r) => self.latency_range(node, r)[0] + self.latency_range(r, to)[0],
+            };
             self.schedule(
-                self.now + range[0].max(1),
+                self.now + after.max(1),
                 Occurrence::ConnectionsReset { to, node: id },
             );
         }
-    }
-
-    /// Whether traffic can go from `a` to `b` now.
-    pub(super) fn reachable(&self, a: usize, b: usize) -> bool {
-        let (x, y) = (self.nodes[a].id, self.nodes[b].id);
-        !self.net.blocked.contains(&(x, y)) && !self.net.muted.contains(&x)
     }
 
     /// Cuts a node off from every other.
@@ -127,9 +200,11 @@ impl World<'_> {
     }
 
     /// A node fetches a blob: from the first of `holders` that is up, has it,
-    /// and can talk to it both ways, at the scenario's bandwidth. With none, the
-    /// fetch fails after one round trip when every holder is down (connections
-    /// refused), or after the request timeout when one is up but cut off.
+    /// and can talk to it both ways, preferring a direct link (as the swarm's
+    /// fetch does) and taking a relayed one only if the blob fits a circuit.
+    /// With none, the fetch fails after one round trip when every holder is
+    /// down (connections refused), or after the request timeout when one is up
+    /// but cut off.
     pub(super) fn fetch(&mut self, node: usize, digest: String, holders: Vec<NodeId>) {
         let epoch = self.nodes[node].epoch;
         if self.nodes[node].blobs.contains(&digest) {
@@ -149,17 +224,36 @@ impl World<'_> {
             .filter_map(|h| self.index_of(*h))
             .filter(|h| *h != node && !self.nodes[*h].down && !self.nodes[*h].gone)
             .collect();
-        let source = candidates.iter().copied().find(|h| {
-            self.nodes[*h].blobs.contains(&digest)
-                && self.reachable(*h, node)
-                && self.reachable(node, *h)
-        });
+        let mb = self.sc.trials.checkpoint_mb;
+        let fits_circuit = mb <= self.sc.network.relay_circuit_max_mb;
+        let routes: Vec<(usize, Route, Route)> = candidates
+            .iter()
+            .filter(|h| self.nodes[**h].blobs.contains(&digest))
+            .map(|h| (*h, self.route(*h, node), self.route(node, *h)))
+            .filter(|(_, there, back)| *there != Route::None && *back != Route::None)
+            .collect();
+        let source = routes
+            .iter()
+            .find(|(_, there, _)| *there == Route::Direct)
+            .or_else(|| routes.iter().find(|_| fits_circuit))
+            .copied();
         let (after_ms, ok) = match source {
-            Some(h) => {
-                let mb = self.sc.trials.checkpoint_mb;
+            Some((h, route, _)) => {
                 self.net.bytes_moved += (mb * 1e6) as u64;
-                let transfer = (mb / self.sc.network.bandwidth_mb_s * 1000.0) as u64;
-                (transfer + 2 * self.latency_range(h, node)[1], Ok(()))
+                let (bandwidth, rtt) = match route {
+                    Route::Relayed(r) => {
+                        self.net.relayed_bytes += (mb * 1e6) as u64;
+                        let legs = self.latency_range(h, r)[1] + self.latency_range(r, node)[1];
+                        let relay = self.sc.network.relay_latency_ms[1];
+                        (self.sc.network.relay_bandwidth_mb_s, 2 * (legs + relay))
+                    }
+                    _ => (
+                        self.sc.network.bandwidth_mb_s,
+                        2 * self.latency_range(h, node)[1],
+                    ),
+                };
+                let transfer = (mb / bandwidth * 1000.0) as u64;
+                (transfer + rtt, Ok(()))
             }
             None if candidates.is_empty() => {
                 let rtt = 2 * self.sc.network.cross_site_latency_ms[1];

@@ -78,11 +78,9 @@ impl World<'_> {
         let n = &self.sc.node;
         cfg.tick_ms = n.tick_ms;
         cfg.voters = n.voters.clamp(1, 7);
-        cfg.election_ticks = n.election_ticks;
-        cfg.heartbeat_ticks = n.heartbeat_ticks;
-        cfg.lease_timeout_ms = n.lease_timeout_ms;
+        cfg.set_timing(n.timing());
         cfg.snapshot_entries = n.snapshot_entries;
-        cfg.proposal_timeout_ms = 10 * n.lease_timeout_ms;
+        cfg.proposal_timeout_ms = 10 * cfg.lease_timeout_ms;
         cfg.seed = self.opts.seed ^ id.wrapping_mul(0xd6e8_feb8_6659_fd93);
         let (gpus, speed, preemptible) = (pool.gpus, pool.gpu_speed, pool.preemptible);
         self.nodes.push(SimNode {

@@ -192,7 +192,8 @@ impl World<'_> {
             },
         );
         if chief {
-            self.stats.trial_started(self.now, trial);
+            let site = self.sc.sites[self.nodes[node].site].name.clone();
+            self.stats.trial_started(self.now, trial, &site);
             let name = self.nodes[node].name.clone();
             self.note(format!(
                 "trial {trial}.{incarnation} starts on {name} at {start_units}"
@@ -488,7 +489,8 @@ impl World<'_> {
     /// A process dies of a hardware fault (its GPU failed under it).
     pub(super) fn fail_process(&mut self, key: u64, why: &str) {
         if let Some(p) = self.procs.by_key.get(&key) {
-            self.stats.interrupted(self.now, p.trial);
+            let site = &self.sc.sites[self.nodes[p.node].site].name;
+            self.stats.interrupted(self.now, p.trial, site);
         }
         self.end_with(
             key,
@@ -512,7 +514,8 @@ impl World<'_> {
             .collect();
         for key in procs {
             if let Some(p) = self.procs.by_key.get(&key) {
-                self.stats.interrupted(self.now, p.trial);
+                let site = &self.sc.sites[self.nodes[p.node].site].name;
+                self.stats.interrupted(self.now, p.trial, site);
             }
             self.end_process(key, false);
         }

@@ -12,9 +12,12 @@ use crate::report::{quantile, Report};
 /// The run's measurements.
 #[derive(Debug, Default)]
 pub(super) struct Stats {
-    /// When each trial's process last died uncleanly (for its recovery time).
-    interrupted: BTreeMap<TrialId, u64>,
+    /// When each trial's process last died uncleanly, and on which site (for
+    /// its recovery time).
+    interrupted: BTreeMap<TrialId, (u64, String)>,
     recoveries: Vec<f64>,
+    /// Recovery times by the sites a trial moved between (`from->to`).
+    recoveries_by_sites: BTreeMap<String, Vec<f64>>,
     /// When each trial entered the queue (sampled).
     pub(super) queued_since: BTreeMap<TrialId, u64>,
     queue_waits: Vec<f64>,
@@ -42,18 +45,26 @@ impl Stats {
     }
 
     /// A trial's process started: its queue wait and recovery end.
-    pub(super) fn trial_started(&mut self, now: u64, trial: TrialId) {
+    /// A trial's process started on `site`: its queue wait and recovery end.
+    pub(super) fn trial_started(&mut self, now: u64, trial: TrialId, site: &str) {
         if let Some(t) = self.queued_since.remove(&trial) {
             self.queue_waits.push((now - t) as f64 / 1000.0);
         }
-        if let Some(t) = self.interrupted.remove(&trial) {
-            self.recoveries.push((now - t) as f64 / 1000.0);
+        if let Some((t, from)) = self.interrupted.remove(&trial) {
+            let s = (now - t) as f64 / 1000.0;
+            self.recoveries.push(s);
+            self.recoveries_by_sites
+                .entry(format!("{from}->{site}"))
+                .or_default()
+                .push(s);
         }
     }
 
-    /// A trial's process died without a clean exit.
-    pub(super) fn interrupted(&mut self, now: u64, trial: TrialId) {
-        self.interrupted.entry(trial).or_insert(now);
+    /// A trial's process on `site` died without a clean exit.
+    pub(super) fn interrupted(&mut self, now: u64, trial: TrialId, site: &str) {
+        self.interrupted
+            .entry(trial)
+            .or_insert_with(|| (now, site.to_string()));
     }
 
     pub(super) fn validated(&mut self, experiment: u64, loss: f64) {
@@ -147,6 +158,13 @@ impl World<'_> {
             recoveries: st.recoveries.len() as u64,
             recovery_s_p50: quantile(&mut rec, 0.5),
             recovery_s_p99: quantile(&mut rec2, 0.99),
+            recovery_s_p50_by_sites: st
+                .recoveries_by_sites
+                .iter()
+                .map(|(k, v)| (k.clone(), quantile(&mut v.clone(), 0.5)))
+                .collect(),
+            relayed_messages: self.net.relayed_messages,
+            relayed_bytes: self.net.relayed_bytes,
             queue_wait_s_p50: quantile(&mut qw, 0.5),
             queue_wait_s_p99: quantile(&mut qw2, 0.99),
             messages: self.net.messages,
