@@ -1,28 +1,19 @@
 //! One cluster across three sites on this machine, built from Linux network
-//! namespaces by the test itself (and torn down at its end): a "cloud"
-//! namespace with a public address, and two "on-prem" sites, each behind
-//! its own NAT (nftables masquerade, no inbound port forwarding), all
-//! joined by a "wan" router whose links add latency and loss (tc netem,
-//! 20 ms each way and 0.5% loss per hop, so 40 ms and about 1% between two
-//! sites) where the kernel has netem.
-//!
-//! ```text
-//!            wan (router)   198.18.0.1 | 198.18.1.1 | 198.18.2.1
-//!        /                   |                       \
-//!   cloud 198.18.0.2     nat-a 198.18.1.2        nat-b 198.18.2.2
-//!   (public: dialled       |  masquerade, drops     |
-//!    by everyone)          |  what it did not open  |
-//!                       site-a 10.10.1.2         site-b 10.10.2.2
-//! ```
+//! namespaces by the test itself (`resolute-netns`, torn down at its end): a
+//! "cloud" namespace with a public address, and two "on-prem" sites, each
+//! behind its own NAT (nftables masquerade, no inbound port forwarding),
+//! joined by a router whose links add latency and loss where the kernel has
+//! tc netem.
 //!
 //! The on-prem nodes dial the cloud node; AutoNAT tells each that other
 //! sites cannot dial it, so it reserves a relayed address on the cloud node
 //! (circuit relay v2), and the two on-prem nodes reach each other through
-//! it or through a hole-punched connection (DCUtR). The test needs root (it
+//! it or through a hole-punched connection (DCUtR). A job submitted on-prem
+//! runs on every site, a checkpoint crosses the two NATs, and SIGKILL of an
+//! on-prem node moves its trial to another site. The test needs root (it
 //! runs as root in CI) and says why when it skips.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -30,217 +21,6 @@ use serde_json::Value;
 use resolute_tests::{
     cli, client_env, create, get, repo, start_at, this_node, trials, until, NodeProc, Place,
 };
-
-/// One site's namespaces and addresses, and the whole topology's teardown.
-struct Topology {
-    /// Every namespace made (deleted on drop).
-    namespaces: Vec<String>,
-    /// Whether the links have added latency and loss.
-    netem: bool,
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Runs `ip ARGS`, `ip netns exec NS CMD...` and friends, failing the test
-/// with what the command said.
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Why this machine cannot run the test (None: it can).
-fn cannot_run() -> Option<String> {
-    for tool in ["ip", "nft", "tc"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    let probe = format!("rs-probe-{}", std::process::id());
-    let made = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .output()
-        .ok()?;
-    if !made.status.success() {
-        return Some(format!(
-            "network namespaces are not allowed here (`ip netns add`: {})",
-            String::from_utf8_lossy(&made.stderr).trim()
-        ));
-    }
-    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-    None
-}
-
-/// A veth pair between two namespaces, each end with its address, up.
-fn link(a: (&str, &str, &str), b: (&str, &str, &str)) {
-    let (ns_a, if_a, ip_a) = a;
-    let (ns_b, if_b, ip_b) = b;
-    sh(&[
-        "ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns",
-        ns_b,
-    ]);
-    for (ns, ifname, ip) in [(ns_a, if_a, ip_a), (ns_b, if_b, ip_b)] {
-        sh(&["ip", "-n", ns, "addr", "add", ip, "dev", ifname]);
-        sh(&["ip", "-n", ns, "link", "set", ifname, "up"]);
-    }
-}
-
-/// The NAT of an on-prem site: forwards what its LAN opens, masquerades it,
-/// and drops every connection the WAN tries to open.
-const NAT_RULES: &str = "
-table ip nat {
-  chain nat_out { type nat hook postrouting priority 100; oifname \"wan\" masquerade; }
-}
-table ip filter {
-  chain pass {
-    type filter hook forward priority 0; policy drop;
-    ct state established,related accept
-    iifname \"lan\" accept
-  }
-}
-";
-
-fn build() -> Topology {
-    let tag = std::process::id() % 100_000;
-    let name = |n: &str| format!("rs{tag}-{n}");
-    let [wan, cloud, nat_a, site_a, nat_b, site_b] =
-        ["wan", "cloud", "nata", "sitea", "natb", "siteb"].map(name);
-    let mut topo = Topology {
-        namespaces: Vec::new(),
-        netem: false,
-    };
-    for ns in [&wan, &cloud, &nat_a, &site_a, &nat_b, &site_b] {
-        sh(&["ip", "netns", "add", ns]);
-        topo.namespaces.push(ns.clone());
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
-    link(
-        (&wan, "w0", "198.18.0.1/24"),
-        (&cloud, "eth0", "198.18.0.2/24"),
-    );
-    link(
-        (&wan, "w1", "198.18.1.1/24"),
-        (&nat_a, "wan", "198.18.1.2/24"),
-    );
-    link(
-        (&wan, "w2", "198.18.2.1/24"),
-        (&nat_b, "wan", "198.18.2.2/24"),
-    );
-    link(
-        (&nat_a, "lan", "10.10.1.1/24"),
-        (&site_a, "eth0", "10.10.1.2/24"),
-    );
-    link(
-        (&nat_b, "lan", "10.10.2.1/24"),
-        (&site_b, "eth0", "10.10.2.2/24"),
-    );
-    for ns in [&wan, &nat_a, &nat_b] {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-    }
-    sh(&[
-        "ip",
-        "-n",
-        &cloud,
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.0.1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &nat_a,
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.1.1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &nat_b,
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.2.1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &site_a,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.10.1.1",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &site_b,
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.10.2.1",
-    ]);
-    for ns in [&nat_a, &nat_b] {
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft");
-        use std::io::Write;
-        nft.stdin
-            .take()
-            .expect("stdin")
-            .write_all(NAT_RULES.as_bytes())
-            .expect("nft rules");
-        assert!(nft.wait().expect("nft").success(), "nft rules in {ns}");
-    }
-    // The router's three links: 20 ms and 0.5% loss on each way out.
-    topo.netem = ["w0", "w1", "w2"].iter().all(|dev| {
-        Command::new("tc")
-            .args(["-n", &wan, "qdisc", "add", "dev", dev, "root", "netem"])
-            .args(["delay", "20ms", "loss", "0.5%"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !topo.netem {
-        eprintln!(
-            "sites: tc netem is not available in this kernel (CONFIG_NET_SCH_NETEM): \
-             the links run without added latency or loss"
-        );
-    }
-    topo
-}
 
 /// How long a trial waits for on-prem slots before it runs on the (paid)
 /// cloud node, in the test's configs (300 s in the shipped ones).
@@ -293,12 +73,15 @@ fn row(from: &NodeProc, id: &str) -> Value {
 
 #[test]
 fn one_cluster_across_a_cloud_and_two_nated_sites() {
-    if let Some(why) = cannot_run() {
+    if let Some(why) = resolute_netns::cannot_run() {
         eprintln!("sites: skipped: {why}");
         return;
     }
-    let topo = build();
-    let ns = |k: usize| Some(topo.namespaces[k].clone());
+    let topo = resolute_netns::Topology::build().expect("the topology");
+    if let Some(why) = topo.netem_missing() {
+        eprintln!("sites: {why}");
+    }
+    let ns = |n: &str| Some(n.to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud_config = config_for(dir.path(), "config/cloud.toml", "cloud");
     let dc1 = config_for(dir.path(), "config/onprem.toml", "dc1");
@@ -310,19 +93,19 @@ fn one_cluster_across_a_cloud_and_two_nated_sites() {
     };
     let c = start_at(
         &dir.path().join("cloud"),
-        &at(ns(1), 2, "198.18.0.2"),
+        &at(ns(topo.cloud()), 2, resolute_netns::CLOUD_IP),
         None,
         &cloud_config,
     );
     let a = start_at(
         &dir.path().join("a"),
-        &at(ns(3), 3, "10.10.1.2"),
+        &at(ns(topo.site_a()), 3, resolute_netns::SITE_A_IP),
         Some(&c.listen),
         &dc1,
     );
     let b = start_at(
         &dir.path().join("b"),
-        &at(ns(5), 4, "10.10.2.2"),
+        &at(ns(topo.site_b()), 4, resolute_netns::SITE_B_IP),
         Some(&c.listen),
         &dc2,
     );
@@ -446,7 +229,7 @@ fn one_cluster_across_a_cloud_and_two_nated_sites() {
         .map(|h| h["via"].clone())
         .unwrap_or_default();
     eprintln!("sites: a checkpoint crossed the NATs via {via}: {crossing}");
-    assert!(via == "relayed" || via == "hole_punched", "{crossing}");
+    assert!(via == "relayed" || via == "hole-punched", "{crossing}");
     if via == "relayed" {
         assert!(
             crossing["relayed_chunks"].as_u64().unwrap_or(0) >= 1,

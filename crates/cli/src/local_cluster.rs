@@ -1,5 +1,6 @@
 //! A cluster of `resolute node start` processes on loopback, for the quick start
-//! and the benchmarks that need real nodes (`bench recovery`, `bench submit`).
+//! and the benchmarks that need real nodes (`bench recovery`, `bench submit`),
+//! or placed in network namespaces (`bench wan`: [`NodeSpec`]).
 //!
 //! Every node is a separate process with its own data dir, real libp2p and real
 //! fsync; the first bootstraps the cluster and the others join through it. The
@@ -35,6 +36,31 @@ const CLUSTER_FORM_TIMEOUT_MS: u64 = 60_000;
 /// The pids of every node process alive, shared with the signal handler.
 type Pids = Arc<Mutex<Vec<i32>>>;
 
+/// Where and how one node runs.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Its network namespace (`ip netns`; None: this process's).
+    pub ns: Option<String>,
+    /// Its API's `IP:port` (in its namespace).
+    pub api: String,
+    /// Its libp2p listen multiaddr.
+    pub listen: String,
+    /// Its config file's text.
+    pub config: String,
+}
+
+impl NodeSpec {
+    /// A node on loopback with the laptop config.
+    pub fn loopback() -> NodeSpec {
+        NodeSpec {
+            ns: None,
+            api: "127.0.0.1:0".into(),
+            listen: ANY_PORT.into(),
+            config: NODE_CONFIG.into(),
+        }
+    }
+}
+
 /// One node process.
 pub struct LocalNode {
     /// "a", "b", "c", ...
@@ -49,6 +75,8 @@ pub struct LocalNode {
     pub data: PathBuf,
     /// The cluster administrator's token (the cluster makes its own).
     pub token: String,
+    /// How it was started (its namespace, addresses, config).
+    pub spec: NodeSpec,
     child: Option<Child>,
 }
 
@@ -56,6 +84,26 @@ impl LocalNode {
     /// Whether its process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Runs `f` with a client target for its API, from inside its network
+    /// namespace (on a thread of its own that enters it).
+    pub fn call<T: Send>(
+        &self,
+        f: impl FnOnce(&Target) -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        let target = self.target();
+        let Some(ns) = &self.spec.ns else {
+            return f(&target);
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter_namespace(ns)?;
+                f(&target)
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("a client call in namespace {ns} panicked"))
+        })
     }
 
     /// A client target for its API.
@@ -74,7 +122,8 @@ impl LocalNode {
 pub struct LocalCluster {
     /// The nodes, in start order (`nodes[0]` bootstrapped the cluster).
     pub nodes: Vec<LocalNode>,
-    config: PathBuf,
+    /// Where the nodes' data dirs, configs and logs are.
+    dir: PathBuf,
     exe: PathBuf,
     pids: Pids,
     /// The administrator's token.
@@ -85,6 +134,12 @@ impl LocalCluster {
     /// Starts `count` nodes under `dir` (which must be empty or absent) and waits
     /// until every one of them is a voter or learner and a leader is known.
     pub fn start(dir: &Path, count: usize) -> anyhow::Result<LocalCluster> {
+        Self::start_placed(dir, &vec![NodeSpec::loopback(); count])
+    }
+
+    /// [`LocalCluster::start`] with each node where `specs` say.
+    pub fn start_placed(dir: &Path, specs: &[NodeSpec]) -> anyhow::Result<LocalCluster> {
+        let count = specs.len();
         assert!(count >= 1, "a cluster has at least one node");
         if dir.exists()
             && dir
@@ -98,9 +153,6 @@ impl LocalCluster {
             );
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let config = dir.join("node.toml");
-        std::fs::write(&config, NODE_CONFIG)
-            .with_context(|| format!("writing {}", config.display()))?;
         let exe = std::env::current_exe().context("finding the resolute binary")?;
         // Its own key and administrator, as `resolute cluster init` makes them;
         // every node gets the key.
@@ -109,13 +161,13 @@ impl LocalCluster {
         let key = std::fs::read(&made.key_path)?;
         let mut cluster = LocalCluster {
             nodes: Vec::new(),
-            config,
+            dir: dir.to_path_buf(),
             exe,
             pids: Arc::new(Mutex::new(Vec::new())),
             token: made.token,
         };
         let mut join_token = None;
-        for k in 0..count {
+        for (k, spec) in specs.iter().enumerate() {
             let name = ((b'a' + k as u8) as char).to_string();
             let join = cluster.nodes.first().map(|n| n.listen.clone());
             if k == 1 {
@@ -130,7 +182,7 @@ impl LocalCluster {
             )
             .map_err(anyhow::Error::msg)?;
             let joining = join.as_deref().zip(join_token.as_deref());
-            let node = cluster.spawn(&name, &data, joining, ANY_PORT)?;
+            let node = cluster.spawn(&name, &data, joining, spec.clone())?;
             cluster.nodes.push(node);
         }
         cluster.wait_formed(count)?;
@@ -170,9 +222,12 @@ impl LocalCluster {
         name: &str,
         data: &Path,
         join: Option<(&str, &str)>,
-        listen: &str,
+        spec: NodeSpec,
     ) -> anyhow::Result<LocalNode> {
         std::fs::create_dir_all(data)?;
+        let config = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&config, &spec.config)
+            .with_context(|| format!("writing {}", config.display()))?;
         let log = data.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -189,12 +244,19 @@ impl LocalCluster {
             path.push(":");
             path.push(p);
         }
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = match &spec.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.args(["node", "start", "--config"])
-            .arg(&self.config)
+            .arg(&config)
             .arg("--data-dir")
             .arg(data)
-            .args(["--api", "127.0.0.1:0", "--listen", listen])
+            .args(["--api", &spec.api, "--listen", &spec.listen])
             .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -231,6 +293,7 @@ impl LocalCluster {
             id: field("node=")?,
             data: data.to_path_buf(),
             token: self.token.clone(),
+            spec,
             child: Some(child),
         })
     }
@@ -247,7 +310,7 @@ impl LocalCluster {
             // Every node connected to every other: a cluster that only hangs
             // together through its first node loses its quorum with that node.
             let formed = self.nodes.iter().all(|n| {
-                client::get_json(&n.target(), "/cluster").is_ok_and(|s| {
+                n.call(|t| client::get_json(t, "/cluster")).is_ok_and(|s| {
                     s["leader"]
                         .as_str()
                         .is_some_and(|l| l != "0000000000000000")
@@ -264,7 +327,7 @@ impl LocalCluster {
                 bail!(
                     "the local cluster did not form within {} s; node logs are in {}",
                     CLUSTER_FORM_TIMEOUT_MS / 1000,
-                    self.config.parent().unwrap_or(Path::new(".")).display()
+                    self.dir.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -273,7 +336,9 @@ impl LocalCluster {
 
     /// The index of the node the others follow, as `nodes[from]` sees it.
     pub fn leader(&self, from: usize) -> Option<usize> {
-        let s = client::get_json(&self.nodes[from].target(), "/cluster").ok()?;
+        let s = self.nodes[from]
+            .call(|t| client::get_json(t, "/cluster"))
+            .ok()?;
         let leader = s["leader"].as_str()?;
         self.nodes.iter().position(|n| n.id == leader)
     }
@@ -292,8 +357,12 @@ impl LocalCluster {
     pub fn restart(&mut self, k: usize) -> anyhow::Result<()> {
         assert!(!self.nodes[k].is_running(), "restart of a running node");
         let n = &self.nodes[k];
-        let (name, data, listen) = (n.name.clone(), n.data.clone(), n.listen.clone());
-        let node = self.spawn(&name, &data, None, &listen)?;
+        let (name, data) = (n.name.clone(), n.data.clone());
+        let spec = NodeSpec {
+            listen: n.listen.clone(),
+            ..n.spec.clone()
+        };
+        let node = self.spawn(&name, &data, None, spec)?;
         self.nodes[k] = node;
         Ok(())
     }
@@ -301,14 +370,15 @@ impl LocalCluster {
     /// A join token for `uses` nodes, made on the first node (which may
     /// still be applying its administrator).
     fn join_token(&self, uses: u32) -> anyhow::Result<String> {
-        let target = self.nodes[0].target();
         let deadline = Instant::now() + Duration::from_millis(NODE_READY_TIMEOUT_MS);
         loop {
-            let asked = client::post_json(
-                &target,
-                "/join-tokens",
-                serde_json::json!({"uses": uses, "label": "local cluster"}),
-            );
+            let asked = self.nodes[0].call(|t| {
+                client::post_json(
+                    t,
+                    "/join-tokens",
+                    serde_json::json!({"uses": uses, "label": "local cluster"}),
+                )
+            });
             match asked {
                 Ok(v) => {
                     return v["token"]
@@ -350,6 +420,14 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Moves this thread into network namespace `ns` (made by `ip netns add`).
+pub(crate) fn enter_namespace(ns: &str) -> anyhow::Result<()> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {ns}"))
 }
 
 /// Reads the node's first stdout line (`ready node=... api=... listen=...`),

@@ -88,6 +88,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Across sites: a cloud node and two on-prem nodes behind NATs, in
+    /// network namespaces (needs root): submit-to-start by site, recovery
+    /// after SIGKILL of an on-prem node, relayed and direct transfer rates
+    /// beside raw TCP.
+    Wan {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Experiments of four trials timed from submission to start.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Size of the model directory's payload, in MiB.
+        #[arg(long, default_value_t = 64)]
+        payload_mb: u64,
+    },
     /// Submission latency: 3 local node processes; submit to a follower until
     /// the first trial's process has started, repeated.
     Submit {
@@ -162,6 +177,11 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         } => bench_sim(json, quick, &file, seed),
         BenchCommand::Recovery { json, rounds } => bench_recovery(json, rounds),
         BenchCommand::Submit { json, count } => bench_submit(json, count),
+        BenchCommand::Wan {
+            json,
+            rounds,
+            payload_mb,
+        } => bench_wan(json, rounds, payload_mb),
     }
 }
 
@@ -380,6 +400,62 @@ fn bench_recovery(json: bool, rounds: usize) -> anyhow::Result<ExitCode> {
         if r.pass { "met" } else { "NOT met" }
     );
     println!("  {:<14} {:>8.0}", "transfer_ms", r.transfer_ms);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_wan(json: bool, rounds: usize, payload_mb: u64) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        (1..=512).contains(&payload_mb),
+        "--payload-mb must be between 1 and 512"
+    );
+    let dir = std::env::temp_dir().join(format!("resolute-bench-wan-{}", std::process::id()));
+    let r = bench::wan::run(&dir, rounds, payload_mb)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "wan: a cloud node and two NATed on-prem nodes (dc1, dc2) in network namespaces; \
+         netem {}; dc1 reaches dc2 {}",
+        if r.netem {
+            "20 ms + 0.5% loss a hop"
+        } else {
+            "unavailable (no added latency)"
+        },
+        r.dc1_to_dc2
+    );
+    println!(
+        "  submit on dc1 -> start   p50 {:.0} ms over {} rounds of 4 trials",
+        r.submit_to_start_ms_p50, r.rounds
+    );
+    for (site, ms) in &r.submit_to_start_ms_p50_by_site {
+        println!("    on {site:<8}             p50 {ms:.0} ms");
+    }
+    println!(
+        "  SIGKILL dc2 -> running   {:.0} ms (on {})",
+        r.recovery_ms, r.recovered_on
+    );
+    for t in &r.transfers {
+        let from: Vec<String> = t.from.iter().map(|(s, v)| format!("{s} {v}")).collect();
+        println!(
+            "  fetch to {:<6} {:>6.1} MB in {:>6} ms = {:>7.1} MB/s from {} ({} chunks relayed)",
+            t.to_site,
+            t.bytes as f64 / 1e6,
+            t.ms,
+            t.mb_s,
+            from.join(", "),
+            t.relayed_chunks
+        );
+    }
+    let rate = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} MB/s"));
+    println!(
+        "  direct {}, hole-punched {}, relayed {}; raw TCP dc1 -> cloud {:.1} MB/s",
+        rate(r.direct_mb_s),
+        rate(r.hole_punched_mb_s),
+        rate(r.relayed_mb_s),
+        r.raw_tcp_mb_s
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,6 +13,7 @@ pub mod sim;
 pub mod state;
 pub mod submit;
 pub mod transfer;
+pub mod wan;
 
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
 pub fn quantile(samples: &mut [f64], q: f64) -> f64 {

@@ -112,6 +112,8 @@ impl Local {
             "from": from,
             "chunks_resumed": r.chunks_resumed,
             "relayed_chunks": r.relayed_chunks,
+            // The blob's size (its rate is bytes over ms).
+            "bytes": std::fs::metadata(&r.path).map(|m| m.len()).ok(),
             "ms": u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
         }));
     }

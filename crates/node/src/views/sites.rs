@@ -167,3 +167,76 @@ fn timing_warnings(state: &ClusterState, local: &Local) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resolute_core::state::NodeRecord;
+    use resolute_net::LinkKind;
+
+    fn local(links: Vec<PeerLink>, latency: LatencyClass) -> Local {
+        Local {
+            node: 1,
+            api: String::new(),
+            listen: Vec::new(),
+            connected: Default::default(),
+            links,
+            reachability: Reachability::Public,
+            records: Default::default(),
+            ignored_records: 0,
+            denied_requests: 0,
+            work_root: std::path::PathBuf::new(),
+            fetches: Default::default(),
+            latency,
+        }
+    }
+
+    fn state(sites: &[(NodeId, &str)]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (id, site) in sites {
+            let mut record = NodeRecord {
+                info: Default::default(),
+                state: NodeState::Alive,
+                disk_low: None,
+            };
+            record.info.site = site.to_string();
+            s.nodes.insert(*id, record);
+        }
+        s
+    }
+
+    #[test]
+    fn voters_on_two_sites_are_named_and_on_three_are_not() {
+        let s = state(&[(1, "dc1"), (2, "dc1"), (3, "cloud"), (4, "dc2")]);
+        let l = local(Vec::new(), LatencyClass::Wan);
+        let w = warnings(&s, &l, &[1, 2, 3]);
+        assert!(
+            w.iter()
+                .any(|x| x.contains("span only two sites: losing site dc1 (2 of them)")),
+            "{w:?}"
+        );
+        assert!(warnings(&s, &l, &[1, 3, 4]).is_empty());
+        let w = warnings(&s, &l, &[1, 2]);
+        assert!(
+            w.iter().any(|x| x.contains("all 2 voters are on site dc1")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn a_round_trip_longer_than_the_timing_holds_is_named() {
+        let s = state(&[(1, "dc1"), (2, "cloud"), (3, "dc2")]);
+        let link = |node, rtt_ms| PeerLink {
+            node,
+            kind: LinkKind::Direct,
+            rtt_ms: Some(rtt_ms),
+            connections: 1,
+        };
+        let lan = local(vec![link(2, 80), link(3, 5)], LatencyClass::Lan);
+        let w = warnings(&s, &lan, &[1, 2, 3]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("(site cloud) is 80 ms") && w[0].contains("node.latency = \"wan\""));
+        let wan = local(vec![link(2, 80), link(3, 5)], LatencyClass::Wan);
+        assert!(warnings(&s, &wan, &[1, 2, 3]).is_empty());
+    }
+}
