@@ -366,15 +366,15 @@ pub fn post_json(t: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
 }
 
 /// Validates an experiment config (errors name `label` and the line), uploads
-/// the model directory if there is one, and creates the experiment; its id
-/// and the config's warnings (what `config check` prints).
+/// the model directory if there is one, and creates the experiment; its id,
+/// the config's warnings (what `config check` prints) and its resource pool.
 fn submit(
     t: &Target,
     label: &str,
     config: &str,
     overrides: &[String],
     dir: Option<&Path>,
-) -> Result<(u64, Vec<String>), Failure> {
+) -> Result<(u64, Vec<String>, String), Failure> {
     // Errors with the file's own name and lines, before anything is sent.
     let loaded = resolute_types::config::parse_str(label, config, overrides)
         .map_err(|e| Failure::User(e.to_string()))?;
@@ -398,7 +398,41 @@ fn submit(
     let id = v["id"]
         .as_u64()
         .ok_or_else(|| Failure::User(format!("no experiment id in {v}")))?;
-    Ok((id, warnings))
+    Ok((id, warnings, loaded.config.resources.resource_pool.clone()))
+}
+
+/// A warning when no node that is not lost serves `pool`: the experiment's
+/// trials then wait until one joins (a shipped config once served "gpu",
+/// and every experiment that named no pool waited).
+fn unserved_pool(cluster: &Value, pool: &str) -> Option<String> {
+    let nodes = cluster["nodes"].as_array()?;
+    let served = nodes
+        .iter()
+        .any(|n| n["state"] != "Lost" && n["pool"].as_str() == Some(pool));
+    if served {
+        return None;
+    }
+    let mut pools: Vec<&str> = nodes.iter().filter_map(|n| n["pool"].as_str()).collect();
+    pools.sort_unstable();
+    pools.dedup();
+    let name = |p: &str| {
+        if p.is_empty() {
+            "the default pool".to_string()
+        } else {
+            format!("pool {p:?}")
+        }
+    };
+    let named: Vec<String> = pools.iter().map(|p| name(p)).collect();
+    Some(format!(
+        "resources.resource_pool: no node serves {}, so its trials wait until one joins \
+         (the nodes serve: {})",
+        name(pool),
+        if named.is_empty() {
+            "nothing".to_string()
+        } else {
+            named.join(", ")
+        }
+    ))
 }
 
 /// Fails when the entrypoint names a Python script (`python3 train.py`,
@@ -450,7 +484,7 @@ pub fn create_experiment(
     overrides: &[String],
     dir: Option<&Path>,
 ) -> anyhow::Result<u64> {
-    let (id, warnings) =
+    let (id, warnings, _) =
         submit(t, label, config, overrides, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     for w in &warnings {
         eprintln!("warning: {w}");
@@ -704,7 +738,13 @@ pub fn experiment(t: &Target, cmd: &ExperimentCommand) -> anyhow::Result<ExitCod
                 let config = std::fs::read_to_string(file)
                     .map_err(|e| Failure::User(format!("{}: {e}", file.display())))?;
                 let label = file.display().to_string();
-                let (id, warnings) = submit(t, &label, &config, overrides, dir.as_deref())?;
+                let (id, mut warnings, pool) =
+                    submit(t, &label, &config, overrides, dir.as_deref())?;
+                // What a user at the command line should know (not asked on
+                // the benchmarks' submissions, which time the submit path).
+                if let Ok(cluster) = call(t, "GET", "/cluster", None) {
+                    warnings.extend(unserved_pool(&cluster, &pool));
+                }
                 for w in &warnings {
                     eprintln!("warning: {w}");
                 }
@@ -1106,4 +1146,24 @@ pub fn cluster_tracking(t: &Target) -> anyhow::Result<ExitCode> {
 /// Runs `resolute node drain|approve|remove ID`.
 pub fn node_action(t: &Target, id: &str, action: &str) -> anyhow::Result<ExitCode> {
     finish(call(t, "POST", &format!("/nodes/{id}/{action}"), None).map(|_| ()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_experiment_for_a_pool_no_node_serves_is_warned_of() {
+        let cluster = json!({"nodes": [
+            {"pool": "gpu", "state": "Alive"},
+            {"pool": "", "state": "Lost"},
+        ]});
+        let w = unserved_pool(&cluster, "").expect("a warning");
+        assert!(
+            w.contains("no node serves the default pool")
+                && w.contains("the nodes serve: the default pool, pool \"gpu\""),
+            "{w}"
+        );
+        assert_eq!(unserved_pool(&cluster, "gpu"), None);
+    }
 }
