@@ -26,28 +26,15 @@ use resolute_tests::{
 /// cloud node, in the test's configs (300 s in the shipped ones).
 const BURST_AFTER_S: u64 = 5;
 
-/// A copy of a shipped config for `site`.
+/// A copy of a shipped config for `site`, as the topology's nodes run it.
 fn config_for(dir: &Path, shipped: &str, site: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(repo().join(shipped)).expect("shipped config");
-    let mut out = String::new();
-    for line in text.lines() {
-        if line.starts_with("site = ") {
-            out.push_str(&format!("site = \"{site}\"\n"));
-        } else if line.starts_with("burst_after_s = ") {
-            // The cloud node costs something: it is burst capacity, used
-            // once a trial has waited this long for on-prem slots.
-            out.push_str(&format!("burst_after_s = {BURST_AFTER_S}\n"));
-        } else if line.starts_with("uid_range = ") {
-            // Trials run as the node's user here: this machine's python3 may
-            // live under a home directory other uids cannot read.
-            out.push_str("# uid_range: as the node's user in this test\n");
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
     let path = dir.join(format!("{site}.toml"));
-    std::fs::write(&path, out).expect("config");
+    std::fs::write(
+        &path,
+        resolute_netns::node_config(&text, site, BURST_AFTER_S),
+    )
+    .expect("config");
     path
 }
 

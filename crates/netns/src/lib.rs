@@ -231,6 +231,28 @@ impl Topology {
     }
 }
 
+/// A shipped node config (`config/cloud.toml`, `config/onprem.toml`) for a
+/// node of this topology on `site`: its trials run as the node's user (the
+/// machine's python3 and binaries may sit under a home directory other uids
+/// cannot read), and a trial waits `burst_after_s` for on-prem slots before
+/// it may run on the cloud node, which costs something.
+pub fn node_config(shipped: &str, site: &str, burst_after_s: u64) -> String {
+    let mut out = String::new();
+    for line in shipped.lines() {
+        if line.starts_with("site = ") {
+            out.push_str(&format!("site = \"{site}\""));
+        } else if line.starts_with("burst_after_s = ") {
+            out.push_str(&format!("burst_after_s = {burst_after_s}"));
+        } else if line.starts_with("uid_range = ") {
+            out.push_str("# uid_range: trials run as the node's user");
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// `program` run inside network namespace `ns` (`ip netns exec`).
 pub fn command_in(ns: &str, program: &std::path::Path) -> Command {
     let mut c = Command::new("ip");

@@ -70,7 +70,7 @@ pub fn run(dir: &std::path::Path, count: usize) -> anyhow::Result<Report> {
             std::thread::sleep(Duration::from_millis(POLL_MS));
         }
         client::post_json(&target, &format!("/experiments/{id}/kill"), Value::Null)?;
-        wait_idle(&target, id)?;
+        wait_idle(&target, id, START_TIMEOUT_MS)?;
     }
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
@@ -85,9 +85,9 @@ pub fn run(dir: &std::path::Path, count: usize) -> anyhow::Result<Report> {
     })
 }
 
-/// Until no trial of the killed experiment holds a slot.
-fn wait_idle(target: &client::Target, id: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
+/// Until no trial of the killed experiment holds a slot (at most `timeout_ms`).
+pub(super) fn wait_idle(target: &client::Target, id: u64, timeout_ms: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     loop {
         let trials = client::get_json(target, &format!("/experiments/{id}/trials"))?;
         let busy = trials

@@ -88,26 +88,9 @@ pub struct Report {
     pub rounds: usize,
 }
 
-/// A shipped config for a node on `site`: its trials run as the node's user
-/// (this machine's python and binaries may sit where other uids cannot
-/// read), and burst capacity is used at once.
-fn config_for(shipped: &str, site: &str) -> String {
-    shipped
-        .lines()
-        .map(|line| {
-            if line.starts_with("site = ") {
-                format!("site = \"{site}\"")
-            } else if line.starts_with("uid_range = ") {
-                "# uid_range: trials run as the node's user".to_string()
-            } else if line.starts_with("burst_after_s = ") {
-                "burst_after_s = 0".to_string()
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+/// A trial waits this long for on-prem slots before it may run on the cloud
+/// node: not at all, so that every slot is in use at once.
+const BURST_AFTER_S: u64 = 0;
 
 /// `trials` trials of the built-in trainer that train until stopped.
 fn experiment(trials: usize) -> String {
@@ -133,7 +116,7 @@ pub fn run(dir: &Path, rounds: usize, payload_mb: u64) -> anyhow::Result<Report>
         ns: Some(ns.to_string()),
         api: "127.0.0.1:0".into(),
         listen: format!("/ip4/{ip}/tcp/0"),
-        config: config_for(shipped, site),
+        config: resolute_netns::node_config(shipped, site, BURST_AFTER_S),
     };
     let cloud = include_str!("../../../../config/cloud.toml");
     let onprem = include_str!("../../../../config/onprem.toml");
@@ -272,23 +255,10 @@ fn time_starts(on: &LocalNode, id: u64, trials: usize) -> anyhow::Result<Vec<(St
 }
 
 fn kill_and_wait(on: &LocalNode, id: u64) -> anyhow::Result<()> {
-    on.call(|t| client::post_json(t, &format!("/experiments/{id}/kill"), Value::Null))?;
-    let deadline = Instant::now() + Duration::from_millis(ROUND_TIMEOUT_MS);
-    loop {
-        let trials = on.call(|t| client::get_json(t, &format!("/experiments/{id}/trials")))?;
-        let busy = trials
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|t| !t["state"].as_str().unwrap_or("").starts_with("Done"));
-        if !busy {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("experiment {id}: trials still running after the kill");
-        }
-        std::thread::sleep(Duration::from_millis(POLL_MS));
-    }
+    on.call(|t| {
+        client::post_json(t, &format!("/experiments/{id}/kill"), Value::Null)?;
+        super::submit::wait_idle(t, id, ROUND_TIMEOUT_MS)
+    })
 }
 
 /// Waits until every node has the payload experiment's model directory,

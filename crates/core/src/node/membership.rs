@@ -103,24 +103,6 @@ impl Node {
             .min_by_key(|l| (voter_sites.contains(&site(l)), **l))
             .copied();
         let expired = cs.voters.iter().find(|v| !self.alive(**v)).copied();
-        // A live voter that shares its site with another live voter (not the
-        // leader itself): the one to give way to a learner on a site with no
-        // voter. The voters chosen first are those that joined first, often
-        // one site's; a site that joins later must still get its voter, or
-        // losing the first site loses the quorum.
-        let crowded = {
-            let mut per_site: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
-            for v in cs.voters.iter().filter(|v| self.alive(**v)) {
-                per_site.entry(site(v)).or_default().push(*v);
-            }
-            per_site
-                .values()
-                .filter(|vs| vs.len() >= 2)
-                .flatten()
-                .filter(|v| **v != self.cfg.id)
-                .max()
-                .copied()
-        };
         let changes = match (expired, candidate) {
             // The silent voter becomes a learner (it catches up if it returns).
             (Some(old), Some(new)) => vec![
@@ -132,20 +114,41 @@ impl Node {
             }
             // Spread the voters: one of a crowded site's hands its vote to
             // a learner on a site that has none (each swap adds a site, so
-            // this settles).
-            (None, Some(new)) if !voter_sites.contains(&site(&new)) => match crowded {
-                Some(old) => vec![
-                    single(old, ConfChangeType::AddLearnerNode),
-                    single(new, ConfChangeType::AddNode),
-                ],
-                None => return,
-            },
+            // this settles). The voters chosen first are those that joined
+            // first, often one site's; a site that joins later must still get
+            // its voter, or losing the first site loses the quorum.
+            (None, Some(new)) if !voter_sites.contains(&site(&new)) => {
+                match self.crowded_voter(&cs.voters, site) {
+                    Some(old) => vec![
+                        single(old, ConfChangeType::AddLearnerNode),
+                        single(new, ConfChangeType::AddNode),
+                    ],
+                    None => return,
+                }
+            }
             _ => return,
         };
         let mut cc = ConfChangeV2::default();
         cc.set_transition(ConfChangeTransition::Auto);
         cc.set_changes(changes.into());
         let _ = self.raw.propose_conf_change(Vec::new(), cc);
+    }
+
+    /// The highest live voter (never this node, the leader) that shares its
+    /// site with another live voter: the one to give way to a learner on a
+    /// site with no voter.
+    fn crowded_voter(&self, voters: &[NodeId], site: impl Fn(&NodeId) -> String) -> Option<NodeId> {
+        let mut per_site: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+        for v in voters.iter().filter(|v| self.alive(**v)) {
+            per_site.entry(site(v)).or_default().push(*v);
+        }
+        per_site
+            .values()
+            .filter(|vs| vs.len() >= 2)
+            .flatten()
+            .filter(|v| **v != self.cfg.id)
+            .max()
+            .copied()
     }
 
     /// The leader declares nodes lost when their lease expires, and alive again when
